@@ -1,0 +1,134 @@
+//! A strict PCI address. Parsing happens before any path is built, so `..`, `/`,
+//! whitespace or overlong fields can never reach the filesystem.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::Error;
+
+/// `domain:bus:device.function`, e.g. `0000:3b:00.0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciAddress {
+    pub domain: u16,
+    pub bus: u8,
+    pub device: u8,
+    pub function: u8,
+}
+
+impl PciAddress {
+    pub const fn new(domain: u16, bus: u8, device: u8, function: u8) -> Self {
+        PciAddress { domain, bus, device, function }
+    }
+
+    /// The 8-bit device/function number used by SR-IOV offset arithmetic.
+    pub fn devfn(&self) -> u8 {
+        (self.device << 3) | self.function
+    }
+
+    /// The address `n` routing-ID steps after this one (bus may advance), as the
+    /// kernel computes VF addresses from `First VF Offset` and `VF Stride`.
+    pub fn offset_by(&self, n: u32) -> Option<PciAddress> {
+        let rid = ((self.bus as u32) << 8 | self.devfn() as u32) + n;
+        if rid > 0xffff {
+            return None;
+        }
+        Some(PciAddress {
+            domain: self.domain,
+            bus: (rid >> 8) as u8,
+            device: ((rid >> 3) & 0x1f) as u8,
+            function: (rid & 0x7) as u8,
+        })
+    }
+}
+
+fn hex_field(s: &str, max_len: usize, what: &'static str, input: &str) -> Result<u32, Error> {
+    if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::InvalidAddress { input: input.to_string(), reason: what });
+    }
+    Ok(u32::from_str_radix(s, 16).expect("validated hex"))
+}
+
+impl FromStr for PciAddress {
+    type Err = Error;
+
+    fn from_str(input: &str) -> Result<Self, Error> {
+        let bad = |reason| Error::InvalidAddress { input: input.to_string(), reason };
+        if input.len() > 12 {
+            return Err(bad("too long"));
+        }
+        let (rest, function) = input.rsplit_once('.').ok_or_else(|| bad("missing .function"))?;
+        let parts: Vec<&str> = rest.split(':').collect();
+        let (domain, bus, device) = match parts.as_slice() {
+            [d, b, s] => (hex_field(d, 4, "domain must be 1-4 hex digits", input)?, *b, *s),
+            [b, s] => (0, *b, *s),
+            _ => return Err(bad("expected two or three ':'-separated fields")),
+        };
+        let bus = hex_field(bus, 2, "bus must be 1-2 hex digits", input)?;
+        let device = hex_field(device, 2, "device must be 1-2 hex digits", input)?;
+        if device > 0x1f {
+            return Err(bad("device must be at most 1f"));
+        }
+        if function.len() != 1 || !matches!(function.as_bytes()[0], b'0'..=b'7') {
+            return Err(bad("function must be a single digit 0-7"));
+        }
+        Ok(PciAddress {
+            domain: domain as u16,
+            bus: bus as u8,
+            device: device as u8,
+            function: function.as_bytes()[0] - b'0',
+        })
+    }
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04x}:{:02x}:{:02x}.{}", self.domain, self.bus, self.device, self.function)
+    }
+}
+
+impl Serialize for PciAddress {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PciAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_and_short_forms() {
+        assert_eq!("0000:3b:00.1".parse::<PciAddress>().unwrap(), PciAddress::new(0, 0x3b, 0, 1));
+        assert_eq!("3b:1f.7".parse::<PciAddress>().unwrap(), PciAddress::new(0, 0x3b, 0x1f, 7));
+        assert_eq!("0000:3B:00.0".parse::<PciAddress>().unwrap().to_string(), "0000:3b:00.0");
+    }
+
+    #[test]
+    fn refuses_anything_that_could_escape_a_path() {
+        for bad in [
+            "", "../00:00.0", "0000:00:00.0/..", "00:00.0 ", " 00:00.0", "00:00.8", "00:20.0",
+            "00000:00:00.0", "0000:000:00.0", "0000:00:00.00", "0000:00:00", "0000:00:00.0\n",
+            "zz:00.0", "0000:00:00:00.0", "..", "/", "0000:00:0g.0", "+0:00.0",
+        ] {
+            assert!(bad.parse::<PciAddress>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn offset_walks_routing_ids_across_buses() {
+        let pf = PciAddress::new(0, 1, 0, 0);
+        assert_eq!(pf.offset_by(0x80).unwrap().to_string(), "0000:01:10.0");
+        assert_eq!(pf.offset_by(0x80 + 2).unwrap().to_string(), "0000:01:10.2");
+        assert_eq!(PciAddress::new(0, 1, 0x1f, 7).offset_by(1).unwrap().to_string(), "0000:02:00.0");
+        assert!(PciAddress::new(0, 0xff, 0x1f, 7).offset_by(1).is_none());
+    }
+}

@@ -1,0 +1,112 @@
+//! The one error type of this crate. Messages are sentences that name the device,
+//! the cause and, for refusals, the fix; the underlying cause stays in `source`.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::address::PciAddress;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid PCI address {input:?}: {reason}; expected dddd:bb:dd.f or bb:dd.f, e.g. 0000:3b:00.0")]
+    InvalidAddress { input: String, reason: &'static str },
+
+    #[error("invalid {what} {input:?}: {reason}")]
+    InvalidInput {
+        what: &'static str,
+        input: String,
+        reason: String,
+    },
+
+    #[error("{root} is not a sysfs root: {missing} does not exist; pass the directory that holds sys/bus/pci")]
+    NotSysfs { root: PathBuf, missing: PathBuf },
+
+    #[error("PCI device {0} does not exist on this host; `vfctl list` shows the devices present")]
+    NoSuchDevice(PciAddress),
+
+    /// A policy refusal: the operation would have been unsafe or impossible.
+    /// Nothing was changed.
+    #[error("refused: {device}: {cause}; {fix}")]
+    Refused {
+        device: PciAddress,
+        cause: String,
+        fix: String,
+    },
+
+    #[error("{device}: the kernel rejected writing {data:?} to {}: {explanation}", path.display())]
+    KernelWrite {
+        device: PciAddress,
+        path: PathBuf,
+        data: String,
+        explanation: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("{device}: {what} did not finish within {timeout:?}; {hint}")]
+    Timeout {
+        device: PciAddress,
+        what: String,
+        timeout: Duration,
+        hint: String,
+    },
+
+    #[error("{device}: {what} failed, and rolling back the earlier steps also failed ({rollback}); check `vfctl show {device}`")]
+    RollbackFailed {
+        device: PciAddress,
+        what: String,
+        rollback: String,
+        #[source]
+        source: Box<Error>,
+    },
+
+    #[error("{device}: VFIO {what} failed")]
+    Vfio {
+        device: PciAddress,
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// How a caller should classify an error (the CLI maps these to exit codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The input was malformed; nothing was attempted.
+    BadInput,
+    /// The request was understood and refused by policy; nothing was changed.
+    Refused,
+    /// Something failed while carrying the request out.
+    Failed,
+}
+
+impl Error {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Error::InvalidAddress { .. }
+            | Error::InvalidInput { .. }
+            | Error::NotSysfs { .. }
+            | Error::NoSuchDevice(_) => Kind::BadInput,
+            Error::Refused { .. } => Kind::Refused,
+            _ => Kind::Failed,
+        }
+    }
+
+    pub(crate) fn refused(device: PciAddress, cause: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::Refused {
+            device,
+            cause: cause.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

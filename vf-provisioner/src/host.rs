@@ -1,0 +1,177 @@
+//! The host model: what the kernel shows about every PCI function, read from sysfs.
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use serde::Serialize;
+
+use crate::address::PciAddress;
+use crate::holders::{self, Holder};
+use crate::names;
+use crate::sysfs::{self, Sysfs};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PciFunction {
+    pub address: PciAddress,
+    /// `vvvv:dddd`, always shown beside the names.
+    pub id: String,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub vendor_name: Option<String>,
+    pub device_name: Option<String>,
+    /// 24-bit class code, e.g. 0x030200.
+    pub class: u32,
+    pub driver: Option<String>,
+    pub driver_override: Option<String>,
+    pub numa_node: Option<u32>,
+    pub iommu_group: Option<u32>,
+    pub reset_methods: Vec<String>,
+    pub boot_vga: bool,
+    pub sriov: Option<Sriov>,
+    pub physfn: Option<PciAddress>,
+    pub mdev_types: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Sriov {
+    pub total_vfs: u32,
+    pub num_vfs: u32,
+    pub drivers_autoprobe: bool,
+    pub vf_offset: u32,
+    pub vf_stride: u32,
+    pub vf_device_id: Option<u16>,
+    /// The VFs the kernel lists now (`virtfnN` links), in index order.
+    pub vfs: Vec<PciAddress>,
+}
+
+impl PciFunction {
+    /// Reads one function. `None` if it does not exist.
+    pub fn read(sys: &Sysfs, addr: &PciAddress) -> Option<PciFunction> {
+        let dir = sys.device_dir(addr);
+        let vendor_id = sysfs::read_hex(&dir.join("vendor"))? as u16;
+        let device_id = sysfs::read_hex(&dir.join("device")).unwrap_or(0) as u16;
+        let (vendor_name, device_name) = names::lookup(vendor_id, device_id);
+        Some(PciFunction {
+            address: *addr,
+            id: format!("{vendor_id:04x}:{device_id:04x}"),
+            vendor_id,
+            device_id,
+            vendor_name,
+            device_name,
+            class: sysfs::read_hex(&dir.join("class")).unwrap_or(0),
+            driver: sysfs::link_name(&dir.join("driver")),
+            driver_override: sysfs::read_opt(&dir.join("driver_override")).filter(|s| s != "(null)" && !s.is_empty()),
+            numa_node: sysfs::read_dec::<i32>(&dir.join("numa_node")).and_then(|n| u32::try_from(n).ok()),
+            iommu_group: sysfs::link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok()),
+            reset_methods: sysfs::read_opt(&dir.join("reset_method"))
+                .map(|s| s.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default(),
+            boot_vga: sysfs::read_opt(&dir.join("boot_vga")).as_deref() == Some("1"),
+            sriov: read_sriov(&dir),
+            physfn: sysfs::link_name(&dir.join("physfn")).and_then(|s| s.parse().ok()),
+            mdev_types: read_names(&dir.join("mdev_supported_types")),
+        })
+    }
+
+    pub fn is_vf(&self) -> bool {
+        self.physfn.is_some()
+    }
+
+    pub fn class_base(&self) -> u8 {
+        (self.class >> 16) as u8
+    }
+
+    pub fn is_bridge(&self) -> bool {
+        self.class_base() == 0x06
+    }
+
+    pub fn on_vfio(&self) -> bool {
+        self.driver.as_deref().is_some_and(|d| d.starts_with("vfio"))
+    }
+
+    /// A short human name: "Vendor Device" where known, always with the ids.
+    pub fn label(&self) -> String {
+        match (&self.vendor_name, &self.device_name) {
+            (Some(v), Some(d)) => format!("{v} {d} [{}]", self.id),
+            (Some(v), None) => format!("{v} [{}]", self.id),
+            _ => format!("[{}]", self.id),
+        }
+    }
+}
+
+fn read_sriov(dir: &std::path::Path) -> Option<Sriov> {
+    let total_vfs = sysfs::read_dec(&dir.join("sriov_totalvfs"))?;
+    let num_vfs = sysfs::read_dec(&dir.join("sriov_numvfs")).unwrap_or(0);
+    let vfs = (0..num_vfs)
+        .filter_map(|i| sysfs::link_name(&dir.join(format!("virtfn{i}")))?.parse().ok())
+        .collect();
+    Some(Sriov {
+        total_vfs,
+        num_vfs,
+        drivers_autoprobe: sysfs::read_opt(&dir.join("sriov_drivers_autoprobe")).as_deref() != Some("0"),
+        vf_offset: sysfs::read_dec(&dir.join("sriov_offset")).unwrap_or(0),
+        vf_stride: sysfs::read_dec(&dir.join("sriov_stride")).unwrap_or(0),
+        vf_device_id: sysfs::read_hex(&dir.join("sriov_vf_device")).map(|d| d as u16),
+        vfs,
+    })
+}
+
+fn read_names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Members of IOMMU group `group`, sorted.
+pub fn group_members(sys: &Sysfs, group: u32) -> Vec<PciAddress> {
+    sysfs::pci_entries(&sys.iommu_groups().join(group.to_string()).join("devices"))
+}
+
+/// A snapshot of every PCI function, IOMMU group and VFIO group holder.
+#[derive(Debug, Clone, Serialize)]
+pub struct Host {
+    pub functions: BTreeMap<PciAddress, PciFunction>,
+    pub groups: BTreeMap<u32, Vec<PciAddress>>,
+    /// VFIO groups held open, by group number.
+    pub holders: BTreeMap<u32, Vec<Holder>>,
+}
+
+impl Host {
+    pub fn scan(sys: &Sysfs) -> Host {
+        let functions: BTreeMap<_, _> = sysfs::pci_entries(&sys.pci_devices())
+            .iter()
+            .filter_map(|a| Some((*a, PciFunction::read(sys, a)?)))
+            .collect();
+        let mut groups: BTreeMap<u32, Vec<PciAddress>> = BTreeMap::new();
+        for f in functions.values() {
+            if let Some(g) = f.iommu_group {
+                groups.entry(g).or_default().push(f.address);
+            }
+        }
+        // Only a group bound to vfio can be held open: skip the /proc walk otherwise.
+        let holders = if functions.values().any(PciFunction::on_vfio) {
+            holders::scan(sys)
+        } else {
+            BTreeMap::new()
+        };
+        Host { functions, groups, holders }
+    }
+
+    pub fn get(&self, addr: &PciAddress) -> Option<&PciFunction> {
+        self.functions.get(addr)
+    }
+
+    pub fn holders_of(&self, f: &PciFunction) -> &[Holder] {
+        f.iommu_group
+            .and_then(|g| self.holders.get(&g))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// The physical functions, each with its VFs, in address order.
+    pub fn pfs(&self) -> impl Iterator<Item = &PciFunction> {
+        self.functions.values().filter(|f| !f.is_vf())
+    }
+}

@@ -1,0 +1,217 @@
+//! Moving functions between vfio-pci and their host drivers, the reliable way the
+//! kernel allows (REAL-KERNEL rule 3): `driver_override`, unbind, `drivers_probe`,
+//! then verify the `driver` link.
+
+use super::group::{blocking_members, host_critical};
+use std::time::Duration;
+
+use super::{wait_until, Provisioner};
+use crate::address::PciAddress;
+use crate::error::{Error, Result};
+use crate::host::PciFunction;
+
+pub const VFIO_PCI: &str = "vfio-pci";
+
+/// What a bind or unbind did, for reporting.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Moved {
+    pub address: PciAddress,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+impl Provisioner {
+    /// Binds `addr` to vfio-pci. Refused if its IOMMU group would not be viable,
+    /// naming the member in the way, unless `whole_group` asks to bind the other
+    /// members too. Host-critical functions are never taken.
+    pub fn bind_vfio(&self, addr: &PciAddress, whole_group: bool) -> Result<Vec<Moved>> {
+        let f = self.function(addr)?;
+        self.require_managed(&f)?;
+        self.refuse_critical(&f)?;
+        let Some(group) = f.iommu_group else {
+            return Err(Error::refused(
+                *addr,
+                "it has no IOMMU group, so VFIO cannot isolate it (the IOMMU is off)",
+                "boot with intel_iommu=on iommu=pt (or amd_iommu=on) and check with `vfctl check`",
+            ));
+        };
+        let blockers = blocking_members(&self.sys, &f);
+        if let (Some(b), false) = (blockers.first(), whole_group) {
+            return Err(Error::refused(
+                *addr,
+                format!(
+                    "IOMMU group {group} would not be viable: {} {} is bound to {}",
+                    b.address,
+                    b.label(),
+                    b.driver.as_deref().unwrap_or("?")
+                ),
+                format!("pass --whole-group to bind it to vfio-pci too, or unbind {} from its driver", b.address),
+            ));
+        }
+        for b in &blockers {
+            self.refuse_critical(b)?;
+        }
+        let mut todo = vec![f];
+        todo.extend(blockers);
+        self.move_all(&todo, Target::Driver(VFIO_PCI))
+    }
+
+    /// Returns `addr` (and, with `whole_group`, the other vfio-bound members of its
+    /// group) from vfio-pci to a host driver: `driver` if given, otherwise the one the
+    /// kernel matches by id. Refused while the group is open or leased.
+    pub fn unbind(&self, addr: &PciAddress, whole_group: bool, driver: Option<&str>) -> Result<Vec<Moved>> {
+        let f = self.function(addr)?;
+        self.require_managed(&f)?;
+        let mut todo = vec![f.clone()];
+        if whole_group {
+            if let Some(g) = f.iommu_group {
+                todo.extend(
+                    crate::host::group_members(&self.sys, g)
+                        .iter()
+                        .filter(|a| **a != f.address)
+                        .filter_map(|a| PciFunction::read(&self.sys, a))
+                        .filter(PciFunction::on_vfio),
+                );
+            }
+        }
+        for m in &todo {
+            self.refuse_if_busy(m, "unbind it")?;
+        }
+        self.move_all(&todo, driver.map_or(Target::HostMatch, Target::Driver))
+    }
+
+    fn refuse_critical(&self, f: &PciFunction) -> Result<()> {
+        match host_critical(&self.sys, f) {
+            Some(why) => Err(Error::refused(
+                f.address,
+                format!("the host needs {}: {why}", f.label()),
+                "pick another device; the host's own bridges, display, disks and networks are never taken",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves every function in `todo`; on failure, moves the ones already done back.
+    fn move_all(&self, todo: &[PciFunction], target: Target) -> Result<Vec<Moved>> {
+        let mut done: Vec<Moved> = Vec::new();
+        for f in todo {
+            if target.already(f) {
+                continue;
+            }
+            match self.move_one(f, target) {
+                Ok(m) => done.push(m),
+                Err(e) => return self.undo_moves(&done, e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn undo_moves(&self, done: &[Moved], cause: Error) -> Result<Vec<Moved>> {
+        let mut failures = Vec::new();
+        for m in done.iter().rev() {
+            let target = m.from.as_deref().map_or(Target::NoDriver, Target::Driver);
+            let back = PciFunction::read(&self.sys, &m.address)
+                .ok_or(Error::NoSuchDevice(m.address))
+                .and_then(|f| self.move_one(&f, target));
+            if let Err(e) = back {
+                failures.push(format!("{}: {e}", m.address));
+            }
+        }
+        if failures.is_empty() {
+            return Err(cause);
+        }
+        Err(Error::RollbackFailed {
+            device: done[0].address,
+            what: "moving the group between drivers".into(),
+            rollback: failures.join("; "),
+            source: Box::new(cause),
+        })
+    }
+
+    /// Moves one function to `target`; if the new driver does not take it, the old
+    /// driver is put back.
+    fn move_one(&self, f: &PciFunction, target: Target) -> Result<Moved> {
+        let a = f.address;
+        let over = if let Target::Driver(d) = target { d } else { "" };
+        self.sys.write(&a, &self.sys.device_attr(&a, "driver_override"), &format!("{over}\n"))?;
+        if let Some(cur) = &f.driver {
+            if let Err(e) = self.sys.write(&a, &self.sys.driver_attr(cur, "unbind"), &a.to_string()) {
+                let _ = self.restore_override(f);
+                return Err(e);
+            }
+        }
+        let now = match target {
+            Target::NoDriver => None,
+            _ => self.probe(f, target),
+        };
+        let moved = Moved { address: a, from: f.driver.clone(), to: now.clone() };
+        match target {
+            Target::Driver(d) if now.as_deref() != Some(d) => {}
+            _ => return Ok(moved),
+        }
+        let _ = self.restore_override(f);
+        if let Some(old) = &f.driver {
+            let _ = self.probe(f, Target::Driver(old));
+        }
+        Err(Error::Timeout {
+            device: a,
+            what: format!("binding to {over}"),
+            timeout: self.timeouts.bind,
+            hint: format!("is its module loaded? (modprobe {})", over.replace('-', "_")),
+        })
+    }
+
+    fn restore_override(&self, f: &PciFunction) -> Result<()> {
+        let old = f.driver_override.clone().unwrap_or_default();
+        self.sys.write(&f.address, &self.sys.device_attr(&f.address, "driver_override"), &format!("{old}\n"))
+    }
+
+    /// `drivers_probe` and wait for the driver link. With no override a VF whose PF
+    /// has autoprobe off cannot probe, so autoprobe is turned on around the probe.
+    fn probe(&self, f: &PciFunction, target: Target) -> Option<String> {
+        let a = f.address;
+        let pf_autoprobe = match (target, f.physfn) {
+            (Target::HostMatch, Some(pf)) => PciFunction::read(&self.sys, &pf)
+                .and_then(|p| p.sriov)
+                .filter(|s| !s.drivers_autoprobe)
+                .map(|_| (pf, self.sys.device_attr(&pf, "sriov_drivers_autoprobe"))),
+            _ => None,
+        };
+        if let Some((pf, path)) = &pf_autoprobe {
+            let _ = self.sys.write(pf, path, "1");
+        }
+        let _ = self.sys.write(&a, &self.sys.drivers_probe(), &a.to_string());
+        if let Some((pf, path)) = &pf_autoprobe {
+            let _ = self.sys.write(pf, path, "0");
+        }
+        let link = || crate::sysfs::link_name(&self.sys.device_attr(&a, "driver"));
+        // Drivers with asynchronous probe (nvme) bind a little after the write returns.
+        let (wanted, timeout): (Box<dyn Fn(&Option<String>) -> bool>, _) = match target {
+            Target::Driver(d) => (Box::new(move |l| l.as_deref() == Some(d)), self.timeouts.bind),
+            _ => (Box::new(|l| l.is_some()), self.timeouts.bind.min(Duration::from_secs(2))),
+        };
+        wait_until(timeout, || wanted(&link()));
+        link()
+    }
+}
+
+/// Where `move_one` sends a function.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// This driver, through `driver_override`.
+    Driver(&'a str),
+    /// Whatever host driver the kernel matches by id (override cleared).
+    HostMatch,
+    /// No driver at all.
+    NoDriver,
+}
+
+impl Target<'_> {
+    fn already(&self, f: &PciFunction) -> bool {
+        match self {
+            Target::Driver(d) => f.driver.as_deref() == Some(d),
+            Target::HostMatch => f.driver.is_some() && !f.on_vfio(),
+            Target::NoDriver => f.driver.is_none(),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Function reset through the kernel's `reset` attribute.
+
+use super::Provisioner;
+use crate::address::PciAddress;
+use crate::error::{Error, Result};
+
+impl Provisioner {
+    /// Resets `addr` with the methods the kernel offers (`reset_method`). Refused when
+    /// there is none, and while a process holds its VFIO group or it is leased: a reset
+    /// under a running VM destroys the guest's device state.
+    pub fn reset(&self, addr: &PciAddress) -> Result<()> {
+        let f = self.function(addr)?;
+        self.require_managed(&f)?;
+        if f.reset_methods.is_empty() {
+            return Err(Error::refused(
+                *addr,
+                "the kernel offers no reset method for it (reset_method is empty)",
+                "reset its parent bus or power-cycle the slot",
+            ));
+        }
+        self.refuse_if_busy(&f, "reset it")?;
+        self.write_bounded(addr, "reset", "1", self.timeouts.bind, "a reset waits for the device lock; is something using the device?")
+    }
+}

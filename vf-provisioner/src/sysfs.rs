@@ -1,0 +1,171 @@
+//! The raw layer: every path under one injected root, and the one seam through
+//! which this crate writes to the kernel. Reads go straight to the files; writes go
+//! through [`KernelWrite`] so that the fake kernel can apply the kernel's rules.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::address::PciAddress;
+use crate::error::{Error, Result};
+use crate::fake::FakeKernel;
+
+/// The hardware seam: the kernel's reaction to a sysfs write.
+pub trait KernelWrite: Send + Sync {
+    fn write(&self, path: &Path, data: &str) -> io::Result<()>;
+}
+
+/// The real kernel: one `write(2)` on an existing attribute. `create(false)` so that a
+/// typo in a path fails instead of creating a file.
+pub struct RealKernel;
+
+impl KernelWrite for RealKernel {
+    fn write(&self, path: &Path, data: &str) -> io::Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).create(false).truncate(false).open(path)?;
+        f.write_all(data.as_bytes())
+    }
+}
+
+/// Marker file at the root of a fake host tree (see [`crate::fake`]).
+pub const FAKE_MARKER: &str = ".vfio-manager-fake-host";
+
+/// A host's sysfs, devfs and procfs under one root (`/` in production).
+#[derive(Clone)]
+pub struct Sysfs {
+    root: PathBuf,
+    kernel: Arc<dyn KernelWrite>,
+}
+
+impl Sysfs {
+    /// Opens the host under `root`. A tree built by [`crate::fake::Layout`] carries a
+    /// marker and gets the fake kernel; anything else gets the real one.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        let pci = root.join("sys/bus/pci/devices");
+        if !pci.is_dir() {
+            return Err(Error::NotSysfs { root, missing: pci });
+        }
+        let kernel: Arc<dyn KernelWrite> = if root.join(FAKE_MARKER).exists() {
+            Arc::new(FakeKernel::new(&root))
+        } else {
+            Arc::new(RealKernel)
+        };
+        Ok(Sysfs { root, kernel })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn pci_devices(&self) -> PathBuf {
+        self.root.join("sys/bus/pci/devices")
+    }
+
+    pub fn device_dir(&self, addr: &PciAddress) -> PathBuf {
+        self.root.join("sys/bus/pci/devices").join(addr.to_string())
+    }
+
+    pub fn device_attr(&self, addr: &PciAddress, attr: &str) -> PathBuf {
+        self.device_dir(addr).join(attr)
+    }
+
+    pub fn drivers_dir(&self) -> PathBuf {
+        self.root.join("sys/bus/pci/drivers")
+    }
+
+    pub fn driver_attr(&self, driver: &str, attr: &str) -> PathBuf {
+        self.drivers_dir().join(driver).join(attr)
+    }
+
+    pub fn drivers_probe(&self) -> PathBuf {
+        self.root.join("sys/bus/pci/drivers_probe")
+    }
+
+    pub fn iommu_groups(&self) -> PathBuf {
+        self.root.join("sys/kernel/iommu_groups")
+    }
+
+    pub fn dev_vfio(&self) -> PathBuf {
+        self.root.join("dev/vfio")
+    }
+
+    pub fn proc_dir(&self) -> PathBuf {
+        self.root.join("proc")
+    }
+
+    pub fn module_dir(&self, module: &str) -> PathBuf {
+        self.root.join("sys/module").join(module)
+    }
+
+    pub fn vfio_pci_enable_sriov(&self) -> PathBuf {
+        self.module_dir("vfio_pci").join("parameters/enable_sriov")
+    }
+
+    /// Writes `data` to a kernel attribute of `device`, explaining the errno.
+    pub fn write(&self, device: &PciAddress, path: &Path, data: &str) -> Result<()> {
+        self.kernel.write(path, data).map_err(|source| Error::KernelWrite {
+            device: *device,
+            path: path.to_path_buf(),
+            data: data.trim_end().to_string(),
+            explanation: explain_errno(path, &source),
+            source,
+        })
+    }
+}
+
+/// One sentence on what an errno means for the attribute written.
+fn explain_errno(path: &Path, e: &io::Error) -> String {
+    let attr = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    match (attr, e.raw_os_error()) {
+        ("sriov_numvfs", Some(libc::EBUSY)) => "VFs are already enabled; the count only goes 0 -> N or N -> 0".into(),
+        ("sriov_numvfs", Some(libc::ENOMEM)) => {
+            "the kernel could not assign MMIO space for the VFs; enable SR-IOV and above-4G decoding in firmware or boot with pci=realloc".into()
+        }
+        ("sriov_numvfs", Some(libc::ENOENT)) => {
+            "the PF's driver cannot configure SR-IOV (no driver bound, or vfio-pci without enable_sriov=Y)".into()
+        }
+        ("sriov_numvfs", Some(libc::ERANGE | libc::EINVAL)) => "the count exceeds sriov_totalvfs".into(),
+        ("bind" | "drivers_probe", Some(libc::ENODEV)) => {
+            "no driver accepted the device (driver_override unset, autoprobe off, or ids not matched)".into()
+        }
+        ("drivers_probe", Some(libc::EINVAL)) => "the device already has a driver".into(),
+        ("unbind", Some(libc::ENODEV)) => "the device is not bound to that driver".into(),
+        (_, Some(libc::EACCES | libc::EPERM)) => "permission denied; run as root".into(),
+        (_, Some(libc::ENOENT)) => "the attribute does not exist (module not loaded or device gone)".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Reads a sysfs attribute as trimmed text; `None` if it does not exist.
+pub fn read_opt(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim_end().to_string())
+}
+
+/// Reads a hex attribute such as `vendor` (`0x8086`).
+pub fn read_hex(path: &Path) -> Option<u32> {
+    let s = read_opt(path)?;
+    u32::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+}
+
+pub fn read_dec<T: std::str::FromStr>(path: &Path) -> Option<T> {
+    read_opt(path)?.parse().ok()
+}
+
+/// The last component of a symlink's target (`driver` -> `../../bus/pci/drivers/igb`).
+pub fn link_name(path: &Path) -> Option<String> {
+    let target = fs::read_link(path).ok()?;
+    target.file_name().and_then(|n| n.to_str()).map(str::to_string)
+}
+
+/// Entries of a directory whose names parse as PCI addresses, sorted.
+pub fn pci_entries(dir: &Path) -> Vec<PciAddress> {
+    let mut out: Vec<PciAddress> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    out.sort();
+    out
+}
