@@ -54,6 +54,11 @@ impl Sysfs {
         Ok(Sysfs { root, kernel })
     }
 
+    /// Opens the host under `root` with a given kernel (tests inject faults this way).
+    pub fn with_kernel(root: impl Into<PathBuf>, kernel: Arc<dyn KernelWrite>) -> Self {
+        Sysfs { root: root.into(), kernel }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -18,6 +18,9 @@ pub struct Moved {
     pub address: PciAddress,
     pub from: Option<String>,
     pub to: Option<String>,
+    /// `driver_override` before the move, restored if the move is undone.
+    #[serde(skip)]
+    override_before: Option<String>,
 }
 
 impl Provisioner {
@@ -112,7 +115,8 @@ impl Provisioner {
             let target = m.from.as_deref().map_or(Target::NoDriver, Target::Driver);
             let back = PciFunction::read(&self.sys, &m.address)
                 .ok_or(Error::NoSuchDevice(m.address))
-                .and_then(|f| self.move_one(&f, target));
+                .and_then(|f| self.move_one(&f, target))
+                .and_then(|_| self.write_override(&m.address, m.override_before.as_deref()));
             if let Err(e) = back {
                 failures.push(format!("{}: {e}", m.address));
             }
@@ -133,7 +137,7 @@ impl Provisioner {
     fn move_one(&self, f: &PciFunction, target: Target) -> Result<Moved> {
         let a = f.address;
         let over = if let Target::Driver(d) = target { d } else { "" };
-        self.sys.write(&a, &self.sys.device_attr(&a, "driver_override"), &format!("{over}\n"))?;
+        self.write_override(&a, Some(over))?;
         if let Some(cur) = &f.driver {
             if let Err(e) = self.sys.write(&a, &self.sys.driver_attr(cur, "unbind"), &a.to_string()) {
                 let _ = self.restore_override(f);
@@ -144,7 +148,7 @@ impl Provisioner {
             Target::NoDriver => None,
             _ => self.probe(f, target),
         };
-        let moved = Moved { address: a, from: f.driver.clone(), to: now.clone() };
+        let moved = Moved { address: a, from: f.driver.clone(), to: now.clone(), override_before: f.driver_override.clone() };
         match target {
             Target::Driver(d) if now.as_deref() != Some(d) => {}
             _ => return Ok(moved),
@@ -162,8 +166,11 @@ impl Provisioner {
     }
 
     fn restore_override(&self, f: &PciFunction) -> Result<()> {
-        let old = f.driver_override.clone().unwrap_or_default();
-        self.sys.write(&f.address, &self.sys.device_attr(&f.address, "driver_override"), &format!("{old}\n"))
+        self.write_override(&f.address, f.driver_override.as_deref())
+    }
+
+    fn write_override(&self, a: &PciAddress, value: Option<&str>) -> Result<()> {
+        self.sys.write(a, &self.sys.device_attr(a, "driver_override"), &format!("{}\n", value.unwrap_or("")))
     }
 
     /// `drivers_probe` and wait for the driver link. With no override a VF whose PF
