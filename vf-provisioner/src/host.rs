@@ -19,7 +19,8 @@ pub struct PciFunction {
     pub device_id: u16,
     pub vendor_name: Option<String>,
     pub device_name: Option<String>,
-    /// 24-bit class code, e.g. 0x030200.
+    /// 24-bit class code, e.g. 0x030200 (JSON: "030200").
+    #[serde(serialize_with = "class_hex")]
     pub class: u32,
     pub driver: Option<String>,
     pub driver_override: Option<String>,
@@ -97,6 +98,10 @@ impl PciFunction {
             _ => format!("[{}]", self.id),
         }
     }
+}
+
+fn class_hex<S: serde::Serializer>(class: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{class:06x}"))
 }
 
 fn read_sriov(dir: &std::path::Path) -> Option<Sriov> {

@@ -1,0 +1,243 @@
+//! The `vfctl` command line: parsing, dispatch and exit codes. Output goes to the
+//! writers passed in, so tests run the real commands and compare what they print.
+
+mod render;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vf_provisioner::{fake, layouts, DeviceConfig, DeviceFilter, Host, Kind, Level, PciAddress, Provisioner, Sysfs};
+
+/// Exit codes: distinct for bad input, refusals and failures.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The operation started and failed (kernel error, timeout), or `check` found errors.
+    pub const FAILED: u8 = 1;
+    /// Malformed input (address, count, config, root); nothing was attempted.
+    pub const BAD_INPUT: u8 = 2;
+    /// Refused by policy (device in use, group not viable, ...); nothing was changed.
+    pub const REFUSED: u8 = 3;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vfctl",
+    version,
+    about = "Manage GPU SR-IOV virtual functions and their vfio-pci binding for VM passthrough",
+    long_about = "Manage GPU SR-IOV virtual functions and their vfio-pci binding for VM passthrough.\n\n\
+        Commands that change the host say so in their help. Every change is checked first: a refused \
+        command changes nothing and says which device, why, and what to do.\n\n\
+        Exit codes: 0 success, 1 failure, 2 bad input, 3 refused.",
+    after_help = "Environment: VFCTL_ROOT sets --root."
+)]
+pub struct Cli {
+    /// Root of the host's /sys, /dev and /proc (a fake host tree in tests and demos).
+    #[arg(long, global = true, env = "VFCTL_ROOT", default_value = "/")]
+    root: PathBuf,
+    /// Configuration file: extra GPU vendors, other PFs to manage, exclusions.
+    #[arg(long, global = true, default_value = "/etc/vfio-manager/config.toml")]
+    config: PathBuf,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List GPUs and SR-IOV PFs with their VFs (changes nothing).
+    List {
+        /// Every PCI function, not only GPUs and SR-IOV PFs.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one function in detail (changes nothing).
+    Show { address: String },
+    /// Enable VFs on a PF. Changes the host: writes sriov_numvfs (with autoprobe off,
+    /// so no host driver takes the new VFs). A different count goes through 0 and is
+    /// refused while a VF is in use.
+    Enable {
+        pf: String,
+        /// How many VFs; default: the vendor's (4 on domestic GPUs) or all the device allows.
+        #[arg(long)]
+        vfs: Option<String>,
+    },
+    /// Disable all VFs of a PF. Changes the host: writes 0 to sriov_numvfs; refused
+    /// while a VF's VFIO group is open or leased.
+    Disable { pf: String },
+    /// Bind a function to vfio-pci. Changes the host: sets driver_override, unbinds it
+    /// from its driver and probes vfio-pci. Refused if its IOMMU group would not be viable.
+    Bind {
+        address: String,
+        /// Also bind the other members of its IOMMU group (e.g. the GPU's HDMI audio).
+        #[arg(long)]
+        whole_group: bool,
+    },
+    /// Return a function from vfio-pci to a host driver. Changes the host: clears
+    /// driver_override, unbinds and reprobes. Refused while its VFIO group is open.
+    Unbind {
+        address: String,
+        /// Also return the other vfio-bound members of its IOMMU group.
+        #[arg(long)]
+        whole_group: bool,
+        /// Bind to this driver instead of the one the kernel matches.
+        #[arg(long)]
+        driver: Option<String>,
+    },
+    /// Reset a function through the kernel. Changes the device state; refused while in use.
+    Reset { address: String },
+    /// Check the host: IOMMU, VFIO modules, SR-IOV and IOMMU group viability per GPU
+    /// (changes nothing). Exits 1 if any check fails.
+    Check,
+    /// Build a fake host tree for tests and demos. Creates files under DIR only.
+    FakeHost {
+        dir: PathBuf,
+        /// A built-in layout: demo, domestic-gpu, nvidia-dc, emulated.
+        #[arg(long, default_value = "demo", conflicts_with_all = ["pfs", "from"])]
+        layout: String,
+        /// A generated host with this many domestic GPU PFs (with --vfs-per-pf VFs each).
+        #[arg(long)]
+        pfs: Option<u32>,
+        #[arg(long, default_value_t = 4)]
+        vfs_per_pf: u32,
+        /// A layout from a JSON file (as captured from the emulated host).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+}
+
+/// What can go wrong in a command: the operation, or writing its output.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Op(#[from] vf_provisioner::Error),
+    #[error("cannot write output")]
+    Output(#[source] std::io::Error),
+}
+
+/// Runs `vfctl` with `args`, printing to `out` and `err`.
+pub fn main(args: impl IntoIterator<Item = OsString>, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::BAD_INPUT } else { exit::OK };
+            let text = e.render().to_string();
+            let _ = if e.use_stderr() { write!(err, "{text}") } else { write!(out, "{text}") };
+            return ExitCode::from(code);
+        }
+    };
+    match run(&cli, out) {
+        Ok(code) => ExitCode::from(code),
+        // A reader that went away (`vfctl list | head`) is not an error.
+        Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
+        Err(CliError::Output(e)) => {
+            let _ = writeln!(err, "vfctl: cannot write output: {e}");
+            ExitCode::from(exit::FAILED)
+        }
+        Err(CliError::Op(e)) => {
+            let _ = writeln!(err, "vfctl: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                let _ = writeln!(err, "  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::from(match e.kind() {
+                Kind::BadInput => exit::BAD_INPUT,
+                Kind::Refused => exit::REFUSED,
+                Kind::Failed => exit::FAILED,
+            })
+        }
+    }
+}
+
+fn addr(s: &str) -> vf_provisioner::Result<PciAddress> {
+    s.parse()
+}
+
+fn count(s: &str) -> vf_provisioner::Result<u32> {
+    s.parse().map_err(|_| vf_provisioner::Error::InvalidInput {
+        what: "VF count",
+        input: s.into(),
+        reason: "expected a whole number such as 4".into(),
+    })
+}
+
+fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
+    if let Command::FakeHost { dir, layout, pfs, vfs_per_pf, from } = &cli.command {
+        return build_fake(dir, layout, *pfs, *vfs_per_pf, from.as_deref(), out);
+    }
+    let sys = Sysfs::open(&cli.root)?;
+    let cfg = DeviceConfig::load(&cli.config)?;
+    let p = Provisioner::new(sys, DeviceFilter::new(&cfg));
+    let r = render::Renderer { out, format: cli.output };
+    match &cli.command {
+        Command::List { all } => r.list(&p, &Host::scan(p.sysfs()), *all),
+        Command::Show { address } => {
+            let a = addr(address)?;
+            let host = Host::scan(p.sysfs());
+            let f = host.get(&a).ok_or(vf_provisioner::Error::NoSuchDevice(a))?;
+            r.show(&p, &host, f)
+        }
+        Command::Enable { pf, vfs } => {
+            let n = vfs.as_deref().map(count).transpose()?;
+            let pf = addr(pf)?;
+            let created = p.enable_vfs(&pf, n)?;
+            r.enabled(&pf, &created)
+        }
+        Command::Disable { pf } => {
+            let pf = addr(pf)?;
+            p.disable_vfs(&pf)?;
+            r.done(&format!("{pf}: VFs disabled"))
+        }
+        Command::Bind { address, whole_group } => r.moved(&p.bind_vfio(&addr(address)?, *whole_group)?, address),
+        Command::Unbind { address, whole_group, driver } => {
+            r.moved(&p.unbind(&addr(address)?, *whole_group, driver.as_deref())?, address)
+        }
+        Command::Reset { address } => {
+            let a = addr(address)?;
+            p.reset(&a)?;
+            r.done(&format!("{a}: reset"))
+        }
+        Command::Check => {
+            let findings = p.check();
+            r.check(&findings)?;
+            Ok(if findings.iter().any(|f| f.level == Level::Error) { exit::FAILED } else { exit::OK })
+        }
+        Command::FakeHost { .. } => unreachable!("handled above"),
+    }
+}
+
+fn build_fake(
+    dir: &std::path::Path,
+    layout: &str,
+    pfs: Option<u32>,
+    vfs_per_pf: u32,
+    from: Option<&std::path::Path>,
+    out: &mut dyn Write,
+) -> Result<u8, CliError> {
+    let bad = |reason: String| vf_provisioner::Error::InvalidInput { what: "fake host", input: dir.display().to_string(), reason };
+    let l = match (pfs, from) {
+        (Some(n), _) => layouts::large(n, vfs_per_pf),
+        (_, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+            fake::Layout::from_json(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?
+        }
+        _ => layouts::by_name(layout).ok_or_else(|| bad(format!("no layout {layout:?}; choose one of {}", layouts::NAMES.join(", "))))?,
+    };
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(bad("the directory exists and is not empty".into()).into());
+    }
+    l.build(dir).map_err(|e| bad(e.to_string()))?;
+    writeln!(out, "fake host {:?} built under {}", l.name, dir.display()).map_err(CliError::Output)?;
+    Ok(exit::OK)
+}

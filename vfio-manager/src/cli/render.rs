@@ -1,0 +1,230 @@
+//! Tables for people, JSON for programs. Every device is shown with its address
+//! and `vvvv:dddd` ids beside any name.
+
+use std::io::Write;
+
+use serde::Serialize;
+use serde_json::json;
+use vf_provisioner::ops::bind::Moved;
+use vf_provisioner::{Finding, Host, Level, PciAddress, PciFunction, Provisioner};
+
+use super::{exit, CliError, Output};
+
+pub struct Renderer<'a> {
+    pub out: &'a mut dyn Write,
+    pub format: Output,
+}
+
+/// What a function is doing now, from the host's point of view.
+pub fn state(host: &Host, f: &PciFunction) -> &'static str {
+    if !host.holders_of(f).is_empty() {
+        "in-use"
+    } else if f.on_vfio() {
+        "vfio"
+    } else if f.driver.is_some() {
+        "host"
+    } else {
+        "unbound"
+    }
+}
+
+#[derive(Serialize)]
+struct Entry<'a> {
+    #[serde(flatten)]
+    function: &'a PciFunction,
+    kind: &'static str,
+    state: &'static str,
+    holders: &'a [vf_provisioner::holders::Holder],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vfs: Option<Vec<Entry<'a>>>,
+}
+
+type Res = Result<u8, CliError>;
+
+fn io(e: std::io::Error) -> CliError {
+    CliError::Output(e)
+}
+
+impl Renderer<'_> {
+    fn json(&mut self, v: &impl Serialize) -> Res {
+        serde_json::to_writer_pretty(&mut *self.out, v).map_err(|e| io(e.into()))?;
+        writeln!(self.out).map_err(io)?;
+        Ok(exit::OK)
+    }
+
+    fn line(&mut self, s: &str) -> Res {
+        writeln!(self.out, "{s}").map_err(io)?;
+        Ok(exit::OK)
+    }
+
+    fn entry<'h>(p: &Provisioner, host: &'h Host, f: &'h PciFunction, with_vfs: bool) -> Entry<'h> {
+        let kind = if f.is_vf() {
+            "vf"
+        } else if p.filter().is_gpu(f) {
+            "gpu"
+        } else if p.filter().is_managed(f) {
+            "managed"
+        } else {
+            "other"
+        };
+        let vfs = (with_vfs && f.sriov.is_some()).then(|| {
+            let list = f.sriov.as_ref().map(|s| s.vfs.as_slice()).unwrap_or_default();
+            list.iter().filter_map(|a| host.get(a)).map(|vf| Self::entry(p, host, vf, false)).collect()
+        });
+        Entry { function: f, kind, state: state(host, f), holders: host.holders_of(f), vfs }
+    }
+
+    pub fn list(mut self, p: &Provisioner, host: &Host, all: bool) -> Res {
+        let shown: Vec<Entry> = host
+            .pfs()
+            .filter(|f| all || p.filter().is_gpu(f) || p.filter().is_managed(f) || f.sriov.is_some())
+            .map(|f| Self::entry(p, host, f, true))
+            .collect();
+        if self.format == Output::Json {
+            return self.json(&json!({ "devices": shown }));
+        }
+        let mut rows = vec![["ADDRESS", "ID", "KIND", "DRIVER", "GROUP", "NUMA", "STATE", "NAME"].map(String::from).to_vec()];
+        for e in &shown {
+            rows.push(row(e, ""));
+            for vf in e.vfs.iter().flatten() {
+                rows.push(row(vf, "└ "));
+            }
+        }
+        for r in table(&rows) {
+            self.line(&r)?;
+        }
+        Ok(exit::OK)
+    }
+
+    pub fn show(mut self, p: &Provisioner, host: &Host, f: &PciFunction) -> Res {
+        let e = Self::entry(p, host, f, true);
+        if self.format == Output::Json {
+            return self.json(&e);
+        }
+        let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+        let mut lines = vec![
+            format!("{} {}", f.address, f.label()),
+            format!("  kind:            {}", e.kind),
+            format!("  class:           {:06x}", f.class),
+            format!("  driver:          {}", opt(f.driver.clone())),
+            format!("  driver_override: {}", opt(f.driver_override.clone())),
+            format!("  state:           {}", e.state),
+            format!("  iommu group:     {}", opt(f.iommu_group.map(|g| g.to_string()))),
+            format!("  numa node:       {}", opt(f.numa_node.map(|n| n.to_string()))),
+            format!("  reset methods:   {}", if f.reset_methods.is_empty() { "-".into() } else { f.reset_methods.join(" ") }),
+        ];
+        if let Some(g) = f.iommu_group {
+            let members: Vec<String> = host.groups.get(&g).into_iter().flatten().map(|a| a.to_string()).collect();
+            lines.push(format!("  group members:   {}", members.join(" ")));
+        }
+        for h in host.holders_of(f) {
+            lines.push(format!("  held open by:    {h}"));
+        }
+        if let Some(pf) = f.physfn {
+            lines.push(format!("  physfn:          {pf}"));
+        }
+        if let Some(s) = &f.sriov {
+            lines.push(format!(
+                "  sriov:           {}/{} VFs, autoprobe {}, offset {}, stride {}, VF device {}",
+                s.num_vfs,
+                s.total_vfs,
+                if s.drivers_autoprobe { "on" } else { "off" },
+                s.vf_offset,
+                s.vf_stride,
+                s.vf_device_id.map_or("-".into(), |d| format!("{d:04x}"))
+            ));
+            for vf in &s.vfs {
+                lines.push(format!("    └ {vf}"));
+            }
+        }
+        if !f.mdev_types.is_empty() {
+            lines.push(format!("  mdev types:      {}", f.mdev_types.join(" ")));
+        }
+        for l in lines {
+            self.line(&l)?;
+        }
+        Ok(exit::OK)
+    }
+
+    pub fn enabled(mut self, pf: &PciAddress, vfs: &[PciAddress]) -> Res {
+        if self.format == Output::Json {
+            return self.json(&json!({ "pf": pf, "vfs": vfs }));
+        }
+        let list: Vec<String> = vfs.iter().map(|v| v.to_string()).collect();
+        self.line(&format!("{pf}: {} VFs enabled: {}", vfs.len(), list.join(" ")))
+    }
+
+    pub fn moved(mut self, moved: &[Moved], requested: &str) -> Res {
+        if self.format == Output::Json {
+            return self.json(&json!({ "moved": moved }));
+        }
+        if moved.is_empty() {
+            return self.line(&format!("{requested}: already there, nothing changed"));
+        }
+        for m in moved {
+            let d = |o: &Option<String>| o.clone().unwrap_or_else(|| "(no driver)".into());
+            self.line(&format!("{}: {} -> {}", m.address, d(&m.from), d(&m.to)))?;
+        }
+        Ok(exit::OK)
+    }
+
+    pub fn done(mut self, what: &str) -> Res {
+        if self.format == Output::Json {
+            return self.json(&json!({ "ok": true, "message": what }));
+        }
+        self.line(what)
+    }
+
+    pub fn check(mut self, findings: &[Finding]) -> Res {
+        if self.format == Output::Json {
+            return self.json(&json!({ "findings": findings }));
+        }
+        for f in findings {
+            let tag = match f.level {
+                Level::Ok => "ok",
+                Level::Warn => "WARN",
+                Level::Error => "ERROR",
+            };
+            self.line(&format!("[{tag:>5}] {}: {}", f.subject, f.message))?;
+            if !f.fix.is_empty() {
+                self.line(&format!("        fix: {}", f.fix))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+}
+
+fn row(e: &Entry, indent: &str) -> Vec<String> {
+    let f = e.function;
+    let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+    let mut name = f.label();
+    if let Some(s) = &f.sriov {
+        name.push_str(&format!(" (VFs {}/{})", s.num_vfs, s.total_vfs));
+    }
+    vec![
+        format!("{indent}{}", f.address),
+        f.id.clone(),
+        e.kind.into(),
+        opt(f.driver.clone()),
+        opt(f.iommu_group.map(|g| g.to_string())),
+        opt(f.numa_node.map(|n| n.to_string())),
+        e.state.into(),
+        name,
+    ]
+}
+
+/// Left-aligned columns, two spaces apart; the last column is not padded.
+fn table(rows: &[Vec<String>]) -> Vec<String> {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| if i + 1 == cols { c.clone() } else { format!("{c:<w$}", w = widths[i]) })
+                .collect();
+            cells.join("  ")
+        })
+        .collect()
+}
