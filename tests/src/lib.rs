@@ -1,1 +1,96 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: one test body runs against a fake host
+//! (default) or against the real kernel of the emulated host (`VFM_REAL_KERNEL=1`,
+//! run inside the guest by `tests/real-kernel/run.sh`).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use vf_provisioner::{fake, layouts, DeviceConfig, DeviceFilter, PciAddress, PciFunction, Provisioner, Sysfs};
+
+/// The emulated host's topology (QEMU command line in tests/real-kernel/run.sh);
+/// the fake layout `emulated` has the same addresses.
+pub const IGB: &str = "0000:01:00.0";
+pub const NVME: &str = "0000:02:00.0";
+pub const IGB_MF: &str = "0000:03:00.0";
+pub const E1000E: &str = "0000:03:00.1";
+
+pub struct Env {
+    pub root: PathBuf,
+    pub real: bool,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        if std::env::var_os("VFM_REAL_KERNEL").is_some() {
+            return Env { root: "/".into(), real: true, _tmp: None };
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        layouts::emulated().build(tmp.path()).expect("fake host");
+        Env { root: tmp.path().to_path_buf(), real: false, _tmp: Some(tmp) }
+    }
+
+    pub fn sys(&self) -> Sysfs {
+        Sysfs::open(&self.root).expect("sysfs root")
+    }
+
+    pub fn provisioner(&self) -> Provisioner {
+        let cfg = DeviceConfig::parse("manage = [\"8086:10c9\", \"1b36:0010\"]", Path::new("test")).expect("config");
+        Provisioner::new(self.sys(), DeviceFilter::new(&cfg))
+    }
+
+    pub fn func(&self, a: &str) -> PciFunction {
+        PciFunction::read(&self.sys(), &addr(a)).unwrap_or_else(|| panic!("{a} missing"))
+    }
+
+    pub fn driver(&self, a: &str) -> Option<String> {
+        self.func(a).driver
+    }
+
+    /// Holds VFIO group `group` open as a VMM would, until the guard drops.
+    pub fn hold(&self, group: u32) -> Hold {
+        if self.real {
+            let f = File::options().read(true).write(true).open(format!("/dev/vfio/{group}")).expect("open VFIO group");
+            return Hold::Real(f);
+        }
+        fake::hold_group(&self.root, 4242, "qemu-system-x86", group).expect("fake holder");
+        Hold::Fake(self.root.clone())
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Env::new()
+    }
+}
+
+pub enum Hold {
+    Real(#[allow(dead_code)] File),
+    Fake(PathBuf),
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Hold::Fake(root) = self {
+            let _ = fake::end_process(root, 4242);
+        }
+    }
+}
+
+pub fn addr(s: &str) -> PciAddress {
+    s.parse().expect("address")
+}
+
+/// Returns the emulated host to its boot state (no VFs, host drivers) when dropped,
+/// so that tests sharing the real kernel do not see each other's changes.
+pub struct Restore<'a>(pub &'a Env);
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        let p = self.0.provisioner();
+        for pf in [IGB, NVME, IGB_MF] {
+            let _ = p.disable_vfs(&addr(pf));
+            let _ = p.unbind(&addr(pf), true, None);
+        }
+    }
+}

@@ -40,6 +40,7 @@ fn platform() -> Vec<FakeFunction> {
         func("0000:00:00.0", "8086:29c0", "060000", None, 0, -1),
         func("0000:00:01.0", "1b36:000c", "060400", Some("pcieport"), 1, -1),
         func("0000:00:02.0", "1b36:000c", "060400", Some("pcieport"), 2, -1),
+        func("0000:00:03.0", "1b36:000c", "060400", Some("pcieport"), 5, -1),
     ]
 }
 
@@ -79,12 +80,20 @@ pub fn nvidia_dc() -> Layout {
     l
 }
 
-/// The emulated host's stand-ins: igb and NVMe PFs with SR-IOV, as QEMU presents them.
+/// The emulated host's stand-ins, as QEMU presents them: igb and NVMe PFs with
+/// SR-IOV, and a multifunction slot whose igb PF shares its IOMMU group with an
+/// e1000e function (the GPU-plus-HDMI-audio situation).
 pub fn emulated() -> Layout {
     let mut l = base("emulated");
     l.drivers.push(driver("igb", &["8086:10c9"], true));
     l.drivers.push(driver("igbvf", &["8086:10ca"], false));
     l.drivers.push(driver("nvme", &["1b36:0010"], true));
+    l.drivers.push(driver("e1000e", &["8086:10d3"], false));
+    let mut igb2 = func("0000:03:00.0", "8086:10c9", "020000", Some("igb"), 6, -1);
+    igb2.reset_methods = vec!["bus".into()];
+    igb2.sriov = sriov(7, 128, 2, "10ca");
+    l.functions.push(igb2);
+    l.functions.push(func("0000:03:00.1", "8086:10d3", "020000", Some("e1000e"), 6, -1));
     let mut igb = func("0000:01:00.0", "8086:10c9", "020000", Some("igb"), 3, -1);
     igb.reset_methods = vec!["flr".into(), "bus".into()];
     igb.sriov = sriov(7, 128, 2, "10ca");

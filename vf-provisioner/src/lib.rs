@@ -20,6 +20,7 @@ mod names;
 pub mod ops;
 pub mod sysfs;
 pub mod vendors;
+pub mod vfio;
 
 pub use address::PciAddress;
 pub use error::{Error, Kind, Result};

@@ -1,0 +1,52 @@
+# The front door. `make demo` runs the main job; `make test` runs every test.
+# Both install what they need on a fresh Debian bookworm machine (as root).
+
+CARGO ?= cargo
+RELEASE := target/release
+
+.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench install clean
+
+all: build
+
+deps:
+	bash images/install-deps.sh
+
+build:
+	$(CARGO) build --release --workspace
+
+# Everything CI runs: dependency check, unit and integration tests on fake hosts,
+# then the real-kernel tier in the emulated host.
+test: deps check-deps test-unit real-kernel
+
+test-unit:
+	$(CARGO) test --workspace
+
+# The rust-vmm set must resolve to one version each.
+check-deps:
+	@mkdir -p target
+	@$(CARGO) tree --workspace --all-targets -e normal,build --prefix none -f '{p}' 2>/dev/null | sed 's/ (.*//' | sort -u > target/deps.txt; \
+	fail=0; for c in vfio-ioctls vfio-bindings vm-memory vmm-sys-util; do \
+	  n=$$(grep -c "^$$c v" target/deps.txt); \
+	  if [ "$$n" -gt 1 ]; then echo "check-deps: $$n versions of $$c:"; grep "^$$c v" target/deps.txt; fail=1; fi; \
+	done; [ $$fail = 0 ] && echo "check-deps: one version each of vfio-ioctls, vfio-bindings, vm-memory, vmm-sys-util"
+
+real-kernel: deps
+	bash tests/real-kernel/run.sh
+
+demo: deps
+	bash tests/real-kernel/run.sh --demo
+
+# The same walk-through on a fake host (no QEMU needed).
+demo-fake: build
+	bash tests/demo-fake.sh
+
+bench: build
+	$(CARGO) build --release -p integration-tests
+	$(RELEASE)/bench-list 64 64 15
+
+install: build
+	install -D -m 0755 $(RELEASE)/vfctl $(DESTDIR)/usr/local/bin/vfctl
+
+clean:
+	$(CARGO) clean
+	rm -rf build
