@@ -70,7 +70,7 @@ if [ "$(cat "$OUT/initramfs.stamp" 2>/dev/null)" != "$stamp" ]; then
     rm -rf "$IR"
     mkdir -p "$IR"/{bin,sbin,proc,sys,dev,tmp,mnt/host,lib/modules,etc,root}
     cp /bin/busybox "$IR/bin/busybox"
-    for a in $(/bin/busybox --list); do ln -sf busybox "$IR/bin/$a"; done
+    for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$IR/bin/$a"; done
     : > "$IR/etc/modules.order"
     for m in $MODS; do
         modprobe -d "$KROOT" -S "$KVER" --show-depends "$m" | awk '/^insmod/ {print $2}'

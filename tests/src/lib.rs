@@ -11,8 +11,12 @@ use vf_provisioner::{fake, layouts, DeviceConfig, DeviceFilter, PciAddress, PciF
 /// the fake layout `emulated` has the same addresses.
 pub const IGB: &str = "0000:01:00.0";
 pub const NVME: &str = "0000:02:00.0";
-pub const IGB_MF: &str = "0000:03:00.0";
-pub const E1000E: &str = "0000:03:00.1";
+/// A multifunction slot: two e1000e functions in one IOMMU group.
+pub const MF0: &str = "0000:03:00.0";
+pub const MF1: &str = "0000:03:00.1";
+
+/// The configuration the tests use: the stand-in PFs and the slot's first function.
+pub const CONFIG: &str = "manage = [\"8086:10c9\", \"1b36:0010\", \"0000:03:00.0\"]";
 
 pub struct Env {
     pub root: PathBuf,
@@ -35,7 +39,7 @@ impl Env {
     }
 
     pub fn provisioner(&self) -> Provisioner {
-        let cfg = DeviceConfig::parse("manage = [\"8086:10c9\", \"1b36:0010\"]", Path::new("test")).expect("config");
+        let cfg = DeviceConfig::parse(CONFIG, Path::new("test")).expect("config");
         Provisioner::new(self.sys(), DeviceFilter::new(&cfg))
     }
 
@@ -88,7 +92,7 @@ pub struct Restore<'a>(pub &'a Env);
 impl Drop for Restore<'_> {
     fn drop(&mut self) {
         let p = self.0.provisioner();
-        for pf in [IGB, NVME, IGB_MF] {
+        for pf in [IGB, NVME, MF0] {
             let _ = p.disable_vfs(&addr(pf));
             let _ = p.unbind(&addr(pf), true, None);
         }

@@ -24,8 +24,8 @@ fn discovery_agrees_with_the_kernel_links_groups_and_ids() {
         let g = f.iommu_group.expect("VF has a group");
         assert_eq!(host.groups[&g], vec![addr(&vf)], "each VF in its own group");
     }
-    let mf = host.get(&addr(IGB_MF)).unwrap();
-    assert_eq!(host.groups[&mf.iommu_group.unwrap()], vec![addr(IGB_MF), addr(E1000E)]);
+    let mf = host.get(&addr(MF0)).unwrap();
+    assert_eq!(host.groups[&mf.iommu_group.unwrap()], vec![addr(MF0), addr(MF1)]);
     assert!(env.func(IGB).sriov.unwrap().drivers_autoprobe, "autoprobe restored");
 }
 
@@ -76,15 +76,16 @@ fn refuses_a_bind_that_leaves_the_group_non_viable_and_binds_the_whole_group_on_
     let env = Env::new();
     let _r = Restore(&env);
     let p = env.provisioner();
-    let e = p.bind_vfio(&addr(IGB_MF), false).unwrap_err();
+    let e = p.bind_vfio(&addr(MF0), false).unwrap_err();
     assert_eq!(e.kind(), Kind::Refused);
-    assert!(e.to_string().contains(E1000E) && e.to_string().contains("e1000e"), "{e}");
-    assert_eq!(env.driver(IGB_MF).as_deref(), Some("igb"), "nothing changed");
-    p.bind_vfio(&addr(IGB_MF), true).unwrap();
-    assert_eq!(env.driver(E1000E).as_deref(), Some("vfio-pci"));
-    p.unbind(&addr(IGB_MF), true, None).unwrap();
-    assert_eq!(env.driver(IGB_MF).as_deref(), Some("igb"));
-    assert_eq!(env.driver(E1000E).as_deref(), Some("e1000e"));
+    assert!(e.to_string().contains(MF1) && e.to_string().contains("e1000e"), "{e}");
+    assert_eq!(env.driver(MF0).as_deref(), Some("e1000e"), "nothing changed");
+    p.bind_vfio(&addr(MF0), true).unwrap();
+    assert_eq!(env.driver(MF0).as_deref(), Some("vfio-pci"));
+    assert_eq!(env.driver(MF1).as_deref(), Some("vfio-pci"));
+    p.unbind(&addr(MF0), true, None).unwrap();
+    assert_eq!(env.driver(MF0).as_deref(), Some("e1000e"));
+    assert_eq!(env.driver(MF1).as_deref(), Some("e1000e"));
 }
 
 #[test]

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Boots the emulated GPU host (Debian's 6.12 kernel under QEMU/TCG with an emulated
+# IOMMU, igb and NVMe SR-IOV PFs and the mtty mdev sample) and runs, inside it:
+#   --test (default)  the real-kernel tier: the scenario tests on the real kernel,
+#                     vfctl's CLI checks, and a kernel-log check for BUG/Oops/WARNING;
+#   --demo            a walk-through of vfctl for a newcomer.
+# Prints a summary line "N passed, N failed" and exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+MODE=${1:---test}
+TARGET=x86_64-unknown-linux-gnu
+OUT=build/real-kernel
+mkdir -p "$OUT"
+
+bash images/build.sh --mtty
+
+# Static binaries: the guest has no libc of its own.
+export RUSTFLAGS='-C target-feature=+crt-static'
+cargo build --release --target $TARGET -p vfio-manager --bin vfctl 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
+testbin=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*kernel_scenarios[^"]*"' | tail -1 | cut -d'"' -f4)
+[ -x "$testbin" ] || { echo "real-kernel: building the scenario tests failed" >&2; exit 1; }
+unset RUSTFLAGS
+
+SHARE=$OUT/share
+rm -rf "$SHARE"
+mkdir -p "$SHARE/bin"
+cp target/$TARGET/release/vfctl "$testbin" "$SHARE/bin/"
+mv "$SHARE/bin/$(basename "$testbin")" "$SHARE/bin/kernel_scenarios"
+cp "build/images/mtty-$(cat build/images/KVER).ko" "$SHARE/mtty.ko"
+cp "tests/real-kernel/guest-${MODE#--}.sh" "$SHARE/job.sh"
+chmod +x "$SHARE/job.sh"
+
+log=$OUT/console-${MODE#--}.log
+echo "real-kernel: booting the emulated host (kernel $(cat build/images/KVER)); console log in $log" >&2
+# Three root ports: igb; NVMe with SR-IOV; a multifunction slot of two e1000e
+# functions that share an IOMMU group (igb there would hide function 1 behind ARI).
+timeout 900 qemu-system-x86_64 -machine q35,kernel-irqchip=split -accel tcg,thread=multi -cpu max -m 2G -smp 2 \
+    -nodefaults -nographic -serial mon:stdio -no-reboot \
+    -kernel build/images/vmlinuz -initrd build/images/initramfs.cpio.gz \
+    -virtfs local,path="$SHARE",mount_tag=hostshare,security_model=none,id=hs \
+    -device intel-iommu,intremap=on,caching-mode=on \
+    -device pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1 -device igb,id=igb0,bus=rp1 \
+    -device pcie-root-port,id=rp2,bus=pcie.0,chassis=2,slot=2 -device nvme-subsys,id=subsys0,nqn=s0 \
+    -device nvme,id=nvme0,bus=rp2,serial=s0001,subsys=subsys0,sriov_max_vfs=4,sriov_vq_flexible=8,sriov_vi_flexible=4,max_ioqpairs=12,msix_qsize=8 \
+    -device pcie-root-port,id=rp3,bus=pcie.0,chassis=3,slot=3 \
+    -device e1000e,id=e0,bus=rp3,addr=0.0,multifunction=on -device e1000e,id=e1,bus=rp3,addr=0.1 \
+    -append 'console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet' </dev/null 2>&1 | tr -d '\r' | tee "$log" \
+    | { if [ "$MODE" = --demo ]; then grep -v '^\(init\|GUEST\)'; else grep -E '^(test |GUEST|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
+
+passed=$(grep -c '^GUEST-PASS' "$log" || true)
+failed=$(grep -c '^GUEST-FAIL' "$log" || true)
+# The scenario binary's own counts.
+read -r tp tf < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$log" | tail -1) || true
+passed=$((passed + ${tp:-0})); failed=$((failed + ${tf:-0}))
+if ! grep -q '^GUEST-DONE' "$log"; then
+    echo "real-kernel: the guest did not finish its job (see $log)" >&2
+    failed=$((failed + 1))
+fi
+if grep -q '^GUEST-KERNEL-LOG' "$log"; then
+    echo "real-kernel: the guest kernel logged BUG/Oops/WARNING:" >&2
+    grep '^GUEST-KERNEL-LOG' "$log" >&2
+    failed=$((failed + 1))
+fi
+echo "real-kernel: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
