@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE := target/release
 
-.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench install clean
+.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench bench-real-kernel regenerate-layouts install clean
 
 all: build
 
@@ -33,6 +33,10 @@ check-deps:
 real-kernel: deps
 	bash tests/real-kernel/run.sh
 
+# Capture the fake layouts from the emulated host into vf-provisioner/layouts/.
+regenerate-layouts: deps
+	REGENERATE_LAYOUTS=1 bash tests/real-kernel/run.sh
+
 demo: deps
 	bash tests/real-kernel/run.sh --demo
 
@@ -40,9 +44,12 @@ demo: deps
 demo-fake: build
 	bash tests/demo-fake.sh
 
-bench: build
+bench: build bench-real-kernel
 	$(CARGO) build --release -p integration-tests
 	$(RELEASE)/bench-list 64 64 15
+
+bench-real-kernel: deps
+	bash tests/real-kernel/run.sh --bench
 
 install: build
 	install -D -m 0755 $(RELEASE)/vfctl $(DESTDIR)/usr/local/bin/vfctl

@@ -11,6 +11,13 @@ expect() { # expect NAME WANTED-EXIT COMMAND...
     if [ "$got" = "$want" ]; then pass "$name"; else fail "$name (exit $got, wanted $want)"; cat /tmp/out; fi
 }
 
+# Differential fidelity, part 1: capture the topology for the fake host. One igb VF
+# with autoprobe on lets the capture see igbvf's id.
+mkdir -p /mnt/host/out
+echo 1 > /sys/bus/pci/devices/0000:01:00.0/sriov_numvfs
+./vfctl capture-layout --name emulated > /mnt/host/out/emulated-layout.json
+echo 0 > /sys/bus/pci/devices/0000:01:00.0/sriov_numvfs
+
 echo "GUEST-INFO lspci-equivalent: $(ls /sys/bus/pci/devices | tr '\n' ' ')"
 VFM_REAL_KERNEL=1 ./kernel_scenarios --test-threads=1 2>&1
 
@@ -25,6 +32,10 @@ expect "vfctl bind refuses a non-viable group" 3 $V bind 0000:03:00.0
 expect "vfctl bad address" 2 $V bind ../../x
 $V list -o json > /tmp/list.json
 grep -q '"driver": "vfio-pci"' /tmp/list.json && pass "vfctl list shows the vfio VF" || fail "vfctl list shows the vfio VF"
+# Differential fidelity, part 2: the list the fake host must reproduce.
+expect "vfctl enable 3 NVMe VFs" 0 $V enable 0000:02:00.0 --vfs 3
+$V list -o json > /mnt/host/out/list-real.json
+expect "vfctl disable NVMe" 0 $V disable 0000:02:00.0
 expect "vfctl unbind VF" 0 $V unbind 0000:01:10.0
 expect "vfctl disable" 0 $V disable 0000:01:00.0
 

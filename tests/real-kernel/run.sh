@@ -3,7 +3,8 @@
 # IOMMU, igb and NVMe SR-IOV PFs and the mtty mdev sample) and runs, inside it:
 #   --test (default)  the real-kernel tier: the scenario tests on the real kernel,
 #                     vfctl's CLI checks, and a kernel-log check for BUG/Oops/WARNING;
-#   --demo            a walk-through of vfctl for a newcomer.
+#   --demo            a walk-through of vfctl for a newcomer;
+#   --bench           each provisioning operation beside the bare sysfs writes.
 # Prints a summary line "N passed, N failed" and exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +17,7 @@ bash images/build.sh --mtty
 
 # Static binaries: the guest has no libc of its own.
 export RUSTFLAGS='-C target-feature=+crt-static'
-cargo build --release --target $TARGET -p vfio-manager --bin vfctl 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
+cargo build --release --target $TARGET -p vfio-manager --bin vfctl -p integration-tests --bin bench-ops 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
 testbin=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --no-run --message-format=json 2>/dev/null \
     | grep -o '"executable":"[^"]*kernel_scenarios[^"]*"' | tail -1 | cut -d'"' -f4)
 [ -x "$testbin" ] || { echo "real-kernel: building the scenario tests failed" >&2; exit 1; }
@@ -25,7 +26,7 @@ unset RUSTFLAGS
 SHARE=$OUT/share
 rm -rf "$SHARE"
 mkdir -p "$SHARE/bin"
-cp target/$TARGET/release/vfctl "$testbin" "$SHARE/bin/"
+cp target/$TARGET/release/vfctl target/$TARGET/release/bench-ops "$testbin" "$SHARE/bin/"
 mv "$SHARE/bin/$(basename "$testbin")" "$SHARE/bin/kernel_scenarios"
 cp "build/images/mtty-$(cat build/images/KVER).ko" "$SHARE/mtty.ko"
 cp "tests/real-kernel/guest-${MODE#--}.sh" "$SHARE/job.sh"
@@ -46,8 +47,23 @@ timeout 900 qemu-system-x86_64 -machine q35,kernel-irqchip=split -accel tcg,thre
     -device pcie-root-port,id=rp3,bus=pcie.0,chassis=3,slot=3 \
     -device e1000e,id=e0,bus=rp3,addr=0.0,multifunction=on -device e1000e,id=e1,bus=rp3,addr=0.1 \
     -append 'console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet' </dev/null 2>&1 | tr -d '\r' | tee "$log" \
-    | { if [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
+    | { if [ "$MODE" = --bench ]; then grep -E '^(operation|enable|disable|bind|unbind|GUEST-FAIL)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
 
+# Differential fidelity on this boot's captures: the fake must list what the kernel did.
+if [ "$MODE" = --test ]; then
+    if [ -s "$SHARE/out/list-real.json" ] && VFM_LAYOUT="$PWD/$SHARE/out/emulated-layout.json" VFM_REAL_LIST="$PWD/$SHARE/out/list-real.json" \
+        cargo test -q -p integration-tests --test fidelity >"$OUT/fidelity.log" 2>&1; then
+        echo "GUEST-PASS fidelity: the fake host built from this boot's capture lists the same" >> "$log"
+    else
+        echo "GUEST-FAIL fidelity: see $OUT/fidelity.log" >> "$log"
+        cat "$OUT/fidelity.log" >&2
+    fi
+    if [ "${REGENERATE_LAYOUTS:-}" = 1 ]; then
+        cp "$SHARE/out/emulated-layout.json" vf-provisioner/layouts/emulated.json
+        cp "$SHARE/out/list-real.json" vf-provisioner/layouts/emulated-list.json
+        echo "real-kernel: vf-provisioner/layouts/ regenerated from this boot" >&2
+    fi
+fi
 passed=$(grep -c '^GUEST-PASS' "$log" || true)
 failed=$(grep -c '^GUEST-FAIL' "$log" || true)
 # The scenario binary's own counts.
@@ -62,8 +78,8 @@ if grep -q '^GUEST-KERNEL-LOG' "$log"; then
     grep '^GUEST-KERNEL-LOG' "$log" >&2
     failed=$((failed + 1))
 fi
-if [ "$MODE" = --demo ]; then
-    [ "$failed" -eq 0 ] && echo "demo: finished; the emulated host powered off" || echo "demo: did not finish (see $log)"
+if [ "$MODE" != --test ]; then
+    [ "$failed" -eq 0 ] && echo "${MODE#--}: finished; the emulated host powered off" || echo "${MODE#--}: did not finish (see $log)"
 else
     echo "real-kernel: $passed passed, $failed failed"
 fi

@@ -568,3 +568,63 @@ pub fn end_process(root: &Path, pid: u32) -> io::Result<()> {
 pub fn reset_count(root: &Path, a: &PciAddress) -> u64 {
     sysfs::read_dec(&root.join(DEVICES).join(a.to_string()).join(".fake_resets")).unwrap_or(0)
 }
+
+impl Layout {
+    /// Captures the topology of a live host as a layout: every function that is not
+    /// a VF (VFs are made by the fake kernel from their PF's geometry), the drivers
+    /// with the ids of the functions bound to them now (the kernel does not expose
+    /// id tables: enable a VF with autoprobe on before capturing so that the VF
+    /// driver's id is seen), and whether VFIO and the IOMMU are on.
+    pub fn capture(sys: &crate::Sysfs, name: &str) -> Layout {
+        let host = crate::Host::scan(sys);
+        let mut drivers: Vec<FakeDriver> = fs::read_dir(sys.drivers_dir())
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|name| FakeDriver { name, ids: vec![], sriov_configure: false })
+            .collect();
+        drivers.sort_by(|a, b| a.name.cmp(&b.name));
+        for f in host.functions.values() {
+            let Some(d) = drivers.iter_mut().find(|d| Some(&d.name) == f.driver.as_ref()) else { continue };
+            if !d.ids.contains(&f.id) && d.name != VFIO_PCI {
+                d.ids.push(f.id.clone());
+            }
+            d.sriov_configure |= f.sriov.as_ref().is_some_and(|s| s.total_vfs > 0);
+        }
+        drivers.iter_mut().filter(|d| d.name == VFIO_PCI).for_each(|d| d.sriov_configure = true);
+        let functions = host
+            .functions
+            .values()
+            .filter(|f| !f.is_vf())
+            .map(|f| FakeFunction {
+                address: f.address,
+                id: f.id.clone(),
+                class: format!("{:06x}", f.class),
+                driver: f.driver.clone(),
+                numa_node: f.numa_node.map_or(-1, |n| n as i32),
+                iommu_group: f.iommu_group,
+                reset_methods: f.reset_methods.clone(),
+                boot_vga: f.boot_vga,
+                sriov: f.sriov.as_ref().map(|s| FakeSriov {
+                    total_vfs: s.total_vfs,
+                    offset: s.vf_offset,
+                    stride: s.vf_stride,
+                    vf_device: format!("{:04x}", s.vf_device_id.unwrap_or(f.device_id)),
+                    num_vfs: 0,
+                    drivers_autoprobe: s.drivers_autoprobe,
+                }),
+            })
+            .collect();
+        let iommu = fs::read_dir(sys.root().join("sys/class/iommu"))
+            .ok()
+            .and_then(|mut rd| rd.next()?.ok()?.file_name().into_string().ok());
+        Layout {
+            name: name.into(),
+            drivers,
+            functions,
+            vfio_loaded: sys.drivers_dir().join(VFIO_PCI).exists(),
+            iommu,
+            cmdline: sysfs::read_opt(&sys.proc_dir().join("cmdline")).unwrap_or_default(),
+        }
+    }
+}

@@ -80,26 +80,11 @@ pub fn nvidia_dc() -> Layout {
     l
 }
 
-/// The emulated host's stand-ins, as QEMU presents them: igb and NVMe PFs with
-/// SR-IOV, and a multifunction slot of two e1000e functions sharing one IOMMU group
-/// (the GPU-plus-HDMI-audio situation). Not igb there: igb has ARI, and behind an
-/// ARI function 0 the kernel never scans function 1.
+/// The emulated host exactly as its kernel showed it: captured there by
+/// `make regenerate-layouts` (igb and NVMe PFs with SR-IOV, and a multifunction slot
+/// of two e1000e functions sharing one IOMMU group, the GPU-plus-HDMI-audio case).
 pub fn emulated() -> Layout {
-    let mut l = base("emulated");
-    l.drivers.push(driver("igb", &["8086:10c9"], true));
-    l.drivers.push(driver("igbvf", &["8086:10ca"], false));
-    l.drivers.push(driver("nvme", &["1b36:0010"], true));
-    l.drivers.push(driver("e1000e", &["8086:10d3"], false));
-    l.functions.push(func("0000:03:00.0", "8086:10d3", "020000", Some("e1000e"), 6, -1));
-    l.functions.push(func("0000:03:00.1", "8086:10d3", "020000", Some("e1000e"), 6, -1));
-    let mut igb = func("0000:01:00.0", "8086:10c9", "020000", Some("igb"), 3, -1);
-    igb.reset_methods = vec!["flr".into(), "bus".into()];
-    igb.sriov = sriov(7, 128, 2, "10ca");
-    let mut nvme = func("0000:02:00.0", "1b36:0010", "010802", Some("nvme"), 4, -1);
-    nvme.reset_methods = vec!["flr".into(), "bus".into()];
-    nvme.sriov = sriov(4, 1, 1, "0010");
-    l.functions.extend([igb, nvme]);
-    l
+    Layout::from_json(include_str!("../layouts/emulated.json")).expect("committed layout parses")
 }
 
 /// Every layout above in one host: the demo and the CLI's default fake.

@@ -137,9 +137,9 @@ fn bind_refuses_a_non_viable_group_naming_the_companion_unless_whole_group() {
 fn bind_never_takes_host_critical_functions() {
     let t = build(layouts::emulated());
     let r = t.path();
-    let cfg = vf_provisioner::DeviceConfig::parse("manage = [\"0000:00:01.0\", \"8086:10c9\"]", std::path::Path::new("t")).unwrap();
+    let cfg = vf_provisioner::DeviceConfig::parse("manage = [\"0000:00:02.0\", \"8086:10c9\"]", std::path::Path::new("t")).unwrap();
     let p = Provisioner::new(sys(r), DeviceFilter::new(&cfg));
-    assert_refused(p.bind_vfio(&a("0000:00:01.0"), false), "bridge");
+    assert_refused(p.bind_vfio(&a("0000:00:02.0"), false), "bridge");
     // The NIC carries an interface that is up.
     let net = r.join("sys/devices/pci0000:00/0000:01:00.0/net/eth0");
     fs::create_dir_all(&net).unwrap();

@@ -99,6 +99,13 @@ enum Command {
     /// Check the host: IOMMU, VFIO modules, SR-IOV and IOMMU group viability per GPU
     /// (changes nothing). Exits 1 if any check fails.
     Check,
+    /// Print this host's topology as a fake-host layout (JSON) for `fake-host --from`
+    /// (changes nothing). Enable one VF per PF with autoprobe on first, so that the
+    /// VF drivers' ids are seen.
+    CaptureLayout {
+        #[arg(long, default_value = "captured")]
+        name: String,
+    },
     /// Build a fake host tree for tests and demos. Creates files under DIR only.
     FakeHost {
         dir: PathBuf,
@@ -177,6 +184,12 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         return build_fake(dir, layout, *pfs, *vfs_per_pf, from.as_deref(), out);
     }
     let sys = Sysfs::open(&cli.root)?;
+    if let Command::CaptureLayout { name } = &cli.command {
+        let layout = fake::Layout::capture(&sys, name);
+        serde_json::to_writer_pretty(&mut *out, &layout).map_err(|e| CliError::Output(e.into()))?;
+        writeln!(out).map_err(CliError::Output)?;
+        return Ok(exit::OK);
+    }
     let cfg = DeviceConfig::load(&cli.config)?;
     let p = Provisioner::new(sys, DeviceFilter::new(&cfg));
     let r = render::Renderer { out, format: cli.output };
@@ -213,7 +226,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
             r.check(&findings)?;
             Ok(if findings.iter().any(|f| f.level == Level::Error) { exit::FAILED } else { exit::OK })
         }
-        Command::FakeHost { .. } => unreachable!("handled above"),
+        Command::FakeHost { .. } | Command::CaptureLayout { .. } => unreachable!("handled above"),
     }
 }
 
