@@ -5,7 +5,9 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use vf_provisioner::{fake, layouts, DeviceConfig, DeviceFilter, PciAddress, PciFunction, Provisioner, Sysfs};
+use vf_provisioner::{
+    fake, layouts, DeviceConfig, DeviceFilter, PciAddress, PciFunction, Provisioner, Sysfs,
+};
 
 /// The emulated host's topology (QEMU command line in tests/real-kernel/run.sh);
 /// the fake layout `emulated` has the same addresses.
@@ -27,11 +29,19 @@ pub struct Env {
 impl Env {
     pub fn new() -> Env {
         if std::env::var_os("VFM_REAL_KERNEL").is_some() {
-            return Env { root: "/".into(), real: true, _tmp: None };
+            return Env {
+                root: "/".into(),
+                real: true,
+                _tmp: None,
+            };
         }
         let tmp = tempfile::tempdir().expect("tempdir");
         layouts::emulated().build(tmp.path()).expect("fake host");
-        Env { root: tmp.path().to_path_buf(), real: false, _tmp: Some(tmp) }
+        Env {
+            root: tmp.path().to_path_buf(),
+            real: false,
+            _tmp: Some(tmp),
+        }
     }
 
     pub fn sys(&self) -> Sysfs {
@@ -54,7 +64,11 @@ impl Env {
     /// Holds VFIO group `group` open as a VMM would, until the guard drops.
     pub fn hold(&self, group: u32) -> Hold {
         if self.real {
-            let f = File::options().read(true).write(true).open(format!("/dev/vfio/{group}")).expect("open VFIO group");
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .open(format!("/dev/vfio/{group}"))
+                .expect("open VFIO group");
             return Hold::Real(f);
         }
         fake::hold_group(&self.root, 4242, "qemu-system-x86", group).expect("fake holder");

@@ -15,9 +15,11 @@ use serde_json::Value;
 const IGNORED: &[&str] = &["iommu_group"];
 
 fn input(var: &str, committed: &str) -> PathBuf {
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../vf-provisioner/layouts").join(committed))
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../vf-provisioner/layouts")
+            .join(committed)
+    })
 }
 
 fn strip(v: &mut Value) {
@@ -39,18 +41,28 @@ fn vfctl(root: &Path, cfg: &Path, args: &[&str]) -> String {
     argv.extend(args.iter().map(|s| s.to_string()));
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = vfio_manager::cli::main(argv.into_iter().map(Into::into), &mut out, &mut err);
-    assert_eq!(code, std::process::ExitCode::SUCCESS, "vfctl {args:?}: {}", String::from_utf8_lossy(&err));
+    assert_eq!(
+        code,
+        std::process::ExitCode::SUCCESS,
+        "vfctl {args:?}: {}",
+        String::from_utf8_lossy(&err)
+    );
     String::from_utf8(out).unwrap()
 }
 
 #[test]
 fn the_fake_host_lists_what_the_emulated_host_listed() {
-    let layout = std::fs::read_to_string(input("VFM_LAYOUT", "emulated.json")).expect("captured layout");
-    let real = std::fs::read_to_string(input("VFM_REAL_LIST", "emulated-list.json")).expect("captured list");
+    let layout =
+        std::fs::read_to_string(input("VFM_LAYOUT", "emulated.json")).expect("captured layout");
+    let real = std::fs::read_to_string(input("VFM_REAL_LIST", "emulated-list.json"))
+        .expect("captured list");
     let dir = tempfile::tempdir().unwrap();
     let (root, cfg) = (dir.path().join("host"), dir.path().join("config.toml"));
     std::fs::write(&cfg, integration_tests::CONFIG).unwrap();
-    vf_provisioner::fake::Layout::from_json(&layout).unwrap().build(&root).unwrap();
+    vf_provisioner::fake::Layout::from_json(&layout)
+        .unwrap()
+        .build(&root)
+        .unwrap();
     // The steps guest-test.sh took before listing.
     vfctl(&root, &cfg, &["enable", "0000:01:00.0", "--vfs", "3"]);
     vfctl(&root, &cfg, &["bind", "0000:01:10.0"]);
@@ -62,7 +74,10 @@ fn the_fake_host_lists_what_the_emulated_host_listed() {
     strip(&mut fake);
     strip(&mut real);
     if fake != real {
-        let (f, r) = (serde_json::to_string_pretty(&fake).unwrap(), serde_json::to_string_pretty(&real).unwrap());
+        let (f, r) = (
+            serde_json::to_string_pretty(&fake).unwrap(),
+            serde_json::to_string_pretty(&real).unwrap(),
+        );
         let diff: Vec<String> = f
             .lines()
             .zip(r.lines())

@@ -6,7 +6,13 @@ use integration_tests::*;
 use vf_provisioner::{Host, Kind};
 
 fn vfs(env: &Env, pf: &str) -> Vec<String> {
-    env.func(pf).sriov.expect("sriov").vfs.iter().map(|a| a.to_string()).collect()
+    env.func(pf)
+        .sriov
+        .expect("sriov")
+        .vfs
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
 }
 
 #[test]
@@ -14,7 +20,15 @@ fn discovery_agrees_with_the_kernel_links_groups_and_ids() {
     let env = Env::new();
     let _r = Restore(&env);
     env.provisioner().enable_vfs(&addr(IGB), Some(4)).unwrap();
-    assert_eq!(vfs(&env, IGB), ["0000:01:10.0", "0000:01:10.2", "0000:01:10.4", "0000:01:10.6"]);
+    assert_eq!(
+        vfs(&env, IGB),
+        [
+            "0000:01:10.0",
+            "0000:01:10.2",
+            "0000:01:10.4",
+            "0000:01:10.6"
+        ]
+    );
     let host = Host::scan(&env.sys());
     for vf in vfs(&env, IGB) {
         let f = host.get(&addr(&vf)).unwrap();
@@ -25,8 +39,14 @@ fn discovery_agrees_with_the_kernel_links_groups_and_ids() {
         assert_eq!(host.groups[&g], vec![addr(&vf)], "each VF in its own group");
     }
     let mf = host.get(&addr(MF0)).unwrap();
-    assert_eq!(host.groups[&mf.iommu_group.unwrap()], vec![addr(MF0), addr(MF1)]);
-    assert!(env.func(IGB).sriov.unwrap().drivers_autoprobe, "autoprobe restored");
+    assert_eq!(
+        host.groups[&mf.iommu_group.unwrap()],
+        vec![addr(MF0), addr(MF1)]
+    );
+    assert!(
+        env.func(IGB).sriov.unwrap().drivers_autoprobe,
+        "autoprobe restored"
+    );
 }
 
 #[test]
@@ -36,7 +56,10 @@ fn enables_four_vfs_on_igb_and_three_on_nvme() {
     let p = env.provisioner();
     assert_eq!(p.enable_vfs(&addr(IGB), Some(4)).unwrap().len(), 4);
     assert_eq!(p.enable_vfs(&addr(NVME), Some(3)).unwrap().len(), 3);
-    assert_eq!(vfs(&env, NVME), ["0000:02:00.1", "0000:02:00.2", "0000:02:00.3"]);
+    assert_eq!(
+        vfs(&env, NVME),
+        ["0000:02:00.1", "0000:02:00.2", "0000:02:00.3"]
+    );
 }
 
 #[test]
@@ -65,7 +88,11 @@ fn binds_a_vf_to_vfio_pci_and_returns_it_to_its_host_driver() {
     p.bind_vfio(&vf, false).unwrap();
     let f = env.func(&vf.to_string());
     assert_eq!(f.driver.as_deref(), Some("vfio-pci"));
-    assert!(env.root.join("dev/vfio").join(f.iommu_group.unwrap().to_string()).exists());
+    assert!(env
+        .root
+        .join("dev/vfio")
+        .join(f.iommu_group.unwrap().to_string())
+        .exists());
     p.unbind(&vf, false, None).unwrap();
     assert_eq!(env.driver(&vf.to_string()).as_deref(), Some("igbvf"));
     assert_eq!(env.func(&vf.to_string()).driver_override, None);
@@ -78,8 +105,15 @@ fn refuses_a_bind_that_leaves_the_group_non_viable_and_binds_the_whole_group_on_
     let p = env.provisioner();
     let e = p.bind_vfio(&addr(MF0), false).unwrap_err();
     assert_eq!(e.kind(), Kind::Refused);
-    assert!(e.to_string().contains(MF1) && e.to_string().contains("e1000e"), "{e}");
-    assert_eq!(env.driver(MF0).as_deref(), Some("e1000e"), "nothing changed");
+    assert!(
+        e.to_string().contains(MF1) && e.to_string().contains("e1000e"),
+        "{e}"
+    );
+    assert_eq!(
+        env.driver(MF0).as_deref(),
+        Some("e1000e"),
+        "nothing changed"
+    );
     p.bind_vfio(&addr(MF0), true).unwrap();
     assert_eq!(env.driver(MF0).as_deref(), Some("vfio-pci"));
     assert_eq!(env.driver(MF1).as_deref(), Some("vfio-pci"));
@@ -106,7 +140,10 @@ fn refuses_to_unbind_disable_or_reset_a_vf_whose_group_is_held_open() {
         ] {
             let e = r.unwrap_or_else(|| panic!("{what} was not refused"));
             assert_eq!(e.kind(), Kind::Refused, "{what}: {e}");
-            assert!(e.to_string().contains(&format!("group {group}")), "{what}: {e}");
+            assert!(
+                e.to_string().contains(&format!("group {group}")),
+                "{what}: {e}"
+            );
         }
         assert_eq!(env.func(IGB).sriov.unwrap().num_vfs, 2);
     }

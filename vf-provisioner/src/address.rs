@@ -19,7 +19,12 @@ pub struct PciAddress {
 
 impl PciAddress {
     pub const fn new(domain: u16, bus: u8, device: u8, function: u8) -> Self {
-        PciAddress { domain, bus, device, function }
+        PciAddress {
+            domain,
+            bus,
+            device,
+            function,
+        }
     }
 
     /// The 8-bit device/function number used by SR-IOV offset arithmetic.
@@ -45,7 +50,10 @@ impl PciAddress {
 
 fn hex_field(s: &str, max_len: usize, what: &'static str, input: &str) -> Result<u32, Error> {
     if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::InvalidAddress { input: input.to_string(), reason: what });
+        return Err(Error::InvalidAddress {
+            input: input.to_string(),
+            reason: what,
+        });
     }
     Ok(u32::from_str_radix(s, 16).expect("validated hex"))
 }
@@ -54,14 +62,23 @@ impl FromStr for PciAddress {
     type Err = Error;
 
     fn from_str(input: &str) -> Result<Self, Error> {
-        let bad = |reason| Error::InvalidAddress { input: input.to_string(), reason };
+        let bad = |reason| Error::InvalidAddress {
+            input: input.to_string(),
+            reason,
+        };
         if input.len() > 12 {
             return Err(bad("too long"));
         }
-        let (rest, function) = input.rsplit_once('.').ok_or_else(|| bad("missing .function"))?;
+        let (rest, function) = input
+            .rsplit_once('.')
+            .ok_or_else(|| bad("missing .function"))?;
         let parts: Vec<&str> = rest.split(':').collect();
         let (domain, bus, device) = match parts.as_slice() {
-            [d, b, s] => (hex_field(d, 4, "domain must be 1-4 hex digits", input)?, *b, *s),
+            [d, b, s] => (
+                hex_field(d, 4, "domain must be 1-4 hex digits", input)?,
+                *b,
+                *s,
+            ),
             [b, s] => (0, *b, *s),
             _ => return Err(bad("expected two or three ':'-separated fields")),
         };
@@ -84,7 +101,11 @@ impl FromStr for PciAddress {
 
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{}", self.domain, self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 }
 
@@ -107,17 +128,41 @@ mod tests {
 
     #[test]
     fn parses_full_and_short_forms() {
-        assert_eq!("0000:3b:00.1".parse::<PciAddress>().unwrap(), PciAddress::new(0, 0x3b, 0, 1));
-        assert_eq!("3b:1f.7".parse::<PciAddress>().unwrap(), PciAddress::new(0, 0x3b, 0x1f, 7));
-        assert_eq!("0000:3B:00.0".parse::<PciAddress>().unwrap().to_string(), "0000:3b:00.0");
+        assert_eq!(
+            "0000:3b:00.1".parse::<PciAddress>().unwrap(),
+            PciAddress::new(0, 0x3b, 0, 1)
+        );
+        assert_eq!(
+            "3b:1f.7".parse::<PciAddress>().unwrap(),
+            PciAddress::new(0, 0x3b, 0x1f, 7)
+        );
+        assert_eq!(
+            "0000:3B:00.0".parse::<PciAddress>().unwrap().to_string(),
+            "0000:3b:00.0"
+        );
     }
 
     #[test]
     fn refuses_anything_that_could_escape_a_path() {
         for bad in [
-            "", "../00:00.0", "0000:00:00.0/..", "00:00.0 ", " 00:00.0", "00:00.8", "00:20.0",
-            "00000:00:00.0", "0000:000:00.0", "0000:00:00.00", "0000:00:00", "0000:00:00.0\n",
-            "zz:00.0", "0000:00:00:00.0", "..", "/", "0000:00:0g.0", "+0:00.0",
+            "",
+            "../00:00.0",
+            "0000:00:00.0/..",
+            "00:00.0 ",
+            " 00:00.0",
+            "00:00.8",
+            "00:20.0",
+            "00000:00:00.0",
+            "0000:000:00.0",
+            "0000:00:00.00",
+            "0000:00:00",
+            "0000:00:00.0\n",
+            "zz:00.0",
+            "0000:00:00:00.0",
+            "..",
+            "/",
+            "0000:00:0g.0",
+            "+0:00.0",
         ] {
             assert!(bad.parse::<PciAddress>().is_err(), "{bad:?} was accepted");
         }
@@ -128,7 +173,13 @@ mod tests {
         let pf = PciAddress::new(0, 1, 0, 0);
         assert_eq!(pf.offset_by(0x80).unwrap().to_string(), "0000:01:10.0");
         assert_eq!(pf.offset_by(0x80 + 2).unwrap().to_string(), "0000:01:10.2");
-        assert_eq!(PciAddress::new(0, 1, 0x1f, 7).offset_by(1).unwrap().to_string(), "0000:02:00.0");
+        assert_eq!(
+            PciAddress::new(0, 1, 0x1f, 7)
+                .offset_by(1)
+                .unwrap()
+                .to_string(),
+            "0000:02:00.0"
+        );
         assert!(PciAddress::new(0, 0xff, 0x1f, 7).offset_by(1).is_none());
     }
 }

@@ -100,7 +100,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn refused(device: PciAddress, cause: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn refused(
+        device: PciAddress,
+        cause: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Error::Refused {
             device,
             cause: cause.into(),

@@ -123,12 +123,19 @@ impl Layout {
             for m in ["vfio", "vfio_iommu_type1"] {
                 fs::create_dir_all(root.join("sys/module").join(m))?;
             }
-            write_file(&root.join("sys/module/vfio_pci/parameters/enable_sriov"), "N\n")?;
+            write_file(
+                &root.join("sys/module/vfio_pci/parameters/enable_sriov"),
+                "N\n",
+            )?;
             write_file(&root.join("dev/vfio/vfio"), "")?;
         }
         let mut drivers = self.drivers.clone();
         if self.vfio_loaded && !drivers.iter().any(|d| d.name == VFIO_PCI) {
-            drivers.push(FakeDriver { name: VFIO_PCI.into(), ids: vec![], sriov_configure: true });
+            drivers.push(FakeDriver {
+                name: VFIO_PCI.into(),
+                ids: vec![],
+                sriov_configure: true,
+            });
         }
         for d in &drivers {
             let dir = root.join("sys/bus/pci/drivers").join(&d.name);
@@ -149,7 +156,10 @@ impl Layout {
         }
         for f in &self.functions {
             if let Some(s) = f.sriov.as_ref().filter(|s| s.num_vfs > 0) {
-                k.write(&k.dev(&f.address).join("sriov_numvfs"), &format!("{}\n", s.num_vfs))?;
+                k.write(
+                    &k.dev(&f.address).join("sriov_numvfs"),
+                    &format!("{}\n", s.num_vfs),
+                )?;
             }
         }
         Ok(())
@@ -169,7 +179,10 @@ pub struct FakeKernel {
 
 impl FakeKernel {
     pub fn new(root: &Path) -> Self {
-        FakeKernel { root: root.to_path_buf(), lock: Mutex::new(()) }
+        FakeKernel {
+            root: root.to_path_buf(),
+            lock: Mutex::new(()),
+        }
     }
 
     fn dev(&self, a: &PciAddress) -> PathBuf {
@@ -197,7 +210,9 @@ impl FakeKernel {
     }
 
     fn group_of(&self, a: &PciAddress) -> Option<u32> {
-        sysfs::link_name(&self.dev(a).join("iommu_group"))?.parse().ok()
+        sysfs::link_name(&self.dev(a).join("iommu_group"))?
+            .parse()
+            .ok()
     }
 
     fn override_of(&self, a: &PciAddress) -> Option<String> {
@@ -207,18 +222,26 @@ impl FakeKernel {
     fn create_function(&self, f: &FakeFunction, physfn: Option<&PciAddress>) -> io::Result<()> {
         let dir = self.real_dev(&f.address);
         fs::create_dir_all(&dir)?;
-        let (vendor, device) = f.id.split_once(':').ok_or_else(|| err(ErrorKind::InvalidData, "bad id"))?;
+        let (vendor, device) =
+            f.id.split_once(':')
+                .ok_or_else(|| err(ErrorKind::InvalidData, "bad id"))?;
         write_file(&dir.join("vendor"), &format!("0x{vendor}\n"))?;
         write_file(&dir.join("device"), &format!("0x{device}\n"))?;
         write_file(&dir.join("class"), &format!("0x{}\n", f.class))?;
         write_file(&dir.join("numa_node"), &format!("{}\n", f.numa_node))?;
         write_file(&dir.join("driver_override"), "(null)\n")?;
         if !f.reset_methods.is_empty() {
-            write_file(&dir.join("reset_method"), &format!("{}\n", f.reset_methods.join(" ")))?;
+            write_file(
+                &dir.join("reset_method"),
+                &format!("{}\n", f.reset_methods.join(" ")),
+            )?;
             write_file(&dir.join("reset"), "")?;
         }
         if f.class.starts_with("03") {
-            write_file(&dir.join("boot_vga"), if f.boot_vga { "1\n" } else { "0\n" })?;
+            write_file(
+                &dir.join("boot_vga"),
+                if f.boot_vga { "1\n" } else { "0\n" },
+            )?;
         }
         if let Some(s) = &f.sriov {
             write_file(&dir.join("sriov_totalvfs"), &format!("{}\n", s.total_vfs))?;
@@ -226,17 +249,33 @@ impl FakeKernel {
             write_file(&dir.join("sriov_offset"), &format!("{}\n", s.offset))?;
             write_file(&dir.join("sriov_stride"), &format!("{}\n", s.stride))?;
             write_file(&dir.join("sriov_vf_device"), &format!("{}\n", s.vf_device))?;
-            write_file(&dir.join("sriov_drivers_autoprobe"), if s.drivers_autoprobe { "1\n" } else { "0\n" })?;
+            write_file(
+                &dir.join("sriov_drivers_autoprobe"),
+                if s.drivers_autoprobe { "1\n" } else { "0\n" },
+            )?;
         }
         if let Some(pf) = physfn {
             symlink(format!("../{pf}"), dir.join("physfn"))?;
         }
-        symlink(format!("../../../devices/pci0000:00/{}", f.address), self.dev(&f.address))?;
+        symlink(
+            format!("../../../devices/pci0000:00/{}", f.address),
+            self.dev(&f.address),
+        )?;
         if let Some(g) = f.iommu_group {
-            let gdir = self.root.join("sys/kernel/iommu_groups").join(g.to_string()).join("devices");
+            let gdir = self
+                .root
+                .join("sys/kernel/iommu_groups")
+                .join(g.to_string())
+                .join("devices");
             fs::create_dir_all(&gdir)?;
-            symlink(format!("../../../../devices/pci0000:00/{}", f.address), gdir.join(f.address.to_string()))?;
-            symlink(format!("../../../kernel/iommu_groups/{g}"), dir.join("iommu_group"))?;
+            symlink(
+                format!("../../../../devices/pci0000:00/{}", f.address),
+                gdir.join(f.address.to_string()),
+            )?;
+            symlink(
+                format!("../../../kernel/iommu_groups/{g}"),
+                dir.join("iommu_group"),
+            )?;
         }
         Ok(())
     }
@@ -247,8 +286,14 @@ impl FakeKernel {
         if !ddir.is_dir() {
             return Err(errno(libc::ENODEV));
         }
-        symlink(format!("../../../bus/pci/drivers/{driver}"), self.real_dev(a).join("driver"))?;
-        symlink(format!("../../../../devices/pci0000:00/{a}"), ddir.join(a.to_string()))?;
+        symlink(
+            format!("../../../bus/pci/drivers/{driver}"),
+            self.real_dev(a).join("driver"),
+        )?;
+        symlink(
+            format!("../../../../devices/pci0000:00/{a}"),
+            ddir.join(a.to_string()),
+        )?;
         if driver == VFIO_PCI {
             if let Some(g) = self.group_of(a) {
                 write_file(&self.root.join("dev/vfio").join(g.to_string()), "")?;
@@ -258,13 +303,18 @@ impl FakeKernel {
     }
 
     fn detach(&self, a: &PciAddress) -> io::Result<()> {
-        let Some(driver) = self.driver_of(a) else { return Ok(()) };
+        let Some(driver) = self.driver_of(a) else {
+            return Ok(());
+        };
         if driver == VFIO_PCI {
             if let Some(g) = self.group_of(a) {
                 if self.group_held(g) {
                     // The real kernel's vfio-pci remove() waits until the user closes
                     // the device; the caller's write would hang.
-                    return Err(err(ErrorKind::WouldBlock, "vfio-pci remove blocks while the group is open"));
+                    return Err(err(
+                        ErrorKind::WouldBlock,
+                        "vfio-pci remove blocks while the group is open",
+                    ));
                 }
             }
         }
@@ -277,8 +327,16 @@ impl FakeKernel {
     }
 
     fn drop_vfio_node(&self, a: &PciAddress) -> io::Result<()> {
-        let Some(g) = self.group_of(a) else { return Ok(()) };
-        let members = sysfs::pci_entries(&self.root.join("sys/kernel/iommu_groups").join(g.to_string()).join("devices"));
+        let Some(g) = self.group_of(a) else {
+            return Ok(());
+        };
+        let members = sysfs::pci_entries(
+            &self
+                .root
+                .join("sys/kernel/iommu_groups")
+                .join(g.to_string())
+                .join("devices"),
+        );
         let still_vfio = members
             .iter()
             .any(|m| m != a && self.driver_of(m).as_deref() == Some(VFIO_PCI));
@@ -302,15 +360,21 @@ impl FakeKernel {
     fn id_of(&self, a: &PciAddress) -> String {
         let v = self.read(a, "vendor").unwrap_or_default();
         let d = self.read(a, "device").unwrap_or_default();
-        format!("{}:{}", v.trim_start_matches("0x"), d.trim_start_matches("0x"))
+        format!(
+            "{}:{}",
+            v.trim_start_matches("0x"),
+            d.trim_start_matches("0x")
+        )
     }
 
     /// pci_device_can_probe(): a VF whose PF has autoprobe off probes only with an override.
     fn can_probe(&self, a: &PciAddress) -> bool {
-        let Some(pf) = sysfs::link_name(&self.dev(a).join("physfn")).and_then(|s| s.parse().ok()) else {
+        let Some(pf) = sysfs::link_name(&self.dev(a).join("physfn")).and_then(|s| s.parse().ok())
+        else {
             return true;
         };
-        self.read(&pf, "sriov_drivers_autoprobe").as_deref() != Some("0") || self.override_of(a).is_some()
+        self.read(&pf, "sriov_drivers_autoprobe").as_deref() != Some("0")
+            || self.override_of(a).is_some()
     }
 
     /// pci_match_device(): with an override, only that driver; otherwise the id table.
@@ -323,7 +387,10 @@ impl FakeKernel {
 
     fn all_drivers(&self) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.root.join("sys/bus/pci/drivers"))
-            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -352,27 +419,48 @@ impl FakeKernel {
 
     fn lowest_free_group(&self) -> u32 {
         let used: BTreeSet<u32> = fs::read_dir(self.root.join("sys/kernel/iommu_groups"))
-            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default();
-        (0..).find(|g| !used.contains(g)).expect("a free group number")
+        (0..)
+            .find(|g| !used.contains(g))
+            .expect("a free group number")
     }
 
     fn set_numvfs(&self, pf: &PciAddress, data: &str) -> io::Result<()> {
         let n: u32 = data.trim().parse().map_err(|_| errno(libc::EINVAL))?;
-        let cur: u32 = self.read(pf, "sriov_numvfs").and_then(|s| s.parse().ok()).unwrap_or(0);
-        let total: u32 = self.read(pf, "sriov_totalvfs").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let cur: u32 = self
+            .read(pf, "sriov_numvfs")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let total: u32 = self
+            .read(pf, "sriov_totalvfs")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         if n > total {
             return Err(errno(libc::ERANGE));
         }
-        let Some(driver) = self.driver_of(pf) else { return Err(errno(libc::ENOENT)) };
+        let Some(driver) = self.driver_of(pf) else {
+            return Err(errno(libc::ENOENT));
+        };
         if n == cur {
             return Ok(());
         }
-        if !self.driver_dir(&driver).join(".fake_sriov_configure").exists() {
+        if !self
+            .driver_dir(&driver)
+            .join(".fake_sriov_configure")
+            .exists()
+        {
             return Err(errno(libc::ENOENT));
         }
         let vfio_pf = driver == VFIO_PCI;
-        let enable_sriov = sysfs::read_opt(&self.root.join("sys/module/vfio_pci/parameters/enable_sriov"));
+        let enable_sriov = sysfs::read_opt(
+            &self
+                .root
+                .join("sys/module/vfio_pci/parameters/enable_sriov"),
+        );
         if vfio_pf && !matches!(enable_sriov.as_deref(), Some("Y" | "1")) {
             return Err(errno(libc::ENOENT));
         }
@@ -387,16 +475,26 @@ impl FakeKernel {
     }
 
     fn vf_addr(&self, pf: &PciAddress, i: u32) -> io::Result<PciAddress> {
-        let offset: u32 = self.read(pf, "sriov_offset").and_then(|s| s.parse().ok()).unwrap_or(1);
-        let stride: u32 = self.read(pf, "sriov_stride").and_then(|s| s.parse().ok()).unwrap_or(1);
-        pf.offset_by(offset + i * stride).ok_or_else(|| errno(libc::ENOMEM))
+        let offset: u32 = self
+            .read(pf, "sriov_offset")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let stride: u32 = self
+            .read(pf, "sriov_stride")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        pf.offset_by(offset + i * stride)
+            .ok_or_else(|| errno(libc::ENOMEM))
     }
 
     fn add_vfs(&self, pf: &PciAddress, n: u32, vfio_pf: bool) -> io::Result<()> {
         let vendor = self.read(pf, "vendor").unwrap_or_default();
         let class = self.read(pf, "class").unwrap_or_default();
         let vf_device = self.read(pf, "sriov_vf_device").unwrap_or_default();
-        let numa_node = self.read(pf, "numa_node").and_then(|s| s.parse().ok()).unwrap_or(-1);
+        let numa_node = self
+            .read(pf, "numa_node")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1);
         for i in 0..n {
             let addr = self.vf_addr(pf, i)?;
             let f = FakeFunction {
@@ -411,7 +509,10 @@ impl FakeKernel {
                 sriov: None,
             };
             self.create_function(&f, Some(pf))?;
-            symlink(format!("../{addr}"), self.real_dev(pf).join(format!("virtfn{i}")))?;
+            symlink(
+                format!("../{addr}"),
+                self.real_dev(pf).join(format!("virtfn{i}")),
+            )?;
             if vfio_pf {
                 write_file(&self.real_dev(&addr).join("driver_override"), "vfio-pci\n")?;
             }
@@ -426,15 +527,23 @@ impl FakeKernel {
     fn remove_vfs(&self, pf: &PciAddress, cur: u32) -> io::Result<()> {
         for i in 0..cur {
             let vf = self.vf_addr(pf, i)?;
-            if self.driver_of(&vf).as_deref() == Some(VFIO_PCI) && self.group_of(&vf).is_some_and(|g| self.group_held(g)) {
-                return Err(err(ErrorKind::WouldBlock, "VF removal blocks while its VFIO group is open"));
+            if self.driver_of(&vf).as_deref() == Some(VFIO_PCI)
+                && self.group_of(&vf).is_some_and(|g| self.group_held(g))
+            {
+                return Err(err(
+                    ErrorKind::WouldBlock,
+                    "VF removal blocks while its VFIO group is open",
+                ));
             }
         }
         for i in (0..cur).rev() {
             let vf = self.vf_addr(pf, i)?;
             self.detach(&vf)?;
             if let Some(g) = self.group_of(&vf) {
-                let gdir = self.root.join("sys/kernel/iommu_groups").join(g.to_string());
+                let gdir = self
+                    .root
+                    .join("sys/kernel/iommu_groups")
+                    .join(g.to_string());
                 fs::remove_file(gdir.join("devices").join(vf.to_string()))?;
                 if sysfs::pci_entries(&gdir.join("devices")).is_empty() {
                     fs::remove_dir_all(&gdir)?;
@@ -460,11 +569,18 @@ impl FakeKernel {
             },
             "driver_override" => {
                 let v = data.trim_end_matches('\n');
-                write_file(&path, &format!("{}\n", if v.is_empty() { "(null)" } else { v }))
+                write_file(
+                    &path,
+                    &format!("{}\n", if v.is_empty() { "(null)" } else { v }),
+                )
             }
             "reset" => {
-                let count: u64 = sysfs::read_dec(&self.real_dev(a).join(".fake_resets")).unwrap_or(0);
-                write_file(&self.real_dev(a).join(".fake_resets"), &format!("{}\n", count + 1))
+                let count: u64 =
+                    sysfs::read_dec(&self.real_dev(a).join(".fake_resets")).unwrap_or(0);
+                write_file(
+                    &self.real_dev(a).join(".fake_resets"),
+                    &format!("{}\n", count + 1),
+                )
             }
             _ => Err(errno(libc::EACCES)),
         }
@@ -496,12 +612,17 @@ impl FakeKernel {
                 // "vvvv dddd": adds the id and probes every unbound device with it,
                 // the reason new_id grabs every function with that id.
                 let mut parts = data.split_whitespace();
-                let (Some(v), Some(d)) = (parts.next(), parts.next()) else { return Err(errno(libc::EINVAL)) };
+                let (Some(v), Some(d)) = (parts.next(), parts.next()) else {
+                    return Err(errno(libc::EINVAL));
+                };
                 let mut ids = self.driver_ids(driver);
                 ids.push(format!("{v}:{d}"));
                 write_file(&self.driver_dir(driver).join(".fake_ids"), &ids.join("\n"))?;
                 for a in sysfs::pci_entries(&self.root.join("sys/bus/pci/devices")) {
-                    if self.driver_of(&a).is_none() && self.matches(&a, driver) && self.can_probe(&a) {
+                    if self.driver_of(&a).is_none()
+                        && self.matches(&a, driver)
+                        && self.can_probe(&a)
+                    {
                         self.attach(&a, driver)?;
                     }
                 }
@@ -515,7 +636,9 @@ impl FakeKernel {
 impl KernelWrite for FakeKernel {
     fn write(&self, path: &Path, data: &str) -> io::Result<()> {
         let _guard = self.lock.lock().expect("fake kernel lock");
-        let rel = path.strip_prefix(&self.root).map_err(|_| errno(libc::ENOENT))?;
+        let rel = path
+            .strip_prefix(&self.root)
+            .map_err(|_| errno(libc::ENOENT))?;
         let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
         match parts.as_slice() {
             ["sys", "bus", "pci", "devices", addr, attr] => {
@@ -538,11 +661,13 @@ impl KernelWrite for FakeKernel {
                 }
                 self.probe(&a).map(|_| ())
             }
-            ["sys", "module", "vfio_pci", "parameters", "enable_sriov"] if path.exists() => match data.trim() {
-                "Y" | "y" | "1" => write_file(path, "Y\n"),
-                "N" | "n" | "0" => write_file(path, "N\n"),
-                _ => Err(errno(libc::EINVAL)),
-            },
+            ["sys", "module", "vfio_pci", "parameters", "enable_sriov"] if path.exists() => {
+                match data.trim() {
+                    "Y" | "y" | "1" => write_file(path, "Y\n"),
+                    "N" | "n" | "0" => write_file(path, "N\n"),
+                    _ => Err(errno(libc::EINVAL)),
+                }
+            }
             _ if path.exists() => Err(errno(libc::EACCES)),
             _ => Err(errno(libc::ENOENT)),
         }
@@ -578,20 +703,36 @@ impl Layout {
     pub fn capture(sys: &crate::Sysfs, name: &str) -> Layout {
         let host = crate::Host::scan(sys);
         let mut drivers: Vec<FakeDriver> = fs::read_dir(sys.drivers_dir())
-            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect::<Vec<_>>())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default()
             .into_iter()
-            .map(|name| FakeDriver { name, ids: vec![], sriov_configure: false })
+            .map(|name| FakeDriver {
+                name,
+                ids: vec![],
+                sriov_configure: false,
+            })
             .collect();
         drivers.sort_by(|a, b| a.name.cmp(&b.name));
         for f in host.functions.values() {
-            let Some(d) = drivers.iter_mut().find(|d| Some(&d.name) == f.driver.as_ref()) else { continue };
+            let Some(d) = drivers
+                .iter_mut()
+                .find(|d| Some(&d.name) == f.driver.as_ref())
+            else {
+                continue;
+            };
             if !d.ids.contains(&f.id) && d.name != VFIO_PCI {
                 d.ids.push(f.id.clone());
             }
             d.sriov_configure |= f.sriov.as_ref().is_some_and(|s| s.total_vfs > 0);
         }
-        drivers.iter_mut().filter(|d| d.name == VFIO_PCI).for_each(|d| d.sriov_configure = true);
+        drivers
+            .iter_mut()
+            .filter(|d| d.name == VFIO_PCI)
+            .for_each(|d| d.sriov_configure = true);
         let functions = host
             .functions
             .values()

@@ -24,10 +24,20 @@ impl std::fmt::Display for Holder {
 /// Every VFIO group number that some process has open, with the processes.
 pub fn scan(sys: &Sysfs) -> BTreeMap<u32, Vec<Holder>> {
     let mut out: BTreeMap<u32, Vec<Holder>> = BTreeMap::new();
-    let Ok(procs) = fs::read_dir(sys.proc_dir()) else { return out };
+    let Ok(procs) = fs::read_dir(sys.proc_dir()) else {
+        return out;
+    };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
         let mut groups: Vec<u32> = fds
             .flatten()
             .filter_map(|fd| {
@@ -43,7 +53,10 @@ pub fn scan(sys: &Sysfs) -> BTreeMap<u32, Vec<Holder>> {
         for g in groups {
             let list = out.entry(g).or_default();
             if !list.iter().any(|h| h.pid == pid) {
-                list.push(Holder { pid, comm: comm.clone() });
+                list.push(Holder {
+                    pid,
+                    comm: comm.clone(),
+                });
             }
         }
     }

@@ -61,8 +61,10 @@ impl PciFunction {
             device_name,
             class: sysfs::read_hex(&dir.join("class")).unwrap_or(0),
             driver: sysfs::link_name(&dir.join("driver")),
-            driver_override: sysfs::read_opt(&dir.join("driver_override")).filter(|s| s != "(null)" && !s.is_empty()),
-            numa_node: sysfs::read_dec::<i32>(&dir.join("numa_node")).and_then(|n| u32::try_from(n).ok()),
+            driver_override: sysfs::read_opt(&dir.join("driver_override"))
+                .filter(|s| s != "(null)" && !s.is_empty()),
+            numa_node: sysfs::read_dec::<i32>(&dir.join("numa_node"))
+                .and_then(|n| u32::try_from(n).ok()),
             iommu_group: sysfs::link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok()),
             reset_methods: sysfs::read_opt(&dir.join("reset_method"))
                 .map(|s| s.split_whitespace().map(str::to_string).collect())
@@ -87,7 +89,9 @@ impl PciFunction {
     }
 
     pub fn on_vfio(&self) -> bool {
-        self.driver.as_deref().is_some_and(|d| d.starts_with("vfio"))
+        self.driver
+            .as_deref()
+            .is_some_and(|d| d.starts_with("vfio"))
     }
 
     /// A short human name: "Vendor Device" where known, always with the ids.
@@ -108,12 +112,17 @@ fn read_sriov(dir: &std::path::Path) -> Option<Sriov> {
     let total_vfs = sysfs::read_dec(&dir.join("sriov_totalvfs"))?;
     let num_vfs = sysfs::read_dec(&dir.join("sriov_numvfs")).unwrap_or(0);
     let vfs = (0..num_vfs)
-        .filter_map(|i| sysfs::link_name(&dir.join(format!("virtfn{i}")))?.parse().ok())
+        .filter_map(|i| {
+            sysfs::link_name(&dir.join(format!("virtfn{i}")))?
+                .parse()
+                .ok()
+        })
         .collect();
     Some(Sriov {
         total_vfs,
         num_vfs,
-        drivers_autoprobe: sysfs::read_opt(&dir.join("sriov_drivers_autoprobe")).as_deref() != Some("0"),
+        drivers_autoprobe: sysfs::read_opt(&dir.join("sriov_drivers_autoprobe")).as_deref()
+            != Some("0"),
         vf_offset: sysfs::read_dec(&dir.join("sriov_offset")).unwrap_or(0),
         vf_stride: sysfs::read_dec(&dir.join("sriov_stride")).unwrap_or(0),
         vf_device_id: sysfs::read_hex(&dir.join("sriov_vf_device")).map(|d| d as u16),
@@ -123,7 +132,10 @@ fn read_sriov(dir: &std::path::Path) -> Option<Sriov> {
 
 fn read_names(dir: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -161,7 +173,11 @@ impl Host {
         } else {
             BTreeMap::new()
         };
-        Host { functions, groups, holders }
+        Host {
+            functions,
+            groups,
+            holders,
+        }
     }
 
     pub fn get(&self, addr: &PciAddress) -> Option<&PciFunction> {

@@ -6,7 +6,14 @@
 use crate::address::PciAddress;
 use crate::fake::{FakeDriver, FakeFunction, FakeSriov, Layout};
 
-fn func(addr: &str, id: &str, class: &str, driver: Option<&str>, group: u32, numa: i32) -> FakeFunction {
+fn func(
+    addr: &str,
+    id: &str,
+    class: &str,
+    driver: Option<&str>,
+    group: u32,
+    numa: i32,
+) -> FakeFunction {
     FakeFunction {
         address: addr.parse().expect("layout address"),
         id: id.into(),
@@ -32,15 +39,40 @@ fn sriov(total: u32, offset: u32, stride: u32, vf_device: &str) -> Option<FakeSr
 }
 
 fn driver(name: &str, ids: &[&str], sriov_configure: bool) -> FakeDriver {
-    FakeDriver { name: name.into(), ids: ids.iter().map(|s| s.to_string()).collect(), sriov_configure }
+    FakeDriver {
+        name: name.into(),
+        ids: ids.iter().map(|s| s.to_string()).collect(),
+        sriov_configure,
+    }
 }
 
 fn platform() -> Vec<FakeFunction> {
     vec![
         func("0000:00:00.0", "8086:29c0", "060000", None, 0, -1),
-        func("0000:00:01.0", "1b36:000c", "060400", Some("pcieport"), 1, -1),
-        func("0000:00:02.0", "1b36:000c", "060400", Some("pcieport"), 2, -1),
-        func("0000:00:03.0", "1b36:000c", "060400", Some("pcieport"), 5, -1),
+        func(
+            "0000:00:01.0",
+            "1b36:000c",
+            "060400",
+            Some("pcieport"),
+            1,
+            -1,
+        ),
+        func(
+            "0000:00:02.0",
+            "1b36:000c",
+            "060400",
+            Some("pcieport"),
+            2,
+            -1,
+        ),
+        func(
+            "0000:00:03.0",
+            "1b36:000c",
+            "060400",
+            Some("pcieport"),
+            5,
+            -1,
+        ),
     ]
 }
 
@@ -59,13 +91,22 @@ fn base(name: &str) -> Layout {
 /// in the PF's IOMMU group (the classic companion that makes a group non-viable).
 pub fn domestic_gpu() -> Layout {
     let mut l = base("domestic-gpu");
-    l.drivers.push(driver("mtgpu", &["1ed5:0323", "1ed5:0324"], true));
-    l.drivers.push(driver("snd_hda_intel", &["1ed5:01ff"], false));
+    l.drivers
+        .push(driver("mtgpu", &["1ed5:0323", "1ed5:0324"], true));
+    l.drivers
+        .push(driver("snd_hda_intel", &["1ed5:01ff"], false));
     let mut pf = func("0000:3b:00.0", "1ed5:0323", "030200", Some("mtgpu"), 20, 0);
     pf.reset_methods = vec!["flr".into(), "bus".into()];
     pf.sriov = sriov(4, 4, 1, "0324");
     l.functions.push(pf);
-    l.functions.push(func("0000:3b:00.1", "1ed5:01ff", "040300", Some("snd_hda_intel"), 20, 0));
+    l.functions.push(func(
+        "0000:3b:00.1",
+        "1ed5:01ff",
+        "040300",
+        Some("snd_hda_intel"),
+        20,
+        0,
+    ));
     l
 }
 
@@ -97,7 +138,8 @@ pub fn demo() -> Layout {
                 l.drivers.push(d);
             }
         }
-        l.functions.extend(other.functions.into_iter().filter(|f| f.address.bus != 0));
+        l.functions
+            .extend(other.functions.into_iter().filter(|f| f.address.bus != 0));
     }
     l
 }
@@ -105,11 +147,19 @@ pub fn demo() -> Layout {
 /// `pfs` domestic GPU PFs with `vfs` VFs each enabled and bound to the VF driver.
 pub fn large(pfs: u32, vfs: u32) -> Layout {
     let mut l = base("large");
-    l.drivers.push(driver("mtgpu", &["1ed5:0323", "1ed5:0324"], true));
+    l.drivers
+        .push(driver("mtgpu", &["1ed5:0323", "1ed5:0324"], true));
     for i in 0..pfs {
         let bus = 0x10 + i as u8;
         let addr = PciAddress::new(0, bus, 0, 0).to_string();
-        let mut pf = func(&addr, "1ed5:0323", "030200", Some("mtgpu"), 10 + i, (i % 2) as i32);
+        let mut pf = func(
+            &addr,
+            "1ed5:0323",
+            "030200",
+            Some("mtgpu"),
+            10 + i,
+            (i % 2) as i32,
+        );
         pf.reset_methods = vec!["flr".into()];
         pf.sriov = sriov(vfs.max(1), 1, 1, "0324");
         if let Some(s) = pf.sriov.as_mut() {

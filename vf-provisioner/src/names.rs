@@ -17,9 +17,18 @@ pub fn lookup(vendor: u16, device: u16) -> Names {
         return hit.clone();
     }
     let names = match pci_ids::Device::from_vid_pid(vendor, device) {
-        Some(d) => (Some(d.vendor().name().to_string()), Some(d.name().to_string())),
-        None => (pci_ids::Vendor::from_id(vendor).map(|v| v.name().to_string()), None),
+        Some(d) => (
+            Some(d.vendor().name().to_string()),
+            Some(d.name().to_string()),
+        ),
+        None => (
+            pci_ids::Vendor::from_id(vendor).map(|v| v.name().to_string()),
+            None,
+        ),
     };
-    cache.lock().expect("names cache").insert((vendor, device), names.clone());
+    cache
+        .lock()
+        .expect("names cache")
+        .insert((vendor, device), names.clone());
     names
 }

@@ -22,7 +22,11 @@ pub struct RealKernel;
 
 impl KernelWrite for RealKernel {
     fn write(&self, path: &Path, data: &str) -> io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create(false).truncate(false).open(path)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(false)
+            .truncate(false)
+            .open(path)?;
         f.write_all(data.as_bytes())
     }
 }
@@ -56,7 +60,10 @@ impl Sysfs {
 
     /// Opens the host under `root` with a given kernel (tests inject faults this way).
     pub fn with_kernel(root: impl Into<PathBuf>, kernel: Arc<dyn KernelWrite>) -> Self {
-        Sysfs { root: root.into(), kernel }
+        Sysfs {
+            root: root.into(),
+            kernel,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -109,13 +116,15 @@ impl Sysfs {
 
     /// Writes `data` to a kernel attribute of `device`, explaining the errno.
     pub fn write(&self, device: &PciAddress, path: &Path, data: &str) -> Result<()> {
-        self.kernel.write(path, data).map_err(|source| Error::KernelWrite {
-            device: *device,
-            path: path.to_path_buf(),
-            data: data.trim_end().to_string(),
-            explanation: explain_errno(path, &source),
-            source,
-        })
+        self.kernel
+            .write(path, data)
+            .map_err(|source| Error::KernelWrite {
+                device: *device,
+                path: path.to_path_buf(),
+                data: data.trim_end().to_string(),
+                explanation: explain_errno(path, &source),
+                source,
+            })
     }
 }
 
@@ -144,7 +153,9 @@ fn explain_errno(path: &Path, e: &io::Error) -> String {
 
 /// Reads a sysfs attribute as trimmed text; `None` if it does not exist.
 pub fn read_opt(path: &Path) -> Option<String> {
-    fs::read_to_string(path).ok().map(|s| s.trim_end().to_string())
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end().to_string())
 }
 
 /// Reads a hex attribute such as `vendor` (`0x8086`).
@@ -160,7 +171,10 @@ pub fn read_dec<T: std::str::FromStr>(path: &Path) -> Option<T> {
 /// The last component of a symlink's target (`driver` -> `../../bus/pci/drivers/igb`).
 pub fn link_name(path: &Path) -> Option<String> {
     let target = fs::read_link(path).ok()?;
-    target.file_name().and_then(|n| n.to_str()).map(str::to_string)
+    target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
 }
 
 /// Entries of a directory whose names parse as PCI addresses, sorted.

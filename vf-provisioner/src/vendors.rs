@@ -46,12 +46,22 @@ pub fn builtin() -> Vec<GpuVendor> {
     ];
     let mut v: Vec<GpuVendor> = domestic
         .iter()
-        .map(|&(vendor, name)| GpuVendor { vendor, device: None, name: name.into(), default_vfs: 4 })
+        .map(|&(vendor, name)| GpuVendor {
+            vendor,
+            device: None,
+            name: name.into(),
+            default_vfs: 4,
+        })
         .collect();
     for (vendor, name) in [(0x10de, "NVIDIA"), (0x1002, "AMD"), (0x8086, "Intel")] {
         // Their VF counts differ per model and per vGPU profile: default to all the
         // device allows (0 = sriov_totalvfs).
-        v.push(GpuVendor { vendor, device: None, name: name.into(), default_vfs: 0 });
+        v.push(GpuVendor {
+            vendor,
+            device: None,
+            name: name.into(),
+            default_vfs: 0,
+        });
     }
     v
 }
@@ -92,13 +102,18 @@ impl DeviceConfig {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(Error::Read { path: path.to_path_buf(), source }),
+            Err(source) => Err(Error::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
 }
 
 fn hex16(s: &str) -> Option<u16> {
-    (s.len() == 4).then(|| u16::from_str_radix(s, 16).ok()).flatten()
+    (s.len() == 4)
+        .then(|| u16::from_str_radix(s, 16).ok())
+        .flatten()
 }
 
 fn de_hex16<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u16, D::Error> {
@@ -106,7 +121,9 @@ fn de_hex16<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u16, 
     hex16(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a 4-digit hex id")))
 }
 
-fn de_opt_hex16<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u16>, D::Error> {
+fn de_opt_hex16<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<u16>, D::Error> {
     de_hex16(d).map(Some)
 }
 
@@ -122,7 +139,9 @@ fn parse_id(s: &str) -> Option<(u16, u16)> {
 fn matches(sel: &str, f: &PciFunction) -> bool {
     match parse_id(sel) {
         Some((v, d)) => v == f.vendor_id && d == f.device_id,
-        None => sel.parse::<crate::PciAddress>().is_ok_and(|a| a == f.address),
+        None => sel
+            .parse::<crate::PciAddress>()
+            .is_ok_and(|a| a == f.address),
     }
 }
 
@@ -145,7 +164,11 @@ impl DeviceFilter {
         // Configured entries come first so that they override the built-in ones.
         let mut vendors = cfg.gpu.clone();
         vendors.extend(builtin());
-        DeviceFilter { vendors, manage: cfg.manage.clone(), exclude: cfg.exclude.clone() }
+        DeviceFilter {
+            vendors,
+            manage: cfg.manage.clone(),
+            exclude: cfg.exclude.clone(),
+        }
     }
 
     pub fn is_gpu(&self, f: &PciFunction) -> bool {

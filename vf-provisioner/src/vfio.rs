@@ -19,8 +19,16 @@ pub struct OpenDevice {
     _container: Arc<VfioContainer>,
 }
 
-fn vfio_err(device: PciAddress, what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Vfio { device, what: what.into(), source: Box::new(e) }
+fn vfio_err(
+    device: PciAddress,
+    what: &str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    Error::Vfio {
+        device,
+        what: what.into(),
+        source: Box::new(e),
+    }
 }
 
 impl OpenDevice {
@@ -29,12 +37,22 @@ impl OpenDevice {
     pub fn open(sys: &Sysfs, addr: &PciAddress) -> Result<Self> {
         let f = PciFunction::read(sys, addr).ok_or(Error::NoSuchDevice(*addr))?;
         if !f.on_vfio() {
-            return Err(Error::refused(*addr, "it is not bound to vfio-pci", format!("run `vfctl bind {addr}` first")));
+            return Err(Error::refused(
+                *addr,
+                "it is not bound to vfio-pci",
+                format!("run `vfctl bind {addr}` first"),
+            ));
         }
-        let container = Arc::new(VfioContainer::new(None).map_err(|e| vfio_err(*addr, "opening /dev/vfio/vfio", e))?);
+        let container = Arc::new(
+            VfioContainer::new(None).map_err(|e| vfio_err(*addr, "opening /dev/vfio/vfio", e))?,
+        );
         let device = VfioDevice::new(&sys.device_dir(addr), container.clone(), false)
             .map_err(|e| vfio_err(*addr, "opening the device through its group", e))?;
-        Ok(OpenDevice { address: *addr, device, _container: container })
+        Ok(OpenDevice {
+            address: *addr,
+            device,
+            _container: container,
+        })
     }
 
     /// Reads `len` bytes of PCI config space at `offset`, checked against the
@@ -49,13 +67,17 @@ impl OpenDevice {
             });
         }
         let mut buf = vec![0xff; len];
-        self.device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut buf, offset);
+        self.device
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut buf, offset);
         Ok(buf)
     }
 
     /// Vendor and device id as the device itself reports them.
     pub fn ids(&self) -> Result<(u16, u16)> {
         let b = self.config_read(0, 4)?;
-        Ok((u16::from_le_bytes([b[0], b[1]]), u16::from_le_bytes([b[2], b[3]])))
+        Ok((
+            u16::from_le_bytes([b[0], b[1]]),
+            u16::from_le_bytes([b[2], b[3]]),
+        ))
     }
 }

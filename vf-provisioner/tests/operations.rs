@@ -23,9 +23,27 @@ fn enable_defaults_to_four_vfs_on_a_domestic_gpu_and_leaves_them_unbound() {
     let t = build(layouts::domestic_gpu());
     let p = Provisioner::new(sys(t.path()), DeviceFilter::default());
     let vfs = p.enable_vfs(&a("0000:3b:00.0"), None).unwrap();
-    assert_eq!(vfs.iter().map(|v| v.to_string()).collect::<Vec<_>>(), ["0000:3b:00.4", "0000:3b:00.5", "0000:3b:00.6", "0000:3b:00.7"]);
-    assert!(vfs.iter().all(|v| driver(t.path(), &v.to_string()).is_none()), "autoprobe was off");
-    assert!(func(t.path(), "0000:3b:00.0").sriov.unwrap().drivers_autoprobe, "autoprobe restored");
+    assert_eq!(
+        vfs.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+        [
+            "0000:3b:00.4",
+            "0000:3b:00.5",
+            "0000:3b:00.6",
+            "0000:3b:00.7"
+        ]
+    );
+    assert!(
+        vfs.iter()
+            .all(|v| driver(t.path(), &v.to_string()).is_none()),
+        "autoprobe was off"
+    );
+    assert!(
+        func(t.path(), "0000:3b:00.0")
+            .sriov
+            .unwrap()
+            .drivers_autoprobe,
+        "autoprobe restored"
+    );
 }
 
 #[test]
@@ -56,7 +74,10 @@ fn enable_refuses_unmanaged_devices_vfs_and_devices_without_sriov() {
     assert_refused(p.enable_vfs(&a("0000:01:00.0"), Some(1)), "manage");
     assert_refused(p.enable_vfs(&a("0000:3b:00.1"), Some(1)), "manage");
     p.enable_vfs(&a("0000:3b:00.0"), Some(1)).unwrap();
-    assert_refused(p.enable_vfs(&a("0000:3b:00.4"), Some(1)), "use its PF 0000:3b:00.0");
+    assert_refused(
+        p.enable_vfs(&a("0000:3b:00.4"), Some(1)),
+        "use its PF 0000:3b:00.0",
+    );
     let err = p.enable_vfs(&a("0000:99:00.0"), Some(1)).unwrap_err();
     assert_eq!(err.kind(), Kind::BadInput);
 }
@@ -109,11 +130,17 @@ fn bind_and_unbind_round_trip_to_the_original_host_driver() {
     let moved = p.bind_vfio(&vfs[0], false).unwrap();
     assert_eq!(moved[0].from.as_deref(), Some("igbvf"));
     assert_eq!(driver(r, "0000:01:10.0").as_deref(), Some("vfio-pci"));
-    assert!(p.bind_vfio(&vfs[0], false).unwrap().is_empty(), "binding twice is a no-op");
+    assert!(
+        p.bind_vfio(&vfs[0], false).unwrap().is_empty(),
+        "binding twice is a no-op"
+    );
     p.unbind(&vfs[0], false, None).unwrap();
     assert_eq!(driver(r, "0000:01:10.0").as_deref(), Some("igbvf"));
     assert_eq!(func(r, "0000:01:10.0").driver_override, None);
-    assert!(func(r, "0000:01:00.0").sriov.unwrap().drivers_autoprobe, "autoprobe restored after the reprobe");
+    assert!(
+        func(r, "0000:01:00.0").sriov.unwrap().drivers_autoprobe,
+        "autoprobe restored after the reprobe"
+    );
 }
 
 #[test]
@@ -123,7 +150,10 @@ fn bind_refuses_a_non_viable_group_naming_the_companion_unless_whole_group() {
     let p = Provisioner::new(sys(r), DeviceFilter::default());
     let before = snapshot(r);
     let msg = assert_refused(p.bind_vfio(&a("0000:3b:00.0"), false), "0000:3b:00.1");
-    assert!(msg.contains("snd_hda_intel") && msg.contains("--whole-group"), "{msg}");
+    assert!(
+        msg.contains("snd_hda_intel") && msg.contains("--whole-group"),
+        "{msg}"
+    );
     assert_eq!(snapshot(r), before);
     let moved = p.bind_vfio(&a("0000:3b:00.0"), true).unwrap();
     assert_eq!(moved.len(), 2);
@@ -137,7 +167,11 @@ fn bind_refuses_a_non_viable_group_naming_the_companion_unless_whole_group() {
 fn bind_never_takes_host_critical_functions() {
     let t = build(layouts::emulated());
     let r = t.path();
-    let cfg = vf_provisioner::DeviceConfig::parse("manage = [\"0000:00:02.0\", \"8086:10c9\"]", std::path::Path::new("t")).unwrap();
+    let cfg = vf_provisioner::DeviceConfig::parse(
+        "manage = [\"0000:00:02.0\", \"8086:10c9\"]",
+        std::path::Path::new("t"),
+    )
+    .unwrap();
     let p = Provisioner::new(sys(r), DeviceFilter::new(&cfg));
     assert_refused(p.bind_vfio(&a("0000:00:02.0"), false), "bridge");
     // The NIC carries an interface that is up.
@@ -163,7 +197,10 @@ impl vf_provisioner::sysfs::KernelWrite for Faulty {
 }
 
 fn faulty(root: &std::path::Path, fail_suffix: &str) -> Provisioner {
-    let kernel = Faulty { inner: fake::FakeKernel::new(root), fail_suffix: fail_suffix.into() };
+    let kernel = Faulty {
+        inner: fake::FakeKernel::new(root),
+        fail_suffix: fail_suffix.into(),
+    };
     let sys = vf_provisioner::Sysfs::with_kernel(root, std::sync::Arc::new(kernel));
     Provisioner::new(sys, DeviceFilter::default())
 }
@@ -174,10 +211,16 @@ fn bind_rolls_back_the_group_when_a_later_member_fails() {
     let r = t.path();
     let before = snapshot(r);
     // The PF moves first; the companion's unbind from snd_hda_intel then fails.
-    let e = faulty(r, "snd_hda_intel/unbind").bind_vfio(&a("0000:3b:00.0"), true).unwrap_err();
+    let e = faulty(r, "snd_hda_intel/unbind")
+        .bind_vfio(&a("0000:3b:00.0"), true)
+        .unwrap_err();
     assert_eq!(e.kind(), Kind::Failed, "{e}");
     assert!(e.to_string().contains("0000:3b:00.1"), "{e}");
-    assert_eq!(snapshot(r), before, "the PF went back to mtgpu and its override was cleared");
+    assert_eq!(
+        snapshot(r),
+        before,
+        "the PF went back to mtgpu and its override was cleared"
+    );
 }
 
 #[test]
@@ -185,9 +228,15 @@ fn enable_rolls_back_when_restoring_autoprobe_fails() {
     let t = build(layouts::domestic_gpu());
     let r = t.path();
     // Turning autoprobe off before the numvfs write fails: nothing may be enabled.
-    let e = faulty(r, "sriov_drivers_autoprobe").enable_vfs(&a("0000:3b:00.0"), Some(2)).unwrap_err();
+    let e = faulty(r, "sriov_drivers_autoprobe")
+        .enable_vfs(&a("0000:3b:00.0"), Some(2))
+        .unwrap_err();
     assert_eq!(e.kind(), Kind::Failed);
-    assert_eq!(func(r, "0000:3b:00.0").sriov.unwrap().num_vfs, 0, "nothing enabled");
+    assert_eq!(
+        func(r, "0000:3b:00.0").sriov.unwrap().num_vfs,
+        0,
+        "nothing enabled"
+    );
 }
 
 #[test]
@@ -210,7 +259,10 @@ fn vfio_pci_pf_is_refused_without_enable_sriov_with_the_fix() {
     assert_refused(p.enable_vfs(&a("0000:3b:00.0"), Some(2)), "enable_sriov");
     write(r, "sys/module/vfio_pci/parameters/enable_sriov", "Y").unwrap();
     let vfs = p.enable_vfs(&a("0000:3b:00.0"), Some(2)).unwrap();
-    assert_eq!(func(r, &vfs[0].to_string()).driver_override.as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        func(r, &vfs[0].to_string()).driver_override.as_deref(),
+        Some("vfio-pci")
+    );
 }
 
 #[test]
@@ -219,16 +271,31 @@ fn check_reports_iommu_vfio_and_the_non_viable_gpu_group() {
     let p = Provisioner::new(sys(t.path()), DeviceFilter::default());
     let findings = p.check();
     assert_eq!(findings[0].level, vf_provisioner::Level::Ok, "{findings:?}");
-    assert!(findings.iter().any(|f| f.message.contains("0000:3b:00.1") && f.level == vf_provisioner::Level::Warn));
-    let t2 = build(vf_provisioner::fake::Layout { iommu: None, vfio_loaded: false, ..layouts::emulated() });
+    assert!(findings
+        .iter()
+        .any(|f| f.message.contains("0000:3b:00.1") && f.level == vf_provisioner::Level::Warn));
+    let t2 = build(vf_provisioner::fake::Layout {
+        iommu: None,
+        vfio_loaded: false,
+        ..layouts::emulated()
+    });
     fs::remove_dir_all(t2.path().join("sys/kernel/iommu_groups")).unwrap();
     fs::create_dir_all(t2.path().join("sys/kernel/iommu_groups")).unwrap();
     let f2 = Provisioner::new(sys(t2.path()), DeviceFilter::default()).check();
-    assert!(f2.iter().filter(|f| f.level == vf_provisioner::Level::Error).count() >= 2, "{f2:?}");
+    assert!(
+        f2.iter()
+            .filter(|f| f.level == vf_provisioner::Level::Error)
+            .count()
+            >= 2,
+        "{f2:?}"
+    );
 }
 
 #[test]
 fn a_root_that_is_not_sysfs_is_refused() {
     let d = tempfile::tempdir().unwrap();
-    assert!(matches!(vf_provisioner::Sysfs::open(d.path()), Err(Error::NotSysfs { .. })));
+    assert!(matches!(
+        vf_provisioner::Sysfs::open(d.path()),
+        Err(Error::NotSysfs { .. })
+    ));
 }

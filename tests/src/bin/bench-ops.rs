@@ -15,13 +15,19 @@ struct Raw<'a> {
 
 impl Raw<'_> {
     fn w(&self, dev: &PciAddress, attr: &str, data: &str) {
-        self.sys.write(dev, &self.sys.device_attr(dev, attr), data).expect("raw write");
+        self.sys
+            .write(dev, &self.sys.device_attr(dev, attr), data)
+            .expect("raw write");
     }
     fn drv(&self, dev: &PciAddress, driver: &str, attr: &str) {
-        self.sys.write(dev, &self.sys.driver_attr(driver, attr), &dev.to_string()).expect("raw driver write");
+        self.sys
+            .write(dev, &self.sys.driver_attr(driver, attr), &dev.to_string())
+            .expect("raw driver write");
     }
     fn probe(&self, dev: &PciAddress) {
-        self.sys.write(dev, &self.sys.drivers_probe(), &dev.to_string()).expect("raw probe");
+        self.sys
+            .write(dev, &self.sys.drivers_probe(), &dev.to_string())
+            .expect("raw probe");
     }
 }
 
@@ -38,12 +44,21 @@ fn report(name: &str, ours: &[Duration], raw: &[Duration]) {
         v[v.len() / 2]
     };
     let (o, r) = (med(ours), med(raw));
-    println!("{name:<22} {:>10.2?} {:>10.2?} {:>7.2}x", o, r, o.as_secs_f64() / r.as_secs_f64());
+    println!(
+        "{name:<22} {:>10.2?} {:>10.2?} {:>7.2}x",
+        o,
+        r,
+        o.as_secs_f64() / r.as_secs_f64()
+    );
 }
 
 fn main() {
-    let root = std::env::args().nth(1).expect("usage: bench-ops ROOT [ITERATIONS]");
-    let n: usize = std::env::args().nth(2).map_or(10, |s| s.parse().expect("iterations"));
+    let root = std::env::args()
+        .nth(1)
+        .expect("usage: bench-ops ROOT [ITERATIONS]");
+    let n: usize = std::env::args()
+        .nth(2)
+        .map_or(10, |s| s.parse().expect("iterations"));
     let sys = Sysfs::open(&root).expect("sysfs root");
     let cfg = DeviceConfig::parse(integration_tests::CONFIG, Path::new("bench")).unwrap();
     let p = Provisioner::new(sys.clone(), DeviceFilter::new(&cfg));

@@ -48,7 +48,10 @@ impl Provisioner {
                     b.label(),
                     b.driver.as_deref().unwrap_or("?")
                 ),
-                format!("pass --whole-group to bind it to vfio-pci too, or unbind {} from its driver", b.address),
+                format!(
+                    "pass --whole-group to bind it to vfio-pci too, or unbind {} from its driver",
+                    b.address
+                ),
             ));
         }
         for b in &blockers {
@@ -62,7 +65,12 @@ impl Provisioner {
     /// Returns `addr` (and, with `whole_group`, the other vfio-bound members of its
     /// group) from vfio-pci to a host driver: `driver` if given, otherwise the one the
     /// kernel matches by id. Refused while the group is open or leased.
-    pub fn unbind(&self, addr: &PciAddress, whole_group: bool, driver: Option<&str>) -> Result<Vec<Moved>> {
+    pub fn unbind(
+        &self,
+        addr: &PciAddress,
+        whole_group: bool,
+        driver: Option<&str>,
+    ) -> Result<Vec<Moved>> {
         let f = self.function(addr)?;
         self.require_managed(&f)?;
         let mut todo = vec![f.clone()];
@@ -136,10 +144,17 @@ impl Provisioner {
     /// driver is put back.
     fn move_one(&self, f: &PciFunction, target: Target) -> Result<Moved> {
         let a = f.address;
-        let over = if let Target::Driver(d) = target { d } else { "" };
+        let over = if let Target::Driver(d) = target {
+            d
+        } else {
+            ""
+        };
         self.write_override(&a, Some(over))?;
         if let Some(cur) = &f.driver {
-            if let Err(e) = self.sys.write(&a, &self.sys.driver_attr(cur, "unbind"), &a.to_string()) {
+            if let Err(e) = self
+                .sys
+                .write(&a, &self.sys.driver_attr(cur, "unbind"), &a.to_string())
+            {
                 let _ = self.restore_override(f);
                 return Err(e);
             }
@@ -148,7 +163,12 @@ impl Provisioner {
             Target::NoDriver => None,
             _ => self.probe(f, target),
         };
-        let moved = Moved { address: a, from: f.driver.clone(), to: now.clone(), override_before: f.driver_override.clone() };
+        let moved = Moved {
+            address: a,
+            from: f.driver.clone(),
+            to: now.clone(),
+            override_before: f.driver_override.clone(),
+        };
         match target {
             Target::Driver(d) if now.as_deref() != Some(d) => {}
             _ => return Ok(moved),
@@ -161,7 +181,10 @@ impl Provisioner {
             device: a,
             what: format!("binding to {over}"),
             timeout: self.timeouts.bind,
-            hint: format!("is its module loaded? (modprobe {})", over.replace('-', "_")),
+            hint: format!(
+                "is its module loaded? (modprobe {})",
+                over.replace('-', "_")
+            ),
         })
     }
 
@@ -170,7 +193,11 @@ impl Provisioner {
     }
 
     fn write_override(&self, a: &PciAddress, value: Option<&str>) -> Result<()> {
-        self.sys.write(a, &self.sys.device_attr(a, "driver_override"), &format!("{}\n", value.unwrap_or("")))
+        self.sys.write(
+            a,
+            &self.sys.device_attr(a, "driver_override"),
+            &format!("{}\n", value.unwrap_or("")),
+        )
     }
 
     /// `drivers_probe` and wait for the driver link. With no override a VF whose PF
@@ -187,15 +214,21 @@ impl Provisioner {
         if let Some((pf, path)) = &pf_autoprobe {
             let _ = self.sys.write(pf, path, "1");
         }
-        let _ = self.sys.write(&a, &self.sys.drivers_probe(), &a.to_string());
+        let _ = self
+            .sys
+            .write(&a, &self.sys.drivers_probe(), &a.to_string());
         if let Some((pf, path)) = &pf_autoprobe {
             let _ = self.sys.write(pf, path, "0");
         }
         let link = || crate::sysfs::link_name(&self.sys.device_attr(&a, "driver"));
         // Drivers with asynchronous probe (nvme) bind a little after the write returns.
-        let (wanted, timeout): (Box<dyn Fn(&Option<String>) -> bool>, _) = match target {
-            Target::Driver(d) => (Box::new(move |l| l.as_deref() == Some(d)), self.timeouts.bind),
-            _ => (Box::new(|l| l.is_some()), self.timeouts.bind.min(Duration::from_secs(2))),
+        let timeout = match target {
+            Target::Driver(_) => self.timeouts.bind,
+            _ => self.timeouts.bind.min(Duration::from_secs(2)),
+        };
+        let wanted = |l: &Option<String>| match target {
+            Target::Driver(d) => l.as_deref() == Some(d),
+            _ => l.is_some(),
         };
         wait_until(timeout, || wanted(&link()));
         link()

@@ -26,8 +26,18 @@ pub struct Finding {
     pub fix: String,
 }
 
-fn finding(level: Level, subject: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Finding {
-    Finding { level, subject: subject.into(), message: message.into(), fix: fix.into() }
+fn finding(
+    level: Level,
+    subject: impl Into<String>,
+    message: impl Into<String>,
+    fix: impl Into<String>,
+) -> Finding {
+    Finding {
+        level,
+        subject: subject.into(),
+        message: message.into(),
+        fix: fix.into(),
+    }
 }
 
 impl Provisioner {
@@ -41,14 +51,24 @@ impl Provisioner {
     }
 
     fn check_iommu(&self) -> Finding {
-        let count = std::fs::read_dir(self.sys.iommu_groups()).map(|d| d.count()).unwrap_or(0);
+        let count = std::fs::read_dir(self.sys.iommu_groups())
+            .map(|d| d.count())
+            .unwrap_or(0);
         let units: Vec<String> = std::fs::read_dir(self.sys.root().join("sys/class/iommu"))
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         let cmdline = sysfs::read_opt(&self.sys.proc_dir().join("cmdline")).unwrap_or_default();
         let how: Vec<&str> = cmdline
             .split_whitespace()
-            .filter(|w| w.starts_with("intel_iommu=") || w.starts_with("amd_iommu=") || w.starts_with("iommu="))
+            .filter(|w| {
+                w.starts_with("intel_iommu=")
+                    || w.starts_with("amd_iommu=")
+                    || w.starts_with("iommu=")
+            })
             .collect();
         if count == 0 {
             return finding(
@@ -61,7 +81,11 @@ impl Provisioner {
         finding(
             Level::Ok,
             "iommu",
-            format!("IOMMU on: {count} groups, units [{}], cmdline [{}]", units.join(" "), how.join(" ")),
+            format!(
+                "IOMMU on: {count} groups, units [{}], cmdline [{}]",
+                units.join(" "),
+                how.join(" ")
+            ),
             "",
         )
     }
@@ -81,9 +105,19 @@ impl Provisioner {
             );
         }
         if !self.sys.dev_vfio().join("vfio").exists() {
-            return finding(Level::Error, "vfio", "/dev/vfio/vfio is missing", "check that devtmpfs is mounted on /dev");
+            return finding(
+                Level::Error,
+                "vfio",
+                "/dev/vfio/vfio is missing",
+                "check that devtmpfs is mounted on /dev",
+            );
         }
-        finding(Level::Ok, "vfio", "vfio, vfio_pci and vfio_iommu_type1 loaded; /dev/vfio/vfio present", "")
+        finding(
+            Level::Ok,
+            "vfio",
+            "vfio, vfio_pci and vfio_iommu_type1 loaded; /dev/vfio/vfio present",
+            "",
+        )
     }
 
     fn check_device(&self, host: &Host, pf: &crate::host::PciFunction) -> Vec<Finding> {
@@ -99,7 +133,13 @@ impl Provisioner {
             Some(s) => out.push(finding(
                 Level::Ok,
                 &subject,
-                format!("{}: SR-IOV {}/{} VFs enabled, default {}", pf.label(), s.num_vfs, s.total_vfs, self.filter.default_vfs(pf)),
+                format!(
+                    "{}: SR-IOV {}/{} VFs enabled, default {}",
+                    pf.label(),
+                    s.num_vfs,
+                    s.total_vfs,
+                    self.filter.default_vfs(pf)
+                ),
                 "",
             )),
             None => out.push(finding(
@@ -110,9 +150,17 @@ impl Provisioner {
             )),
         }
         let vfs = pf.sriov.as_ref().map(|s| s.vfs.clone()).unwrap_or_default();
-        for f in std::iter::once(pf.address).chain(vfs).filter_map(|a| host.get(&a)) {
+        for f in std::iter::once(pf.address)
+            .chain(vfs)
+            .filter_map(|a| host.get(&a))
+        {
             if f.iommu_group.is_none() {
-                out.push(finding(Level::Error, f.address.to_string(), "no IOMMU group", "enable the IOMMU"));
+                out.push(finding(
+                    Level::Error,
+                    f.address.to_string(),
+                    "no IOMMU group",
+                    "enable the IOMMU",
+                ));
             } else if let Some(b) = blocking_members(&self.sys, f).first() {
                 out.push(finding(
                     Level::Warn,

@@ -19,7 +19,9 @@ pub(super) fn viable_as_is(f: &PciFunction) -> bool {
 
 /// The other members of `f`'s group that would keep it from being viable.
 pub(super) fn blocking_members(sys: &Sysfs, f: &PciFunction) -> Vec<PciFunction> {
-    let Some(group) = f.iommu_group else { return Vec::new() };
+    let Some(group) = f.iommu_group else {
+        return Vec::new();
+    };
     group_members(sys, group)
         .iter()
         .filter(|a| **a != f.address)
@@ -39,7 +41,9 @@ pub fn host_critical(sys: &Sysfs, f: &PciFunction) -> Option<String> {
     }
     if f.class_base() == 0x02 {
         if let Some(ifname) = up_interface(sys, f) {
-            return Some(format!("it carries the host network interface {ifname}, which is up"));
+            return Some(format!(
+                "it carries the host network interface {ifname}, which is up"
+            ));
         }
     }
     if f.class_base() == 0x01 {
@@ -64,6 +68,9 @@ fn mounted_block(sys: &Sysfs, f: &PciFunction) -> Option<String> {
     mounts.lines().find_map(|line| {
         let dev = line.split_whitespace().next()?.strip_prefix("/dev/")?;
         let target = fs::canonicalize(sys.root().join("sys/class/block").join(dev)).ok()?;
-        target.to_str()?.contains(&needle).then(|| format!("/dev/{dev}"))
+        target
+            .to_str()?
+            .contains(&needle)
+            .then(|| format!("/dev/{dev}"))
     })
 }

@@ -33,7 +33,10 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { sriov: Duration::from_secs(30), bind: Duration::from_secs(10) }
+        Timeouts {
+            sriov: Duration::from_secs(30),
+            bind: Duration::from_secs(10),
+        }
     }
 }
 
@@ -52,7 +55,12 @@ pub struct Provisioner {
 
 impl Provisioner {
     pub fn new(sys: Sysfs, filter: DeviceFilter) -> Self {
-        Provisioner { sys, filter, timeouts: Timeouts::default(), leases: None }
+        Provisioner {
+            sys,
+            filter,
+            timeouts: Timeouts::default(),
+            leases: None,
+        }
     }
 
     pub fn with_timeouts(mut self, t: Timeouts) -> Self {
@@ -125,7 +133,14 @@ impl Provisioner {
     /// A kernel write that may block (the kernel waits on VFIO users, device locks),
     /// bounded by `timeout`. A write that times out keeps running in its thread: the
     /// kernel gives no way to cancel it.
-    fn write_bounded(&self, dev: &PciAddress, attr: &str, data: &str, timeout: Duration, hint: &str) -> Result<()> {
+    fn write_bounded(
+        &self,
+        dev: &PciAddress,
+        attr: &str,
+        data: &str,
+        timeout: Duration,
+        hint: &str,
+    ) -> Result<()> {
         let (tx, rx) = mpsc::channel();
         let sys = self.sys.clone();
         let (dev2, path, data2) = (*dev, self.sys.device_attr(dev, attr), data.to_string());

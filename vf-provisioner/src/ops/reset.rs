@@ -19,6 +19,12 @@ impl Provisioner {
             ));
         }
         self.refuse_if_busy(&f, "reset it")?;
-        self.write_bounded(addr, "reset", "1", self.timeouts.bind, "a reset waits for the device lock; is something using the device?")
+        self.write_bounded(
+            addr,
+            "reset",
+            "1",
+            self.timeouts.bind,
+            "a reset waits for the device lock; is something using the device?",
+        )
     }
 }

@@ -21,9 +21,15 @@ impl Provisioner {
             return Ok(s.vfs.clone());
         }
         if s.num_vfs != 0 {
-            self.refuse_busy_vfs(&f, s, &format!("change the VF count from {} to {n}", s.num_vfs))?;
+            self.refuse_busy_vfs(
+                &f,
+                s,
+                &format!("change the VF count from {} to {n}", s.num_vfs),
+            )?;
             self.write_numvfs(&f, 0)?;
-            return self.enable_from_zero(&f, n).or_else(|e| self.roll_back_enable(&f, s.num_vfs, e));
+            return self
+                .enable_from_zero(&f, n)
+                .or_else(|e| self.roll_back_enable(&f, s.num_vfs, e));
         }
         self.enable_from_zero(&f, n)
     }
@@ -42,7 +48,11 @@ impl Provisioner {
     fn sriov_pf(&self, pf: &PciAddress) -> Result<PciFunction> {
         let f = self.function(pf)?;
         if let Some(parent) = f.physfn {
-            return Err(Error::refused(*pf, "it is a VF; VFs are enabled on their PF", format!("use its PF {parent}")));
+            return Err(Error::refused(
+                *pf,
+                "it is a VF; VFs are enabled on their PF",
+                format!("use its PF {parent}"),
+            ));
         }
         self.require_managed(&f)?;
         let Some(s) = &f.sriov else {
@@ -73,7 +83,10 @@ impl Provisioner {
         if n > s.total_vfs {
             return Err(Error::refused(
                 f.address,
-                format!("{n} VFs requested but the device supports at most {}", s.total_vfs),
+                format!(
+                    "{n} VFs requested but the device supports at most {}",
+                    s.total_vfs
+                ),
                 format!("ask for {} or fewer", s.total_vfs),
             ));
         }
@@ -93,12 +106,17 @@ impl Provisioner {
     }
 
     fn vfio_pci_enable_sriov(&self) -> bool {
-        matches!(crate::sysfs::read_opt(&self.sys.vfio_pci_enable_sriov()).as_deref(), Some("Y" | "1"))
+        matches!(
+            crate::sysfs::read_opt(&self.sys.vfio_pci_enable_sriov()).as_deref(),
+            Some("Y" | "1")
+        )
     }
 
     fn refuse_busy_vfs(&self, f: &PciFunction, s: &Sriov, action: &str) -> Result<()> {
         for vf in &s.vfs {
-            let Some(vff) = PciFunction::read(&self.sys, vf) else { continue };
+            let Some(vff) = PciFunction::read(&self.sys, vf) else {
+                continue;
+            };
             if let Some(why) = self.busy(&vff) {
                 return Err(Error::refused(
                     f.address,
@@ -117,22 +135,43 @@ impl Provisioner {
             self.sys.write(&f.address, &autoprobe_path, "0")?;
         }
         let result = self.write_numvfs(f, n);
-        let restored = if autoprobe { self.sys.write(&f.address, &autoprobe_path, "1") } else { Ok(()) };
+        let restored = if autoprobe {
+            self.sys.write(&f.address, &autoprobe_path, "1")
+        } else {
+            Ok(())
+        };
         if let Err(e) = result.and(restored) {
             return self.roll_back_enable(f, 0, e);
         }
-        let vfs = self.function(&f.address)?.sriov.map(|s| s.vfs).unwrap_or_default();
+        let vfs = self
+            .function(&f.address)?
+            .sriov
+            .map(|s| s.vfs)
+            .unwrap_or_default();
         Ok(vfs)
     }
 
     /// Writes `n` and waits until the kernel lists exactly `n` VFs.
     fn write_numvfs(&self, f: &PciFunction, n: u32) -> Result<()> {
-        let hint = if n == 0 { DISABLE_HINT } else { "the PF driver did not finish creating VFs" };
-        self.write_bounded(&f.address, "sriov_numvfs", &n.to_string(), self.timeouts.sriov, hint)?;
+        let hint = if n == 0 {
+            DISABLE_HINT
+        } else {
+            "the PF driver did not finish creating VFs"
+        };
+        self.write_bounded(
+            &f.address,
+            "sriov_numvfs",
+            &n.to_string(),
+            self.timeouts.sriov,
+            hint,
+        )?;
         let listed = || {
             PciFunction::read(&self.sys, &f.address)
                 .and_then(|p| p.sriov)
-                .is_some_and(|s| s.vfs.len() == n as usize && s.vfs.iter().all(|v| self.sys.device_dir(v).exists()))
+                .is_some_and(|s| {
+                    s.vfs.len() == n as usize
+                        && s.vfs.iter().all(|v| self.sys.device_dir(v).exists())
+                })
         };
         if !wait_until(self.timeouts.sriov, listed) {
             return Err(Error::Timeout {

@@ -29,7 +29,11 @@ pub fn driver(root: &Path, addr: &str) -> Option<String> {
 
 /// A provisioner that manages the emulated host's NIC and NVMe PFs too.
 pub fn provisioner(root: &Path) -> Provisioner {
-    let cfg = DeviceConfig::parse("manage = [\"8086:10c9\", \"1b36:0010\"]", Path::new("test.toml")).unwrap();
+    let cfg = DeviceConfig::parse(
+        "manage = [\"8086:10c9\", \"1b36:0010\"]",
+        Path::new("test.toml"),
+    )
+    .unwrap();
     Provisioner::new(sys(root), DeviceFilter::new(&cfg))
 }
 

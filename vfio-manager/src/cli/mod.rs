@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vf_provisioner::{fake, layouts, DeviceConfig, DeviceFilter, Host, Kind, Level, PciAddress, Provisioner, Sysfs};
+use vf_provisioner::{
+    fake, layouts, DeviceConfig, DeviceFilter, Host, Kind, Level, PciAddress, Provisioner, Sysfs,
+};
 
 /// Exit codes: distinct for bad input, refusals and failures.
 pub mod exit {
@@ -133,20 +135,34 @@ pub enum CliError {
 }
 
 /// Runs `vfctl` with `args`, printing to `out` and `err`.
-pub fn main(args: impl IntoIterator<Item = OsString>, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
+pub fn main(
+    args: impl IntoIterator<Item = OsString>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::BAD_INPUT } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::BAD_INPUT
+            } else {
+                exit::OK
+            };
             let text = e.render().to_string();
-            let _ = if e.use_stderr() { write!(err, "{text}") } else { write!(out, "{text}") };
+            let _ = if e.use_stderr() {
+                write!(err, "{text}")
+            } else {
+                write!(out, "{text}")
+            };
             return ExitCode::from(code);
         }
     };
     match run(&cli, out) {
         Ok(code) => ExitCode::from(code),
         // A reader that went away (`vfctl list | head`) is not an error.
-        Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
+        Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::from(exit::OK)
+        }
         Err(CliError::Output(e)) => {
             let _ = writeln!(err, "vfctl: cannot write output: {e}");
             ExitCode::from(exit::FAILED)
@@ -180,7 +196,14 @@ fn count(s: &str) -> vf_provisioner::Result<u32> {
 }
 
 fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
-    if let Command::FakeHost { dir, layout, pfs, vfs_per_pf, from } = &cli.command {
+    if let Command::FakeHost {
+        dir,
+        layout,
+        pfs,
+        vfs_per_pf,
+        from,
+    } = &cli.command
+    {
         return build_fake(dir, layout, *pfs, *vfs_per_pf, from.as_deref(), out);
     }
     let sys = Sysfs::open(&cli.root)?;
@@ -192,7 +215,10 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
     }
     let cfg = DeviceConfig::load(&cli.config)?;
     let p = Provisioner::new(sys, DeviceFilter::new(&cfg));
-    let r = render::Renderer { out, format: cli.output };
+    let r = render::Renderer {
+        out,
+        format: cli.output,
+    };
     match &cli.command {
         Command::List { all } => r.list(&p, &Host::scan(p.sysfs()), *all),
         Command::Show { address } => {
@@ -212,10 +238,18 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
             p.disable_vfs(&pf)?;
             r.done(&format!("{pf}: VFs disabled"))
         }
-        Command::Bind { address, whole_group } => r.moved(&p.bind_vfio(&addr(address)?, *whole_group)?, address),
-        Command::Unbind { address, whole_group, driver } => {
-            r.moved(&p.unbind(&addr(address)?, *whole_group, driver.as_deref())?, address)
-        }
+        Command::Bind {
+            address,
+            whole_group,
+        } => r.moved(&p.bind_vfio(&addr(address)?, *whole_group)?, address),
+        Command::Unbind {
+            address,
+            whole_group,
+            driver,
+        } => r.moved(
+            &p.unbind(&addr(address)?, *whole_group, driver.as_deref())?,
+            address,
+        ),
         Command::Reset { address } => {
             let a = addr(address)?;
             p.reset(&a)?;
@@ -224,7 +258,11 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Check => {
             let findings = p.check();
             r.check(&findings)?;
-            Ok(if findings.iter().any(|f| f.level == Level::Error) { exit::FAILED } else { exit::OK })
+            Ok(if findings.iter().any(|f| f.level == Level::Error) {
+                exit::FAILED
+            } else {
+                exit::OK
+            })
         }
         Command::FakeHost { .. } | Command::CaptureLayout { .. } => unreachable!("handled above"),
     }
@@ -238,19 +276,34 @@ fn build_fake(
     from: Option<&std::path::Path>,
     out: &mut dyn Write,
 ) -> Result<u8, CliError> {
-    let bad = |reason: String| vf_provisioner::Error::InvalidInput { what: "fake host", input: dir.display().to_string(), reason };
+    let bad = |reason: String| vf_provisioner::Error::InvalidInput {
+        what: "fake host",
+        input: dir.display().to_string(),
+        reason,
+    };
     let l = match (pfs, from) {
         (Some(n), _) => layouts::large(n, vfs_per_pf),
         (_, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| bad(format!("{}: {e}", path.display())))?;
             fake::Layout::from_json(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?
         }
-        _ => layouts::by_name(layout).ok_or_else(|| bad(format!("no layout {layout:?}; choose one of {}", layouts::NAMES.join(", "))))?,
+        _ => layouts::by_name(layout).ok_or_else(|| {
+            bad(format!(
+                "no layout {layout:?}; choose one of {}",
+                layouts::NAMES.join(", ")
+            ))
+        })?,
     };
-    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
         return Err(bad("the directory exists and is not empty".into()).into());
     }
     l.build(dir).map_err(|e| bad(e.to_string()))?;
-    writeln!(out, "fake host {:?} built under {}", l.name, dir.display()).map_err(CliError::Output)?;
+    writeln!(out, "fake host {:?} built under {}", l.name, dir.display())
+        .map_err(CliError::Output)?;
     Ok(exit::OK)
 }

@@ -68,22 +68,41 @@ impl Renderer<'_> {
             "other"
         };
         let vfs = (with_vfs && f.sriov.is_some()).then(|| {
-            let list = f.sriov.as_ref().map(|s| s.vfs.as_slice()).unwrap_or_default();
-            list.iter().filter_map(|a| host.get(a)).map(|vf| Self::entry(p, host, vf, false)).collect()
+            let list = f
+                .sriov
+                .as_ref()
+                .map(|s| s.vfs.as_slice())
+                .unwrap_or_default();
+            list.iter()
+                .filter_map(|a| host.get(a))
+                .map(|vf| Self::entry(p, host, vf, false))
+                .collect()
         });
-        Entry { function: f, kind, state: state(host, f), holders: host.holders_of(f), vfs }
+        Entry {
+            function: f,
+            kind,
+            state: state(host, f),
+            holders: host.holders_of(f),
+            vfs,
+        }
     }
 
     pub fn list(mut self, p: &Provisioner, host: &Host, all: bool) -> Res {
         let shown: Vec<Entry> = host
             .pfs()
-            .filter(|f| all || p.filter().is_gpu(f) || p.filter().is_managed(f) || f.sriov.is_some())
+            .filter(|f| {
+                all || p.filter().is_gpu(f) || p.filter().is_managed(f) || f.sriov.is_some()
+            })
             .map(|f| Self::entry(p, host, f, true))
             .collect();
         if self.format == Output::Json {
             return self.json(&json!({ "devices": shown }));
         }
-        let mut rows = vec![["ADDRESS", "ID", "KIND", "DRIVER", "GROUP", "NUMA", "STATE", "NAME"].map(String::from).to_vec()];
+        let mut rows = vec![[
+            "ADDRESS", "ID", "KIND", "DRIVER", "GROUP", "NUMA", "STATE", "NAME",
+        ]
+        .map(String::from)
+        .to_vec()];
         for e in &shown {
             rows.push(row(e, ""));
             for vf in e.vfs.iter().flatten() {
@@ -109,12 +128,31 @@ impl Renderer<'_> {
             format!("  driver:          {}", opt(f.driver.clone())),
             format!("  driver_override: {}", opt(f.driver_override.clone())),
             format!("  state:           {}", e.state),
-            format!("  iommu group:     {}", opt(f.iommu_group.map(|g| g.to_string()))),
-            format!("  numa node:       {}", opt(f.numa_node.map(|n| n.to_string()))),
-            format!("  reset methods:   {}", if f.reset_methods.is_empty() { "-".into() } else { f.reset_methods.join(" ") }),
+            format!(
+                "  iommu group:     {}",
+                opt(f.iommu_group.map(|g| g.to_string()))
+            ),
+            format!(
+                "  numa node:       {}",
+                opt(f.numa_node.map(|n| n.to_string()))
+            ),
+            format!(
+                "  reset methods:   {}",
+                if f.reset_methods.is_empty() {
+                    "-".into()
+                } else {
+                    f.reset_methods.join(" ")
+                }
+            ),
         ];
         if let Some(g) = f.iommu_group {
-            let members: Vec<String> = host.groups.get(&g).into_iter().flatten().map(|a| a.to_string()).collect();
+            let members: Vec<String> = host
+                .groups
+                .get(&g)
+                .into_iter()
+                .flatten()
+                .map(|a| a.to_string())
+                .collect();
             lines.push(format!("  group members:   {}", members.join(" ")));
         }
         for h in host.holders_of(f) {
@@ -151,7 +189,11 @@ impl Renderer<'_> {
             return self.json(&json!({ "pf": pf, "vfs": vfs }));
         }
         let list: Vec<String> = vfs.iter().map(|v| v.to_string()).collect();
-        self.line(&format!("{pf}: {} VFs enabled: {}", vfs.len(), list.join(" ")))
+        self.line(&format!(
+            "{pf}: {} VFs enabled: {}",
+            vfs.len(),
+            list.join(" ")
+        ))
     }
 
     pub fn moved(mut self, moved: &[Moved], requested: &str) -> Res {
@@ -216,13 +258,21 @@ fn row(e: &Entry, indent: &str) -> Vec<String> {
 /// Left-aligned columns, two spaces apart; the last column is not padded.
 fn table(rows: &[Vec<String>]) -> Vec<String> {
     let cols = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
     rows.iter()
         .map(|r| {
             let cells: Vec<String> = r
                 .iter()
                 .enumerate()
-                .map(|(i, c)| if i + 1 == cols { c.clone() } else { format!("{c:<w$}", w = widths[i]) })
+                .map(|(i, c)| {
+                    if i + 1 == cols {
+                        c.clone()
+                    } else {
+                        format!("{c:<w$}", w = widths[i])
+                    }
+                })
                 .collect();
             cells.join("  ")
         })
