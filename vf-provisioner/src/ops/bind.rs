@@ -205,10 +205,10 @@ impl Provisioner {
     fn probe(&self, f: &PciFunction, target: Target) -> Option<String> {
         let a = f.address;
         let pf_autoprobe = match (target, f.physfn) {
-            (Target::HostMatch, Some(pf)) => PciFunction::read(&self.sys, &pf)
-                .and_then(|p| p.sriov)
-                .filter(|s| !s.drivers_autoprobe)
-                .map(|_| (pf, self.sys.device_attr(&pf, "sriov_drivers_autoprobe"))),
+            (Target::HostMatch, Some(pf)) => {
+                let path = self.sys.device_attr(&pf, "sriov_drivers_autoprobe");
+                (crate::sysfs::read_opt(&path).as_deref() == Some("0")).then_some((pf, path))
+            }
             _ => None,
         };
         if let Some((pf, path)) = &pf_autoprobe {
