@@ -201,6 +201,12 @@ impl FakeKernel {
         sysfs::read_opt(&self.dev(a).join(attr))
     }
 
+    fn read_num<T: std::str::FromStr>(&self, a: &PciAddress, attr: &str, default: T) -> T {
+        self.read(a, attr)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    }
+
     fn exists(&self, a: &PciAddress) -> bool {
         self.dev(a).join("vendor").exists()
     }
@@ -431,14 +437,8 @@ impl FakeKernel {
 
     fn set_numvfs(&self, pf: &PciAddress, data: &str) -> io::Result<()> {
         let n: u32 = data.trim().parse().map_err(|_| errno(libc::EINVAL))?;
-        let cur: u32 = self
-            .read(pf, "sriov_numvfs")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let total: u32 = self
-            .read(pf, "sriov_totalvfs")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let cur: u32 = self.read_num(pf, "sriov_numvfs", 0);
+        let total: u32 = self.read_num(pf, "sriov_totalvfs", 0);
         if n > total {
             return Err(errno(libc::ERANGE));
         }
@@ -475,14 +475,8 @@ impl FakeKernel {
     }
 
     fn vf_addr(&self, pf: &PciAddress, i: u32) -> io::Result<PciAddress> {
-        let offset: u32 = self
-            .read(pf, "sriov_offset")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1);
-        let stride: u32 = self
-            .read(pf, "sriov_stride")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1);
+        let offset: u32 = self.read_num(pf, "sriov_offset", 1);
+        let stride: u32 = self.read_num(pf, "sriov_stride", 1);
         pf.offset_by(offset + i * stride)
             .ok_or_else(|| errno(libc::ENOMEM))
     }
@@ -491,10 +485,7 @@ impl FakeKernel {
         let vendor = self.read(pf, "vendor").unwrap_or_default();
         let class = self.read(pf, "class").unwrap_or_default();
         let vf_device = self.read(pf, "sriov_vf_device").unwrap_or_default();
-        let numa_node = self
-            .read(pf, "numa_node")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(-1);
+        let numa_node = self.read_num(pf, "numa_node", -1);
         for i in 0..n {
             let addr = self.vf_addr(pf, i)?;
             let f = FakeFunction {

@@ -43,14 +43,14 @@ pub struct Sysfs {
 
 impl Sysfs {
     /// Opens the host under `root`. A tree built by [`crate::fake::Layout`] carries a
-    /// marker and gets the fake kernel; anything else gets the real one.
+    /// marker and gets the fake kernel; anything else, and `/` always, gets the real one.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         let pci = root.join("sys/bus/pci/devices");
         if !pci.is_dir() {
             return Err(Error::NotSysfs { root, missing: pci });
         }
-        let kernel: Arc<dyn KernelWrite> = if root.join(FAKE_MARKER).exists() {
+        let kernel: Arc<dyn KernelWrite> = if root != Path::new("/") && root.join(FAKE_MARKER).exists() {
             Arc::new(FakeKernel::new(&root))
         } else {
             Arc::new(RealKernel)
