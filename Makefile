@@ -53,6 +53,9 @@ bench-real-kernel: deps
 
 install: build
 	install -D -m 0755 $(RELEASE)/vfctl $(DESTDIR)/usr/local/bin/vfctl
+	mkdir -p $(DESTDIR)/usr/local/share/man/man1 $(DESTDIR)/usr/share/bash-completion/completions
+	$(RELEASE)/vfctl generate man > $(DESTDIR)/usr/local/share/man/man1/vfctl.1
+	$(RELEASE)/vfctl generate bash > $(DESTDIR)/usr/share/bash-completion/completions/vfctl
 
 clean:
 	$(CARGO) clean

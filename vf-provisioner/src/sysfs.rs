@@ -50,11 +50,12 @@ impl Sysfs {
         if !pci.is_dir() {
             return Err(Error::NotSysfs { root, missing: pci });
         }
-        let kernel: Arc<dyn KernelWrite> = if root != Path::new("/") && root.join(FAKE_MARKER).exists() {
-            Arc::new(FakeKernel::new(&root))
-        } else {
-            Arc::new(RealKernel)
-        };
+        let kernel: Arc<dyn KernelWrite> =
+            if root != Path::new("/") && root.join(FAKE_MARKER).exists() {
+                Arc::new(FakeKernel::new(&root))
+            } else {
+                Arc::new(RealKernel)
+            };
         Ok(Sysfs { root, kernel })
     }
 

@@ -140,3 +140,18 @@ fn help_says_what_each_command_changes() {
         assert!(r.out.contains("Changes"), "{cmd}: {}", r.out);
     }
 }
+
+#[test]
+fn generates_a_man_page_and_completions() {
+    let d = tempfile::tempdir().unwrap();
+    let man = vfctl(d.path(), &["generate", "man"]);
+    assert_eq!(man.code, 0);
+    assert!(
+        man.out.contains(".TH vfctl") && man.out.contains("enable"),
+        "{}",
+        &man.out[..200.min(man.out.len())]
+    );
+    let bash = vfctl(d.path(), &["generate", "bash"]);
+    assert!(bash.out.contains("complete") && bash.out.contains("whole-group"));
+    assert_eq!(vfctl(d.path(), &["generate", "tcsh"]).code, 2);
+}

@@ -108,6 +108,11 @@ enum Command {
         #[arg(long, default_value = "captured")]
         name: String,
     },
+    /// Print shell completions (bash, zsh, fish, ...) or the man page (changes nothing).
+    Generate {
+        #[arg(value_parser = ["bash", "zsh", "fish", "elvish", "powershell", "man"])]
+        what: String,
+    },
     /// Build a fake host tree for tests and demos. Creates files under DIR only.
     FakeHost {
         dir: PathBuf,
@@ -196,6 +201,9 @@ fn count(s: &str) -> vf_provisioner::Result<u32> {
 }
 
 fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
+    if let Command::Generate { what } = &cli.command {
+        return generate(what, out);
+    }
     if let Command::FakeHost {
         dir,
         layout,
@@ -264,8 +272,24 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 exit::OK
             })
         }
-        Command::FakeHost { .. } | Command::CaptureLayout { .. } => unreachable!("handled above"),
+        Command::FakeHost { .. } | Command::CaptureLayout { .. } | Command::Generate { .. } => {
+            unreachable!("handled above")
+        }
     }
+}
+
+fn generate(what: &str, out: &mut dyn Write) -> Result<u8, CliError> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    if what == "man" {
+        clap_mangen::Man::new(cmd)
+            .render(out)
+            .map_err(CliError::Output)?;
+        return Ok(exit::OK);
+    }
+    let shell: clap_complete::Shell = what.parse().expect("value_parser checked the shell");
+    clap_complete::generate(shell, &mut cmd, "vfctl", out);
+    Ok(exit::OK)
 }
 
 fn build_fake(
