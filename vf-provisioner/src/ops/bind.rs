@@ -2,7 +2,7 @@
 //! kernel allows (REAL-KERNEL rule 3): `driver_override`, unbind, `drivers_probe`,
 //! then verify the `driver` link.
 
-use super::group::{blocking_members, host_critical};
+use super::group::{blocking_members, host_critical, peers};
 use std::time::Duration;
 
 use super::{wait_until, Provisioner};
@@ -75,15 +75,11 @@ impl Provisioner {
         self.require_managed(&f)?;
         let mut todo = vec![f.clone()];
         if whole_group {
-            if let Some(g) = f.iommu_group {
-                todo.extend(
-                    crate::host::group_members(&self.sys, g)
-                        .iter()
-                        .filter(|a| **a != f.address)
-                        .filter_map(|a| PciFunction::read(&self.sys, a))
-                        .filter(PciFunction::on_vfio),
-                );
-            }
+            todo.extend(
+                peers(&self.sys, &f)
+                    .into_iter()
+                    .filter(PciFunction::on_vfio),
+            );
         }
         for m in &todo {
             self.refuse_if_busy(m, "unbind it")?;

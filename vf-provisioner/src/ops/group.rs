@@ -17,8 +17,8 @@ pub(super) fn viable_as_is(f: &PciFunction) -> bool {
     }
 }
 
-/// The other members of `f`'s group that would keep it from being viable.
-pub(super) fn blocking_members(sys: &Sysfs, f: &PciFunction) -> Vec<PciFunction> {
+/// The other members of `f`'s IOMMU group, as they are now.
+pub(super) fn peers(sys: &Sysfs, f: &PciFunction) -> Vec<PciFunction> {
     let Some(group) = f.iommu_group else {
         return Vec::new();
     };
@@ -26,6 +26,13 @@ pub(super) fn blocking_members(sys: &Sysfs, f: &PciFunction) -> Vec<PciFunction>
         .iter()
         .filter(|a| **a != f.address)
         .filter_map(|a| PciFunction::read(sys, a))
+        .collect()
+}
+
+/// The other members of `f`'s group that would keep it from being viable.
+pub(super) fn blocking_members(sys: &Sysfs, f: &PciFunction) -> Vec<PciFunction> {
+    peers(sys, f)
+        .into_iter()
         .filter(|m| !viable_as_is(m))
         .collect()
 }
