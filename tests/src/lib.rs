@@ -61,6 +61,33 @@ impl Env {
         self.func(a).driver
     }
 
+    /// Brings the network interface of function `a` up or down, as the host's
+    /// network configuration would. Returns the interface name.
+    pub fn set_link(&self, a: &str, up: bool) -> String {
+        let net = self.root.join("sys/bus/pci/devices").join(a).join("net");
+        if !self.real {
+            let dir = net.join("eth0");
+            std::fs::create_dir_all(&dir).expect("fake net dir");
+            std::fs::write(dir.join("flags"), if up { "0x1003\n" } else { "0x1002\n" })
+                .expect("fake flags");
+            return "eth0".into();
+        }
+        let name = std::fs::read_dir(&net)
+            .expect("a netdev")
+            .flatten()
+            .next()
+            .expect("one netdev")
+            .file_name();
+        let name = name.to_string_lossy().into_owned();
+        let state = if up { "up" } else { "down" };
+        let ok = std::process::Command::new("ip")
+            .args(["link", "set", "dev", &name, state])
+            .status()
+            .expect("ip");
+        assert!(ok.success(), "ip link set {name} {state}");
+        name
+    }
+
     /// Holds VFIO group `group` open as a VMM would, until the guard drops.
     pub fn hold(&self, group: u32) -> Hold {
         if self.real {

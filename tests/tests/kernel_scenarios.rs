@@ -152,6 +152,19 @@ fn refuses_to_unbind_disable_or_reset_a_vf_whose_group_is_held_open() {
 }
 
 #[test]
+fn never_takes_a_nic_whose_interface_the_host_brought_up() {
+    let env = Env::new();
+    let _r = Restore(&env);
+    let p = env.provisioner();
+    let ifname = env.set_link(IGB, true);
+    let e = p.bind_vfio(&addr(IGB), false).unwrap_err();
+    env.set_link(IGB, false);
+    assert_eq!(e.kind(), Kind::Refused, "{e}");
+    assert!(e.to_string().contains(&ifname), "{e}");
+    assert_eq!(env.driver(IGB).as_deref(), Some("igb"), "nothing changed");
+}
+
+#[test]
 fn a_pf_on_vfio_pci_creates_vfs_only_with_enable_sriov() {
     let env = Env::new();
     let _r = Restore(&env);

@@ -177,7 +177,7 @@ fn bind_never_takes_host_critical_functions() {
     // The NIC carries an interface that is up.
     let net = r.join("sys/devices/pci0000:00/0000:01:00.0/net/eth0");
     fs::create_dir_all(&net).unwrap();
-    fs::write(net.join("operstate"), "up\n").unwrap();
+    fs::write(net.join("flags"), "0x1003\n").unwrap();
     assert_refused(p.bind_vfio(&a("0000:01:00.0"), false), "eth0");
 }
 

@@ -61,11 +61,14 @@ pub fn host_critical(sys: &Sysfs, f: &PciFunction) -> Option<String> {
     None
 }
 
+/// An interface the host has brought up (IFF_UP in `flags`). Not `operstate`: that
+/// stays "down" without a carrier, yet the host is still using the interface.
 fn up_interface(sys: &Sysfs, f: &PciFunction) -> Option<String> {
+    const IFF_UP: u32 = 0x1;
     let net = sys.device_attr(&f.address, "net");
     fs::read_dir(net).ok()?.flatten().find_map(|e| {
-        let state = sysfs::read_opt(&e.path().join("operstate"))?;
-        (state == "up").then(|| e.file_name().to_string_lossy().into_owned())
+        let flags = sysfs::read_hex(&e.path().join("flags"))?;
+        (flags & IFF_UP != 0).then(|| e.file_name().to_string_lossy().into_owned())
     })
 }
 
