@@ -4,7 +4,7 @@ cp /mnt/host/bin/vfctl /tmp/
 cd /tmp
 printf 'manage = ["8086:10c9", "1b36:0010", "0000:03:00.0"]\n' > /tmp/config.toml
 say() { printf '\n\033[1m# %s\033[0m\n' "$*"; }
-run() { printf '\033[1m$ vfctl %s\033[0m\n' "$*"; ./vfctl --config /tmp/config.toml "$@"; rc=$?; [ $rc = 0 ] || echo "(exit $rc)"; }
+run() { printf '\033[1m$ vfctl %s\033[0m\n' "$*"; ./vfctl --direct --config /tmp/config.toml "$@"; rc=$?; [ $rc = 0 ] || echo "(exit $rc)"; }
 cat <<'TXT'
 
 This is the emulated GPU host: Debian's kernel under QEMU with an emulated IOMMU.

@@ -23,7 +23,7 @@ VFM_REAL_KERNEL=1 ./kernel_scenarios --test-threads=1 2>&1
 
 # vfctl on the real kernel, as an operator would run it.
 printf 'manage = ["8086:10c9", "1b36:0010", "0000:03:00.0"]\n' > /tmp/config.toml
-V="./vfctl --config /tmp/config.toml"
+V="./vfctl --direct --config /tmp/config.toml"
 expect "vfctl check" 0 $V check
 expect "vfctl enable 3 VFs" 0 $V enable 0000:01:00.0 --vfs 3
 expect "vfctl enable refuses 8 VFs" 3 $V enable 0000:01:00.0 --vfs 8

@@ -36,7 +36,12 @@ fn strip(v: &mut Value) {
 }
 
 fn vfctl(root: &Path, cfg: &Path, args: &[&str]) -> String {
-    let mut argv: Vec<String> = vec!["vfctl".into(), "--root".into(), root.display().to_string()];
+    let mut argv: Vec<String> = vec![
+        "vfctl".into(),
+        "--direct".into(),
+        "--root".into(),
+        root.display().to_string(),
+    ];
     argv.extend(["--config".into(), cfg.display().to_string()]);
     argv.extend(args.iter().map(|s| s.to_string()));
     let (mut out, mut err) = (Vec::new(), Vec::new());

@@ -287,25 +287,25 @@ impl FakeKernel {
     }
 
     /// Binds without checks (used when building and after the checks passed).
+    /// The kernel binds atomically for a writer that dies mid-write; the fake comes
+    /// close by making the device's `driver` link, which every reader goes by, last.
     fn attach(&self, a: &PciAddress, driver: &str) -> io::Result<()> {
         let ddir = self.driver_dir(driver);
         if !ddir.is_dir() {
             return Err(errno(libc::ENODEV));
         }
-        symlink(
-            format!("../../../bus/pci/drivers/{driver}"),
-            self.real_dev(a).join("driver"),
-        )?;
-        symlink(
-            format!("../../../../devices/pci0000:00/{a}"),
-            ddir.join(a.to_string()),
-        )?;
+        let back = ddir.join(a.to_string());
+        let _ = fs::remove_file(&back); // left by a writer killed mid-detach
+        symlink(format!("../../../../devices/pci0000:00/{a}"), back)?;
         if driver == VFIO_PCI {
             if let Some(g) = self.group_of(a) {
                 write_file(&self.root.join("dev/vfio").join(g.to_string()), "")?;
             }
         }
-        Ok(())
+        symlink(
+            format!("../../../bus/pci/drivers/{driver}"),
+            self.real_dev(a).join("driver"),
+        )
     }
 
     fn detach(&self, a: &PciAddress) -> io::Result<()> {
@@ -324,8 +324,12 @@ impl FakeKernel {
                 }
             }
         }
+        // The device's link goes first (see `attach`); the driver's may be gone already.
         fs::remove_file(self.real_dev(a).join("driver"))?;
-        fs::remove_file(self.driver_dir(&driver).join(a.to_string()))?;
+        match fs::remove_file(self.driver_dir(&driver).join(a.to_string())) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         if driver == VFIO_PCI {
             self.drop_vfio_node(a)?;
         }

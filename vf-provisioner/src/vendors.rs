@@ -127,7 +127,8 @@ fn de_opt_hex16<'de, D: serde::Deserializer<'de>>(
     de_hex16(d).map(Some)
 }
 
-fn is_selector(s: &str) -> bool {
+/// Whether `s` names devices: `vvvv:dddd` or a PCI address.
+pub fn is_selector(s: &str) -> bool {
     parse_id(s).is_some() || s.parse::<crate::PciAddress>().is_ok()
 }
 

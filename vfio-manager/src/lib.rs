@@ -1,4 +1,25 @@
-//! vfio-manager: the host service and its `vfctl` CLI. For now `vfctl` works
-//! directly on the host through `vf-provisioner`; requests enter in [`cli`].
+//! vfio-manager: the host service (`vfio-managerd`) and its `vfctl` CLI.
+//!
+//! Where to look, in the order a request travels:
+//! - requests enter in [`daemon::dbus`] (the D-Bus API, contract in [`api`]) or in
+//!   [`cli`] (`vfctl`, which calls the daemon or, with `--direct`, the host);
+//! - policy decides in [`daemon::core`] (leases, pool, restore, recovery), reading
+//!   the desired state from [`config`];
+//! - state is written in [`daemon::store`] (SQLite) and [`daemon::audit`];
+//! - the kernel is touched only through the `vf_provisioner` crate.
 
+pub mod api;
 pub mod cli;
+pub mod config;
+pub mod daemon;
+
+/// An error and its causes in one line, for messages that cross the bus.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(&format!(" (caused by: {c})"));
+        source = c.source();
+    }
+    s
+}

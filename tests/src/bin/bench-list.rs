@@ -54,6 +54,7 @@ fn main() {
     );
     let root_s = root.to_str().unwrap();
     let vfctl_args = [
+        "--direct",
         "--root",
         root_s,
         "--config",

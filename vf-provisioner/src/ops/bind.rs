@@ -87,6 +87,20 @@ impl Provisioner {
         self.move_all(&todo, driver.map_or(Target::HostMatch, Target::Driver))
     }
 
+    /// Puts `addr` back on exactly `driver` (or on none) with `driver_override`
+    /// cleared: how a released device returns to where it was before its lease.
+    /// Refused while its VFIO group is open or it is leased.
+    pub fn return_to(&self, addr: &PciAddress, driver: Option<&str>) -> Result<Vec<Moved>> {
+        let f = self.function(addr)?;
+        self.refuse_if_busy(&f, "return it to its driver")?;
+        let target = driver.map_or(Target::NoDriver, Target::Driver);
+        let moved = self.move_all(&[f], target)?;
+        if driver != Some(VFIO_PCI) {
+            self.write_override(addr, None)?;
+        }
+        Ok(moved)
+    }
+
     fn refuse_critical(&self, f: &PciFunction) -> Result<()> {
         match host_critical(&self.sys, f) {
             Some(why) => Err(Error::refused(

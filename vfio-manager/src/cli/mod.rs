@@ -1,6 +1,7 @@
 //! The `vfctl` command line: parsing, dispatch and exit codes. Output goes to the
 //! writers passed in, so tests run the real commands and compare what they print.
 
+pub mod client;
 mod render;
 
 use std::ffi::OsString;
@@ -10,8 +11,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vf_provisioner::{
-    fake, layouts, DeviceConfig, DeviceFilter, Host, Kind, Level, PciAddress, Provisioner, Sysfs,
+    fake, layouts, DeviceFilter, Host, Kind, Level, PciAddress, Provisioner, Sysfs,
 };
+
+use crate::api::Request;
+use crate::config::{Config, ConfigError};
 
 /// Exit codes: distinct for bad input, refusals and failures.
 pub mod exit {
@@ -32,15 +36,22 @@ pub mod exit {
     long_about = "Manage GPU SR-IOV virtual functions and their vfio-pci binding for VM passthrough.\n\n\
         Commands that change the host say so in their help. Every change is checked first: a refused \
         command changes nothing and says which device, why, and what to do.\n\n\
+        Commands go to the vfio-manager daemon over D-Bus (system bus, or DBUS_SYSTEM_BUS_ADDRESS), \
+        which records every change and lease; `--direct` works on the host without it (recovery, tests). \
+        `show`, `check`, `reset` and `capture-layout` always read or act on the host directly.\n\n\
         Exit codes: 0 success, 1 failure, 2 bad input, 3 refused.",
-    after_help = "Environment: VFCTL_ROOT sets --root."
+    after_help = "Environment: VFCTL_ROOT sets --root; DBUS_SYSTEM_BUS_ADDRESS picks the bus."
 )]
 pub struct Cli {
+    /// Work on the host directly instead of through the daemon (no leases, no
+    /// state table, no audit log).
+    #[arg(long, global = true)]
+    direct: bool,
     /// Root of the host's /sys, /dev and /proc (a fake host tree in tests and demos).
     #[arg(long, global = true, env = "VFCTL_ROOT", default_value = "/")]
     root: PathBuf,
-    /// Configuration file: extra GPU vendors, other PFs to manage, exclusions.
-    #[arg(long, global = true, default_value = "/etc/vfio-manager/config.toml")]
+    /// Configuration file (direct mode): extra GPU vendors, other PFs to manage, exclusions.
+    #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]
     config: PathBuf,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
@@ -96,6 +107,38 @@ enum Command {
         #[arg(long)]
         driver: Option<String>,
     },
+    /// Lease devices to a VM (daemon only). Changes the host: enables VFs on a managed
+    /// PF if none are free, binds the leased VFs to vfio-pci and records the lease.
+    /// The same --request-id returns the same lease.
+    Provision {
+        #[arg(long)]
+        vm: String,
+        /// `vf` (any whole VF) or a PF model `vvvv:dddd`.
+        #[arg(long, default_value = "vf")]
+        profile: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Only devices on this NUMA node.
+        #[arg(long)]
+        numa: Option<u32>,
+        /// Idempotency key (e.g. the VM's UUID); default: a new one.
+        #[arg(long)]
+        request_id: Option<String>,
+        #[arg(long, default_value = "")]
+        vm_uuid: String,
+        /// Preferred PFs, tried first (repeatable).
+        #[arg(long = "pf")]
+        pfs: Vec<String>,
+    },
+    /// Release a lease by lease id or request id (daemon only). Changes the host:
+    /// resets the devices and returns them to their drivers before the lease.
+    /// Refused while a VM holds a device open.
+    Release { lease: String },
+    /// List leases (daemon only; changes nothing).
+    Leases,
+    /// Configuration file commands (change nothing).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Reset a function through the kernel. Changes the device state; refused while in use.
     Reset { address: String },
     /// Check the host: IOMMU, VFIO modules, SR-IOV and IOMMU group viability per GPU
@@ -130,11 +173,25 @@ enum Command {
     },
 }
 
-/// What can go wrong in a command: the operation, or writing its output.
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a configuration file; errors name the line and column.
+    Check { file: PathBuf },
+}
+
+/// What can go wrong in a command: the operation, the daemon, the configuration, or
+/// writing its output.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
     Op(#[from] vf_provisioner::Error),
+    /// A typed error from the daemon (`name` is the D-Bus error's short name).
+    #[error("{message}")]
+    Daemon { name: String, message: String },
+    #[error("{0}")]
+    Unreachable(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
 }
@@ -171,6 +228,22 @@ pub fn main(
         Err(CliError::Output(e)) => {
             let _ = writeln!(err, "vfctl: cannot write output: {e}");
             ExitCode::from(exit::FAILED)
+        }
+        Err(CliError::Daemon { name, message }) => {
+            let _ = writeln!(err, "vfctl: {message}");
+            ExitCode::from(match name.as_str() {
+                "BadInput" | "NotFound" => exit::BAD_INPUT,
+                "Refused" | "NoDevice" | "PermissionDenied" => exit::REFUSED,
+                _ => exit::FAILED,
+            })
+        }
+        Err(e @ CliError::Unreachable(_)) => {
+            let _ = writeln!(err, "vfctl: {e}");
+            ExitCode::from(exit::FAILED)
+        }
+        Err(e @ CliError::Config(_)) => {
+            let _ = writeln!(err, "vfctl: {e}");
+            ExitCode::from(exit::BAD_INPUT)
         }
         Err(CliError::Op(e)) => {
             let _ = writeln!(err, "vfctl: {e}");
@@ -214,6 +287,24 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
     {
         return build_fake(dir, layout, *pfs, *vfs_per_pf, from.as_deref(), out);
     }
+    if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
+        let c = Config::load_required(file)?;
+        let r = render::Renderer {
+            out,
+            format: cli.output,
+        };
+        return r.done(&format!(
+            "{}: ok ({} PFs to restore, {} functions to bind, {} manage entries, {} exclusions)",
+            file.display(),
+            c.pfs.len(),
+            c.bind.len(),
+            c.devices.manage.len(),
+            c.devices.exclude.len()
+        ));
+    }
+    if !cli.direct && through_daemon(&cli.command) {
+        return daemon_command(cli, out);
+    }
     let sys = Sysfs::open(&cli.root)?;
     if let Command::CaptureLayout { name } = &cli.command {
         let layout = fake::Layout::capture(&sys, name);
@@ -221,8 +312,8 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         writeln!(out).map_err(CliError::Output)?;
         return Ok(exit::OK);
     }
-    let cfg = DeviceConfig::load(&cli.config)?;
-    let p = Provisioner::new(sys, DeviceFilter::new(&cfg));
+    let cfg = Config::load(&cli.config)?;
+    let p = Provisioner::new(sys, DeviceFilter::new(&cfg.devices));
     let r = render::Renderer {
         out,
         format: cli.output,
@@ -272,9 +363,120 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 exit::OK
             })
         }
-        Command::FakeHost { .. } | Command::CaptureLayout { .. } | Command::Generate { .. } => {
-            unreachable!("handled above")
+        Command::Provision { .. } | Command::Release { .. } | Command::Leases => {
+            Err(vf_provisioner::Error::InvalidInput {
+                what: "mode",
+                input: "--direct".into(),
+                reason: "leases live in the daemon; run this command without --direct".into(),
+            }
+            .into())
         }
+        Command::FakeHost { .. }
+        | Command::CaptureLayout { .. }
+        | Command::Generate { .. }
+        | Command::Config(_) => unreachable!("handled above"),
+    }
+}
+
+fn through_daemon(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::List { .. }
+            | Command::Enable { .. }
+            | Command::Disable { .. }
+            | Command::Bind { .. }
+            | Command::Unbind { .. }
+            | Command::Provision { .. }
+            | Command::Release { .. }
+            | Command::Leases
+    )
+}
+
+/// One command through the daemon.
+fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
+    let c = client::Client::connect()?;
+    let r = render::Renderer {
+        out,
+        format: cli.output,
+    };
+    match &cli.command {
+        Command::List { .. } => r.devices(&c.devices()?),
+        Command::Leases => r.leases(&c.leases()?),
+        Command::Provision {
+            vm,
+            profile,
+            count,
+            numa,
+            request_id,
+            vm_uuid,
+            pfs,
+        } => {
+            let req = Request {
+                request_id: request_id
+                    .clone()
+                    .unwrap_or_else(|| format!("vfctl-{}", crate::daemon::core::new_id())),
+                vm_name: vm.clone(),
+                vm_uuid: vm_uuid.clone(),
+                profile: profile.clone(),
+                count: *count,
+                numa_node: numa.map_or(-1, |n| n as i32),
+                pfs: pfs.clone(),
+            };
+            r.leases(&[c.provision(&req)?])
+        }
+        Command::Release { lease } => {
+            let released = c.release(lease)?;
+            r.done(&if released {
+                format!("lease {lease} released")
+            } else {
+                format!("lease {lease} was already released")
+            })
+        }
+        Command::Enable { pf, vfs } => {
+            let n = vfs.as_deref().map(count).transpose()?.unwrap_or(0);
+            let created = c.enable(pf, n)?;
+            r.done(&format!(
+                "{pf}: {} VFs enabled: {}",
+                created.len(),
+                created.join(" ")
+            ))
+        }
+        Command::Disable { pf } => {
+            c.disable(pf)?;
+            r.done(&format!("{pf}: VFs disabled"))
+        }
+        Command::Bind {
+            address,
+            whole_group,
+        } => {
+            let moved = c.bind(address, *whole_group)?;
+            r.done(&format!("bound to vfio-pci: {}", or_nothing(&moved)))
+        }
+        Command::Unbind {
+            address,
+            whole_group,
+            driver,
+        } => {
+            if let Some(d) = driver {
+                return Err(vf_provisioner::Error::InvalidInput {
+                    what: "option",
+                    input: format!("--driver {d}"),
+                    reason: "the daemon returns a function to the driver the kernel matches; use --direct to pick one".into(),
+                }
+                .into());
+            }
+            let moved = c.unbind(address, *whole_group)?;
+            r.done(&format!("returned to the host: {}", or_nothing(&moved)))
+        }
+        _ => unreachable!("through_daemon lists the commands"),
+    }
+}
+
+fn or_nothing(v: &[String]) -> String {
+    if v.is_empty() {
+        "nothing to change".into()
+    } else {
+        v.join(" ")
     }
 }
 

@@ -9,6 +9,7 @@ use vf_provisioner::ops::bind::Moved;
 use vf_provisioner::{Finding, Host, Level, PciAddress, PciFunction, Provisioner};
 
 use super::{exit, CliError, Output};
+use crate::api::{DeviceInfo, Lease};
 
 pub struct Renderer<'a> {
     pub out: &'a mut dyn Write,
@@ -215,6 +216,71 @@ impl Renderer<'_> {
             return self.json(&json!({ "ok": true, "message": what }));
         }
         self.line(what)
+    }
+
+    /// The daemon's table.
+    pub fn devices(mut self, devices: &[DeviceInfo]) -> Res {
+        if self.format == Output::Json {
+            return self.json(&json!({ "devices": devices }));
+        }
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let num = |n: i32| {
+            if n < 0 {
+                "-".to_string()
+            } else {
+                n.to_string()
+            }
+        };
+        let mut rows = vec![[
+            "ADDRESS", "ID", "PF", "DRIVER", "GROUP", "NUMA", "HEALTH", "LEASE", "VM",
+        ]
+        .map(String::from)
+        .to_vec()];
+        rows.extend(devices.iter().map(|d| {
+            vec![
+                d.address.clone(),
+                d.id.clone(),
+                dash(&d.pf),
+                dash(&d.driver),
+                num(d.iommu_group),
+                num(d.numa_node),
+                d.health.clone(),
+                dash(&d.lease_id),
+                dash(&d.vm_name),
+            ]
+        }));
+        for l in table(&rows) {
+            self.line(&l)?;
+        }
+        Ok(exit::OK)
+    }
+
+    pub fn leases(mut self, leases: &[Lease]) -> Res {
+        if self.format == Output::Json {
+            return self.json(&json!({ "leases": leases }));
+        }
+        if leases.is_empty() {
+            return self.line("no leases");
+        }
+        for l in leases {
+            self.line(&format!(
+                "lease {} for VM {} (request {}, profile {})",
+                l.id, l.vm_name, l.request_id, l.profile
+            ))?;
+            for d in &l.devices {
+                self.line(&format!(
+                    "  {}  {}  {}  {}",
+                    d.address, d.id, d.vfio_path, d.sysfs_path
+                ))?;
+            }
+        }
+        Ok(exit::OK)
     }
 
     pub fn check(mut self, findings: &[Finding]) -> Res {

@@ -1,0 +1,133 @@
+//! The D-Bus contract shared by the daemon and its clients (`vfctl`, the hooks):
+//! names, the types that cross the bus, and the typed errors a client branches on.
+//!
+//! Bus name `org.vfiomanager.VfioManager1` (the `1` is the API version; an
+//! incompatible change gets a new name). Objects:
+//! - `/org/vfiomanager/VfioManager1`: interface `org.vfiomanager.VfioManager1.Manager`;
+//! - `/org/vfiomanager/VfioManager1/device/<dddd_bb_dd_f>`: interface
+//!   `org.vfiomanager.VfioManager1.Device`, one per managed function.
+
+use serde::{Deserialize, Serialize};
+use zbus::zvariant::{OwnedObjectPath, Type};
+
+pub const BUS_NAME: &str = "org.vfiomanager.VfioManager1";
+pub const MANAGER_PATH: &str = "/org/vfiomanager/VfioManager1";
+pub const MANAGER_IFACE: &str = "org.vfiomanager.VfioManager1.Manager";
+pub const DEVICE_IFACE: &str = "org.vfiomanager.VfioManager1.Device";
+pub const ERROR_PREFIX: &str = "org.vfiomanager.VfioManager1.Error";
+
+/// The object path of a device: `0000:3b:00.1` -> `.../device/0000_3b_00_1`.
+pub fn device_path(address: &str) -> OwnedObjectPath {
+    let tail: String = address
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    OwnedObjectPath::try_from(format!("{MANAGER_PATH}/device/{tail}"))
+        .expect("an address mapped to [0-9a-z_] is a valid path element")
+}
+
+/// What a VM asks for. Sent as the `a{sv}` of `Provision` (keys: `request_id`,
+/// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`), so that fields can be added
+/// without a new API version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Idempotency key: the same id returns the same lease.
+    pub request_id: String,
+    pub vm_name: String,
+    pub vm_uuid: String,
+    /// `vf` (any whole VF we manage) or a PF model `vvvv:dddd` (a VF of such a PF).
+    pub profile: String,
+    pub count: u32,
+    /// Only devices on this NUMA node (-1: any).
+    pub numa_node: i32,
+    /// Preferred PFs, tried first in this order.
+    pub pfs: Vec<String>,
+}
+
+/// One device of a lease, with what each VMM needs to use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct LeasedDevice {
+    pub address: String,
+    pub id: String,
+    /// `/sys/bus/pci/devices/<address>/`: cloud-hypervisor's `--device path=`.
+    pub sysfs_path: String,
+    /// `/dev/vfio/<group>` now (group numbers change across boots: never persist it).
+    pub vfio_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct Lease {
+    pub id: String,
+    pub request_id: String,
+    pub vm_name: String,
+    pub vm_uuid: String,
+    pub profile: String,
+    pub devices: Vec<LeasedDevice>,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
+/// One managed function as the daemon's table has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct DeviceInfo {
+    pub address: String,
+    pub id: String,
+    /// The PF of a VF; empty for a PF.
+    pub pf: String,
+    /// The bound driver; empty for none.
+    pub driver: String,
+    /// -1: no IOMMU group.
+    pub iommu_group: i32,
+    /// -1: unknown.
+    pub numa_node: i32,
+    /// `ok`, `missing` (gone from sysfs), `failed` (an operation on it failed).
+    pub health: String,
+    /// The lease holding it; empty when free.
+    pub lease_id: String,
+    pub vm_name: String,
+    pub provisions: u64,
+    pub errors: u64,
+}
+
+/// Typed errors: clients branch on the D-Bus error name, people read the message
+/// (which names the device, the cause and the fix).
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.vfiomanager.VfioManager1.Error")]
+pub enum ApiError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// Malformed request or argument; nothing was attempted.
+    BadInput(String),
+    /// Understood and refused by policy; nothing was changed.
+    Refused(String),
+    /// No such device or lease.
+    NotFound(String),
+    /// No free device matches the request.
+    NoDevice(String),
+    /// The caller may not change the host.
+    PermissionDenied(String),
+    /// The operation started and failed (kernel error, timeout).
+    Failed(String),
+}
+
+impl ApiError {
+    /// The short name after the prefix (`Refused`, ...), for exit codes and logs.
+    pub fn short_name(name: &str) -> &str {
+        name.strip_prefix(ERROR_PREFIX)
+            .map(|s| s.trim_start_matches('.'))
+            .unwrap_or(name)
+    }
+}
+
+impl From<vf_provisioner::Error> for ApiError {
+    fn from(e: vf_provisioner::Error) -> Self {
+        use vf_provisioner::Kind;
+        let text = crate::error_chain(&e);
+        match (e.kind(), &e) {
+            (_, vf_provisioner::Error::NoSuchDevice(_)) => ApiError::NotFound(text),
+            (Kind::BadInput, _) => ApiError::BadInput(text),
+            (Kind::Refused, _) => ApiError::Refused(text),
+            (Kind::Failed, _) => ApiError::Failed(text),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The desired state, `/etc/vfio-manager/config.toml`: which devices are ours, how many
+//! VFs each PF gets, which functions are bound to vfio-pci, and the daemon's settings.
+//! Every error names the file, line and column (`vfctl config check FILE`).
+//!
+//! ```toml
+//! manage = ["8086:10c9"]            # PFs to manage besides GPUs (ids or addresses)
+//! exclude = ["0000:3b:00.0"]        # never touched
+//! bind = ["0000:01:10.0"]           # bound to vfio-pci at boot
+//! [[pf]]
+//! address = "0000:01:00.0"
+//! vfs = 4                           # enabled at boot (autoprobe off)
+//! [daemon]
+//! allowed_group = "vfio-manager"    # may call mutating methods (root always may)
+//! metrics_listen = "127.0.0.1:9477" # Prometheus text on HTTP; or metrics_textfile
+//! audit_log = "/var/log/vfio-manager/audit.log"
+//! state_dir = "/var/lib/vfio-manager"
+//! ```
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+use vf_provisioner::vendors::{is_selector, GpuVendor};
+use vf_provisioner::{DeviceConfig, PciAddress};
+
+pub const DEFAULT_PATH: &str = "/etc/vfio-manager/config.toml";
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct Raw {
+    gpu: Vec<GpuVendor>,
+    manage: Vec<Spanned<String>>,
+    exclude: Vec<Spanned<String>>,
+    bind: Vec<Spanned<String>>,
+    pf: Vec<RawPf>,
+    daemon: RawDaemon,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPf {
+    address: Spanned<String>,
+    vfs: Spanned<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawDaemon {
+    allowed_group: Option<String>,
+    allowed_uids: Vec<u32>,
+    metrics_listen: Option<Spanned<String>>,
+    metrics_textfile: Option<PathBuf>,
+    audit_log: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub devices: DeviceConfig,
+    /// PFs and their VF counts, restored at boot in this order.
+    pub pfs: Vec<(PciAddress, u32)>,
+    /// Functions bound to vfio-pci at boot, after the VFs exist.
+    pub bind: Vec<PciAddress>,
+    pub daemon: DaemonConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub allowed_group: String,
+    pub allowed_uids: Vec<u32>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_textfile: Option<PathBuf>,
+    pub audit_log: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            allowed_group: "vfio-manager".into(),
+            allowed_uids: Vec::new(),
+            metrics_listen: None,
+            metrics_textfile: None,
+            audit_log: "/var/log/vfio-manager/audit.log".into(),
+            state_dir: "/var/lib/vfio-manager".into(),
+        }
+    }
+}
+
+/// A configuration error at a place in the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl Config {
+    /// Loads `path`; a missing file is the empty configuration (GPUs only, nothing
+    /// restored at boot).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(ConfigError {
+                file: path.display().to_string(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+
+    /// Loads `path`, which must exist (`vfctl config check`).
+    pub fn load_required(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError {
+                file: path.display().to_string(),
+                line: 0,
+                column: 0,
+                message: "no such file".into(),
+            });
+        }
+        Config::load(path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let at = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
+            ConfigError {
+                file: path.display().to_string(),
+                line,
+                column,
+                message,
+            }
+        };
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| at(e.span(), e.message().trim_end().replace('\n', " ")))?;
+        for s in raw.manage.iter().chain(&raw.exclude) {
+            if !is_selector(s.get_ref()) {
+                return Err(at(
+                    Some(s.span()),
+                    format!("{:?} is not a device selector: use vvvv:dddd or a PCI address such as 0000:3b:00.0", s.get_ref()),
+                ));
+            }
+        }
+        let address = |s: &Spanned<String>| {
+            s.get_ref()
+                .parse::<PciAddress>()
+                .map_err(|e| at(Some(s.span()), e.to_string()))
+        };
+        let mut pfs: Vec<(PciAddress, u32)> = Vec::new();
+        for pf in &raw.pf {
+            let a = address(&pf.address)?;
+            if pfs.iter().any(|(p, _)| *p == a) {
+                return Err(at(
+                    Some(pf.address.span()),
+                    format!("PF {a} is listed twice; keep one [[pf]] entry per PF"),
+                ));
+            }
+            if *pf.vfs.get_ref() > 256 {
+                return Err(at(
+                    Some(pf.vfs.span()),
+                    format!("{} VFs for {a}: a PF has at most 256", pf.vfs.get_ref()),
+                ));
+            }
+            pfs.push((a, *pf.vfs.get_ref()));
+        }
+        let bind = raw.bind.iter().map(address).collect::<Result<_, _>>()?;
+        let metrics_listen = match &raw.daemon.metrics_listen {
+            Some(s) => Some(s.get_ref().parse::<SocketAddr>().map_err(|e| {
+                at(
+                    Some(s.span()),
+                    format!(
+                        "metrics_listen {:?}: {e}; use HOST:PORT such as 127.0.0.1:9477",
+                        s.get_ref()
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let d = DaemonConfig::default();
+        Ok(Config {
+            devices: DeviceConfig {
+                gpu: raw.gpu,
+                manage: raw.manage.into_iter().map(Spanned::into_inner).collect(),
+                exclude: raw.exclude.into_iter().map(Spanned::into_inner).collect(),
+            },
+            pfs,
+            bind,
+            daemon: DaemonConfig {
+                allowed_group: raw.daemon.allowed_group.unwrap_or(d.allowed_group),
+                allowed_uids: raw.daemon.allowed_uids,
+                metrics_listen,
+                metrics_textfile: raw.daemon.metrics_textfile,
+                audit_log: raw.daemon.audit_log.unwrap_or(d.audit_log),
+                state_dir: raw.daemon.state_dir.unwrap_or(d.state_dir),
+            },
+        })
+    }
+}
+
+/// 1-based line and column of byte `offset`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_line_and_column() {
+        assert_eq!(
+            err("manage = [\"8086:10c9\"]\n\n[[pf]]\naddress = \"0000:01:00.x\"\nvfs = 4\n"),
+            "c.toml:4:11: invalid PCI address \"0000:01:00.x\": function must be a single digit 0-7; expected dddd:bb:dd.f or bb:dd.f, e.g. 0000:3b:00.0"
+        );
+        assert!(err("bind = [\"01:10.0\"]\nmanage = [\"nvidia\"]\n")
+            .starts_with("c.toml:2:11: \"nvidia\" is not a device selector"));
+        assert!(
+            err("[[pf]]\naddress = \"01:00.0\"\nvfs = 400\n").starts_with("c.toml:3:7: 400 VFs")
+        );
+        assert!(err("[daemon]\nmetrics_listen = \"localhost\"\n")
+            .starts_with("c.toml:2:18: metrics_listen"));
+        assert!(
+            err("bnid = []\n").starts_with("c.toml:1:1: unknown field `bnid`"),
+            "{}",
+            err("bnid = []\n")
+        );
+        assert!(err(
+            "[[pf]]\naddress = \"01:00.0\"\nvfs = 1\n[[pf]]\naddress = \"0000:01:00.0\"\nvfs = 2\n"
+        )
+        .starts_with("c.toml:5:11: PF 0000:01:00.0 is listed twice"));
+    }
+
+    #[test]
+    fn a_full_file_parses_in_order() {
+        let c = Config::parse(
+            "manage = [\"8086:10c9\"]\nbind = [\"01:10.0\", \"01:10.2\"]\n[[pf]]\naddress = \"01:00.0\"\nvfs = 4\n[[pf]]\naddress = \"02:00.0\"\nvfs = 3\n[daemon]\nmetrics_listen = \"127.0.0.1:9477\"\nallowed_uids = [1000]\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.pfs.len(), 2);
+        assert_eq!(c.pfs[1].1, 3);
+        assert_eq!(c.bind[1].to_string(), "0000:01:10.2");
+        assert_eq!(c.daemon.allowed_uids, vec![1000]);
+        assert_eq!(c.devices.manage, vec!["8086:10c9".to_string()]);
+    }
+}

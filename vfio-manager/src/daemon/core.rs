@@ -1,0 +1,735 @@
+//! Where policy decides: leases, the pool, boot restore and crash recovery. Every
+//! change to the host is one operation at a time (`ops` lock), written as an intent
+//! before the kernel is touched and committed after (see `store`).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vf_provisioner::ops::host_critical;
+use vf_provisioner::{
+    holders, DeviceFilter, Host, LeaseCheck, PciAddress, PciFunction, Provisioner, Sysfs,
+};
+
+use super::audit::Audit;
+use super::metrics::Metrics;
+use super::store::{now, LeaseRow, Store};
+use crate::api::{ApiError, DeviceInfo, Lease, LeasedDevice, Request};
+use crate::config::Config;
+
+const VFIO_PCI: &str = "vfio-pci";
+/// The most devices one request may ask for.
+pub const MAX_COUNT: u32 = 64;
+
+pub struct Core {
+    sys: Sysfs,
+    /// For lease paths: the lease table is consulted by the policy here.
+    raw: Provisioner,
+    /// For direct requests (enable, bind, ...): refuses devices that are leased.
+    guarded: Provisioner,
+    store: Arc<Mutex<Store>>,
+    ops: Mutex<()>,
+    /// Devices that failed since the bus layer last looked, with why.
+    failures: Mutex<Vec<(String, String)>>,
+    config: Config,
+    pub audit: Audit,
+    pub metrics: Metrics,
+}
+
+/// What a provision intent was about to do, for recovery.
+#[derive(Serialize, Deserialize)]
+struct Planned {
+    devices: Vec<(String, String)>,
+}
+
+/// The lease table as the provisioner's `LeaseCheck`.
+struct Leases(Arc<Mutex<Store>>);
+
+impl LeaseCheck for Leases {
+    fn lease_of(&self, addr: &PciAddress) -> Option<String> {
+        let store = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (id, vm) = store.holder(&addr.to_string()).ok().flatten()?;
+        Some(format!("VM {vm} (lease {id})"))
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Failed(e.to_string())
+}
+
+impl Core {
+    pub fn open(sys: Sysfs, config: Config, audit: Audit) -> Result<Core, ApiError> {
+        let dir = &config.daemon.state_dir;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            failed(format!(
+                "cannot create state directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let store = Arc::new(Mutex::new(
+            Store::open(&dir.join("state.db")).map_err(failed)?,
+        ));
+        let filter = DeviceFilter::new(&config.devices);
+        Ok(Core {
+            raw: Provisioner::new(sys.clone(), filter.clone()),
+            guarded: Provisioner::new(sys.clone(), filter)
+                .with_leases(Arc::new(Leases(store.clone()))),
+            sys,
+            store,
+            ops: Mutex::new(()),
+            failures: Mutex::new(Vec::new()),
+            config,
+            audit,
+            metrics: Metrics::default(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lease_row(&self, id: &str) -> Result<Option<LeaseRow>, ApiError> {
+        self.store().lease(id).map_err(failed)
+    }
+
+    fn serialize(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` as operation `op`, recording its latency and outcome.
+    fn timed<T>(&self, op: &str, f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
+        let start = Instant::now();
+        let r = f();
+        self.metrics.observe(op, start.elapsed(), r.as_ref().err());
+        r
+    }
+
+    // ---- reading -------------------------------------------------------------
+
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>, ApiError> {
+        self.store().devices().map_err(failed)
+    }
+
+    pub fn device(&self, address: &str) -> Option<DeviceInfo> {
+        self.devices()
+            .ok()?
+            .into_iter()
+            .find(|d| d.address == address)
+    }
+
+    pub fn leases(&self) -> Result<Vec<Lease>, ApiError> {
+        let rows = self.store().leases().map_err(failed)?;
+        Ok(rows.iter().map(|r| self.lease_view(r)).collect())
+    }
+
+    fn lease_view(&self, row: &LeaseRow) -> Lease {
+        let devices = row
+            .devices
+            .iter()
+            .map(|(a, _)| {
+                let f = a
+                    .parse()
+                    .ok()
+                    .and_then(|a| PciFunction::read(&self.sys, &a));
+                LeasedDevice {
+                    address: a.clone(),
+                    id: f.as_ref().map_or_else(String::new, |f| f.id.clone()),
+                    sysfs_path: format!("/sys/bus/pci/devices/{a}/"),
+                    vfio_path: f
+                        .and_then(|f| f.iommu_group)
+                        .map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
+                }
+            })
+            .collect();
+        Lease {
+            id: row.id.clone(),
+            request_id: row.request.request_id.clone(),
+            vm_name: row.request.vm_name.clone(),
+            vm_uuid: row.request.vm_uuid.clone(),
+            profile: row.request.profile.clone(),
+            devices,
+            created_at: row.created_at,
+        }
+    }
+
+    /// The functions we manage as sysfs shows them: managed PFs, their VFs, GPUs.
+    fn scan(&self) -> Vec<DeviceInfo> {
+        let host = Host::scan(&self.sys);
+        let filter = self.raw.filter();
+        let ours = |f: &PciFunction| {
+            let pf = f.physfn.and_then(|p| host.get(&p)).unwrap_or(f);
+            !filter.is_excluded(f) && (filter.is_managed(pf) || filter.is_gpu(f))
+        };
+        host.functions
+            .values()
+            .filter(|f| ours(f))
+            .map(|f| DeviceInfo {
+                address: f.address.to_string(),
+                id: f.id.clone(),
+                pf: f.physfn.map_or_else(String::new, |p| p.to_string()),
+                driver: f.driver.clone().unwrap_or_default(),
+                iommu_group: f.iommu_group.map_or(-1, |g| g as i32),
+                numa_node: f.numa_node.map_or(-1, |n| n as i32),
+                health: "ok".into(),
+                lease_id: String::new(),
+                vm_name: String::new(),
+                provisions: 0,
+                errors: 0,
+            })
+            .collect()
+    }
+
+    /// Re-reads sysfs into the table. Returns the addresses that appeared and vanished.
+    pub fn refresh(&self) -> Result<(Vec<String>, Vec<String>), ApiError> {
+        let seen = self.scan();
+        let mut store = self.store();
+        let before: BTreeSet<String> = store
+            .devices()
+            .map_err(failed)?
+            .into_iter()
+            .filter(|d| d.health != "missing")
+            .map(|d| d.address)
+            .collect();
+        store.sync_devices(&seen).map_err(failed)?;
+        let after: BTreeSet<String> = seen.into_iter().map(|d| d.address).collect();
+        Ok((
+            after.difference(&before).cloned().collect(),
+            before.difference(&after).cloned().collect(),
+        ))
+    }
+
+    // ---- leases --------------------------------------------------------------
+
+    pub fn provision(&self, req: Request, uid: u32) -> Result<(Lease, bool), ApiError> {
+        validate(&req)?;
+        let r = self.timed("provision", || {
+            let _one = self.serialize();
+            self.provision_locked(&req)
+        });
+        match &r {
+            Ok((lease, true)) => self.audit.record(
+                uid,
+                "provision",
+                &lease.id,
+                &req.vm_name,
+                &addresses(lease),
+                "ok",
+            ),
+            Ok(_) => {}
+            Err(e) => self
+                .audit
+                .record(uid, "provision", "", &req.vm_name, &[], &e.to_string()),
+        }
+        r
+    }
+
+    /// Returns the lease and whether it is new (false: the request id's earlier lease).
+    fn provision_locked(&self, req: &Request) -> Result<(Lease, bool), ApiError> {
+        // (Each store() guard is let go before the next: a guard held in an `if let`
+        // scrutinee would deadlock a later store() in its body.)
+        let earlier = self.store().lease(&req.request_id).map_err(failed)?;
+        if let Some(old) = earlier {
+            if old.request.request_id == req.request_id {
+                if old.request != *req {
+                    return Err(ApiError::BadInput(format!(
+                        "request id {:?} already names lease {} for VM {} with other parameters; use a new request id",
+                        req.request_id, old.id, old.request.vm_name
+                    )));
+                }
+                return Ok((self.lease_view(&old), false));
+            }
+        }
+        let released = self.store().released(&req.request_id).map_err(failed)?;
+        if let Some(lease) = released {
+            return Err(ApiError::BadInput(format!(
+                "request id {:?} was used by lease {lease}, which has been released; use a new request id",
+                req.request_id
+            )));
+        }
+        let chosen = self.choose(req)?;
+        let lease_id = new_id();
+        let planned: Vec<(String, String)> = chosen
+            .iter()
+            .map(|f| (f.address.to_string(), f.driver.clone().unwrap_or_default()))
+            .collect();
+        let body = serde_json::to_string(&Planned {
+            devices: planned.clone(),
+        })
+        .expect("serializes");
+        let intent = self
+            .store()
+            .begin_intent("provision", &lease_id, &body)
+            .map_err(failed)?;
+        for (i, f) in chosen.iter().enumerate() {
+            if let Err(e) = self.raw.bind_vfio(&f.address, false) {
+                self.mark_failed(&f.address.to_string(), &e.to_string());
+                for (addr, before) in &planned[..i] {
+                    let _ = self.return_device(addr, before);
+                }
+                let _ = self.store().end_intent(intent);
+                return Err(e.into());
+            }
+        }
+        let row = LeaseRow {
+            id: lease_id,
+            request: req.clone(),
+            devices: planned,
+            created_at: now(),
+        };
+        self.store().commit_lease(&row, intent).map_err(failed)?;
+        Ok((self.lease_view(&row), true))
+    }
+
+    /// Free functions for `req`, enabling VFs on managed PFs that have none if short.
+    fn choose(&self, req: &Request) -> Result<Vec<PciFunction>, ApiError> {
+        let mut free = self.free_for(req)?;
+        if free.len() < req.count as usize {
+            self.enable_idle_pfs(req);
+            free = self.free_for(req)?;
+        }
+        if free.len() < req.count as usize {
+            return Err(ApiError::NoDevice(format!(
+                "no free device for VM {}: {} wanted with profile {:?}{}, {} free; release a lease (`vfctl leases`), enable more VFs (`vfctl enable PF --vfs N`) or manage another PF in the configuration",
+                req.vm_name,
+                req.count,
+                req.profile,
+                if req.numa_node >= 0 { format!(" on NUMA node {}", req.numa_node) } else { String::new() },
+                free.len()
+            )));
+        }
+        free.truncate(req.count as usize);
+        Ok(free)
+    }
+
+    /// VFs that match `req`, are not leased, not held open, alone in their IOMMU
+    /// group and not needed by the host; preferred PFs first.
+    fn free_for(&self, req: &Request) -> Result<Vec<PciFunction>, ApiError> {
+        let host = Host::scan(&self.sys);
+        let store = self.store();
+        let filter = self.raw.filter();
+        let mut free: Vec<PciFunction> = Vec::new();
+        for f in host.functions.values() {
+            let Some(pf) = f.physfn.and_then(|p| host.get(&p)) else {
+                continue;
+            };
+            let ok = filter.is_managed(pf)
+                && !filter.is_excluded(f)
+                && profile_matches(&req.profile, pf)
+                && (req.numa_node < 0 || f.numa_node == Some(req.numa_node as u32))
+                && f.iommu_group
+                    .is_some_and(|g| vf_provisioner::host::group_members(&self.sys, g).len() == 1)
+                && host.holders_of(f).is_empty()
+                && host_critical(&self.sys, f).is_none()
+                && store
+                    .holder(&f.address.to_string())
+                    .map_err(failed)?
+                    .is_none();
+            if ok {
+                free.push(f.clone());
+            }
+        }
+        let rank = |f: &PciFunction| {
+            let pf = f.physfn.map(|p| p.to_string()).unwrap_or_default();
+            req.pfs
+                .iter()
+                .position(|p| normalize(p) == pf)
+                .unwrap_or(usize::MAX)
+        };
+        free.sort_by_key(|f| (rank(f), f.address));
+        Ok(free)
+    }
+
+    fn enable_idle_pfs(&self, req: &Request) {
+        let host = Host::scan(&self.sys);
+        let filter = self.raw.filter();
+        for pf in host.pfs() {
+            let idle = pf
+                .sriov
+                .as_ref()
+                .is_some_and(|s| s.num_vfs == 0 && s.total_vfs > 0);
+            if idle && filter.is_managed(pf) && profile_matches(&req.profile, pf) {
+                match self.raw.enable_vfs(&pf.address, None) {
+                    Ok(vfs) => eprintln!(
+                        "vfio-manager: enabled {} VFs on {} for VM {}",
+                        vfs.len(),
+                        pf.address,
+                        req.vm_name
+                    ),
+                    Err(e) => {
+                        eprintln!("vfio-manager: could not enable VFs on {}: {e}", pf.address)
+                    }
+                }
+            }
+        }
+        let _ = self.refresh();
+    }
+
+    /// Releases a lease (by lease id or request id). `Ok(None)`: it was already released.
+    pub fn release(&self, id: &str, uid: u32) -> Result<Option<Lease>, ApiError> {
+        let r = self.timed("release", || {
+            let _one = self.serialize();
+            self.release_locked(id)
+        });
+        match &r {
+            Ok(Some(l)) => {
+                self.audit
+                    .record(uid, "release", &l.id, &l.vm_name, &addresses(l), "ok")
+            }
+            Ok(None) => {}
+            Err(e) => self
+                .audit
+                .record(uid, "release", id, "", &[], &e.to_string()),
+        }
+        r
+    }
+
+    fn release_locked(&self, id: &str) -> Result<Option<Lease>, ApiError> {
+        let row = self.store().lease(id).map_err(failed)?;
+        let Some(row) = row else {
+            if self.store().released(id).map_err(failed)?.is_some() {
+                return Ok(None);
+            }
+            return Err(ApiError::NotFound(format!(
+                "no lease {id:?} (neither a lease id nor a request id); `vfctl leases` lists them"
+            )));
+        };
+        for (addr, _) in &row.devices {
+            if let Some(why) = self.held_open(addr) {
+                return Err(ApiError::Refused(format!(
+                    "{addr}: cannot release lease {} of VM {}: {why}; stop the VM first, then release",
+                    row.id, row.request.vm_name
+                )));
+            }
+        }
+        let view = self.lease_view(&row);
+        let intent = self
+            .store()
+            .begin_intent("release", &row.id, "{}")
+            .map_err(failed)?;
+        self.return_all(&row);
+        self.store()
+            .commit_release(&row, Some(intent))
+            .map_err(failed)?;
+        Ok(Some(view))
+    }
+
+    /// Resets each device of `row` and returns it to its driver before the lease.
+    /// Failures are recorded on the device and do not stop the release.
+    fn return_all(&self, row: &LeaseRow) {
+        for (addr, before) in &row.devices {
+            let Ok(a) = addr.parse::<PciAddress>() else {
+                continue;
+            };
+            if PciFunction::read(&self.sys, &a).is_none() {
+                continue;
+            }
+            if let Err(e) = self.raw.reset(&a) {
+                if !matches!(e, vf_provisioner::Error::Refused { .. }) {
+                    eprintln!("vfio-manager: {addr}: reset on release failed: {e}");
+                }
+            }
+            if let Err(e) = self.return_device(addr, before) {
+                eprintln!("vfio-manager: {addr}: could not return it to {before:?}: {e}");
+                self.mark_failed(addr, &e.to_string());
+            }
+        }
+    }
+
+    fn return_device(&self, addr: &str, before: &str) -> Result<(), vf_provisioner::Error> {
+        let a: PciAddress = addr.parse()?;
+        let driver = (!before.is_empty()).then_some(before);
+        self.raw.return_to(&a, driver).map(|_| ())
+    }
+
+    fn held_open(&self, addr: &str) -> Option<String> {
+        let f = PciFunction::read(&self.sys, &addr.parse().ok()?)?;
+        let g = f.iommu_group.filter(|_| f.on_vfio())?;
+        let h = holders::of_group(&self.sys, g).into_iter().next()?;
+        Some(format!("its VFIO group {g} is held open by {h}"))
+    }
+
+    fn mark_failed(&self, addr: &str, why: &str) {
+        let _ = self.store().set_health(addr, "failed", true);
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((addr.to_string(), why.to_string()));
+    }
+
+    pub fn take_failures(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    // ---- direct requests (through the guarded provisioner) -----------------------
+
+    pub fn enable_vfs(
+        &self,
+        pf: &str,
+        count: Option<u32>,
+        uid: u32,
+    ) -> Result<Vec<String>, ApiError> {
+        let pf: PciAddress = pf.parse()?;
+        self.direct("enable", uid, &pf, || {
+            Ok(self
+                .guarded
+                .enable_vfs(&pf, count)?
+                .iter()
+                .map(ToString::to_string)
+                .collect())
+        })
+    }
+
+    pub fn disable_vfs(&self, pf: &str, uid: u32) -> Result<Vec<String>, ApiError> {
+        let pf: PciAddress = pf.parse()?;
+        self.direct("disable", uid, &pf, || {
+            self.guarded.disable_vfs(&pf)?;
+            Ok(vec![pf.to_string()])
+        })
+    }
+
+    pub fn bind(&self, addr: &str, whole_group: bool, uid: u32) -> Result<Vec<String>, ApiError> {
+        let a: PciAddress = addr.parse()?;
+        self.direct("bind", uid, &a, || {
+            Ok(moved(self.guarded.bind_vfio(&a, whole_group)?))
+        })
+    }
+
+    pub fn unbind(&self, addr: &str, whole_group: bool, uid: u32) -> Result<Vec<String>, ApiError> {
+        let a: PciAddress = addr.parse()?;
+        self.direct("unbind", uid, &a, || {
+            Ok(moved(self.guarded.unbind(&a, whole_group, None)?))
+        })
+    }
+
+    /// One direct operation: serialized, recorded as an intent, audited, and the
+    /// table re-read after it.
+    fn direct(
+        &self,
+        op: &str,
+        uid: u32,
+        dev: &PciAddress,
+        f: impl FnOnce() -> Result<Vec<String>, ApiError>,
+    ) -> Result<Vec<String>, ApiError> {
+        let r = self.timed(op, || {
+            let _one = self.serialize();
+            let intent = self
+                .store()
+                .begin_intent(op, "", &dev.to_string())
+                .map_err(failed)?;
+            let r = f();
+            let _ = self.store().end_intent(intent);
+            let _ = self.refresh();
+            r
+        });
+        let outcome = r
+            .as_ref()
+            .map_or_else(ToString::to_string, |_| "ok".to_string());
+        let changed = r
+            .as_ref()
+            .map_or_else(|_| vec![dev.to_string()], Clone::clone);
+        self.audit.record(uid, op, "", "", &changed, &outcome);
+        r
+    }
+
+    // ---- start-up ------------------------------------------------------------------
+
+    /// Settles operations that a crash cut off, then makes the table match sysfs.
+    /// Returns one line per repair or drift, for the log.
+    pub fn recover(&self) -> Result<Vec<String>, ApiError> {
+        let _one = self.serialize();
+        let mut log = Vec::new();
+        let intents = self.store().intents().map_err(failed)?;
+        for i in intents {
+            match i.op.as_str() {
+                "provision" => {
+                    let planned: Planned =
+                        serde_json::from_str(&i.body).unwrap_or(Planned { devices: vec![] });
+                    for (addr, before) in &planned.devices {
+                        let leased = self.store().holder(addr).map_err(failed)?.is_some();
+                        if !leased && before != VFIO_PCI {
+                            let r = self.return_device(addr, before);
+                            log.push(format!("recovery: provision of lease {} was cut off; {addr} returned to {:?}: {}", i.lease_id, before, outcome(&r)));
+                        }
+                    }
+                    self.store().end_intent(i.id).map_err(failed)?;
+                }
+                "release" => {
+                    match self.lease_row(&i.lease_id)? {
+                        Some(row) => {
+                            self.return_all(&row);
+                            self.store()
+                                .commit_release(&row, Some(i.id))
+                                .map_err(failed)?;
+                            log.push(format!("recovery: finished the release of lease {} (VM {}) that was cut off", row.id, row.request.vm_name));
+                        }
+                        None => self.store().end_intent(i.id).map_err(failed)?,
+                    }
+                }
+                op => {
+                    log.push(format!(
+                        "recovery: {op} on {} was cut off; the table is re-read from sysfs",
+                        i.body
+                    ));
+                    self.store().end_intent(i.id).map_err(failed)?;
+                }
+            }
+        }
+        log.extend(self.reconcile()?);
+        Ok(log)
+    }
+
+    /// Leased devices must be on vfio-pci: rebinds those that are not (drift from a
+    /// manual change or a crash) and marks vanished ones `missing`.
+    fn reconcile(&self) -> Result<Vec<String>, ApiError> {
+        let mut log = Vec::new();
+        self.refresh()?;
+        for row in self.store().leases().map_err(failed)? {
+            for (addr, _) in &row.devices {
+                let f = addr
+                    .parse()
+                    .ok()
+                    .and_then(|a| PciFunction::read(&self.sys, &a));
+                match f {
+                    None => log.push(format!(
+                        "drift: {addr} of lease {} (VM {}) is gone from sysfs; marked missing",
+                        row.id, row.request.vm_name
+                    )),
+                    Some(f) if !f.on_vfio() => {
+                        let r = self.raw.bind_vfio(&f.address, false).map(|_| ());
+                        if let Err(e) = &r {
+                            self.mark_failed(addr, &e.to_string());
+                        }
+                        log.push(format!("drift: {addr} of lease {} (VM {}) was on {:?}, not vfio-pci; rebound: {}", row.id, row.request.vm_name, f.driver, outcome(&r)));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        self.refresh()?;
+        Ok(log)
+    }
+
+    /// Brings the host to the configured state: VFs first (autoprobe off), then
+    /// bindings. Each step is retried a few times; what still fails is reported.
+    pub fn restore_desired(&self) -> Vec<String> {
+        let mut log = Vec::new();
+        for (pf, n) in self.config.pfs.clone() {
+            let r = retry(|| self.enable_vfs(&pf.to_string(), Some(n), 0));
+            log.push(format!("restore: {pf}: {n} VFs: {}", outcome(&r)));
+        }
+        for a in self.config.bind.clone() {
+            let r = retry(|| self.bind(&a.to_string(), false, 0));
+            log.push(format!("restore: {a}: vfio-pci: {}", outcome(&r)));
+        }
+        log
+    }
+
+    /// Whether `uid` may change the host: root, the configured uids, members of the
+    /// configured group.
+    pub fn allowed(&self, uid: u32) -> bool {
+        let d = &self.config.daemon;
+        uid == 0 || d.allowed_uids.contains(&uid) || super::auth::in_group(uid, &d.allowed_group)
+    }
+}
+
+fn retry<T>(mut f: impl FnMut() -> Result<T, ApiError>) -> Result<T, ApiError> {
+    let mut last = None;
+    for attempt in 0..3 {
+        match f() {
+            Ok(v) => return Ok(v),
+            // Refusals and bad input will not change by retrying.
+            Err(e @ (ApiError::Refused(_) | ApiError::BadInput(_) | ApiError::NotFound(_))) => {
+                return Err(e)
+            }
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200 << attempt));
+    }
+    Err(last.expect("three attempts"))
+}
+
+fn outcome<T, E: std::fmt::Display>(r: &Result<T, E>) -> String {
+    r.as_ref()
+        .map_or_else(|e| format!("failed: {e}"), |_| "ok".into())
+}
+
+fn moved(m: Vec<vf_provisioner::ops::bind::Moved>) -> Vec<String> {
+    m.iter().map(|m| m.address.to_string()).collect()
+}
+
+fn addresses(l: &Lease) -> Vec<String> {
+    l.devices.iter().map(|d| d.address.clone()).collect()
+}
+
+fn normalize(s: &str) -> String {
+    s.parse::<PciAddress>()
+        .map_or_else(|_| s.to_string(), |a| a.to_string())
+}
+
+fn profile_matches(profile: &str, pf: &PciFunction) -> bool {
+    profile == "vf" || profile == pf.id
+}
+
+fn validate(r: &Request) -> Result<(), ApiError> {
+    let bad = |m: String| Err(ApiError::BadInput(m));
+    if r.vm_name.is_empty() || r.vm_name.len() > 256 || r.vm_name.chars().any(char::is_control) {
+        return bad(format!(
+            "VM name {:?}: give 1-256 printable characters",
+            r.vm_name
+        ));
+    }
+    if r.request_id.is_empty() || r.request_id.len() > 128 {
+        return bad(format!(
+            "request id {:?}: give 1-128 characters",
+            r.request_id
+        ));
+    }
+    if r.count == 0 || r.count > MAX_COUNT {
+        return bad(format!(
+            "count {} for VM {}: ask for 1 to {MAX_COUNT} devices",
+            r.count, r.vm_name
+        ));
+    }
+    let id_like = r.profile.len() == 9
+        && r.profile.as_bytes()[4] == b':'
+        && r.profile.chars().all(|c| c == ':' || c.is_ascii_hexdigit());
+    if r.profile != "vf" && !id_like {
+        return bad(format!(
+            "profile {:?} for VM {}: use `vf` or a PF model id vvvv:dddd",
+            r.profile, r.vm_name
+        ));
+    }
+    if !r.vm_uuid.is_empty() && !is_uuid(&r.vm_uuid) {
+        return bad(format!(
+            "VM UUID {:?} for VM {}: expected 8-4-4-4-12 hex digits",
+            r.vm_uuid, r.vm_name
+        ));
+    }
+    for p in &r.pfs {
+        p.parse::<PciAddress>().map_err(ApiError::from)?;
+    }
+    Ok(())
+}
+
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+        && parts
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// A lease id: 16 hex digits from the kernel's random source.
+pub fn new_id() -> String {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    let n = u64::from_le_bytes(b) ^ (now() << 20) ^ u64::from(std::process::id());
+    format!("{n:016x}")
+}

@@ -1,0 +1,367 @@
+//! Where requests enter the daemon: the D-Bus objects. Each method checks the
+//! caller, decodes its arguments, runs the policy (`Core`) off the bus thread and
+//! emits the signals that follow. Names and types are in `crate::api`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use zbus::message::Header;
+use zbus::names::BusName;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::OwnedValue;
+use zbus::{fdo, interface, Connection};
+
+use super::core::Core;
+use crate::api::{self, ApiError, DeviceInfo, Lease, Request};
+
+/// Runs blocking policy code (sysfs writes, SQLite) off the bus's async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Failed(format!("internal error: {e}")))?
+}
+
+pub struct Manager {
+    pub core: Arc<Core>,
+    bus: fdo::DBusProxy<'static>,
+    /// Unique bus names are never reused while the bus runs: the uid of each is
+    /// asked once.
+    uids: Mutex<HashMap<String, u32>>,
+}
+
+impl Manager {
+    pub async fn new(core: Arc<Core>, conn: &Connection) -> zbus::Result<Manager> {
+        let bus = fdo::DBusProxy::builder(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        Ok(Manager {
+            core,
+            bus,
+            uids: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The caller's uid, if it may change the host.
+    async fn authorize(&self, hdr: &Header<'_>, what: &str) -> Result<u32, ApiError> {
+        let sender = hdr
+            .sender()
+            .ok_or_else(|| ApiError::PermissionDenied("a message without a sender".into()))?
+            .to_owned();
+        let cached = self
+            .uids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sender.as_str())
+            .copied();
+        let uid = match cached {
+            Some(u) => u,
+            None => {
+                let u = self
+                    .bus
+                    .get_connection_unix_user(BusName::Unique(sender.clone()))
+                    .await
+                    .map_err(|e| {
+                        ApiError::PermissionDenied(format!("cannot tell who {sender} is: {e}"))
+                    })?;
+                self.uids
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(sender.to_string(), u);
+                u
+            }
+        };
+        if self.core.allowed(uid) {
+            return Ok(uid);
+        }
+        Err(ApiError::PermissionDenied(format!(
+            "uid {uid} may not {what}: only root, the uids in `allowed_uids` and members of group {:?} may change devices; run as root or add the user to that group",
+            self.core.config().daemon.allowed_group
+        )))
+    }
+
+    /// After an operation: failed devices get a signal, the table's added and
+    /// removed devices get their objects and signals.
+    async fn after(&self, conn: &Connection, emitter: &SignalEmitter<'_>) {
+        for (addr, why) in self.core.take_failures() {
+            let _ = Manager::device_failed(emitter, &addr, &why).await;
+        }
+        let core = self.core.clone();
+        if let Ok((added, removed)) = blocking(move || core.refresh()).await {
+            publish(&self.core, conn, &added, &removed).await;
+        }
+    }
+}
+
+/// Adds and removes device objects and signals the change.
+pub async fn publish(core: &Arc<Core>, conn: &Connection, added: &[String], removed: &[String]) {
+    let server = conn.object_server();
+    let Ok(emitter) = SignalEmitter::new(conn, api::MANAGER_PATH) else {
+        return;
+    };
+    for a in added {
+        let _ = server
+            .at(
+                api::device_path(a),
+                DeviceObject {
+                    core: core.clone(),
+                    address: a.clone(),
+                },
+            )
+            .await;
+        let _ = Manager::device_added(&emitter, a).await;
+    }
+    for a in removed {
+        let _ = server.remove::<DeviceObject, _>(api::device_path(a)).await;
+        let _ = Manager::device_removed(&emitter, a).await;
+    }
+}
+
+fn decode_request(vm: String, opts: HashMap<String, OwnedValue>) -> Result<Request, ApiError> {
+    let mut r = Request {
+        request_id: String::new(),
+        vm_name: vm,
+        vm_uuid: String::new(),
+        profile: "vf".into(),
+        count: 1,
+        numa_node: -1,
+        pfs: Vec::new(),
+    };
+    for (k, v) in opts {
+        let bad = |e: zbus::zvariant::Error| ApiError::BadInput(format!("request key {k:?}: {e}"));
+        match k.as_str() {
+            "request_id" => r.request_id = String::try_from(v).map_err(bad)?,
+            "vm_uuid" => r.vm_uuid = String::try_from(v).map_err(bad)?,
+            "profile" => r.profile = String::try_from(v).map_err(bad)?,
+            "count" => r.count = u32::try_from(v).map_err(bad)?,
+            "numa_node" => r.numa_node = i32::try_from(v).map_err(bad)?,
+            "pfs" => r.pfs = Vec::<String>::try_from(v).map_err(bad)?,
+            _ => {
+                return Err(ApiError::BadInput(format!(
+                    "unknown request key {k:?}; known: request_id, vm_uuid, profile, count, numa_node, pfs"
+                )))
+            }
+        }
+    }
+    if r.request_id.is_empty() {
+        // No key given: the request is not idempotent, and gets an id of its own.
+        r.request_id = format!("anonymous-{}", super::core::new_id());
+    }
+    Ok(r)
+}
+
+#[interface(name = "org.vfiomanager.VfioManager1.Manager")]
+impl Manager {
+    /// The daemon's version.
+    #[zbus(property)]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+
+    /// Every managed function with its driver, group, health and lease.
+    async fn list_devices(&self) -> Result<Vec<DeviceInfo>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || core.devices()).await
+    }
+
+    async fn list_leases(&self) -> Result<Vec<Lease>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || core.leases()).await
+    }
+
+    /// Leases devices to VM `vm` and binds them to vfio-pci. `request` keys:
+    /// request_id (s, idempotency key), vm_uuid (s), profile (s: `vf` or `vvvv:dddd`),
+    /// count (u), numa_node (i), pfs (as: preferred PFs).
+    async fn provision(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        vm: String,
+        request: HashMap<String, OwnedValue>,
+    ) -> Result<Lease, ApiError> {
+        let uid = self.authorize(&hdr, "provision devices").await?;
+        let req = decode_request(vm, request)?;
+        let core = self.core.clone();
+        let r = blocking(move || core.provision(req, uid)).await;
+        if let Ok((lease, true)) = &r {
+            let devs: Vec<String> = lease.devices.iter().map(|d| d.address.clone()).collect();
+            let _ = Manager::lease_created(&emitter, &lease.id, &lease.vm_name, devs).await;
+        }
+        self.after(conn, &emitter).await;
+        r.map(|(lease, _)| lease)
+    }
+
+    /// Releases a lease (by lease id or request id): resets its devices and returns
+    /// them to their drivers before the lease. Returns false if it was already released.
+    async fn release(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        lease: String,
+    ) -> Result<bool, ApiError> {
+        let uid = self.authorize(&hdr, "release leases").await?;
+        let core = self.core.clone();
+        let r = blocking(move || core.release(&lease, uid)).await;
+        if let Ok(Some(l)) = &r {
+            let _ = Manager::lease_released(&emitter, &l.id, &l.vm_name).await;
+        }
+        self.after(conn, &emitter).await;
+        r.map(|l| l.is_some())
+    }
+
+    /// Enables `count` VFs on `pf` (0: the vendor's default). Returns the VFs.
+    async fn enable_vfs(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        pf: String,
+        count: u32,
+    ) -> Result<Vec<String>, ApiError> {
+        let uid = self.authorize(&hdr, "enable VFs").await?;
+        let core = self.core.clone();
+        let r = blocking(move || core.enable_vfs(&pf, (count > 0).then_some(count), uid)).await;
+        self.after(conn, &emitter).await;
+        r
+    }
+
+    async fn disable_vfs(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        pf: String,
+    ) -> Result<Vec<String>, ApiError> {
+        let uid = self.authorize(&hdr, "disable VFs").await?;
+        let core = self.core.clone();
+        let r = blocking(move || core.disable_vfs(&pf, uid)).await;
+        self.after(conn, &emitter).await;
+        r
+    }
+
+    /// Binds a function (and with `whole_group` its group) to vfio-pci.
+    async fn bind(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        address: String,
+        whole_group: bool,
+    ) -> Result<Vec<String>, ApiError> {
+        let uid = self.authorize(&hdr, "bind devices").await?;
+        let core = self.core.clone();
+        let r = blocking(move || core.bind(&address, whole_group, uid)).await;
+        self.after(conn, &emitter).await;
+        r
+    }
+
+    async fn unbind(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        address: String,
+        whole_group: bool,
+    ) -> Result<Vec<String>, ApiError> {
+        let uid = self.authorize(&hdr, "unbind devices").await?;
+        let core = self.core.clone();
+        let r = blocking(move || core.unbind(&address, whole_group, uid)).await;
+        self.after(conn, &emitter).await;
+        r
+    }
+
+    #[zbus(signal)]
+    pub async fn device_added(emitter: &SignalEmitter<'_>, address: &str) -> zbus::Result<()>;
+    #[zbus(signal)]
+    pub async fn device_removed(emitter: &SignalEmitter<'_>, address: &str) -> zbus::Result<()>;
+    #[zbus(signal)]
+    pub async fn device_failed(
+        emitter: &SignalEmitter<'_>,
+        address: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
+    #[zbus(signal)]
+    pub async fn lease_created(
+        emitter: &SignalEmitter<'_>,
+        lease_id: &str,
+        vm_name: &str,
+        devices: Vec<String>,
+    ) -> zbus::Result<()>;
+    #[zbus(signal)]
+    pub async fn lease_released(
+        emitter: &SignalEmitter<'_>,
+        lease_id: &str,
+        vm_name: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// One managed function; its properties are read from the table when asked.
+pub struct DeviceObject {
+    core: Arc<Core>,
+    address: String,
+}
+
+impl DeviceObject {
+    fn info(&self) -> fdo::Result<DeviceInfo> {
+        self.core.device(&self.address).ok_or_else(|| {
+            fdo::Error::UnknownObject(format!("{} is no longer managed", self.address))
+        })
+    }
+}
+
+#[interface(name = "org.vfiomanager.VfioManager1.Device")]
+impl DeviceObject {
+    #[zbus(property)]
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+    #[zbus(property)]
+    fn id(&self) -> fdo::Result<String> {
+        Ok(self.info()?.id)
+    }
+    #[zbus(property)]
+    fn physical_function(&self) -> fdo::Result<String> {
+        Ok(self.info()?.pf)
+    }
+    #[zbus(property)]
+    fn driver(&self) -> fdo::Result<String> {
+        Ok(self.info()?.driver)
+    }
+    #[zbus(property)]
+    fn iommu_group(&self) -> fdo::Result<i32> {
+        Ok(self.info()?.iommu_group)
+    }
+    #[zbus(property)]
+    fn numa_node(&self) -> fdo::Result<i32> {
+        Ok(self.info()?.numa_node)
+    }
+    #[zbus(property)]
+    fn health(&self) -> fdo::Result<String> {
+        Ok(self.info()?.health)
+    }
+    #[zbus(property)]
+    fn lease_id(&self) -> fdo::Result<String> {
+        Ok(self.info()?.lease_id)
+    }
+    #[zbus(property)]
+    fn vm_name(&self) -> fdo::Result<String> {
+        Ok(self.info()?.vm_name)
+    }
+}
+
+/// The addresses the table holds now, for the first publication of objects.
+pub fn all_addresses(core: &Core) -> Vec<String> {
+    core.devices()
+        .map(|d| {
+            d.into_iter()
+                .map(|d| d.address)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,125 @@
+//! Prometheus text exposition: devices by state, leases, operation latency
+//! histograms and errors. Served on HTTP (`metrics_listen`) and/or written to a
+//! textfile for node_exporter (`metrics_textfile`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::api::{ApiError, DeviceInfo};
+
+/// Upper bounds, seconds: sysfs writes take microseconds on a fake host and up to
+/// seconds on hardware (disabling VFs).
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    errors: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+fn error_name(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::ZBus(_) => "bus",
+        ApiError::BadInput(_) => "bad_input",
+        ApiError::Refused(_) => "refused",
+        ApiError::NotFound(_) => "not_found",
+        ApiError::NoDevice(_) => "no_device",
+        ApiError::PermissionDenied(_) => "permission_denied",
+        ApiError::Failed(_) => "failed",
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, op: &str, took: Duration, error: Option<&ApiError>) {
+        let s = took.as_secs_f64();
+        {
+            let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+            let h = l.entry(op.to_string()).or_default();
+            if h.counts.is_empty() {
+                h.counts = vec![0; BUCKETS.len()];
+            }
+            for (i, b) in BUCKETS.iter().enumerate() {
+                if s <= *b {
+                    h.counts[i] += 1;
+                }
+            }
+            h.sum += s;
+            h.count += 1;
+        }
+        if let Some(e) = error {
+            let mut errs = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+            *errs.entry((op.to_string(), error_name(e))).or_default() += 1;
+        }
+    }
+
+    /// The exposition text for the current table.
+    pub fn render(&self, devices: &[DeviceInfo], leases: usize) -> String {
+        let mut o = String::new();
+        let mut by_state: BTreeMap<&str, u64> = ["free", "leased", "missing", "failed"]
+            .iter()
+            .map(|s| (*s, 0))
+            .collect();
+        for d in devices {
+            let state = match (d.health.as_str(), d.lease_id.is_empty()) {
+                ("missing", _) => "missing",
+                ("failed", _) => "failed",
+                (_, false) => "leased",
+                _ => "free",
+            };
+            *by_state.entry(state).or_default() += 1;
+        }
+        let _ = writeln!(o, "# HELP vfio_manager_devices Managed PCI functions by state.\n# TYPE vfio_manager_devices gauge");
+        for (s, n) in by_state {
+            let _ = writeln!(o, "vfio_manager_devices{{state=\"{s}\"}} {n}");
+        }
+        let _ = writeln!(o, "# HELP vfio_manager_leases Leases held by VMs.\n# TYPE vfio_manager_leases gauge\nvfio_manager_leases {leases}");
+        let _ = writeln!(o, "# HELP vfio_manager_operation_duration_seconds Time to carry out an operation, including kernel writes.\n# TYPE vfio_manager_operation_duration_seconds histogram");
+        for (op, h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            for (b, c) in BUCKETS.iter().zip(&h.counts) {
+                let _ = writeln!(
+                    o,
+                    "vfio_manager_operation_duration_seconds_bucket{{op=\"{op}\",le=\"{b}\"}} {c}"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "vfio_manager_operation_duration_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                o,
+                "vfio_manager_operation_duration_seconds_sum{{op=\"{op}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                o,
+                "vfio_manager_operation_duration_seconds_count{{op=\"{op}\"}} {}",
+                h.count
+            );
+        }
+        let _ = writeln!(o, "# HELP vfio_manager_operation_errors_total Operations that ended in an error, by kind.\n# TYPE vfio_manager_operation_errors_total counter");
+        for ((op, kind), n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(
+                o,
+                "vfio_manager_operation_errors_total{{op=\"{op}\",error=\"{kind}\"}} {n}"
+            );
+        }
+        o
+    }
+}

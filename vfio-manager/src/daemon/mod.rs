@@ -1,0 +1,258 @@
+//! The vfio-manager daemon. Start-up order: load the desired state, open the table,
+//! settle what a crash cut off, restore the desired state, take the bus name, tell
+//! systemd it is ready; then serve D-Bus, follow uevents and export metrics until
+//! SIGTERM.
+//!
+//! Layout: requests enter in [`dbus`]; policy decides in [`core`]; state is
+//! written in [`store`] (and [`audit`]); the kernel is touched only through
+//! `vf_provisioner`.
+
+pub mod audit;
+mod auth;
+pub mod core;
+pub mod dbus;
+pub mod metrics;
+mod notify;
+pub mod store;
+pub mod uevent;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vf_provisioner::Sysfs;
+use zbus::Connection;
+
+use self::core::Core;
+use crate::api;
+use crate::config::{self, Config};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vfio-managerd",
+    version,
+    about = "The vfio-manager host service: owns the GPUs' VFs, their vfio-pci binding and their leases to VMs",
+    long_about = "The vfio-manager host service. At start it settles operations a crash cut off, \
+        brings the host to the configured state (enables VFs, binds functions to vfio-pci: this changes \
+        the host), then serves the D-Bus API on the system bus as org.vfiomanager.VfioManager1 and tells \
+        systemd it is ready (Type=notify). Stops on SIGTERM."
+)]
+pub struct Options {
+    /// Root of /sys, /dev and /proc (a fake host tree in tests).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Overrides `state_dir` of the configuration (the SQLite table lives there).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Overrides `audit_log` of the configuration.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Overrides `metrics_listen` (HOST:PORT) of the configuration.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// D-Bus address to serve on instead of the system bus (DBUS_SYSTEM_BUS_ADDRESS
+    /// is honoured too).
+    #[arg(long)]
+    bus_address: Option<String>,
+    /// Do not follow kernel uevents (a fake host has none).
+    #[arg(long)]
+    no_uevents: bool,
+}
+
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let opts = match Options::try_parse_from(args) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vfio-managerd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vfio-managerd: {e}");
+            notify::notify(&format!("STATUS=failed: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(opts: Options) -> Result<(), String> {
+    let mut cfg = Config::load(&opts.config).map_err(|e| e.to_string())?;
+    if let Some(d) = opts.state_dir {
+        cfg.daemon.state_dir = d;
+    }
+    if let Some(a) = opts.audit_log {
+        cfg.daemon.audit_log = a;
+    }
+    if let Some(m) = opts.metrics_listen {
+        cfg.daemon.metrics_listen = Some(m);
+    }
+    let sys = Sysfs::open(&opts.root).map_err(|e| e.to_string())?;
+    let audit = audit::Audit::open(Some(&cfg.daemon.audit_log)).map_err(|e| {
+        format!(
+            "cannot open the audit log {}: {e}",
+            cfg.daemon.audit_log.display()
+        )
+    })?;
+    let core = Arc::new(Core::open(sys, cfg, audit).map_err(|e| e.to_string())?);
+
+    let c = core.clone();
+    let startup = tokio::task::spawn_blocking(move || {
+        let mut log = c.recover().map_err(|e| e.to_string())?;
+        log.extend(c.restore_desired());
+        Ok::<_, String>(log)
+    });
+    for line in startup.await.map_err(|e| e.to_string())?? {
+        eprintln!("vfio-manager: {line}");
+    }
+
+    let builder = match &opts.bus_address {
+        Some(a) => zbus::connection::Builder::address(a.as_str()),
+        None => zbus::connection::Builder::system(),
+    }
+    .map_err(|e| format!("cannot reach the D-Bus system bus: {e}"))?;
+    let conn = builder.build().await.map_err(|e| {
+        format!("cannot connect to the D-Bus system bus: {e}; is dbus-daemon running?")
+    })?;
+    let manager = dbus::Manager::new(core.clone(), &conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.object_server()
+        .at(api::MANAGER_PATH, manager)
+        .await
+        .map_err(|e| e.to_string())?;
+    dbus::publish(&core, &conn, &dbus::all_addresses(&core), &[]).await;
+    if !opts.no_uevents {
+        follow_uevents(core.clone(), conn.clone());
+    }
+    if let Some(addr) = core.config().daemon.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+        tokio::spawn(serve_metrics(core.clone(), listener));
+    }
+    if let Some(path) = core.config().daemon.metrics_textfile.clone() {
+        tokio::spawn(write_textfile(core.clone(), path));
+    }
+    // The name last: a client that sees it finds everything up.
+    conn.request_name_with_flags(api::BUS_NAME, zbus::fdo::RequestNameFlags::DoNotQueue.into())
+        .await
+        .map_err(|e| format!("cannot own {}: {e}; is another vfio-managerd running, and does the bus policy (vfio-manager.conf) let this user own it?", api::BUS_NAME))?;
+
+    eprintln!(
+        "vfio-manager: ready on {} ({} devices)",
+        api::BUS_NAME,
+        core.devices().map_or(0, |d| d.len())
+    );
+    notify::notify("READY=1\nSTATUS=serving");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    notify::notify("STOPPING=1");
+    eprintln!("vfio-manager: stopping");
+    Ok(())
+}
+
+/// Reads uevents on a thread; a burst (enabling 4 VFs is ~20 events) is settled
+/// with one re-read of sysfs.
+fn follow_uevents(core: Arc<Core>, conn: Connection) {
+    let listener = match uevent::Listener::open() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vfio-manager: not following uevents ({e}); the table is re-read after each operation only");
+            return;
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        while let Ok(ev) = listener.next() {
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while rx.try_recv().is_ok() {}
+            let c = core.clone();
+            if let Ok(Ok((added, removed))) = tokio::task::spawn_blocking(move || c.refresh()).await
+            {
+                dbus::publish(&core, &conn, &added, &removed).await;
+            }
+        }
+    });
+}
+
+fn exposition(core: &Core) -> String {
+    let devices = core.devices().unwrap_or_default();
+    let leases = core.leases().map_or(0, |l| l.len());
+    core.metrics.render(&devices, leases)
+}
+
+/// A minimal HTTP/1.0 responder: `GET /metrics` only.
+async fn serve_metrics(core: Arc<Core>, listener: tokio::net::TcpListener) {
+    while let Ok((mut sock, _)) = listener.accept().await {
+        let core = core.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let ok = head.starts_with("GET /metrics ");
+            let body = if ok {
+                let c = core.clone();
+                tokio::task::spawn_blocking(move || exposition(&c))
+                    .await
+                    .unwrap_or_default()
+            } else {
+                "only GET /metrics is served here\n".into()
+            };
+            let status = if ok { "200 OK" } else { "404 Not Found" };
+            let reply = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+/// Rewrites the textfile (atomically: temp file and rename) every few seconds.
+async fn write_textfile(core: Arc<Core>, path: PathBuf) {
+    loop {
+        let c = core.clone();
+        let text = tokio::task::spawn_blocking(move || exposition(&c))
+            .await
+            .unwrap_or_default();
+        let tmp = path.with_extension("prom.tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path)) {
+            eprintln!(
+                "vfio-manager: cannot write metrics to {}: {e}",
+                path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}

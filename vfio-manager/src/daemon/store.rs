@@ -1,0 +1,360 @@
+//! Where state is written: the daemon's table in SQLite (WAL, synchronous=FULL, so a
+//! committed transaction survives a crash or power loss).
+//!
+//! Crash protocol: an *intent* row is committed before the kernel is touched, and
+//! removed in the same transaction that records the result. An intent found at
+//! start-up is an operation that was cut off; `Core::recover` settles it.
+//! A device is never in two leases: `lease_devices.address` is the primary key.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::api::{DeviceInfo, Request};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    address TEXT PRIMARY KEY, id TEXT NOT NULL, pf TEXT NOT NULL, driver TEXT NOT NULL,
+    iommu_group INTEGER NOT NULL, numa_node INTEGER NOT NULL, health TEXT NOT NULL,
+    provisions INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, vm_name TEXT NOT NULL,
+    vm_uuid TEXT NOT NULL, profile TEXT NOT NULL, request TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS lease_devices (
+    address TEXT PRIMARY KEY, lease_id TEXT NOT NULL REFERENCES leases(id), driver_before TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS released (
+    request_id TEXT PRIMARY KEY, lease_id TEXT NOT NULL, released_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS intents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, lease_id TEXT NOT NULL,
+    body TEXT NOT NULL, started_at INTEGER NOT NULL);
+";
+
+#[derive(Debug, thiserror::Error)]
+#[error("state table {path}: {source}")]
+pub struct StoreError {
+    path: String,
+    #[source]
+    source: rusqlite::Error,
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A lease row with its devices and each device's driver before the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub id: String,
+    pub request: Request,
+    pub devices: Vec<(String, String)>,
+    pub created_at: u64,
+}
+
+/// An operation that was started and not recorded as finished.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    pub id: i64,
+    pub op: String,
+    pub lease_id: String,
+    /// JSON: what the operation was about to do (devices and their drivers before).
+    pub body: String,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: String,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let name = path.display().to_string();
+        let err = |source| StoreError {
+            path: name.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Store { conn, path: name })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Records that `op` on `lease_id` is about to touch the kernel.
+    pub fn begin_intent(&self, op: &str, lease_id: &str, body: &str) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO intents (op, lease_id, body, started_at) VALUES (?1, ?2, ?3, ?4)",
+                params![op, lease_id, body, now() as i64],
+            )
+            .map_err(self.err())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn end_intent(&self, id: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM intents WHERE id = ?1", [id])
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn intents(&self) -> Result<Vec<Intent>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, op, lease_id, body FROM intents ORDER BY id")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(Intent {
+                    id: r.get(0)?,
+                    op: r.get(1)?,
+                    lease_id: r.get(2)?,
+                    body: r.get(3)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+
+    /// Records a lease and ends its intent, in one transaction.
+    pub fn commit_lease(&mut self, lease: &LeaseRow, intent: i64) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let r = &lease.request;
+        tx.execute(
+            "INSERT INTO leases (id, request_id, vm_name, vm_uuid, profile, request, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                lease.id,
+                r.request_id,
+                r.vm_name,
+                r.vm_uuid,
+                r.profile,
+                serde_json::to_string(r).expect("a request serializes"),
+                lease.created_at as i64
+            ],
+        )
+        .map_err(err)?;
+        for (addr, before) in &lease.devices {
+            tx.execute(
+                "INSERT INTO lease_devices (address, lease_id, driver_before) VALUES (?1, ?2, ?3)",
+                params![addr, lease.id, before],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "UPDATE devices SET provisions = provisions + 1 WHERE address = ?1",
+                [addr],
+            )
+            .map_err(err)?;
+        }
+        tx.execute("DELETE FROM intents WHERE id = ?1", [intent])
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Removes a lease, remembers its request id as released, and ends its intent.
+    pub fn commit_release(&mut self, lease: &LeaseRow, intent: Option<i64>) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute("DELETE FROM lease_devices WHERE lease_id = ?1", [&lease.id])
+            .map_err(err)?;
+        tx.execute("DELETE FROM leases WHERE id = ?1", [&lease.id])
+            .map_err(err)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO released (request_id, lease_id, released_at) VALUES (?1, ?2, ?3)",
+            params![lease.request.request_id, lease.id, now() as i64],
+        )
+        .map_err(err)?;
+        if let Some(i) = intent {
+            tx.execute("DELETE FROM intents WHERE id = ?1", [i])
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    pub fn leases(&self) -> Result<Vec<LeaseRow>> {
+        self.lease_query("", [])
+    }
+
+    /// The lease with this lease id or request id.
+    pub fn lease(&self, id: &str) -> Result<Option<LeaseRow>> {
+        Ok(self
+            .lease_query("WHERE id = ?1 OR request_id = ?1", [id])?
+            .pop())
+    }
+
+    fn lease_query<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<LeaseRow>> {
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT id, request, created_at FROM leases {filter} ORDER BY created_at, id"
+            ))
+            .map_err(self.err())?;
+        let heads: Vec<(String, String, i64)> = st
+            .query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.err())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.err())?;
+        let mut dev = self
+            .conn
+            .prepare("SELECT address, driver_before FROM lease_devices WHERE lease_id = ?1 ORDER BY address")
+            .map_err(self.err())?;
+        heads
+            .into_iter()
+            .map(|(id, req, created)| {
+                let devices = dev
+                    .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                    .map_err(self.err())?;
+                Ok(LeaseRow {
+                    id,
+                    request: serde_json::from_str(&req).unwrap_or_else(|_| blank_request()),
+                    devices,
+                    created_at: created as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// The released lease with this request id or lease id, if any.
+    pub fn released(&self, id: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT lease_id FROM released WHERE request_id = ?1 OR lease_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// The lease holding `address`, with its VM name.
+    pub fn holder(&self, address: &str) -> Result<Option<(String, String)>> {
+        self.conn
+            .query_row(
+                "SELECT l.id, l.vm_name FROM lease_devices d JOIN leases l ON l.id = d.lease_id
+                 WHERE d.address = ?1",
+                [address],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Replaces the device table with what sysfs shows, keeping counters and health.
+    pub fn sync_devices(&mut self, seen: &[DeviceInfo]) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute("UPDATE devices SET health = 'missing'", [])
+            .map_err(err)?;
+        for d in seen {
+            tx.execute(
+                "INSERT INTO devices (address, id, pf, driver, iommu_group, numa_node, health)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(address) DO UPDATE SET id = ?2, pf = ?3, driver = ?4,
+                   iommu_group = ?5, numa_node = ?6,
+                   health = CASE WHEN health = 'failed' THEN 'failed' ELSE ?7 END",
+                params![
+                    d.address,
+                    d.id,
+                    d.pf,
+                    d.driver,
+                    d.iommu_group,
+                    d.numa_node,
+                    d.health
+                ],
+            )
+            .map_err(err)?;
+        }
+        // A missing device that no lease names is forgotten; a leased one stays
+        // visible as `missing` so the operator sees which VM lost it.
+        tx.execute(
+            "DELETE FROM devices WHERE health = 'missing'
+             AND address NOT IN (SELECT address FROM lease_devices)",
+            [],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    pub fn set_health(&self, address: &str, health: &str, error: bool) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE devices SET health = ?2, errors = errors + ?3 WHERE address = ?1",
+                params![address, health, error as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT d.address, d.id, d.pf, d.driver, d.iommu_group, d.numa_node, d.health,
+                        COALESCE(l.id, ''), COALESCE(l.vm_name, ''), d.provisions, d.errors
+                 FROM devices d LEFT JOIN lease_devices ld ON ld.address = d.address
+                 LEFT JOIN leases l ON l.id = ld.lease_id ORDER BY d.address",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(DeviceInfo {
+                    address: r.get(0)?,
+                    id: r.get(1)?,
+                    pf: r.get(2)?,
+                    driver: r.get(3)?,
+                    iommu_group: r.get(4)?,
+                    numa_node: r.get(5)?,
+                    health: r.get(6)?,
+                    lease_id: r.get(7)?,
+                    vm_name: r.get(8)?,
+                    provisions: r.get::<_, i64>(9)? as u64,
+                    errors: r.get::<_, i64>(10)? as u64,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+}
+
+fn blank_request() -> Request {
+    Request {
+        request_id: String::new(),
+        vm_name: String::new(),
+        vm_uuid: String::new(),
+        profile: String::new(),
+        count: 0,
+        numa_node: -1,
+        pfs: Vec::new(),
+    }
+}

@@ -1,0 +1,251 @@
+//! Real parts for the daemon's tests: a `dbus-daemon` per test with its own
+//! configuration, the `vfio-managerd` binary on a fake host, and clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vf_provisioner::fake::Layout;
+use vfio_manager::cli::client::Client;
+use vfio_manager::cli::CliError;
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_vfio-managerd");
+pub const VFCTL: &str = env!("CARGO_BIN_EXE_vfctl");
+pub const POLICY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/dist/org.vfiomanager.VfioManager1.conf"
+);
+
+/// A private bus: `dbus-daemon` with a config of ours, on a socket in a temp dir.
+pub struct Bus {
+    child: Child,
+    pub address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    /// A bus where anyone may own and call anything (the daemon's own uid check
+    /// is then the only guard).
+    pub fn open() -> Bus {
+        Bus::start("<policy context=\"default\"><allow own=\"*\"/><allow send_destination=\"*\"/></policy>")
+    }
+
+    /// A bus that applies the project's policy file, as the system bus does.
+    pub fn with_project_policy() -> Bus {
+        Bus::start(&format!(
+            "<policy context=\"default\"><allow send_destination=\"*\"/></policy><include>{POLICY}</include>"
+        ))
+    }
+
+    fn start(policy: &str) -> Bus {
+        let dir = tempfile::tempdir().unwrap();
+        // Callers of other uids must reach the socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let conf = dir.path().join("bus.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
+                 \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>system</type>\
+                 <listen>unix:path={}/bus</listen><auth>EXTERNAL</auth>\
+                 <policy context=\"default\"><allow user=\"*\"/><allow receive_type=\"method_call\"/>\
+                 <allow receive_type=\"method_return\"/><allow receive_type=\"error\"/><allow receive_type=\"signal\"/>\
+                 <allow send_destination=\"org.freedesktop.DBus\"/></policy>{policy}</busconfig>\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .args(["--nofork", "--nopidfile", "--print-address=1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("dbus-daemon (Debian package dbus-daemon) must be installed: `make deps`");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("unix:"), "dbus-daemon printed {line:?}");
+        Bus {
+            child,
+            address: line.trim().to_string(),
+            _dir: dir,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect_to(Some(&self.address)).unwrap()
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `vfio-managerd` on a fake host, restartable.
+pub struct Daemon {
+    child: Option<Child>,
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    pub config: PathBuf,
+    bus: String,
+    extra: Vec<String>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// A fake host built from `layout`, a configuration, and the daemon started on `bus`.
+    pub fn start(bus: &Bus, layout: Layout, config: &str, extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("host");
+        layout.build(&root).unwrap();
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut d = Daemon {
+            child: None,
+            root,
+            state: dir.path().join("state"),
+            log: dir.path().join("daemon.log"),
+            config: cfg,
+            bus: bus.address.clone(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        d.spawn();
+        d.wait_ready();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(DAEMON)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--audit-log")
+            .arg(self.dir.path().join("audit.log"))
+            .arg("--bus-address")
+            .arg(&self.bus)
+            .arg("--no-uevents")
+            .args(&self.extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Waits until the daemon answers on the bus.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let c = Client::connect_to(Some(&self.bus)).unwrap();
+        loop {
+            let e = match c.devices() {
+                Ok(_) => return,
+                Err(e) => e,
+            };
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("vfio-managerd exited ({st}); log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vfio-managerd not ready ({e}); log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_ready();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
+    }
+
+    /// Stops with SIGTERM and returns the exit status's success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The D-Bus error name of a failed call (`Refused`, `NoDevice`, ...).
+pub fn error_name(e: &CliError) -> String {
+    match e {
+        CliError::Daemon { name, .. } => name.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The driver the fake kernel shows for `addr`.
+pub fn driver(root: &Path, addr: &str) -> Option<String> {
+    vf_provisioner::sysfs::link_name(&root.join("sys/bus/pci/devices").join(addr).join("driver"))
+}
+
+/// Runs vfctl against `bus`, returning (exit code, stdout, stderr).
+pub fn vfctl(bus: &Bus, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(VFCTL)
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}

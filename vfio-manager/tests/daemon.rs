@@ -1,0 +1,653 @@
+//! The daemon with real parts: a real dbus-daemon per test, the real vfio-managerd
+//! binary, SQLite on disk, SIGKILL. The host is the fake kernel (the emulated host
+//! runs the same daemon on the real kernel: tests/real-kernel).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use vf_provisioner::layouts;
+use vfio_manager::api::{Lease, Request};
+
+fn req(id: &str, vm: &str, count: u32) -> Request {
+    Request {
+        request_id: id.into(),
+        vm_name: vm.into(),
+        vm_uuid: String::new(),
+        profile: "vf".into(),
+        count,
+        numa_node: -1,
+        pfs: vec![],
+    }
+}
+
+fn addrs(l: &Lease) -> Vec<String> {
+    l.devices.iter().map(|d| d.address.clone()).collect()
+}
+
+#[test]
+fn a_lease_is_idempotent_and_its_release_returns_the_devices() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(2, 4), "", &[]);
+    let c = bus.client();
+    let l = c.provision(&req("r1", "web-1", 2)).unwrap();
+    assert_eq!(l.devices.len(), 2);
+    for a in addrs(&l) {
+        assert_eq!(driver(&d.root, &a).as_deref(), Some("vfio-pci"), "{a}");
+    }
+    assert!(l.devices[0]
+        .sysfs_path
+        .ends_with(&format!("{}/", l.devices[0].address)));
+    assert!(l.devices[0].vfio_path.starts_with("/dev/vfio/"));
+    // The same request id: the same lease, nothing new bound.
+    assert_eq!(c.provision(&req("r1", "web-1", 2)).unwrap(), l);
+    // The same id with other parameters is a mistake, not a second lease.
+    assert_eq!(
+        error_name(&c.provision(&req("r1", "web-1", 3)).unwrap_err()),
+        "BadInput"
+    );
+    let table = c.devices().unwrap();
+    let leased: Vec<_> = table.iter().filter(|d| d.lease_id == l.id).collect();
+    assert_eq!(leased.len(), 2);
+    assert!(leased
+        .iter()
+        .all(|d| d.vm_name == "web-1" && d.driver == "vfio-pci"));
+
+    assert!(c.release(&l.id).unwrap());
+    for a in addrs(&l) {
+        assert_eq!(
+            driver(&d.root, &a).as_deref(),
+            Some("mtgpu"),
+            "{a} back on its driver"
+        );
+    }
+    // Releasing again is not an error; the request id cannot come back.
+    assert!(!c.release("r1").unwrap());
+    assert_eq!(
+        error_name(&c.provision(&req("r1", "web-1", 2)).unwrap_err()),
+        "BadInput"
+    );
+    assert_eq!(
+        error_name(&c.release("no-such-lease").unwrap_err()),
+        "NotFound"
+    );
+    assert!(c.leases().unwrap().is_empty());
+    let audit = d.audit_text();
+    assert!(
+        audit.contains("\"op\":\"provision\"") && audit.contains("\"op\":\"release\""),
+        "{audit}"
+    );
+}
+
+#[test]
+fn bad_requests_get_typed_errors_and_change_nothing() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    let before =
+        vf_provisioner::fake::Layout::capture(&vf_provisioner::Sysfs::open(&d.root).unwrap(), "x");
+    let mut bad_profile = req("b1", "vm", 1);
+    bad_profile.profile = "gpu-please".into();
+    let mut bad_uuid = req("b2", "vm", 1);
+    bad_uuid.vm_uuid = "not-a-uuid".into();
+    let mut bad_pf = req("b3", "vm", 1);
+    bad_pf.pfs = vec!["../../etc".into()];
+    for (r, want) in [
+        (req("b0", "vm", 0), "BadInput"),
+        (req("b4", "vm", 1000), "BadInput"),
+        (req("b5", "", 1), "BadInput"),
+        (bad_profile, "BadInput"),
+        (bad_uuid, "BadInput"),
+        (bad_pf, "BadInput"),
+        (req("b6", "vm", 3), "NoDevice"),
+    ] {
+        let e = c.provision(&r).unwrap_err();
+        assert_eq!(error_name(&e), want, "{r:?}: {e}");
+    }
+    let e = c.provision(&req("b7", "vm", 3)).unwrap_err().to_string();
+    assert!(
+        e.contains("3 wanted") && e.contains("2 free") && e.contains("vfctl leases"),
+        "{e}"
+    );
+    assert_eq!(
+        error_name(&c.bind("0000:99:00.0", false).unwrap_err()),
+        "NotFound"
+    );
+    assert_eq!(error_name(&c.enable("zz", 2).unwrap_err()), "BadInput");
+    let after =
+        vf_provisioner::fake::Layout::capture(&vf_provisioner::Sysfs::open(&d.root).unwrap(), "x");
+    assert_eq!(
+        serde_json::to_string(&before).unwrap(),
+        serde_json::to_string(&after).unwrap(),
+        "a refused request changed the host"
+    );
+    assert!(c.leases().unwrap().is_empty());
+}
+
+#[test]
+fn a_device_held_open_is_never_reclaimed_and_leased_devices_refuse_direct_changes() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    let l = c.provision(&req("h1", "vm-h", 1)).unwrap();
+    let a = l.devices[0].address.clone();
+    let group: u32 = l.devices[0]
+        .vfio_path
+        .trim_start_matches("/dev/vfio/")
+        .parse()
+        .unwrap();
+    // A VMM opens the group; release must refuse and leave everything as it is.
+    vf_provisioner::fake::hold_group(&d.root, 4242, "qemu-system-x86", group).unwrap();
+    let e = c.release(&l.id).unwrap_err();
+    assert_eq!(error_name(&e), "Refused");
+    assert!(
+        e.to_string().contains("qemu-system-x86 (pid 4242)") && e.to_string().contains(&a),
+        "{e}"
+    );
+    assert_eq!(driver(&d.root, &a).as_deref(), Some("vfio-pci"));
+    vf_provisioner::fake::end_process(&d.root, 4242).unwrap();
+    // Direct requests cannot take a leased device away either.
+    let e = c.unbind(&a, false).unwrap_err();
+    assert_eq!(error_name(&e), "Refused");
+    assert!(e.to_string().contains("vm-h"), "{e}");
+    assert_eq!(
+        error_name(&c.disable("0000:10:00.0").unwrap_err()),
+        "Refused"
+    );
+    assert!(c.release(&l.id).unwrap());
+    assert_eq!(
+        vf_provisioner::fake::reset_count(&d.root, &a.parse().unwrap()),
+        1,
+        "released devices are reset"
+    );
+}
+
+#[test]
+fn sixty_four_concurrent_clients_never_share_a_device() {
+    let bus = Arc::new(Bus::open());
+    // 48 VFs for 64 clients: 16 must be told there is none left.
+    let _d = Daemon::start(&bus, layouts::large(6, 8), "", &[]);
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            let bus = bus.clone();
+            std::thread::spawn(move || {
+                bus.client()
+                    .provision(&req(&format!("c{i}"), &format!("vm-{i}"), 1))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let leases: Vec<&Lease> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(leases.len(), 48);
+    assert!(
+        refused.iter().all(|e| error_name(e) == "NoDevice"),
+        "{refused:?}"
+    );
+    let devices: BTreeSet<String> = leases.iter().flat_map(|l| addrs(l)).collect();
+    assert_eq!(devices.len(), 48, "a device was given twice");
+    assert_eq!(bus.client().leases().unwrap().len(), 48);
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_non_privileged_caller_is_refused_by_the_daemon_and_by_the_bus_policy() {
+    if !is_root() {
+        eprintln!("SKIPPED: running a caller as another uid needs root (run the tests as root)");
+        return;
+    }
+    let run_as_nobody = |bus: &Bus, args: &[&str]| {
+        use std::os::unix::process::CommandExt;
+        let o = std::process::Command::new(VFCTL)
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    // A permissive bus: the daemon's own check refuses.
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let (code, err, _) = run_as_nobody(&bus, &["provision", "--vm", "intruder"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("uid 65534 may not provision devices") && err.contains("vfio-manager"),
+        "{err}"
+    );
+    let (code, _, out) = run_as_nobody(&bus, &["list"]);
+    assert_eq!(code, 0, "reading is allowed");
+    assert!(out.contains("0000:10:00.1"));
+    assert!(!d.audit_text().contains("\"result\":\"ok\""));
+    drop(d);
+    // The project's policy file on the bus: the bus itself refuses.
+    let bus = Bus::with_project_policy();
+    let _d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let (code, err, _) = run_as_nobody(&bus, &["provision", "--vm", "intruder"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("the system bus refused the call"), "{err}");
+    let (code, err, _) = run_as_nobody(&bus, &["leases"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, err, _) = vfctl(&bus, &["provision", "--vm", "root-vm"]);
+    assert_eq!(code, 0, "root may: {err}");
+}
+
+/// xorshift64*: a reproducible sequence from the printed seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn sigkill_at_random_points_loses_and_doubles_nothing() {
+    let seed = std::env::var("VFM_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("crash test seed {seed} (VFM_CRASH_SEED={seed} repeats it)");
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::large(3, 4), "", &[]);
+    let root = d.root.clone();
+    let c = bus.client();
+    let mut rng = Rng(seed);
+    // What the client was told, and believes.
+    let mut held: BTreeMap<String, Lease> = BTreeMap::new();
+    let mut kills = 0;
+    let mut next_id = 0;
+    // The killer: a thread that SIGKILLs the daemon's pid after a random delay.
+    let ops = 220;
+    for op in 0..ops {
+        let kill_after = (rng.below(3) == 0).then(|| Duration::from_micros(rng.below(4000)));
+        let victim = d.pid();
+        assert!(victim > 0);
+        let killer = kill_after.map(|after| {
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                // SAFETY: kill(2) on the daemon's pid, a child of this test.
+                unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+            })
+        });
+        let release = !held.is_empty() && rng.below(2) == 0;
+        let (key, request) = if release {
+            let k = held
+                .keys()
+                .nth(rng.below(held.len() as u64) as usize)
+                .unwrap()
+                .clone();
+            (k, None)
+        } else {
+            next_id += 1;
+            let r = req(
+                &format!("op{next_id}"),
+                &format!("vm-{op}"),
+                1 + rng.below(2) as u32,
+            );
+            (r.request_id.clone(), Some(r))
+        };
+        // Retry the same request until the daemon gives a definite answer.
+        loop {
+            let answer = match &request {
+                Some(r) => c.provision(r).map(Some),
+                None => c.release(&key).map(|_| None),
+            };
+            match answer {
+                Ok(Some(l)) => {
+                    held.insert(l.request_id.clone(), l);
+                    break;
+                }
+                Ok(None) => {
+                    held.remove(&key);
+                    break;
+                }
+                Err(e) if error_name(&e) == "NoDevice" => break,
+                Err(e)
+                    if matches!(
+                        error_name(&e).as_str(),
+                        "BadInput" | "Refused" | "NotFound" | "PermissionDenied"
+                    ) =>
+                {
+                    panic!("op {op}: unexpected refusal {e}; log:\n{}", d.log_text())
+                }
+                Err(_) => {
+                    if let Some(k) = killer.as_ref() {
+                        while !k.is_finished() {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                    kills += 1;
+                    d.restart();
+                }
+            }
+        }
+        if let Some(k) = killer {
+            k.join().unwrap();
+            if !d.alive() {
+                kills += 1;
+                d.restart();
+            }
+        }
+    }
+    d.restart();
+    eprintln!(
+        "{ops} operations, {kills} daemon kills, {} leases held at the end",
+        held.len()
+    );
+    assert!(
+        kills >= 20,
+        "the test must really kill the daemon (killed {kills} times)"
+    );
+    let leases: BTreeMap<String, Lease> = c
+        .leases()
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.request_id.clone(), l))
+        .collect();
+    assert_eq!(
+        leases.keys().collect::<Vec<_>>(),
+        held.keys().collect::<Vec<_>>(),
+        "leases lost or invented (seed {seed})"
+    );
+    for (k, l) in &held {
+        assert_eq!(
+            addrs(&leases[k]),
+            addrs(l),
+            "lease {k} changed devices (seed {seed})"
+        );
+    }
+    let leased: Vec<String> = leases.values().flat_map(addrs).collect();
+    let unique: BTreeSet<&String> = leased.iter().collect();
+    assert_eq!(
+        unique.len(),
+        leased.len(),
+        "a device is in two leases (seed {seed})"
+    );
+    // The table equals sysfs: leased devices on vfio-pci, the rest back on mtgpu.
+    for dev in c.devices().unwrap() {
+        let now = driver(&root, &dev.address).unwrap_or_default();
+        assert_eq!(
+            dev.driver, now,
+            "{}: table says {:?}, sysfs {:?} (seed {seed})",
+            dev.address, dev.driver, now
+        );
+        if dev.pf.is_empty() {
+            continue;
+        }
+        let want = if unique.contains(&dev.address) {
+            "vfio-pci"
+        } else {
+            "mtgpu"
+        };
+        assert_eq!(
+            now,
+            want,
+            "{} (seed {seed}); log:\n{}",
+            dev.address,
+            d.log_text()
+        );
+    }
+}
+
+#[test]
+fn boot_restores_the_configured_state_and_tells_systemd_it_is_ready() {
+    use std::os::unix::net::UnixDatagram;
+    let bus = Bus::open();
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let root = dir.path().join("host");
+    layouts::emulated().build(&root).unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        "manage = [\"8086:10c9\", \"1b36:0010\"]\nbind = [\"0000:01:10.2\"]\n[[pf]]\naddress = \"0000:01:00.0\"\nvfs = 3\n[[pf]]\naddress = \"0000:02:00.0\"\nvfs = 2\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(DAEMON)
+        .arg("--root")
+        .arg(&root)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--audit-log")
+        .arg(dir.path().join("audit.log"))
+        .arg("--bus-address")
+        .arg(&bus.address)
+        .arg("--no-uevents")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    // By READY the configured state is there: VFs, and the binding.
+    let num = |pf: &str| {
+        std::fs::read_to_string(
+            root.join("sys/bus/pci/devices")
+                .join(pf)
+                .join("sriov_numvfs"),
+        )
+        .unwrap()
+    };
+    assert_eq!(num("0000:01:00.0").trim(), "3");
+    assert_eq!(num("0000:02:00.0").trim(), "2");
+    assert_eq!(driver(&root, "0000:01:10.2").as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        driver(&root, "0000:01:10.0"),
+        None,
+        "autoprobe was off: no driver took the others"
+    );
+    assert!(bus
+        .client()
+        .devices()
+        .unwrap()
+        .iter()
+        .any(|d| d.address == "0000:02:00.2"));
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+}
+
+#[test]
+fn drift_behind_the_daemons_back_is_repaired_at_start_and_logged() {
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    let l = c.provision(&req("d1", "vm-d", 1)).unwrap();
+    let a = l.devices[0].address.clone();
+    d.kill();
+    // Someone unbinds the leased VF by hand while the daemon is down.
+    let sys = vf_provisioner::Sysfs::open(&d.root).unwrap();
+    let addr: vf_provisioner::PciAddress = a.parse().unwrap();
+    sys.write(&addr, &sys.driver_attr("vfio-pci", "unbind"), &a)
+        .unwrap();
+    assert_eq!(driver(&d.root, &a), None);
+    d.restart();
+    assert_eq!(driver(&d.root, &a).as_deref(), Some("vfio-pci"));
+    let log = d.log_text();
+    assert!(
+        log.contains(&format!("drift: {a} of lease {}", l.id)) && log.contains("rebound: ok"),
+        "{log}"
+    );
+    assert_eq!(c.leases().unwrap(), vec![l]);
+}
+
+#[test]
+fn metrics_are_valid_prometheus_text() {
+    let bus = Bus::open();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        &bus,
+        layouts::large(1, 3),
+        "",
+        &["--metrics-listen", &listen],
+    );
+    let c = bus.client();
+    c.provision(&req("m1", "vm-m", 2)).unwrap();
+    let _ = c.provision(&req("m2", "vm-m", 2)).unwrap_err();
+    let body = http_get(&listen, "/metrics");
+    assert!(
+        body.contains("vfio_manager_devices{state=\"leased\"} 2"),
+        "{body}"
+    );
+    assert!(body.contains("vfio_manager_leases 1"));
+    assert!(body.contains("vfio_manager_operation_duration_seconds_count{op=\"provision\"} 2"));
+    assert!(body
+        .contains("vfio_manager_operation_errors_total{op=\"provision\",error=\"no_device\"} 1"));
+    assert!(http_get(&listen, "/other").contains("only GET /metrics"));
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut p) = promtool else {
+        eprintln!("SKIPPED the promtool half: promtool (Debian package prometheus) is not installed; `make deps` installs it");
+        return;
+    };
+    use std::io::Write;
+    p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    drop(d);
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn vfctl_talks_to_the_daemon_and_says_how_to_start_it_when_absent() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let (code, out, err) = vfctl(
+        &bus,
+        &[
+            "provision",
+            "--vm",
+            "db-1",
+            "--count",
+            "2",
+            "--request-id",
+            "v1",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["leases"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(v["leases"][0]["devices"].as_array().unwrap().len(), 2);
+    let (_, out, _) = vfctl(&bus, &["leases"]);
+    assert!(out.contains(&format!("lease {id} for VM db-1")), "{out}");
+    let (code, out, _) = vfctl(&bus, &["list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().next().unwrap().starts_with("ADDRESS") && out.contains("db-1"),
+        "{out}"
+    );
+    let (code, _, err) = vfctl(&bus, &["provision", "--vm", "db-2", "--count", "1"]);
+    assert_eq!(code, 3, "no device left: refused");
+    assert!(err.contains("no free device for VM db-2"), "{err}");
+    let (code, _, err) = vfctl(&bus, &["unbind", "0000:10:00.1"]);
+    assert_eq!(code, 3, "{err}");
+    let (code, out, _) = vfctl(&bus, &["release", &id]);
+    assert_eq!(code, 0);
+    assert!(out.contains("released"));
+    drop(d);
+    let (code, _, err) = vfctl(&bus, &["leases"]);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("vfio-managerd is not running") && err.contains("--direct"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_api_is_introspectable_with_busctl() {
+    let bus = Bus::open();
+    let _d = Daemon::start(&bus, layouts::large(1, 1), "", &[]);
+    let o = std::process::Command::new("busctl")
+        .args([
+            &format!("--address={}", bus.address),
+            "introspect",
+            "org.vfiomanager.VfioManager1",
+            "/org/vfiomanager/VfioManager1",
+        ])
+        .output();
+    let Ok(o) = o else {
+        eprintln!("SKIPPED: busctl (Debian package systemd) is not installed");
+        return;
+    };
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for m in [
+        ".Provision",
+        ".Release",
+        ".ListDevices",
+        ".LeaseCreated",
+        ".DeviceAdded",
+        ".Version",
+    ] {
+        assert!(text.contains(m), "{m} missing from:\n{text}");
+    }
+    let o = std::process::Command::new("busctl")
+        .args([
+            &format!("--address={}", bus.address),
+            "get-property",
+            "org.vfiomanager.VfioManager1",
+            "/org/vfiomanager/VfioManager1/device/0000_10_00_1",
+            "org.vfiomanager.VfioManager1.Device",
+            "Driver",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "s \"mtgpu\"");
+}
