@@ -25,7 +25,8 @@ SRC
     echo "install-deps: added bookworm-backports from $uri"
 }
 
-base_pkgs=(pkg-config libudev-dev kmod cpio busybox-static xz-utils zstd dbus)
+# dbus-daemon and busctl (systemd) for the daemon tests; promtool (prometheus) checks the metrics.
+base_pkgs=(pkg-config libudev-dev kmod cpio busybox-static xz-utils zstd dbus dbus-daemon systemd prometheus)
 missing=()
 for p in "${base_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

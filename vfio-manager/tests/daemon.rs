@@ -559,7 +559,8 @@ fn http_get(addr: &str, path: &str) -> String {
     write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out
+    // The body only: promtool reads exposition text, not HTTP.
+    out.split_once("\r\n\r\n").map_or(out.clone(), |(_, body)| body.to_string())
 }
 
 #[test]
