@@ -39,6 +39,46 @@ expect "vfctl disable NVMe" 0 $V disable 0000:02:00.0
 expect "vfctl unbind VF" 0 $V unbind 0000:01:10.0
 expect "vfctl disable" 0 $V disable 0000:01:00.0
 
+# The daemon on the real kernel, through a real dbus-daemon: provision and release
+# real VFs over D-Bus, and follow uevents for changes made behind its back.
+cp -r /mnt/host/dbus /tmp/dbus
+# dbus-daemon looks its own uid up: the initramfs has no account files.
+[ -e /etc/passwd ] || { echo 'root:x:0:0:root:/root:/bin/sh' > /etc/passwd; echo 'root:x:0:' > /etc/group; }
+mkdir -p /tmp/bus
+cat > /tmp/bus.conf <<'CONF'
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path=/tmp/bus/socket</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/>
+<allow receive_type="method_call"/><allow receive_type="method_return"/><allow receive_type="error"/><allow receive_type="signal"/></policy></busconfig>
+CONF
+/tmp/dbus/lib/ld-linux-x86-64.so.2 --library-path /tmp/dbus/lib /tmp/dbus/dbus-daemon --config-file=/tmp/bus.conf --nofork --nopidfile > /tmp/bus.log 2>&1 &
+export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
+./vfio-managerd --config /tmp/config.toml --state-dir /tmp/state --audit-log /tmp/audit.log > /tmp/daemon.log 2>&1 &
+daemon=$!
+up=0
+for i in $(seq 1 100); do ./vfctl leases > /dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
+[ $up = 1 ] && pass "daemon up on a real dbus-daemon" || { fail "daemon up on a real dbus-daemon"; cat /tmp/bus.log /tmp/daemon.log; }
+./vfctl provision --vm nested-1 --profile 8086:10c9 --count 2 --request-id r1 -o json > /tmp/lease.json 2>&1
+vfs=$(grep -o '"address": "[^"]*"' /tmp/lease.json | cut -d'"' -f4)
+n=0; for v in $vfs; do [ "$(basename "$(readlink /sys/bus/pci/devices/$v/driver)")" = vfio-pci ] && n=$((n+1)); done
+[ $n = 2 ] && pass "daemon provisions 2 real VFs on vfio-pci over D-Bus ($(echo $vfs))" || { fail "daemon provision"; cat /tmp/lease.json /tmp/daemon.log; }
+./vfctl provision --vm nested-1 --profile 8086:10c9 --count 2 --request-id r1 -o json > /tmp/lease2.json 2>&1
+cmp -s /tmp/lease.json /tmp/lease2.json && pass "the same request id returns the same lease" || fail "idempotent provision"
+expect "daemon refuses unbinding a leased VF" 3 ./vfctl unbind $(echo $vfs | cut -d' ' -f1)
+expect "daemon releases the lease" 0 ./vfctl release r1
+n=0; for v in $vfs; do [ "$(basename "$(readlink /sys/bus/pci/devices/$v/driver 2>/dev/null)")" != vfio-pci ] && n=$((n+1)); done
+[ $n = 2 ] && pass "released VFs are off vfio-pci" || fail "released VFs are off vfio-pci"
+# A change behind the daemon's back reaches its table through uevents.
+echo 2 > /sys/bus/pci/devices/0000:02:00.0/sriov_numvfs
+seen=0
+for i in $(seq 1 50); do ./vfctl list | grep -q '^0000:02:00.2 ' && { seen=1; break; }; sleep 0.1; done
+[ $seen = 1 ] && pass "uevents: VFs enabled by hand appear in the daemon's table" || { fail "uevents"; ./vfctl list; }
+echo 0 > /sys/bus/pci/devices/0000:02:00.0/sriov_numvfs
+expect "daemon disables the igb VFs it enabled" 0 ./vfctl disable 0000:01:00.0
+kill $daemon; wait $daemon 2>/dev/null
+grep -q 'vfio-manager: stopping' /tmp/daemon.log && pass "daemon stops on SIGTERM" || { fail "daemon stops on SIGTERM"; cat /tmp/daemon.log; }
+unset DBUS_SYSTEM_BUS_ADDRESS
+
 # mdev: the mtty sample is loaded; create and remove one instance by hand.
 t=/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2
 u=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001

@@ -62,6 +62,19 @@ impl Client {
             .map_err(|e| CliError::Daemon { name: "BadReply".into(), message: format!("the daemon's reply to {method} does not decode: {e}; are vfctl and vfio-managerd the same version?") })
     }
 
+    /// `org.freedesktop.DBus.Peer.Ping` to the daemon: one bus round trip, the floor
+    /// that the benchmark compares every method with.
+    pub fn ping(&self) -> Result<(), CliError> {
+        let reply = self.rt.block_on(self.conn.call_method(
+            Some(api::BUS_NAME),
+            api::MANAGER_PATH,
+            Some("org.freedesktop.DBus.Peer"),
+            "Ping",
+            &(),
+        ));
+        reply.map(|_| ()).map_err(from_bus)
+    }
+
     pub fn devices(&self) -> Result<Vec<DeviceInfo>, CliError> {
         self.call("ListDevices", &())
     }

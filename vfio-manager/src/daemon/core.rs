@@ -32,6 +32,8 @@ pub struct Core {
     ops: Mutex<()>,
     /// Devices that failed since the bus layer last looked, with why.
     failures: Mutex<Vec<(String, String)>>,
+    /// VFs may have appeared or vanished since the table was last re-read.
+    topology_changed: std::sync::atomic::AtomicBool,
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
@@ -79,6 +81,7 @@ impl Core {
             store,
             ops: Mutex::new(()),
             failures: Mutex::new(Vec::new()),
+            topology_changed: std::sync::atomic::AtomicBool::new(false),
             config,
             audit,
             metrics: Metrics::default(),
@@ -184,6 +187,30 @@ impl Core {
             .collect()
     }
 
+    /// Re-reads the table if an operation may have changed which functions exist.
+    pub fn refresh_if_changed(&self) -> Result<(Vec<String>, Vec<String>), ApiError> {
+        if self.topology_changed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.refresh()
+        } else {
+            Ok((vec![], vec![]))
+        }
+    }
+
+    /// Re-reads the driver of the functions an operation moved (a whole re-read is
+    /// for topology changes).
+    fn touch(&self, addrs: &[String]) {
+        let now: Vec<(String, String)> = addrs
+            .iter()
+            .filter_map(|a| {
+                let f = PciFunction::read(&self.sys, &a.parse().ok()?)?;
+                Some((a.clone(), f.driver.unwrap_or_default()))
+            })
+            .collect();
+        if let Err(e) = self.store().set_drivers(&now) {
+            eprintln!("vfio-manager: cannot record drivers: {e}");
+        }
+    }
+
     /// Re-reads sysfs into the table. Returns the addresses that appeared and vanished.
     pub fn refresh(&self) -> Result<(Vec<String>, Vec<String>), ApiError> {
         let seen = self.scan();
@@ -282,6 +309,7 @@ impl Core {
             created_at: now(),
         };
         self.store().commit_lease(&row, intent).map_err(failed)?;
+        self.touch(&addrs_of(&row));
         Ok((self.lease_view(&row), true))
     }
 
@@ -366,7 +394,7 @@ impl Core {
                 }
             }
         }
-        let _ = self.refresh();
+        self.topology_changed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Releases a lease (by lease id or request id). `Ok(None)`: it was already released.
@@ -523,7 +551,7 @@ impl Core {
                 .map_err(failed)?;
             let r = f();
             let _ = self.store().end_intent(intent);
-            let _ = self.refresh();
+            self.topology_changed.store(true, std::sync::atomic::Ordering::SeqCst);
             r
         });
         let outcome = r
@@ -626,6 +654,9 @@ impl Core {
             let r = retry(|| self.bind(&a.to_string(), false, 0));
             log.push(format!("restore: {a}: vfio-pci: {}", outcome(&r)));
         }
+        if let Err(e) = self.refresh() {
+            log.push(format!("restore: cannot re-read the table: {e}"));
+        }
         log
     }
 
@@ -660,6 +691,10 @@ fn outcome<T, E: std::fmt::Display>(r: &Result<T, E>) -> String {
 
 fn moved(m: Vec<vf_provisioner::ops::bind::Moved>) -> Vec<String> {
     m.iter().map(|m| m.address.to_string()).collect()
+}
+
+fn addrs_of(row: &LeaseRow) -> Vec<String> {
+    row.devices.iter().map(|(a, _)| a.clone()).collect()
 }
 
 fn addresses(l: &Lease) -> Vec<String> {

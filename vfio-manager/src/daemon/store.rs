@@ -306,6 +306,21 @@ impl Store {
         tx.commit().map_err(err)
     }
 
+    /// Records the drivers sysfs shows now for these functions.
+    pub fn set_drivers(&mut self, drivers: &[(String, String)]) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        for (a, d) in drivers {
+            tx.execute("UPDATE devices SET driver = ?2 WHERE address = ?1", [a, d])
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
     pub fn set_health(&self, address: &str, health: &str, error: bool) -> Result<()> {
         self.conn
             .execute(
