@@ -555,10 +555,18 @@ fn metrics_are_valid_prometheus_text() {
 
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let get = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    // Seen once under a loaded machine: a connection reset before the request was
+    // written. A scraper retries; so does this.
+    let out = (0..5)
+        .find_map(|_| get().map_err(|e| { eprintln!("GET {path}: {e}; retrying"); std::thread::sleep(std::time::Duration::from_millis(100)) }).ok())
+        .expect("GET succeeds within 5 tries");
     // The body only: promtool reads exposition text, not HTTP.
     out.split_once("\r\n\r\n").map_or(out.clone(), |(_, body)| body.to_string())
 }
