@@ -19,7 +19,11 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Runs `op(client, thread, round)` from CLIENTS threads at once; returns sorted latencies.
-fn measure(bus: &Arc<common::Bus>, rounds: usize, op: fn(&vfio_manager::cli::client::Client, usize, usize)) -> Vec<Duration> {
+fn measure(
+    bus: &Arc<common::Bus>,
+    rounds: usize,
+    op: fn(&vfio_manager::cli::client::Client, usize, usize),
+) -> Vec<Duration> {
     let start = Arc::new(Barrier::new(CLIENTS));
     let threads: Vec<_> = (0..CLIENTS)
         .map(|t| {
@@ -37,7 +41,10 @@ fn measure(bus: &Arc<common::Bus>, rounds: usize, op: fn(&vfio_manager::cli::cli
             })
         })
         .collect();
-    let mut all: Vec<Duration> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     all.sort();
     all
 }
@@ -61,7 +68,10 @@ fn ping(c: &vfio_manager::cli::client::Client, _: usize, _: usize) {
 }
 
 fn main() {
-    let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(20);
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(20);
     let bus = Arc::new(common::Bus::open());
     // 16 PFs x 4 VFs: every client can hold one while the others do.
     let _d = common::Daemon::start(&bus, layouts::large(16, 4), "", &[]);

@@ -565,10 +565,18 @@ fn http_get(addr: &str, path: &str) -> String {
     // Seen once under a loaded machine: a connection reset before the request was
     // written. A scraper retries; so does this.
     let out = (0..5)
-        .find_map(|_| get().map_err(|e| { eprintln!("GET {path}: {e}; retrying"); std::thread::sleep(std::time::Duration::from_millis(100)) }).ok())
+        .find_map(|_| {
+            get()
+                .map_err(|e| {
+                    eprintln!("GET {path}: {e}; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(100))
+                })
+                .ok()
+        })
         .expect("GET succeeds within 5 tries");
     // The body only: promtool reads exposition text, not HTTP.
-    out.split_once("\r\n\r\n").map_or(out.clone(), |(_, body)| body.to_string())
+    out.split_once("\r\n\r\n")
+        .map_or(out.clone(), |(_, body)| body.to_string())
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! change to the host is one operation at a time (`ops` lock), written as an intent
 //! before the kernel is touched and committed after (see `store`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,8 @@ pub struct Core {
     failures: Mutex<Vec<(String, String)>>,
     /// VFs may have appeared or vanished since the table was last re-read.
     topology_changed: std::sync::atomic::AtomicBool,
+    /// Functions that appeared and vanished, not yet published.
+    changes: Mutex<(Vec<String>, Vec<String>)>,
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
@@ -82,6 +84,7 @@ impl Core {
             ops: Mutex::new(()),
             failures: Mutex::new(Vec::new()),
             topology_changed: std::sync::atomic::AtomicBool::new(false),
+            changes: Mutex::new((Vec::new(), Vec::new())),
             config,
             audit,
             metrics: Metrics::default(),
@@ -187,13 +190,18 @@ impl Core {
             .collect()
     }
 
-    /// Re-reads the table if an operation may have changed which functions exist.
-    pub fn refresh_if_changed(&self) -> Result<(Vec<String>, Vec<String>), ApiError> {
-        if self.topology_changed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.refresh()
-        } else {
-            Ok((vec![], vec![]))
+    /// The functions that appeared and vanished since the last call, re-reading the
+    /// table first if an operation may have changed which functions exist.
+    pub fn take_changes(&self) -> (Vec<String>, Vec<String>) {
+        if self
+            .topology_changed
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            if let Err(e) = self.refresh() {
+                eprintln!("vfio-manager: cannot re-read the table: {e}");
+            }
         }
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Re-reads the driver of the functions an operation moved (a whole re-read is
@@ -211,8 +219,9 @@ impl Core {
         }
     }
 
-    /// Re-reads sysfs into the table. Returns the addresses that appeared and vanished.
-    pub fn refresh(&self) -> Result<(Vec<String>, Vec<String>), ApiError> {
+    /// Re-reads sysfs into the table, noting what appeared and vanished for
+    /// `take_changes`.
+    pub fn refresh(&self) -> Result<(), ApiError> {
         let seen = self.scan();
         let mut store = self.store();
         let before: BTreeSet<String> = store
@@ -223,11 +232,12 @@ impl Core {
             .map(|d| d.address)
             .collect();
         store.sync_devices(&seen).map_err(failed)?;
+        drop(store);
         let after: BTreeSet<String> = seen.into_iter().map(|d| d.address).collect();
-        Ok((
-            after.difference(&before).cloned().collect(),
-            before.difference(&after).cloned().collect(),
-        ))
+        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        changes.0.extend(after.difference(&before).cloned());
+        changes.1.extend(before.difference(&after).cloned());
+        Ok(())
     }
 
     // ---- leases --------------------------------------------------------------
@@ -315,10 +325,10 @@ impl Core {
 
     /// Free functions for `req`, enabling VFs on managed PFs that have none if short.
     fn choose(&self, req: &Request) -> Result<Vec<PciFunction>, ApiError> {
-        let mut free = self.free_for(req)?;
+        let (mut free, mut n) = self.free_for(req)?;
         if free.len() < req.count as usize {
             self.enable_idle_pfs(req);
-            free = self.free_for(req)?;
+            (free, n) = self.free_for(req)?;
         }
         if free.len() < req.count as usize {
             return Err(ApiError::NoDevice(format!(
@@ -327,49 +337,63 @@ impl Core {
                 req.count,
                 req.profile,
                 if req.numa_node >= 0 { format!(" on NUMA node {}", req.numa_node) } else { String::new() },
-                free.len()
+                n
             )));
         }
-        free.truncate(req.count as usize);
         Ok(free)
     }
 
-    /// VFs that match `req`, are not leased, not held open, alone in their IOMMU
-    /// group and not needed by the host; preferred PFs first.
-    fn free_for(&self, req: &Request) -> Result<Vec<PciFunction>, ApiError> {
-        let host = Host::scan(&self.sys);
-        let store = self.store();
-        let filter = self.raw.filter();
-        let mut free: Vec<PciFunction> = Vec::new();
-        for f in host.functions.values() {
-            let Some(pf) = f.physfn.and_then(|p| host.get(&p)) else {
-                continue;
-            };
-            let ok = filter.is_managed(pf)
-                && !filter.is_excluded(f)
-                && profile_matches(&req.profile, pf)
-                && (req.numa_node < 0 || f.numa_node == Some(req.numa_node as u32))
-                && f.iommu_group
-                    .is_some_and(|g| vf_provisioner::host::group_members(&self.sys, g).len() == 1)
-                && host.holders_of(f).is_empty()
-                && host_critical(&self.sys, f).is_none()
-                && store
-                    .holder(&f.address.to_string())
-                    .map_err(failed)?
-                    .is_none();
-            if ok {
-                free.push(f.clone());
-            }
-        }
-        let rank = |f: &PciFunction| {
-            let pf = f.physfn.map(|p| p.to_string()).unwrap_or_default();
+    /// Up to `req.count` VFs that match `req`, are not leased, not held open, alone
+    /// in their IOMMU group and not needed by the host; preferred PFs first. The
+    /// table names the candidates (kept true by uevents and after every change);
+    /// each chosen one is then checked against sysfs itself. Also returns how many
+    /// candidates the table had.
+    fn free_for(&self, req: &Request) -> Result<(Vec<PciFunction>, usize), ApiError> {
+        let rank = |pf: &str| {
             req.pfs
                 .iter()
                 .position(|p| normalize(p) == pf)
                 .unwrap_or(usize::MAX)
         };
-        free.sort_by_key(|f| (rank(f), f.address));
-        Ok(free)
+        let mut candidates: Vec<DeviceInfo> = self
+            .devices()?
+            .into_iter()
+            .filter(|d| !d.pf.is_empty() && d.lease_id.is_empty() && d.health != "missing")
+            .filter(|d| req.numa_node < 0 || d.numa_node == req.numa_node)
+            .collect();
+        candidates.sort_by(|a, b| (rank(&a.pf), &a.address).cmp(&(rank(&b.pf), &b.address)));
+        let filter = self.raw.filter();
+        let mut pfs: BTreeMap<String, Option<PciFunction>> = BTreeMap::new();
+        let mut free = Vec::new();
+        for d in &candidates {
+            if free.len() == req.count as usize {
+                break;
+            }
+            let pf = pfs
+                .entry(d.pf.clone())
+                .or_insert_with(|| PciFunction::read(&self.sys, &d.pf.parse().ok()?));
+            let Some(pf) = pf.as_ref() else { continue };
+            let Some(f) = d
+                .address
+                .parse()
+                .ok()
+                .and_then(|a| PciFunction::read(&self.sys, &a))
+            else {
+                continue;
+            };
+            let ok = filter.is_managed(pf)
+                && !filter.is_excluded(&f)
+                && profile_matches(&req.profile, pf)
+                && f.iommu_group
+                    .is_some_and(|g| vf_provisioner::host::group_members(&self.sys, g).len() == 1)
+                && self.held_open(&d.address).is_none()
+                && host_critical(&self.sys, &f).is_none();
+            if ok {
+                free.push(f);
+            }
+        }
+        let n = candidates.len();
+        Ok((free, n))
     }
 
     fn enable_idle_pfs(&self, req: &Request) {
@@ -394,7 +418,9 @@ impl Core {
                 }
             }
         }
-        self.topology_changed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = self.refresh() {
+            eprintln!("vfio-manager: cannot re-read the table: {e}");
+        }
     }
 
     /// Releases a lease (by lease id or request id). `Ok(None)`: it was already released.
@@ -551,7 +577,8 @@ impl Core {
                 .map_err(failed)?;
             let r = f();
             let _ = self.store().end_intent(intent);
-            self.topology_changed.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.topology_changed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             r
         });
         let outcome = r

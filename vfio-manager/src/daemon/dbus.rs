@@ -89,7 +89,7 @@ impl Manager {
             let _ = Manager::device_failed(emitter, &addr, &why).await;
         }
         let core = self.core.clone();
-        if let Ok((added, removed)) = blocking(move || core.refresh_if_changed()).await {
+        if let Ok((added, removed)) = blocking(move || Ok(core.take_changes())).await {
             publish(&self.core, conn, &added, &removed).await;
         }
     }

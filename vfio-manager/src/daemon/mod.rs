@@ -139,6 +139,7 @@ async fn run(opts: Options) -> Result<(), String> {
         .at(api::MANAGER_PATH, manager)
         .await
         .map_err(|e| e.to_string())?;
+    core.take_changes(); // start-up's changes are all in the first publication
     dbus::publish(&core, &conn, &dbus::all_addresses(&core), &[]).await;
     if !opts.no_uevents {
         follow_uevents(core.clone(), conn.clone());
@@ -198,8 +199,11 @@ fn follow_uevents(core: Arc<Core>, conn: Connection) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             while rx.try_recv().is_ok() {}
             let c = core.clone();
-            if let Ok(Ok((added, removed))) = tokio::task::spawn_blocking(move || c.refresh()).await
-            {
+            let changes = tokio::task::spawn_blocking(move || {
+                let _ = c.refresh();
+                c.take_changes()
+            });
+            if let Ok((added, removed)) = changes.await {
                 dbus::publish(&core, &conn, &added, &removed).await;
             }
         }
