@@ -668,3 +668,38 @@ fn the_api_is_introspectable_with_busctl() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "s \"mtgpu\"");
 }
+
+#[test]
+fn signals_announce_leases_and_devices() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "manage = [\"8086:10c9\"]\n", &[]);
+    let mut monitor = std::process::Command::new("dbus-monitor")
+        .args([
+            "--address",
+            &bus.address,
+            "type='signal',interface='org.vfiomanager.VfioManager1.Manager'",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("dbus-monitor (Debian package dbus-bin)");
+    std::thread::sleep(Duration::from_millis(300));
+    let c = bus.client();
+    // No VFs yet: the lease enables them, and they are announced.
+    let l = c.provision(&req("s1", "vm-s", 1)).unwrap();
+    c.release(&l.id).unwrap();
+    c.disable("0000:01:00.0").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    monitor.kill().unwrap();
+    let out = monitor.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (member, arg) in [
+        ("DeviceAdded", "0000:01:10.0"),
+        ("LeaseCreated", l.id.as_str()),
+        ("LeaseReleased", l.id.as_str()),
+        ("DeviceRemoved", "0000:01:10.0"),
+    ] {
+        let at = text.find(&format!("member={member}")).unwrap_or_else(|| panic!("no {member} in:\n{text}"));
+        assert!(text[at..].contains(arg), "{member} without {arg}:\n{text}");
+    }
+    drop(d);
+}
