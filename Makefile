@@ -47,12 +47,16 @@ demo-fake: build
 bench: build bench-real-kernel
 	$(CARGO) build --release -p integration-tests
 	$(RELEASE)/bench-list 64 64 15
+	$(CARGO) bench -p vfio-manager --bench daemon
 
 bench-real-kernel: deps
 	bash tests/real-kernel/run.sh --bench
 
 install: build
 	install -D -m 0755 $(RELEASE)/vfctl $(DESTDIR)/usr/local/bin/vfctl
+	install -D -m 0755 $(RELEASE)/vfio-managerd $(DESTDIR)/usr/bin/vfio-managerd
+	install -D -m 0644 vfio-manager/dist/vfio-manager.service $(DESTDIR)/lib/systemd/system/vfio-manager.service
+	install -D -m 0644 vfio-manager/dist/org.vfiomanager.VfioManager1.conf $(DESTDIR)/usr/share/dbus-1/system.d/org.vfiomanager.VfioManager1.conf
 	mkdir -p $(DESTDIR)/usr/local/share/man/man1 $(DESTDIR)/usr/share/bash-completion/completions
 	$(RELEASE)/vfctl generate man > $(DESTDIR)/usr/local/share/man/man1/vfctl.1
 	$(RELEASE)/vfctl generate bash > $(DESTDIR)/usr/share/bash-completion/completions/vfctl
