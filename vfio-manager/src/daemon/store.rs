@@ -64,6 +64,15 @@ pub struct Store {
     path: String,
 }
 
+/// Names the table's file in an SQLite error (a free function, so that it can be
+/// used while a transaction borrows the connection).
+fn wrap(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
+    move |source| StoreError {
+        path: path.to_string(),
+        source,
+    }
+}
+
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -73,10 +82,7 @@ pub fn now() -> u64 {
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let name = path.display().to_string();
-        let err = |source| StoreError {
-            path: name.clone(),
-            source,
-        };
+        let err = wrap(&name);
         let conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
@@ -91,10 +97,7 @@ impl Store {
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError {
-            path: self.path.clone(),
-            source,
-        }
+        wrap(&self.path)
     }
 
     /// Records that `op` on `lease_id` is about to touch the kernel.
@@ -135,11 +138,7 @@ impl Store {
 
     /// Records a lease and ends its intent, in one transaction.
     pub fn commit_lease(&mut self, lease: &LeaseRow, intent: i64) -> Result<()> {
-        let path = self.path.clone();
-        let err = |source| StoreError {
-            path: path.clone(),
-            source,
-        };
+        let err = wrap(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         let r = &lease.request;
         tx.execute(
@@ -175,11 +174,7 @@ impl Store {
 
     /// Removes a lease, remembers its request id as released, and ends its intent.
     pub fn commit_release(&mut self, lease: &LeaseRow, intent: Option<i64>) -> Result<()> {
-        let path = self.path.clone();
-        let err = |source| StoreError {
-            path: path.clone(),
-            source,
-        };
+        let err = wrap(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute("DELETE FROM lease_devices WHERE lease_id = ?1", [&lease.id])
             .map_err(err)?;
@@ -268,11 +263,7 @@ impl Store {
 
     /// Replaces the device table with what sysfs shows, keeping counters and health.
     pub fn sync_devices(&mut self, seen: &[DeviceInfo]) -> Result<()> {
-        let path = self.path.clone();
-        let err = |source| StoreError {
-            path: path.clone(),
-            source,
-        };
+        let err = wrap(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute("UPDATE devices SET health = 'missing'", [])
             .map_err(err)?;
@@ -308,11 +299,7 @@ impl Store {
 
     /// Records the drivers sysfs shows now for these functions.
     pub fn set_drivers(&mut self, drivers: &[(String, String)]) -> Result<()> {
-        let path = self.path.clone();
-        let err = |source| StoreError {
-            path: path.clone(),
-            source,
-        };
+        let err = wrap(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         for (a, d) in drivers {
             tx.execute("UPDATE devices SET driver = ?2 WHERE address = ?1", [a, d])
