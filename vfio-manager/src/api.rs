@@ -53,6 +53,31 @@ pub struct LeasedDevice {
     pub sysfs_path: String,
     /// `/dev/vfio/<group>` now (group numbers change across boots: never persist it).
     pub vfio_path: String,
+    /// A libvirt `<hostdev>` for the domain XML (`managed='no'`: the daemon binds it).
+    pub libvirt_hostdev: String,
+    /// cloud-hypervisor's `--device` argument.
+    pub ch_device: String,
+}
+
+impl LeasedDevice {
+    pub fn new(address: &str, id: String, group: Option<u32>) -> LeasedDevice {
+        let sysfs_path = format!("/sys/bus/pci/devices/{address}/");
+        let libvirt_hostdev = match address.parse::<vf_provisioner::PciAddress>() {
+            Ok(a) => format!(
+                "<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/></source></hostdev>",
+                a.domain, a.bus, a.device, a.function
+            ),
+            Err(_) => String::new(),
+        };
+        LeasedDevice {
+            address: address.to_string(),
+            id,
+            ch_device: format!("path={sysfs_path}"),
+            sysfs_path,
+            vfio_path: group.map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
+            libvirt_hostdev,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]

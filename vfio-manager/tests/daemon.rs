@@ -42,6 +42,15 @@ fn a_lease_is_idempotent_and_its_release_returns_the_devices() {
         .sysfs_path
         .ends_with(&format!("{}/", l.devices[0].address)));
     assert!(l.devices[0].vfio_path.starts_with("/dev/vfio/"));
+    assert_eq!(
+        l.devices[0].ch_device,
+        format!("path=/sys/bus/pci/devices/{}/", l.devices[0].address)
+    );
+    let a: vf_provisioner::PciAddress = l.devices[0].address.parse().unwrap();
+    assert_eq!(
+        l.devices[0].libvirt_hostdev,
+        format!("<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x{:02x}' slot='0x00' function='0x{:x}'/></source></hostdev>", a.bus, a.function)
+    );
     // The same request id: the same lease, nothing new bound.
     assert_eq!(c.provision(&req("r1", "web-1", 2)).unwrap(), l);
     // The same id with other parameters is a mistake, not a second lease.

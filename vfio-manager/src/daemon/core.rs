@@ -142,14 +142,8 @@ impl Core {
                     .parse()
                     .ok()
                     .and_then(|a| PciFunction::read(&self.sys, &a));
-                LeasedDevice {
-                    address: a.clone(),
-                    id: f.as_ref().map_or_else(String::new, |f| f.id.clone()),
-                    sysfs_path: format!("/sys/bus/pci/devices/{a}/"),
-                    vfio_path: f
-                        .and_then(|f| f.iommu_group)
-                        .map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
-                }
+                let id = f.as_ref().map_or_else(String::new, |f| f.id.clone());
+                LeasedDevice::new(a, id, f.and_then(|f| f.iommu_group))
             })
             .collect();
         Lease {
