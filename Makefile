@@ -59,6 +59,8 @@ install: build
 	install -D -m 0644 vfio-manager/dist/org.vfiomanager.VfioManager1.conf $(DESTDIR)/usr/share/dbus-1/system.d/org.vfiomanager.VfioManager1.conf
 	mkdir -p $(DESTDIR)/usr/local/share/man/man1 $(DESTDIR)/usr/share/bash-completion/completions
 	$(RELEASE)/vfctl generate man > $(DESTDIR)/usr/local/share/man/man1/vfctl.1
+	mkdir -p $(DESTDIR)/usr/local/share/man/man8
+	$(RELEASE)/vfctl generate daemon-man > $(DESTDIR)/usr/local/share/man/man8/vfio-managerd.8
 	$(RELEASE)/vfctl generate bash > $(DESTDIR)/usr/share/bash-completion/completions/vfctl
 
 clean:

@@ -151,9 +151,10 @@ enum Command {
         #[arg(long, default_value = "captured")]
         name: String,
     },
-    /// Print shell completions (bash, zsh, fish, ...) or the man page (changes nothing).
+    /// Print shell completions (bash, zsh, fish, ...), vfctl's man page, or
+    /// vfio-managerd's (`daemon-man`) (changes nothing).
     Generate {
-        #[arg(value_parser = ["bash", "zsh", "fish", "elvish", "powershell", "man"])]
+        #[arg(value_parser = ["bash", "zsh", "fish", "elvish", "powershell", "man", "daemon-man"])]
         what: String,
     },
     /// Build a fake host tree for tests and demos. Creates files under DIR only.
@@ -483,8 +484,13 @@ fn or_nothing(v: &[String]) -> String {
 fn generate(what: &str, out: &mut dyn Write) -> Result<u8, CliError> {
     use clap::CommandFactory;
     let mut cmd = Cli::command();
-    if what == "man" {
+    if what == "daemon-man" {
+        cmd = crate::daemon::Options::command();
+    }
+    if what == "man" || what == "daemon-man" {
+        let section = if what == "man" { "1" } else { "8" };
         clap_mangen::Man::new(cmd)
+            .section(section)
             .render(out)
             .map_err(CliError::Output)?;
         return Ok(exit::OK);
