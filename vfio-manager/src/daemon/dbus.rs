@@ -2,7 +2,7 @@
 //! caller, decodes its arguments, runs the policy (`Core`) off the bus thread and
 //! emits the signals that follow. Names and types are in `crate::api`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use zbus::message::Header;
@@ -92,6 +92,23 @@ impl Manager {
         if let Ok((added, removed)) = blocking(move || Ok(core.take_changes())).await {
             publish(&self.core, conn, &added, &removed).await;
         }
+    }
+
+    /// A direct request (enable, disable, bind, unbind): check the caller, run `op`
+    /// with their uid off the bus thread, publish what changed.
+    async fn direct(
+        &self,
+        hdr: &Header<'_>,
+        conn: &Connection,
+        emitter: &SignalEmitter<'_>,
+        what: &str,
+        op: impl FnOnce(&Core, u32) -> Result<Vec<String>, ApiError> + Send + 'static,
+    ) -> Result<Vec<String>, ApiError> {
+        let uid = self.authorize(hdr, what).await?;
+        let core = self.core.clone();
+        let r = blocking(move || op(&core, uid)).await;
+        self.after(conn, emitter).await;
+        r
     }
 }
 
@@ -222,11 +239,10 @@ impl Manager {
         pf: String,
         count: u32,
     ) -> Result<Vec<String>, ApiError> {
-        let uid = self.authorize(&hdr, "enable VFs").await?;
-        let core = self.core.clone();
-        let r = blocking(move || core.enable_vfs(&pf, (count > 0).then_some(count), uid)).await;
-        self.after(conn, &emitter).await;
-        r
+        self.direct(&hdr, conn, &emitter, "enable VFs", move |c, uid| {
+            c.enable_vfs(&pf, (count > 0).then_some(count), uid)
+        })
+        .await
     }
 
     async fn disable_vfs(
@@ -236,11 +252,10 @@ impl Manager {
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
         pf: String,
     ) -> Result<Vec<String>, ApiError> {
-        let uid = self.authorize(&hdr, "disable VFs").await?;
-        let core = self.core.clone();
-        let r = blocking(move || core.disable_vfs(&pf, uid)).await;
-        self.after(conn, &emitter).await;
-        r
+        self.direct(&hdr, conn, &emitter, "disable VFs", move |c, uid| {
+            c.disable_vfs(&pf, uid)
+        })
+        .await
     }
 
     /// Binds a function (and with `whole_group` its group) to vfio-pci.
@@ -252,11 +267,10 @@ impl Manager {
         address: String,
         whole_group: bool,
     ) -> Result<Vec<String>, ApiError> {
-        let uid = self.authorize(&hdr, "bind devices").await?;
-        let core = self.core.clone();
-        let r = blocking(move || core.bind(&address, whole_group, uid)).await;
-        self.after(conn, &emitter).await;
-        r
+        self.direct(&hdr, conn, &emitter, "bind devices", move |c, uid| {
+            c.bind(&address, whole_group, uid)
+        })
+        .await
     }
 
     async fn unbind(
@@ -267,11 +281,10 @@ impl Manager {
         address: String,
         whole_group: bool,
     ) -> Result<Vec<String>, ApiError> {
-        let uid = self.authorize(&hdr, "unbind devices").await?;
-        let core = self.core.clone();
-        let r = blocking(move || core.unbind(&address, whole_group, uid)).await;
-        self.after(conn, &emitter).await;
-        r
+        self.direct(&hdr, conn, &emitter, "unbind devices", move |c, uid| {
+            c.unbind(&address, whole_group, uid)
+        })
+        .await
     }
 
     #[zbus(signal)]
@@ -353,15 +366,9 @@ impl DeviceObject {
     }
 }
 
-/// The addresses the table holds now, for the first publication of objects.
+/// The addresses the table holds now (unique, in order), for the first publication.
 pub fn all_addresses(core: &Core) -> Vec<String> {
     core.devices()
-        .map(|d| {
-            d.into_iter()
-                .map(|d| d.address)
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect()
-        })
+        .map(|d| d.into_iter().map(|d| d.address).collect())
         .unwrap_or_default()
 }
