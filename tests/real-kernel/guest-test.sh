@@ -53,11 +53,16 @@ cat > /tmp/bus.conf <<'CONF'
 CONF
 /tmp/dbus/lib/ld-linux-x86-64.so.2 --library-path /tmp/dbus/lib /tmp/dbus/dbus-daemon --config-file=/tmp/bus.conf --nofork --nopidfile > /tmp/bus.log 2>&1 &
 export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
-./vfio-managerd --config /tmp/config.toml --state-dir /tmp/state --audit-log /tmp/audit.log > /tmp/daemon.log 2>&1 &
+# Desired state: 2 NVMe VFs restored at start (boot restore on the real kernel).
+cp /tmp/config.toml /tmp/daemon.toml
+printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n' >> /tmp/daemon.toml
+./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/audit.log > /tmp/daemon.log 2>&1 &
 daemon=$!
 up=0
 for i in $(seq 1 100); do ./vfctl leases > /dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
 [ $up = 1 ] && pass "daemon up on a real dbus-daemon" || { fail "daemon up on a real dbus-daemon"; cat /tmp/bus.log /tmp/daemon.log; }
+[ "$(cat /sys/bus/pci/devices/0000:02:00.0/sriov_numvfs)" = 2 ] && [ ! -e /sys/bus/pci/devices/0000:02:00.1/driver ] \
+    && pass "daemon restored 2 NVMe VFs at start, autoprobe off" || { fail "boot restore"; cat /tmp/daemon.log; }
 ./vfctl provision --vm nested-1 --profile 8086:10c9 --count 2 --request-id r1 -o json > /tmp/lease.json 2>&1
 vfs=$(grep -o '"address": "[^"]*"' /tmp/lease.json | cut -d'"' -f4)
 n=0; for v in $vfs; do [ "$(basename "$(readlink /sys/bus/pci/devices/$v/driver)")" = vfio-pci ] && n=$((n+1)); done
@@ -69,11 +74,11 @@ expect "daemon releases the lease" 0 ./vfctl release r1
 n=0; for v in $vfs; do [ "$(basename "$(readlink /sys/bus/pci/devices/$v/driver 2>/dev/null)")" != vfio-pci ] && n=$((n+1)); done
 [ $n = 2 ] && pass "released VFs are off vfio-pci" || fail "released VFs are off vfio-pci"
 # A change behind the daemon's back reaches its table through uevents.
-echo 2 > /sys/bus/pci/devices/0000:02:00.0/sriov_numvfs
-seen=0
-for i in $(seq 1 50); do ./vfctl list | grep -q '^0000:02:00.2 ' && { seen=1; break; }; sleep 0.1; done
-[ $seen = 1 ] && pass "uevents: VFs enabled by hand appear in the daemon's table" || { fail "uevents"; ./vfctl list; }
+./vfctl list | grep -q '^0000:02:00.2 ' || fail "restored NVMe VFs in the daemon's table"
 echo 0 > /sys/bus/pci/devices/0000:02:00.0/sriov_numvfs
+gone=0
+for i in $(seq 1 50); do ./vfctl list | grep -q '^0000:02:00.2 ' || { gone=1; break; }; sleep 0.1; done
+[ $gone = 1 ] && pass "uevents: VFs removed by hand leave the daemon's table" || { fail "uevents"; ./vfctl list; }
 expect "daemon disables the igb VFs it enabled" 0 ./vfctl disable 0000:01:00.0
 kill $daemon; wait $daemon 2>/dev/null
 grep -q 'vfio-manager: stopping' /tmp/daemon.log && pass "daemon stops on SIGTERM" || { fail "daemon stops on SIGTERM"; cat /tmp/daemon.log; }

@@ -3,6 +3,7 @@
 //! before the kernel is touched and committed after (see `store`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,7 @@ pub struct Core {
     /// Devices that failed since the bus layer last looked, with why.
     failures: Mutex<Vec<(String, String)>>,
     /// VFs may have appeared or vanished since the table was last re-read.
-    topology_changed: std::sync::atomic::AtomicBool,
+    topology_changed: AtomicBool,
     /// Functions that appeared and vanished, not yet published.
     changes: Mutex<(Vec<String>, Vec<String>)>,
     config: Config,
@@ -83,7 +84,7 @@ impl Core {
             store,
             ops: Mutex::new(()),
             failures: Mutex::new(Vec::new()),
-            topology_changed: std::sync::atomic::AtomicBool::new(false),
+            topology_changed: AtomicBool::new(false),
             changes: Mutex::new((Vec::new(), Vec::new())),
             config,
             audit,
@@ -187,10 +188,7 @@ impl Core {
     /// The functions that appeared and vanished since the last call, re-reading the
     /// table first if an operation may have changed which functions exist.
     pub fn take_changes(&self) -> (Vec<String>, Vec<String>) {
-        if self
-            .topology_changed
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.topology_changed.swap(false, Ordering::SeqCst) {
             if let Err(e) = self.refresh() {
                 eprintln!("vfio-manager: cannot re-read the table: {e}");
             }
@@ -571,8 +569,7 @@ impl Core {
                 .map_err(failed)?;
             let r = f();
             let _ = self.store().end_intent(intent);
-            self.topology_changed
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.topology_changed.store(true, Ordering::SeqCst);
             r
         });
         let outcome = r
