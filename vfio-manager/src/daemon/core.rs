@@ -1,14 +1,17 @@
 //! Where policy decides: leases, the pool, boot restore and crash recovery. Every
-//! change to the host is one operation at a time (`ops` lock), written as an intent
-//! before the kernel is touched and committed after (see `store`).
+//! change to the host is written as an intent before the kernel is touched and
+//! committed after (see `store`). Lease operations run side by side, each on the
+//! devices it claimed (a GPU reset can take a second; other VMs should not wait for
+//! it); operations that change which functions exist run alone (`ops` lock).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vf_provisioner::ops::host_critical;
+use vf_provisioner::sysfs::link_name;
 use vf_provisioner::{
     holders, DeviceFilter, Host, LeaseCheck, PciAddress, PciFunction, Provisioner, Sysfs,
 };
@@ -30,7 +33,12 @@ pub struct Core {
     /// For direct requests (enable, bind, ...): refuses devices that are leased.
     guarded: Provisioner,
     store: Arc<Mutex<Store>>,
-    ops: Mutex<()>,
+    /// Shared by lease operations, exclusive for the rest (enable, bind, recovery).
+    ops: RwLock<()>,
+    /// Devices and request ids that lease operations in flight are working on.
+    claims: Claims,
+    /// Enabling VFs on idle PFs for a short provision, one at a time.
+    enabling: Mutex<()>,
     /// Devices that failed since the bus layer last looked, with why.
     failures: Mutex<Vec<(String, String)>>,
     /// VFs may have appeared or vanished since the table was last re-read.
@@ -40,6 +48,73 @@ pub struct Core {
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
+}
+
+/// Names (device addresses, `request ID`) held by operations in flight.
+#[derive(Default)]
+struct Claims {
+    held: Mutex<BTreeSet<String>>,
+    freed: Condvar,
+}
+
+impl Claims {
+    fn held(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn none(&self) -> Claim<'_> {
+        Claim {
+            claims: self,
+            names: Vec::new(),
+        }
+    }
+
+    /// Waits until no one holds any of `names`, then holds them all.
+    fn wait(&self, names: Vec<String>) -> Claim<'_> {
+        let mut held = self.held();
+        while names.iter().any(|n| held.contains(n)) {
+            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.extend(names.iter().cloned());
+        Claim {
+            claims: self,
+            names,
+        }
+    }
+}
+
+/// Names held until dropped.
+struct Claim<'a> {
+    claims: &'a Claims,
+    names: Vec<String>,
+}
+
+impl Claim<'_> {
+    /// Holds `name` too, unless someone else holds it.
+    fn try_add(&mut self, name: &str) -> bool {
+        let added = self.claims.held().insert(name.to_string());
+        if added {
+            self.names.push(name.to_string());
+        }
+        added
+    }
+
+    fn remove_last(&mut self) {
+        if let Some(n) = self.names.pop() {
+            self.claims.held().remove(&n);
+            self.claims.freed.notify_all();
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut held = self.claims.held();
+        for n in &self.names {
+            held.remove(n);
+        }
+        self.claims.freed.notify_all();
+    }
 }
 
 /// What a provision intent was about to do, for recovery.
@@ -82,7 +157,9 @@ impl Core {
                 .with_leases(Arc::new(Leases(store.clone()))),
             sys,
             store,
-            ops: Mutex::new(()),
+            ops: RwLock::new(()),
+            claims: Claims::default(),
+            enabling: Mutex::new(()),
             failures: Mutex::new(Vec::new()),
             topology_changed: AtomicBool::new(false),
             changes: Mutex::new((Vec::new(), Vec::new())),
@@ -104,8 +181,14 @@ impl Core {
         self.store().lease(id).map_err(failed)
     }
 
-    fn serialize(&self) -> MutexGuard<'_, ()> {
-        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    /// For operations that may change which functions exist or bypass the leases.
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.ops.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// For lease operations, which meet only in `claims`.
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.ops.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` as operation `op`, recording its latency and outcome.
@@ -139,12 +222,8 @@ impl Core {
             .devices
             .iter()
             .map(|(a, _)| {
-                let f = a
-                    .parse()
-                    .ok()
-                    .and_then(|a| PciFunction::read(&self.sys, &a));
-                let id = f.as_ref().map_or_else(String::new, |f| f.id.clone());
-                LeasedDevice::new(a, id, f.and_then(|f| f.iommu_group))
+                let (id, group) = self.store().identity(a).ok().flatten().unwrap_or_default();
+                LeasedDevice::new(a, id, u32::try_from(group).ok())
             })
             .collect();
         Lease {
@@ -202,8 +281,13 @@ impl Core {
         let now: Vec<(String, String)> = addrs
             .iter()
             .filter_map(|a| {
-                let f = PciFunction::read(&self.sys, &a.parse().ok()?)?;
-                Some((a.clone(), f.driver.unwrap_or_default()))
+                let dir = self.sys.device_dir(&a.parse().ok()?);
+                dir.exists().then(|| {
+                    (
+                        a.clone(),
+                        link_name(&dir.join("driver")).unwrap_or_default(),
+                    )
+                })
             })
             .collect();
         if let Err(e) = self.store().set_drivers(&now) {
@@ -237,8 +321,12 @@ impl Core {
     pub fn provision(&self, req: Request, uid: u32) -> Result<(Lease, bool), ApiError> {
         validate(&req)?;
         let r = self.timed("provision", || {
-            let _one = self.serialize();
-            self.provision_locked(&req)
+            let _shared = self.shared();
+            // The same request id twice at once: the second waits and gets the first's lease.
+            let _same = self
+                .claims
+                .wait(vec![format!("request {}", req.request_id)]);
+            self.provision_claimed(&req)
         });
         match &r {
             Ok((lease, true)) => self.audit.record(
@@ -258,7 +346,7 @@ impl Core {
     }
 
     /// Returns the lease and whether it is new (false: the request id's earlier lease).
-    fn provision_locked(&self, req: &Request) -> Result<(Lease, bool), ApiError> {
+    fn provision_claimed(&self, req: &Request) -> Result<(Lease, bool), ApiError> {
         // (Each store() guard is let go before the next: a guard held in an `if let`
         // scrutinee would deadlock a later store() in its body.)
         let earlier = self.store().lease(&req.request_id).map_err(failed)?;
@@ -280,7 +368,7 @@ impl Core {
                 req.request_id
             )));
         }
-        let chosen = self.choose(req)?;
+        let (chosen, _claim) = self.choose(req)?;
         let lease_id = new_id();
         let planned: Vec<(String, String)> = chosen
             .iter()
@@ -315,12 +403,14 @@ impl Core {
         Ok((self.lease_view(&row), true))
     }
 
-    /// Free functions for `req`, enabling VFs on managed PFs that have none if short.
-    fn choose(&self, req: &Request) -> Result<Vec<PciFunction>, ApiError> {
-        let (mut free, mut n) = self.free_for(req)?;
+    /// Free functions for `req`, claimed, enabling VFs on managed PFs that have none
+    /// if short.
+    fn choose(&self, req: &Request) -> Result<(Vec<PciFunction>, Claim<'_>), ApiError> {
+        let (mut free, mut n, mut claim) = self.free_for(req)?;
         if free.len() < req.count as usize {
+            drop(claim);
             self.enable_idle_pfs(req);
-            (free, n) = self.free_for(req)?;
+            (free, n, claim) = self.free_for(req)?;
         }
         if free.len() < req.count as usize {
             return Err(ApiError::NoDevice(format!(
@@ -332,15 +422,15 @@ impl Core {
                 n
             )));
         }
-        Ok(free)
+        Ok((free, claim))
     }
 
     /// Up to `req.count` VFs that match `req`, are not leased, not held open, alone
     /// in their IOMMU group and not needed by the host; preferred PFs first. The
     /// table names the candidates (kept true by uevents and after every change);
-    /// each chosen one is then checked against sysfs itself. Also returns how many
-    /// candidates the table had.
-    fn free_for(&self, req: &Request) -> Result<(Vec<PciFunction>, usize), ApiError> {
+    /// each chosen one is claimed, then checked against sysfs itself. Also returns how
+    /// many candidates the table had.
+    fn free_for(&self, req: &Request) -> Result<(Vec<PciFunction>, usize, Claim<'_>), ApiError> {
         let rank = |pf: &str| {
             req.pfs
                 .iter()
@@ -354,9 +444,9 @@ impl Core {
             .filter(|d| req.numa_node < 0 || d.numa_node == req.numa_node)
             .collect();
         candidates.sort_by(|a, b| (rank(&a.pf), &a.address).cmp(&(rank(&b.pf), &b.address)));
-        let filter = self.raw.filter();
         let mut pfs: BTreeMap<String, Option<PciFunction>> = BTreeMap::new();
         let mut free = Vec::new();
+        let mut claim = self.claims.none();
         for d in &candidates {
             if free.len() == req.count as usize {
                 break;
@@ -364,31 +454,39 @@ impl Core {
             let pf = pfs
                 .entry(d.pf.clone())
                 .or_insert_with(|| PciFunction::read(&self.sys, &d.pf.parse().ok()?));
-            let Some(pf) = pf.as_ref() else { continue };
-            let Some(f) = d
-                .address
-                .parse()
-                .ok()
-                .and_then(|a| PciFunction::read(&self.sys, &a))
-            else {
+            let Some(pf) = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf)) else {
                 continue;
             };
-            let ok = filter.is_managed(pf)
-                && !filter.is_excluded(&f)
-                && profile_matches(&req.profile, pf)
-                && f.iommu_group
-                    .is_some_and(|g| vf_provisioner::host::group_members(&self.sys, g).len() == 1)
-                && self.held_open(&d.address).is_none()
-                && host_critical(&self.sys, &f).is_none();
-            if ok {
-                free.push(f);
+            // Claimed first, checked after: whoever claims a device second skips it.
+            if !claim.try_add(&d.address) {
+                continue;
+            }
+            match self.usable(pf, &d.address) {
+                Some(f) => free.push(f),
+                None => claim.remove_last(),
             }
         }
         let n = candidates.len();
-        Ok((free, n))
+        Ok((free, n, claim))
+    }
+
+    /// The VF at `addr` of `pf` as sysfs shows it, if a lease may take it: managed,
+    /// not leased, alone in its IOMMU group, not held open, not needed by the host.
+    fn usable(&self, pf: &PciFunction, addr: &str) -> Option<PciFunction> {
+        let f = PciFunction::read(&self.sys, &addr.parse().ok()?)?;
+        let filter = self.raw.filter();
+        let ok = filter.is_managed(pf)
+            && !filter.is_excluded(&f)
+            && self.store().holder(addr).ok()?.is_none()
+            && f.iommu_group
+                .is_some_and(|g| vf_provisioner::host::group_members(&self.sys, g).len() == 1)
+            && self.group_held_open(&f).is_none()
+            && host_critical(&self.sys, &f).is_none();
+        ok.then_some(f)
     }
 
     fn enable_idle_pfs(&self, req: &Request) {
+        let _one = self.enabling.lock().unwrap_or_else(|e| e.into_inner());
         let host = Host::scan(&self.sys);
         let filter = self.raw.filter();
         for pf in host.pfs() {
@@ -418,8 +516,8 @@ impl Core {
     /// Releases a lease (by lease id or request id). `Ok(None)`: it was already released.
     pub fn release(&self, id: &str, uid: u32) -> Result<Option<Lease>, ApiError> {
         let r = self.timed("release", || {
-            let _one = self.serialize();
-            self.release_locked(id)
+            let _shared = self.shared();
+            self.release_shared(id)
         });
         match &r {
             Ok(Some(l)) => {
@@ -434,8 +532,15 @@ impl Core {
         r
     }
 
-    fn release_locked(&self, id: &str) -> Result<Option<Lease>, ApiError> {
+    fn release_shared(&self, id: &str) -> Result<Option<Lease>, ApiError> {
         let row = self.store().lease(id).map_err(failed)?;
+        // Another release of the same lease may be in flight: wait for its devices,
+        // then look again.
+        let _claim = row.as_ref().map(|r| self.claims.wait(addrs_of(r)));
+        let row = match row {
+            Some(_) => self.store().lease(id).map_err(failed)?,
+            None => None,
+        };
         let Some(row) = row else {
             if self.store().released(id).map_err(failed)?.is_some() {
                 return Ok(None);
@@ -471,7 +576,7 @@ impl Core {
             let Ok(a) = addr.parse::<PciAddress>() else {
                 continue;
             };
-            if PciFunction::read(&self.sys, &a).is_none() {
+            if !self.sys.device_dir(&a).exists() {
                 continue;
             }
             if let Err(e) = self.raw.reset(&a) {
@@ -493,7 +598,10 @@ impl Core {
     }
 
     fn held_open(&self, addr: &str) -> Option<String> {
-        let f = PciFunction::read(&self.sys, &addr.parse().ok()?)?;
+        self.group_held_open(&PciFunction::read(&self.sys, &addr.parse().ok()?)?)
+    }
+
+    fn group_held_open(&self, f: &PciFunction) -> Option<String> {
         let g = f.iommu_group.filter(|_| f.on_vfio())?;
         let h = holders::of_group(&self.sys, g).into_iter().next()?;
         Some(format!("its VFIO group {g} is held open by {h}"))
@@ -562,7 +670,7 @@ impl Core {
         f: impl FnOnce() -> Result<Vec<String>, ApiError>,
     ) -> Result<Vec<String>, ApiError> {
         let r = self.timed(op, || {
-            let _one = self.serialize();
+            let _alone = self.exclusive();
             let intent = self
                 .store()
                 .begin_intent(op, "", &dev.to_string())
@@ -587,7 +695,7 @@ impl Core {
     /// Settles operations that a crash cut off, then makes the table match sysfs.
     /// Returns one line per repair or drift, for the log.
     pub fn recover(&self) -> Result<Vec<String>, ApiError> {
-        let _one = self.serialize();
+        let _alone = self.exclusive();
         let mut log = Vec::new();
         let intents = self.store().intents().map_err(failed)?;
         for i in intents {

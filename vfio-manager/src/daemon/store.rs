@@ -121,7 +121,7 @@ impl Store {
     pub fn intents(&self) -> Result<Vec<Intent>> {
         let mut st = self
             .conn
-            .prepare("SELECT id, op, lease_id, body FROM intents ORDER BY id")
+            .prepare_cached("SELECT id, op, lease_id, body FROM intents ORDER BY id")
             .map_err(self.err())?;
         let rows = st
             .query_map([], |r| {
@@ -206,7 +206,7 @@ impl Store {
     fn lease_query<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<LeaseRow>> {
         let mut st = self
             .conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT id, request, created_at FROM leases {filter} ORDER BY created_at, id"
             ))
             .map_err(self.err())?;
@@ -217,7 +217,7 @@ impl Store {
             .map_err(self.err())?;
         let mut dev = self
             .conn
-            .prepare("SELECT address, driver_before FROM lease_devices WHERE lease_id = ?1 ORDER BY address")
+            .prepare_cached("SELECT address, driver_before FROM lease_devices WHERE lease_id = ?1 ORDER BY address")
             .map_err(self.err())?;
         heads
             .into_iter()
@@ -318,10 +318,21 @@ impl Store {
         Ok(())
     }
 
+    /// A device's model id and IOMMU group as last read from sysfs.
+    pub fn identity(&self, address: &str) -> Result<Option<(String, i64)>> {
+        self.conn
+            .prepare_cached("SELECT id, iommu_group FROM devices WHERE address = ?1")
+            .and_then(|mut st| {
+                st.query_row([address], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.err())
+    }
+
     pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
         let mut st = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT d.address, d.id, d.pf, d.driver, d.iommu_group, d.numa_node, d.health,
                         COALESCE(l.id, ''), COALESCE(l.vm_name, ''), d.provisions, d.errors
                  FROM devices d LEFT JOIN lease_devices ld ON ld.address = d.address

@@ -99,13 +99,25 @@ pub struct Daemon {
     bus: String,
     extra: Vec<String>,
     pub dir: tempfile::TempDir,
+    _host: tempfile::TempDir,
+}
+
+/// A directory for a fake host: in memory where the machine has /dev/shm, as
+/// sysfs is (the state directory stays on disk, where the daemon's is).
+fn host_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vfm-host")
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap()
 }
 
 impl Daemon {
     /// A fake host built from `layout`, a configuration, and the daemon started on `bus`.
     pub fn start(bus: &Bus, layout: Layout, config: &str, extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("host");
+        let host = host_dir();
+        let root = host.path().join("host");
         layout.build(&root).unwrap();
         let cfg = dir.path().join("config.toml");
         std::fs::write(&cfg, config).unwrap();
@@ -118,6 +130,7 @@ impl Daemon {
             bus: bus.address.clone(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             dir,
+            _host: host,
         };
         d.spawn();
         d.wait_ready();
