@@ -57,7 +57,7 @@ fn provision_release(c: &vfio_manager::cli::client::Client, t: usize, r: usize) 
         profile: "vf".into(),
         count: 1,
         numa_node: -1,
-        pfs: vec![],
+        ..Request::default()
     };
     let lease = c.provision(&req).expect("provision");
     c.release(&lease.id).expect("release");

@@ -27,9 +27,10 @@ pub fn device_path(address: &str) -> OwnedObjectPath {
 }
 
 /// What a VM asks for. Sent as the `a{sv}` of `Provision` (keys: `request_id`,
-/// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`), so that fields can be added
-/// without a new API version.
+/// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`, `devices`, `adopt`), so that
+/// fields can be added without a new API version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Request {
     /// Idempotency key: the same id returns the same lease.
     pub request_id: String,
@@ -42,6 +43,27 @@ pub struct Request {
     pub numa_node: i32,
     /// Preferred PFs, tried first in this order.
     pub pfs: Vec<String>,
+    /// Exactly these functions (a domain's `<hostdev>` addresses); `count` is their number.
+    pub devices: Vec<String>,
+    /// Take the devices even if their VFIO group is already open: a running VM whose
+    /// lease was lost (libvirt's `reconnect` after the table was wiped).
+    pub adopt: bool,
+}
+
+impl Default for Request {
+    fn default() -> Request {
+        Request {
+            request_id: String::new(),
+            vm_name: String::new(),
+            vm_uuid: String::new(),
+            profile: "vf".into(),
+            count: 1,
+            numa_node: -1,
+            pfs: Vec::new(),
+            devices: Vec::new(),
+            adopt: false,
+        }
+    }
 }
 
 /// One device of a lease, with what each VMM needs to use it.

@@ -20,7 +20,7 @@ fn req(id: &str, vm: &str, count: u32) -> Request {
         profile: "vf".into(),
         count,
         numa_node: -1,
-        pfs: vec![],
+        ..Request::default()
     }
 }
 

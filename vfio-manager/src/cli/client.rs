@@ -95,6 +95,12 @@ impl Client {
         if !r.pfs.is_empty() {
             opts.insert("pfs", r.pfs.clone().into());
         }
+        if !r.devices.is_empty() {
+            opts.insert("devices", r.devices.clone().into());
+        }
+        if r.adopt {
+            opts.insert("adopt", true.into());
+        }
         self.call("Provision", &(r.vm_name.as_str(), opts))
     }
 

@@ -129,6 +129,13 @@ enum Command {
         /// Preferred PFs, tried first (repeatable).
         #[arg(long = "pf")]
         pfs: Vec<String>,
+        /// Exactly this function (repeatable; --count is then their number).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Print the lease as libvirt `<hostdev>` elements for a domain's <devices>,
+        /// or as cloud-hypervisor `--device` arguments.
+        #[arg(long, value_parser = ["libvirt", "cloud-hypervisor"])]
+        format: Option<String>,
     },
     /// Release a lease by lease id or request id (daemon only). Changes the host:
     /// resets the devices and returns them to their drivers before the lease.
@@ -411,6 +418,8 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
             request_id,
             vm_uuid,
             pfs,
+            devices,
+            format,
         } => {
             let req = Request {
                 request_id: request_id
@@ -419,11 +428,18 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 vm_name: vm.clone(),
                 vm_uuid: vm_uuid.clone(),
                 profile: profile.clone(),
-                count: *count,
+                count: if devices.is_empty() { *count } else { devices.len() as u32 },
                 numa_node: numa.map_or(-1, |n| n as i32),
                 pfs: pfs.clone(),
+                devices: devices.clone(),
+                ..Request::default()
             };
-            r.leases(&[c.provision(&req)?])
+            let lease = c.provision(&req)?;
+            match format.as_deref() {
+                Some("libvirt") => r.libvirt_hostdevs(&lease),
+                Some(_) => r.ch_devices(&lease),
+                None => r.leases(&[lease]),
+            }
         }
         Command::Release { lease } => {
             let released = c.release(lease)?;

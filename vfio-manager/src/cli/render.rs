@@ -261,6 +261,26 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    /// The lease's devices as `<hostdev>` elements for a libvirt domain's `<devices>`.
+    pub fn libvirt_hostdevs(mut self, lease: &Lease) -> Res {
+        self.line(&format!(
+            "<!-- vfio-manager lease {} for VM {} -->",
+            lease.id, lease.vm_name
+        ))?;
+        for d in &lease.devices {
+            self.line(&d.libvirt_hostdev)?;
+        }
+        Ok(exit::OK)
+    }
+
+    /// The lease's devices as cloud-hypervisor `--device` arguments, one per line.
+    pub fn ch_devices(mut self, lease: &Lease) -> Res {
+        for d in &lease.devices {
+            self.line(&format!("--device {}", d.ch_device))?;
+        }
+        Ok(exit::OK)
+    }
+
     pub fn leases(mut self, leases: &[Lease]) -> Res {
         if self.format == Output::Json {
             return self.json(&json!({ "leases": leases }));

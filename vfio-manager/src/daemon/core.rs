@@ -406,6 +406,9 @@ impl Core {
     /// Free functions for `req`, claimed, enabling VFs on managed PFs that have none
     /// if short.
     fn choose(&self, req: &Request) -> Result<(Vec<PciFunction>, Claim<'_>), ApiError> {
+        if !req.devices.is_empty() {
+            return self.take_named(req);
+        }
         let (mut free, mut n, mut claim) = self.free_for(req)?;
         if free.len() < req.count as usize {
             drop(claim);
@@ -461,7 +464,8 @@ impl Core {
             if !claim.try_add(&d.address) {
                 continue;
             }
-            match self.usable(pf, &d.address) {
+            let f = d.address.parse().ok().and_then(|a| PciFunction::read(&self.sys, &a));
+            match f.filter(|f| self.why_not(pf, f, false).is_none()) {
                 Some(f) => free.push(f),
                 None => claim.remove_last(),
             }
@@ -470,19 +474,73 @@ impl Core {
         Ok((free, n, claim))
     }
 
-    /// The VF at `addr` of `pf` as sysfs shows it, if a lease may take it: managed,
-    /// not leased, alone in its IOMMU group, not held open, not needed by the host.
-    fn usable(&self, pf: &PciFunction, addr: &str) -> Option<PciFunction> {
-        let f = PciFunction::read(&self.sys, &addr.parse().ok()?)?;
+    /// Why a lease may not take `f` (of `pf`, itself for a whole function), or None:
+    /// it must be managed, not leased, alone in its IOMMU group, not held open
+    /// (unless adopted), not needed by the host.
+    fn why_not(&self, pf: &PciFunction, f: &PciFunction, adopt: bool) -> Option<String> {
         let filter = self.raw.filter();
-        let ok = filter.is_managed(pf)
-            && !filter.is_excluded(&f)
-            && self.store().holder(addr).ok()?.is_none()
-            && f.iommu_group
-                .is_some_and(|g| vf_provisioner::host::group_members(&self.sys, g).len() == 1)
-            && self.group_held_open(&f).is_none()
-            && host_critical(&self.sys, &f).is_none();
-        ok.then_some(f)
+        let addr = f.address.to_string();
+        if !filter.is_managed(pf) && !filter.is_gpu(f) {
+            return Some(format!(
+                "it is not managed (add its PF {} to `manage` in the configuration)",
+                pf.address
+            ));
+        }
+        if filter.is_excluded(f) {
+            return Some("it is excluded in the configuration".into());
+        }
+        if let Ok(Some((lease, vm))) = self.store().holder(&addr) {
+            return Some(format!("it is leased to VM {vm} (lease {lease})"));
+        }
+        let Some(g) = f.iommu_group else {
+            return Some("it has no IOMMU group (the IOMMU is off)".into());
+        };
+        let members = vf_provisioner::host::group_members(&self.sys, g);
+        if members.len() != 1 {
+            return Some(format!(
+                "its IOMMU group {g} has {} members; a lease takes functions alone in their group",
+                members.len()
+            ));
+        }
+        if !adopt {
+            if let Some(why) = self.group_held_open(f) {
+                return Some(why);
+            }
+        }
+        host_critical(&self.sys, f).map(|why| format!("the host needs it: {why}"))
+    }
+
+    /// Exactly the functions `req.devices` names, claimed, each checked like a pool VF.
+    fn take_named(&self, req: &Request) -> Result<(Vec<PciFunction>, Claim<'_>), ApiError> {
+        let mut claim = self.claims.none();
+        let mut taken = Vec::new();
+        for a in &req.devices {
+            let addr: PciAddress = a.parse()?;
+            let refuse = |why: String| {
+                ApiError::Refused(format!(
+                    "{addr}: cannot lease it to VM {}: {why}; pick another device (`vfctl list`) or release its lease",
+                    req.vm_name
+                ))
+            };
+            if !claim.try_add(&addr.to_string()) {
+                return Err(refuse("another request is taking it right now".into()));
+            }
+            let f = PciFunction::read(&self.sys, &addr).ok_or_else(|| {
+                ApiError::NotFound(format!("{addr}: no such PCI function; `vfctl list` shows the devices"))
+            })?;
+            let pf = match f.physfn {
+                Some(p) => PciFunction::read(&self.sys, &p).ok_or_else(|| refuse(format!("its PF {p} is gone")))?,
+                None => f.clone(),
+            };
+            if !profile_matches(&req.profile, &pf) {
+                return Err(refuse(format!("its PF is a {}, not profile {:?}", pf.id, req.profile)));
+            }
+            if let Some(why) = self.why_not(&pf, &f, req.adopt) {
+                return Err(refuse(why));
+            }
+            taken.push(f);
+        }
+        Ok((taken, claim))
     }
 
     fn enable_idle_pfs(&self, req: &Request) {
@@ -871,8 +929,20 @@ fn validate(r: &Request) -> Result<(), ApiError> {
             r.vm_uuid, r.vm_name
         ));
     }
-    for p in &r.pfs {
+    for p in r.pfs.iter().chain(&r.devices) {
         p.parse::<PciAddress>().map_err(ApiError::from)?;
+    }
+    let named: BTreeSet<String> = r.devices.iter().map(|d| normalize(d)).collect();
+    if named.len() != r.devices.len() {
+        return bad(format!("VM {}: a device is named twice in {:?}", r.vm_name, r.devices));
+    }
+    if !r.devices.is_empty() && r.devices.len() != r.count as usize {
+        return bad(format!(
+            "VM {}: {} devices named but count is {}",
+            r.vm_name,
+            r.devices.len(),
+            r.count
+        ));
     }
     Ok(())
 }

@@ -138,13 +138,8 @@ pub async fn publish(core: &Arc<Core>, conn: &Connection, added: &[String], remo
 
 fn decode_request(vm: String, opts: HashMap<String, OwnedValue>) -> Result<Request, ApiError> {
     let mut r = Request {
-        request_id: String::new(),
         vm_name: vm,
-        vm_uuid: String::new(),
-        profile: "vf".into(),
-        count: 1,
-        numa_node: -1,
-        pfs: Vec::new(),
+        ..Request::default()
     };
     for (k, v) in opts {
         let bad = |e: zbus::zvariant::Error| ApiError::BadInput(format!("request key {k:?}: {e}"));
@@ -155,12 +150,17 @@ fn decode_request(vm: String, opts: HashMap<String, OwnedValue>) -> Result<Reque
             "count" => r.count = u32::try_from(v).map_err(bad)?,
             "numa_node" => r.numa_node = i32::try_from(v).map_err(bad)?,
             "pfs" => r.pfs = Vec::<String>::try_from(v).map_err(bad)?,
+            "devices" => r.devices = Vec::<String>::try_from(v).map_err(bad)?,
+            "adopt" => r.adopt = bool::try_from(v).map_err(bad)?,
             _ => {
                 return Err(ApiError::BadInput(format!(
-                    "unknown request key {k:?}; known: request_id, vm_uuid, profile, count, numa_node, pfs"
+                    "unknown request key {k:?}; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt"
                 )))
             }
         }
+    }
+    if !r.devices.is_empty() {
+        r.count = r.devices.len() as u32;
     }
     if r.request_id.is_empty() {
         // No key given: the request is not idempotent, and gets an id of its own.

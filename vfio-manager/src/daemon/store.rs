@@ -228,7 +228,7 @@ impl Store {
                     .map_err(self.err())?;
                 Ok(LeaseRow {
                     id,
-                    request: serde_json::from_str(&req).unwrap_or_else(|_| blank_request()),
+                    request: serde_json::from_str(&req).unwrap_or_default(),
                     devices,
                     created_at: created as u64,
                 })
@@ -357,17 +357,5 @@ impl Store {
             })
             .map_err(self.err())?;
         rows.collect::<rusqlite::Result<_>>().map_err(self.err())
-    }
-}
-
-fn blank_request() -> Request {
-    Request {
-        request_id: String::new(),
-        vm_name: String::new(),
-        vm_uuid: String::new(),
-        profile: String::new(),
-        count: 0,
-        numa_node: -1,
-        pfs: Vec::new(),
     }
 }

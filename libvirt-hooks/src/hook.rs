@@ -1,0 +1,219 @@
+//! What each libvirt operation means for a domain's lease. libvirt runs
+//! `/etc/libvirt/hooks/qemu NAME OP SUBOP EXTRA` with the domain XML on stdin:
+//!
+//! | operation          | the hook                                                  |
+//! |--------------------|-----------------------------------------------------------|
+//! | `prepare begin`    | leases the domain's devices (bound to vfio-pci) or fails  |
+//! | `started begin`, `reconnect begin`, `attach begin` | makes sure the lease exists, adopting devices the running VM holds (warns, never fails) |
+//! | `release end`      | releases the domain's leases                              |
+//! | `migrate begin`, `restore begin` | leases devices here and prints the XML rewritten for them |
+//! | anything else      | nothing                                                   |
+//!
+//! Leases are found by the domain's UUID. The hook never calls back into libvirt.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use vfio_manager::api::{Lease, Request};
+use vfio_manager::cli::client::Client;
+use vfio_manager::cli::CliError;
+use vf_provisioner::PciAddress;
+
+use crate::domain::{rewrite, Domain, DomainError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("domain {domain}: {what}: {source}")]
+    Daemon {
+        domain: String,
+        what: &'static str,
+        #[source]
+        source: CliError,
+    },
+    #[error("domain {domain}: {what}")]
+    Refused { domain: String, what: String },
+}
+
+/// What the hook prints on stdout: the rewritten XML for `migrate` and `restore`
+/// (nothing means "unchanged" to libvirt).
+pub type Output = Option<String>;
+
+/// Runs operation `op` `sub` for the domain in `xml`; `connect` reaches the daemon
+/// and is only called when the domain may hold devices of ours.
+pub fn run(
+    op: &str,
+    sub: &str,
+    xml: &str,
+    connect: impl FnOnce() -> Result<Client, CliError>,
+) -> Result<Output, HookError> {
+    let wanted = matches!(
+        (op, sub),
+        ("prepare" | "started" | "reconnect" | "attach" | "release" | "migrate" | "restore", _)
+    );
+    if !wanted {
+        return Ok(None);
+    }
+    let d = Domain::parse(xml)?;
+    if !d.may_be_ours() {
+        return Ok(None);
+    }
+    let c = Session {
+        client: connect().map_err(|e| daemon(&d, "the vfio-manager daemon is not reachable", e))?,
+        d: &d,
+    };
+    match (op, sub) {
+        ("prepare", "begin") => c.ensure(false).map(|_| None),
+        // The VM already runs: a failure here must not stop it (libvirt kills a
+        // domain whose reconnect hook fails), so it is reported and passed over.
+        ("started" | "reconnect" | "attach", "begin") => {
+            if let Err(e) = c.ensure(true) {
+                eprintln!("vfio-manager: warning: {op}: {e}");
+            }
+            Ok(None)
+        }
+        ("release", "end") => c.release().map(|_| None),
+        ("migrate" | "restore", "begin") => c.incoming(xml),
+        _ => Ok(None),
+    }
+}
+
+fn daemon(d: &Domain, what: &'static str, source: CliError) -> HookError {
+    HookError::Daemon {
+        domain: d.name.clone(),
+        what,
+        source,
+    }
+}
+
+struct Session<'a> {
+    client: Client,
+    d: &'a Domain,
+}
+
+impl Session<'_> {
+    fn leases(&self) -> Result<Vec<Lease>, HookError> {
+        let all = self
+            .client
+            .leases()
+            .map_err(|e| daemon(self.d, "cannot list leases", e))?;
+        Ok(all
+            .into_iter()
+            .filter(|l| !self.d.uuid.is_empty() && l.vm_uuid == self.d.uuid)
+            .collect())
+    }
+
+    /// The domain's lease, made if it has none. `adopt`: the VM already runs and
+    /// holds the devices open.
+    fn ensure(&self, adopt: bool) -> Result<Option<Lease>, HookError> {
+        if let Some(l) = self.leases()?.into_iter().next() {
+            return Ok(Some(l));
+        }
+        let Some(mut req) = self.request()? else {
+            return Ok(None);
+        };
+        req.adopt = adopt;
+        self.provision(&req).map(Some)
+    }
+
+    fn provision(&self, req: &Request) -> Result<Lease, HookError> {
+        self.client
+            .provision(req)
+            .map_err(|e| daemon(self.d, "cannot lease its devices", e))
+    }
+
+    /// The request for this domain: the lease metadata's hostdevs (or profile and
+    /// count when it has none), else the hostdevs that are devices we manage.
+    fn request(&self) -> Result<Option<Request>, HookError> {
+        let mut req = Request {
+            request_id: request_id(&self.d.uuid),
+            vm_name: self.d.name.clone(),
+            vm_uuid: self.d.uuid.clone(),
+            ..Request::default()
+        };
+        if let Some(w) = &self.d.wanted {
+            req.profile = w.profile.clone();
+            req.count = w.count;
+            req.devices = addresses(self.d.lease_slots().iter().map(|h| h.address));
+        } else {
+            req.devices = self.managed_hostdevs()?;
+        }
+        if !req.devices.is_empty() {
+            req.count = req.devices.len() as u32;
+        }
+        Ok((req.count > 0).then_some(req))
+    }
+
+    /// The `managed='no'` hostdevs that the daemon manages.
+    fn managed_hostdevs(&self) -> Result<Vec<String>, HookError> {
+        let table = self
+            .client
+            .devices()
+            .map_err(|e| daemon(self.d, "cannot list devices", e))?;
+        Ok(addresses(
+            self.d
+                .hostdevs
+                .iter()
+                .filter(|h| !h.managed && table.iter().any(|t| t.address == h.address.to_string()))
+                .map(|h| h.address),
+        ))
+    }
+
+    fn release(&self) -> Result<(), HookError> {
+        for l in self.leases()? {
+            self.client
+                .release(&l.id)
+                .map_err(|e| daemon(self.d, "cannot release its lease", e))?;
+        }
+        Ok(())
+    }
+
+    /// An incoming domain (migration or restore): lease devices here, the same
+    /// addresses if they are free, otherwise any of the profile, and point the
+    /// domain's slots at them.
+    fn incoming(&self, xml: &str) -> Result<Output, HookError> {
+        let slots = self.d.lease_slots();
+        let lease = match self.ensure(false) {
+            Ok(l) => l,
+            Err(taken) if !slots.is_empty() => {
+                let Some(mut req) = self.request()? else { return Err(taken) };
+                req.devices.clear();
+                self.provision(&req).map(Some)?
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(lease) = lease.filter(|_| !slots.is_empty()) else {
+            return Ok(None);
+        };
+        let to: Vec<PciAddress> = lease
+            .devices
+            .iter()
+            .filter_map(|d| d.address.parse().ok())
+            .collect();
+        if to.len() != slots.len() {
+            return Err(HookError::Refused {
+                domain: self.d.name.clone(),
+                what: format!(
+                    "its lease {} has {} devices for {} hostdevs; release it (`vfctl release {}`) and try again",
+                    lease.id,
+                    to.len(),
+                    slots.len(),
+                    lease.id
+                ),
+            });
+        }
+        Ok(Some(rewrite(xml, &slots, &to)))
+    }
+}
+
+fn addresses(a: impl Iterator<Item = PciAddress>) -> Vec<String> {
+    a.map(|a| a.to_string()).collect()
+}
+
+/// A request id of its own for each start: a released request id is never reused.
+fn request_id(uuid: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("libvirt-{uuid}-{nanos:x}")
+}
