@@ -220,7 +220,7 @@ fn a_non_privileged_caller_is_refused_by_the_daemon_and_by_the_bus_policy() {
     )
     .unwrap();
     let vfctl_copy = bin_dir.path().join("vfctl");
-    std::fs::copy(VFCTL, &vfctl_copy).unwrap();
+    std::fs::copy(&*VFCTL, &vfctl_copy).unwrap();
     let run_as_nobody = |bus: &Bus, args: &[&str]| {
         use std::os::unix::process::CommandExt;
         let o = std::process::Command::new(&vfctl_copy)
@@ -448,7 +448,7 @@ fn boot_restores_the_configured_state_and_tells_systemd_it_is_ready() {
         "manage = [\"8086:10c9\", \"1b36:0010\"]\nbind = [\"0000:01:10.2\"]\n[[pf]]\naddress = \"0000:01:00.0\"\nvfs = 3\n[[pf]]\naddress = \"0000:02:00.0\"\nvfs = 2\n",
     )
     .unwrap();
-    let mut child = std::process::Command::new(DAEMON)
+    let mut child = std::process::Command::new(&*DAEMON)
         .arg("--root")
         .arg(&root)
         .arg("--config")

@@ -6,14 +6,32 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use vf_provisioner::fake::Layout;
 use vfio_manager::cli::client::Client;
 use vfio_manager::cli::CliError;
 
-pub const DAEMON: &str = env!("CARGO_BIN_EXE_vfio-managerd");
-pub const VFCTL: &str = env!("CARGO_BIN_EXE_vfctl");
+pub static DAEMON: LazyLock<PathBuf> =
+    LazyLock::new(|| bin("vfio-managerd", option_env!("CARGO_BIN_EXE_vfio-managerd")));
+pub static VFCTL: LazyLock<PathBuf> =
+    LazyLock::new(|| bin("vfctl", option_env!("CARGO_BIN_EXE_vfctl")));
+
+/// A workspace binary: cargo names it for this package's tests; other packages'
+/// tests (the hooks) find it beside their own test executable's directory.
+fn bin(name: &str, from_cargo: Option<&str>) -> PathBuf {
+    let path = from_cargo.map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().and_then(|deps| deps.parent()).unwrap().join(name)
+    });
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build -p vfio-manager` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
 pub const POLICY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/dist/org.vfiomanager.VfioManager1.conf"
@@ -143,7 +161,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(DAEMON)
+        let child = Command::new(&*DAEMON)
             .arg("--root")
             .arg(&self.root)
             .arg("--config")
@@ -251,7 +269,7 @@ pub fn driver(root: &Path, addr: &str) -> Option<String> {
 
 /// Runs vfctl against `bus`, returning (exit code, stdout, stderr).
 pub fn vfctl(bus: &Bus, args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(VFCTL)
+    let o = Command::new(&*VFCTL)
         .args(args)
         .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
         .output()

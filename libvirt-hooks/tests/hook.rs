@@ -1,0 +1,245 @@
+//! The hook binary as libvirt runs it (arguments, XML on stdin, exit status, one
+//! line on failure), against the real daemon on a real dbus-daemon over a fake host.
+//! `libvirt.rs` has the same hook under a real libvirtd.
+
+#[path = "../../vfio-manager/tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::{driver, Bus, Daemon};
+use vf_provisioner::layouts;
+use vfio_manager::api::{Lease, Request};
+
+const HOOK: &str = env!("CARGO_BIN_EXE_vfio-manager-hook");
+const UUID: &str = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0";
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn hook(bus: &str, op: &str, sub: &str, xml: &str) -> Run {
+    let mut child = Command::new(HOOK)
+        .args(["vm1", op, sub, "-"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// A domain with lease metadata (profile, count) and `hostdevs` as its slots.
+fn domain(profile: &str, count: u32, hostdevs: &[&str]) -> String {
+    let devs: String = hostdevs.iter().map(|a| hostdev(a)).collect();
+    format!(
+        "<domain type='qemu'><name>vm1</name><uuid>{UUID}</uuid>\
+         <metadata><vfm:lease xmlns:vfm='http://vfio-manager.org/xmlns/lease/1' profile='{profile}' count='{count}'/></metadata>\
+         <memory unit='MiB'>64</memory><os><type arch='x86_64' machine='q35'>hvm</type></os>\
+         <devices>{devs}</devices></domain>"
+    )
+}
+
+fn hostdev(a: &str) -> String {
+    let a: vf_provisioner::PciAddress = a.parse().unwrap();
+    format!(
+        "<hostdev mode='subsystem' type='pci' managed='no'><source>{}</source></hostdev>",
+        libvirt_hooks::domain::address_element(a)
+    )
+}
+
+fn leases_of_vm1(bus: &Bus) -> Vec<Lease> {
+    let mut l = bus.client().leases().unwrap();
+    l.retain(|l| l.vm_uuid == UUID);
+    l
+}
+
+fn addrs(l: &Lease) -> Vec<String> {
+    l.devices.iter().map(|d| d.address.clone()).collect()
+}
+
+fn start() -> (Bus, Daemon) {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(2, 2), "", &[]);
+    (bus, d)
+}
+
+#[test]
+fn prepare_leases_started_keeps_and_release_returns() {
+    let (bus, d) = start();
+    let xml = domain("vf", 2, &[]);
+    let r = hook(&bus.address, "prepare", "begin", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let leases = leases_of_vm1(&bus);
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].vm_name, "vm1");
+    let devs = addrs(&leases[0]);
+    assert_eq!(devs.len(), 2);
+    for a in &devs {
+        assert_eq!(driver(&d.root, a).as_deref(), Some("vfio-pci"), "{a}");
+    }
+    for op in ["start", "started", "reconnect"] {
+        let r = hook(&bus.address, op, "begin", &xml);
+        assert_eq!(r.code, 0, "{op}: {}", r.stderr);
+    }
+    assert_eq!(leases_of_vm1(&bus), leases, "no second lease, same devices");
+    let r = hook(&bus.address, "stopped", "end", &xml);
+    assert_eq!(r.code, 0);
+    let r = hook(&bus.address, "release", "end", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(leases_of_vm1(&bus).is_empty());
+    for a in &devs {
+        assert_ne!(driver(&d.root, a).as_deref(), Some("vfio-pci"), "{a}");
+    }
+    // The next start of the same domain gets a lease again.
+    assert_eq!(hook(&bus.address, "prepare", "begin", &xml).code, 0);
+    assert_eq!(leases_of_vm1(&bus).len(), 1);
+}
+
+#[test]
+fn hostdevs_of_managed_devices_are_leased_exactly() {
+    let (bus, d) = start();
+    let xml = format!(
+        "<domain type='qemu'><name>vm1</name><uuid>{UUID}</uuid><devices>{}{}</devices></domain>",
+        hostdev("0000:11:00.2"),
+        hostdev("0000:10:00.1")
+    );
+    let r = hook(&bus.address, "prepare", "begin", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let l = leases_of_vm1(&bus);
+    assert_eq!(addrs(&l[0]), ["0000:10:00.1", "0000:11:00.2"]);
+    assert_eq!(driver(&d.root, "0000:11:00.2").as_deref(), Some("vfio-pci"));
+    assert_eq!(hook(&bus.address, "release", "end", &xml).code, 0);
+    assert!(leases_of_vm1(&bus).is_empty());
+}
+
+#[test]
+fn domains_without_our_devices_pass_untouched_without_the_daemon() {
+    let plain = "<domain type='kvm'><name>vm1</name><devices><hostdev mode='subsystem' type='pci' managed='yes'>\
+                 <source><address domain='0x0000' bus='0x05' slot='0x00' function='0x0'/></source></hostdev></devices></domain>";
+    for (op, sub) in [("prepare", "begin"), ("migrate", "begin"), ("release", "end")] {
+        let r = hook("unix:path=/nonexistent/bus", op, sub, plain);
+        assert_eq!((r.code, r.stdout.as_str()), (0, ""), "{op}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn a_start_without_free_devices_fails_with_one_line_naming_the_domain() {
+    let (bus, _d) = start();
+    let before = common::vfctl(&bus, &["--output", "json", "list"]);
+    let r = hook(&bus.address, "prepare", "begin", &domain("vf", 9, &[]));
+    assert_eq!(r.code, 1);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("domain vm1") && r.stderr.contains("no free device"),
+        "{}",
+        r.stderr
+    );
+    assert!(leases_of_vm1(&bus).is_empty());
+    assert_eq!(common::vfctl(&bus, &["--output", "json", "list"]), before);
+    // A device another VM holds is refused by name.
+    let other = Request {
+        request_id: "other".into(),
+        vm_name: "other".into(),
+        devices: vec!["0000:10:00.1".into()],
+        ..Request::default()
+    };
+    bus.client().provision(&other).unwrap();
+    let xml = format!(
+        "<domain type='qemu'><name>vm1</name><uuid>{UUID}</uuid><devices>{}</devices></domain>",
+        hostdev("0000:10:00.1")
+    );
+    let r = hook(&bus.address, "prepare", "begin", &xml);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("0000:10:00.1") && r.stderr.contains("leased to VM other"),
+        "{}",
+        r.stderr
+    );
+    // And a daemon that is not there is said so.
+    let r = hook("unix:path=/nonexistent/bus", "prepare", "begin", &xml);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not reachable"), "{}", r.stderr);
+}
+
+#[test]
+fn an_incoming_domain_is_rewritten_for_the_devices_leased_here() {
+    let (bus, _d) = start();
+    // The source host's addresses: taken here by another VM.
+    let other = Request {
+        request_id: "other".into(),
+        vm_name: "other".into(),
+        devices: vec!["0000:10:00.1".into(), "0000:10:00.2".into()],
+        count: 2,
+        ..Request::default()
+    };
+    bus.client().provision(&other).unwrap();
+    let xml = domain("vf", 2, &["0000:10:00.1", "0000:10:00.2"]);
+    let r = hook(&bus.address, "migrate", "begin", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = libvirt_hooks::domain::Domain::parse(&r.stdout).unwrap();
+    let got: Vec<String> = out.hostdevs.iter().map(|h| h.address.to_string()).collect();
+    let l = leases_of_vm1(&bus);
+    assert_eq!(got, addrs(&l[0]), "the XML names the devices leased here");
+    assert!(got.iter().all(|a| a.starts_with("0000:11:")), "{got:?}");
+    // prepare, which libvirt runs next, finds that lease.
+    assert_eq!(hook(&bus.address, "prepare", "begin", &r.stdout).code, 0);
+    assert_eq!(leases_of_vm1(&bus).len(), 1);
+    if let Some(v) = validate(&r.stdout) {
+        assert!(v.0, "virt-xml-validate refused the rewritten XML: {}", v.1);
+    }
+}
+
+#[test]
+fn reconnect_adopts_devices_a_running_vm_holds_without_a_lease() {
+    let (bus, d) = start();
+    let xml = format!(
+        "<domain type='qemu'><name>vm1</name><uuid>{UUID}</uuid><devices>{}</devices></domain>",
+        hostdev("0000:10:00.1")
+    );
+    // Bound by hand and already in use by a running VM (started before the daemon
+    // managed it, or a table that lost its lease).
+    assert_eq!(common::vfctl(&bus, &["bind", "0000:10:00.1"]).0, 0);
+    let sys = vf_provisioner::Sysfs::open(&d.root).unwrap();
+    let f = vf_provisioner::PciFunction::read(&sys, &"0000:10:00.1".parse().unwrap()).unwrap();
+    vf_provisioner::fake::hold_group(&d.root, 4242, "qemu-system-x86", f.iommu_group.unwrap())
+        .unwrap();
+    let r = hook(&bus.address, "prepare", "begin", &xml);
+    assert_eq!(r.code, 1, "a new start may not take a device in use");
+    assert!(r.stderr.contains("held open"), "{}", r.stderr);
+    let r = hook(&bus.address, "reconnect", "begin", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(addrs(&leases_of_vm1(&bus)[0]), ["0000:10:00.1"]);
+}
+
+/// (valid, message) from `virt-xml-validate`, or None (said) where it is absent.
+pub fn validate(xml: &str) -> Option<(bool, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("domain.xml");
+    std::fs::write(&f, xml).unwrap();
+    match Command::new("virt-xml-validate").arg(&f).arg("domain").output() {
+        Ok(o) => Some((
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )),
+        Err(_) => {
+            eprintln!("SKIPPED validation: virt-xml-validate (Debian libvirt-clients) is not installed");
+            None
+        }
+    }
+}
