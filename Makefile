@@ -62,6 +62,10 @@ install: build
 	mkdir -p $(DESTDIR)/usr/local/share/man/man8
 	$(RELEASE)/vfctl generate daemon-man > $(DESTDIR)/usr/local/share/man/man8/vfio-managerd.8
 	$(RELEASE)/vfctl generate bash > $(DESTDIR)/usr/share/bash-completion/completions/vfctl
+	# The libvirt hook: libvirt >= 6.5 runs every script in qemu.d (restart libvirtd to pick it up).
+	install -D -m 0755 $(RELEASE)/vfio-manager-hook $(DESTDIR)/usr/libexec/vfio-manager/vfio-manager-hook
+	mkdir -p $(DESTDIR)/etc/libvirt/hooks/qemu.d
+	ln -sf /usr/libexec/vfio-manager/vfio-manager-hook $(DESTDIR)/etc/libvirt/hooks/qemu.d/vfio-manager
 
 clean:
 	$(CARGO) clean

@@ -39,10 +39,17 @@ qemu_ok() {
     [ "${v:-0}" -ge 8 ]
 }
 
-if [ ${#missing[@]} -gt 0 ] || ! qemu_ok; then
+libvirt_ok() {
+    command -v libvirtd >/dev/null && command -v virsh >/dev/null && command -v virt-xml-validate >/dev/null
+}
+
+if [ ${#missing[@]} -gt 0 ] || ! qemu_ok || ! libvirt_ok; then
     need_backports
     apt-get update -qq
     [ ${#missing[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
     qemu_ok || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports qemu-system-x86
+    # libvirt for the hook's tests: the daemon, its QEMU driver and virsh/virt-xml-validate.
+    libvirt_ok || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        -t bookworm-backports libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 fi
 echo "install-deps: ok ($(qemu-system-x86_64 --version | head -1))"

@@ -156,7 +156,8 @@ fn pci_address(n: &roxmltree::Node) -> Result<PciAddress, String> {
         field("slot", 0x1f)?,
         field("function", 7)?
     );
-    text.parse().map_err(|e| format!("hostdev address {text}: {e}"))
+    text.parse()
+        .map_err(|e| format!("hostdev address {text}: {e}"))
 }
 
 #[cfg(test)]
@@ -205,19 +206,35 @@ mod tests {
                 count: 2
             })
         );
-        assert_eq!(d.lease_slots().len(), 2, "managed='yes' is libvirt's, not a slot");
+        assert_eq!(
+            d.lease_slots().len(),
+            2,
+            "managed='yes' is libvirt's, not a slot"
+        );
     }
 
     #[test]
     fn rewriting_changes_only_the_slots_source_addresses() {
         let d = Domain::parse(XML).unwrap();
-        let out = rewrite(XML, &d.lease_slots(), &[a("0000:03:00.4"), a("0000:03:00.6")]);
+        let out = rewrite(
+            XML,
+            &d.lease_slots(),
+            &[a("0000:03:00.4"), a("0000:03:00.6")],
+        );
         let back = Domain::parse(&out).unwrap();
-        let addrs: Vec<String> = back.hostdevs.iter().map(|h| h.address.to_string()).collect();
+        let addrs: Vec<String> = back
+            .hostdevs
+            .iter()
+            .map(|h| h.address.to_string())
+            .collect();
         assert_eq!(addrs, ["0000:03:00.4", "0000:05:00.0", "0000:03:00.6"]);
         // The guest-side <address type='pci'> of the managed hostdev is untouched.
         assert!(out.contains("<address type='pci' domain='0x0000' bus='0x07'"));
-        assert_eq!(out.len(), XML.len(), "same-length addresses: nothing else moved");
+        assert_eq!(
+            out.len(),
+            XML.len(),
+            "same-length addresses: nothing else moved"
+        );
     }
 
     #[test]

@@ -13,10 +13,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use vf_provisioner::PciAddress;
 use vfio_manager::api::{Lease, Request};
 use vfio_manager::cli::client::Client;
 use vfio_manager::cli::CliError;
-use vf_provisioner::PciAddress;
 
 use crate::domain::{rewrite, Domain, DomainError};
 
@@ -49,7 +49,10 @@ pub fn run(
 ) -> Result<Output, HookError> {
     let wanted = matches!(
         (op, sub),
-        ("prepare" | "started" | "reconnect" | "attach" | "release" | "migrate" | "restore", _)
+        (
+            "prepare" | "started" | "reconnect" | "attach" | "release" | "migrate" | "restore",
+            _
+        )
     );
     if !wanted {
         return Ok(None);
@@ -176,7 +179,9 @@ impl Session<'_> {
         let lease = match self.ensure(false) {
             Ok(l) => l,
             Err(taken) if !slots.is_empty() => {
-                let Some(mut req) = self.request()? else { return Err(taken) };
+                let Some(mut req) = self.request()? else {
+                    return Err(taken);
+                };
                 req.devices.clear();
                 self.provision(&req).map(Some)?
             }

@@ -132,7 +132,11 @@ fn hostdevs_of_managed_devices_are_leased_exactly() {
 fn domains_without_our_devices_pass_untouched_without_the_daemon() {
     let plain = "<domain type='kvm'><name>vm1</name><devices><hostdev mode='subsystem' type='pci' managed='yes'>\
                  <source><address domain='0x0000' bus='0x05' slot='0x00' function='0x0'/></source></hostdev></devices></domain>";
-    for (op, sub) in [("prepare", "begin"), ("migrate", "begin"), ("release", "end")] {
+    for (op, sub) in [
+        ("prepare", "begin"),
+        ("migrate", "begin"),
+        ("release", "end"),
+    ] {
         let r = hook("unix:path=/nonexistent/bus", op, sub, plain);
         assert_eq!((r.code, r.stdout.as_str()), (0, ""), "{op}: {}", r.stderr);
     }
@@ -232,13 +236,19 @@ pub fn validate(xml: &str) -> Option<(bool, String)> {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("domain.xml");
     std::fs::write(&f, xml).unwrap();
-    match Command::new("virt-xml-validate").arg(&f).arg("domain").output() {
+    match Command::new("virt-xml-validate")
+        .arg(&f)
+        .arg("domain")
+        .output()
+    {
         Ok(o) => Some((
             o.status.success(),
             String::from_utf8_lossy(&o.stderr).into_owned(),
         )),
         Err(_) => {
-            eprintln!("SKIPPED validation: virt-xml-validate (Debian libvirt-clients) is not installed");
+            eprintln!(
+                "SKIPPED validation: virt-xml-validate (Debian libvirt-clients) is not installed"
+            );
             None
         }
     }

@@ -428,7 +428,11 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 vm_name: vm.clone(),
                 vm_uuid: vm_uuid.clone(),
                 profile: profile.clone(),
-                count: if devices.is_empty() { *count } else { devices.len() as u32 },
+                count: if devices.is_empty() {
+                    *count
+                } else {
+                    devices.len() as u32
+                },
                 numa_node: numa.map_or(-1, |n| n as i32),
                 pfs: pfs.clone(),
                 devices: devices.clone(),

@@ -464,7 +464,11 @@ impl Core {
             if !claim.try_add(&d.address) {
                 continue;
             }
-            let f = d.address.parse().ok().and_then(|a| PciFunction::read(&self.sys, &a));
+            let f = d
+                .address
+                .parse()
+                .ok()
+                .and_then(|a| PciFunction::read(&self.sys, &a));
             match f.filter(|f| self.why_not(pf, f, false).is_none()) {
                 Some(f) => free.push(f),
                 None => claim.remove_last(),
@@ -526,14 +530,20 @@ impl Core {
                 return Err(refuse("another request is taking it right now".into()));
             }
             let f = PciFunction::read(&self.sys, &addr).ok_or_else(|| {
-                ApiError::NotFound(format!("{addr}: no such PCI function; `vfctl list` shows the devices"))
+                ApiError::NotFound(format!(
+                    "{addr}: no such PCI function; `vfctl list` shows the devices"
+                ))
             })?;
             let pf = match f.physfn {
-                Some(p) => PciFunction::read(&self.sys, &p).ok_or_else(|| refuse(format!("its PF {p} is gone")))?,
+                Some(p) => PciFunction::read(&self.sys, &p)
+                    .ok_or_else(|| refuse(format!("its PF {p} is gone")))?,
                 None => f.clone(),
             };
             if !profile_matches(&req.profile, &pf) {
-                return Err(refuse(format!("its PF is a {}, not profile {:?}", pf.id, req.profile)));
+                return Err(refuse(format!(
+                    "its PF is a {}, not profile {:?}",
+                    pf.id, req.profile
+                )));
             }
             if let Some(why) = self.why_not(&pf, &f, req.adopt) {
                 return Err(refuse(why));
@@ -934,7 +944,10 @@ fn validate(r: &Request) -> Result<(), ApiError> {
     }
     let named: BTreeSet<String> = r.devices.iter().map(|d| normalize(d)).collect();
     if named.len() != r.devices.len() {
-        return bad(format!("VM {}: a device is named twice in {:?}", r.vm_name, r.devices));
+        return bad(format!(
+            "VM {}: a device is named twice in {:?}",
+            r.vm_name, r.devices
+        ));
     }
     if !r.devices.is_empty() && r.devices.len() != r.count as usize {
         return bad(format!(

@@ -23,7 +23,10 @@ pub static VFCTL: LazyLock<PathBuf> =
 fn bin(name: &str, from_cargo: Option<&str>) -> PathBuf {
     let path = from_cargo.map(PathBuf::from).unwrap_or_else(|| {
         let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(|deps| deps.parent()).unwrap().join(name)
+        exe.parent()
+            .and_then(|deps| deps.parent())
+            .unwrap()
+            .join(name)
     });
     assert!(
         path.exists(),
