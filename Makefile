@@ -48,6 +48,7 @@ bench: build bench-real-kernel
 	$(CARGO) build --release -p integration-tests
 	$(RELEASE)/bench-list 64 64 15
 	$(CARGO) bench -p vfio-manager --bench daemon
+	$(CARGO) bench -p libvirt-hooks --bench hook
 
 bench-real-kernel: deps
 	bash tests/real-kernel/run.sh --bench
