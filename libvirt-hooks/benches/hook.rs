@@ -52,7 +52,8 @@ fn main() {
     };
     // The lease that `started` finds.
     time_exec(HOOK, &["vm1", "prepare", "begin", "-"], &bus.address, &ours);
-    let cases: Vec<(&str, Box<dyn Fn(&str) -> Duration>)> = vec![
+    type Case = (&'static str, Box<dyn Fn(&str) -> Duration>);
+    let cases: Vec<Case> = vec![
         (
             "exec /bin/true (floor)",
             Box::new(|b: &str| time_exec("/bin/true", &[], b, "")),

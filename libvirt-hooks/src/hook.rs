@@ -29,7 +29,7 @@ pub enum HookError {
         domain: String,
         what: &'static str,
         #[source]
-        source: CliError,
+        source: Box<CliError>,
     },
     #[error("domain {domain}: {what}")]
     Refused { domain: String, what: String },
@@ -85,7 +85,7 @@ fn daemon(d: &Domain, what: &'static str, source: CliError) -> HookError {
     HookError::Daemon {
         domain: d.name.clone(),
         what,
-        source,
+        source: Box::new(source),
     }
 }
 

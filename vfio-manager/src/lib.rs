@@ -9,6 +9,7 @@
 //! - the kernel is touched only through the `vf_provisioner` crate.
 
 pub mod api;
+pub mod ch;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -1,6 +1,7 @@
 //! The `vfctl` command line: parsing, dispatch and exit codes. Output goes to the
 //! writers passed in, so tests run the real commands and compare what they print.
 
+mod attach;
 pub mod client;
 mod render;
 
@@ -137,6 +138,34 @@ enum Command {
         #[arg(long, value_parser = ["libvirt", "cloud-hypervisor"])]
         format: Option<String>,
     },
+    /// Lease devices and hot-add them to a running cloud-hypervisor VM over its API
+    /// socket (daemon only). Changes the host (as provision) and the VM (vm.add-device);
+    /// if an add fails, the added devices are removed and the lease released.
+    Attach {
+        /// The VM's `--api-socket` path.
+        #[arg(long)]
+        ch_socket: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(long, default_value = "vf")]
+        profile: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Exactly this function (repeatable).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Stay until the VM exits or the devices are removed from it, then release.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Remove a VM's leased devices from its cloud-hypervisor (vm.remove-device) and
+    /// release its leases (daemon only). Changes the VM and the host.
+    Detach {
+        #[arg(long)]
+        ch_socket: PathBuf,
+        #[arg(long)]
+        vm: String,
+    },
     /// Release a lease by lease id or request id (daemon only). Changes the host:
     /// resets the devices and returns them to their drivers before the lease.
     /// Refused while a VM holds a device open.
@@ -200,6 +229,8 @@ pub enum CliError {
     Unreachable(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vmm(#[from] crate::ch::ChError),
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
 }
@@ -245,7 +276,7 @@ pub fn main(
                 _ => exit::FAILED,
             })
         }
-        Err(e @ CliError::Unreachable(_)) => {
+        Err(e @ (CliError::Unreachable(_) | CliError::Vmm(_))) => {
             let _ = writeln!(err, "vfctl: {e}");
             ExitCode::from(exit::FAILED)
         }
@@ -371,14 +402,16 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 exit::OK
             })
         }
-        Command::Provision { .. } | Command::Release { .. } | Command::Leases => {
-            Err(vf_provisioner::Error::InvalidInput {
-                what: "mode",
-                input: "--direct".into(),
-                reason: "leases live in the daemon; run this command without --direct".into(),
-            }
-            .into())
+        Command::Provision { .. }
+        | Command::Release { .. }
+        | Command::Attach { .. }
+        | Command::Detach { .. }
+        | Command::Leases => Err(vf_provisioner::Error::InvalidInput {
+            what: "mode",
+            input: "--direct".into(),
+            reason: "leases live in the daemon; run this command without --direct".into(),
         }
+        .into()),
         Command::FakeHost { .. }
         | Command::CaptureLayout { .. }
         | Command::Generate { .. }
@@ -396,6 +429,8 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Unbind { .. }
             | Command::Provision { .. }
             | Command::Release { .. }
+            | Command::Attach { .. }
+            | Command::Detach { .. }
             | Command::Leases
     )
 }
@@ -444,6 +479,42 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 Some(_) => r.ch_devices(&lease),
                 None => r.leases(&[lease]),
             }
+        }
+        Command::Attach {
+            ch_socket,
+            vm,
+            profile,
+            count,
+            devices,
+            watch,
+        } => {
+            let req = Request {
+                request_id: format!("ch-{vm}-{}", crate::daemon::core::new_id()),
+                vm_name: vm.clone(),
+                profile: profile.clone(),
+                count: if devices.is_empty() {
+                    *count
+                } else {
+                    devices.len() as u32
+                },
+                devices: devices.clone(),
+                ..Request::default()
+            };
+            let ch = crate::ch::ChClient::new(ch_socket);
+            let (lease, added) = attach::attach(&c, &ch, &req)?;
+            let code = r.attached(&lease, &added)?;
+            if *watch {
+                attach::watch(&c, &ch, &lease)?;
+            }
+            Ok(code)
+        }
+        Command::Detach { ch_socket, vm } => {
+            let ch = crate::ch::ChClient::new(ch_socket);
+            let released = attach::detach(&c, &ch, vm)?;
+            r.done(&format!(
+                "VM {vm}: devices removed, leases released: {}",
+                released.join(" ")
+            ))
         }
         Command::Release { lease } => {
             let released = c.release(lease)?;

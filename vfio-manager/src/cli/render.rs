@@ -273,6 +273,28 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    /// A lease hot-added to a cloud-hypervisor VM: each device with its id and guest address.
+    pub fn attached(mut self, lease: &Lease, added: &[crate::ch::PciDeviceInfo]) -> Res {
+        if self.format == Output::Json {
+            let devices: Vec<_> = lease
+                .devices
+                .iter()
+                .zip(added)
+                .map(|(d, a)| json!({ "address": d.address, "id": a.id, "bdf": a.bdf }))
+                .collect();
+            return self
+                .json(&json!({ "lease": lease.id, "vm": lease.vm_name, "devices": devices }));
+        }
+        self.line(&format!("lease {} for VM {}", lease.id, lease.vm_name))?;
+        for (d, a) in lease.devices.iter().zip(added) {
+            self.line(&format!(
+                "  {} -> {} at {} in the guest",
+                d.address, a.id, a.bdf
+            ))?;
+        }
+        Ok(exit::OK)
+    }
+
     /// The lease's devices as cloud-hypervisor `--device` arguments, one per line.
     pub fn ch_devices(mut self, lease: &Lease) -> Res {
         for d in &lease.devices {

@@ -1,0 +1,228 @@
+//! `vfctl attach/detach` with the real daemon and bus, against an API socket that
+//! answers as cloud-hypervisor's REST API documents (vm.add-device, vm.remove-device,
+//! vm.info, vmm.ping). No cloud-hypervisor binary can be installed here; this checks
+//! our side of that protocol and the lease flow. The nested-VM test with the real
+//! binary is in the emulated host's tier, run where `CLOUD_HYPERVISOR` names one.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use common::{driver, vfctl, Bus, Daemon};
+use serde_json::{json, Value};
+use vf_provisioner::layouts;
+
+/// The VM's devices (id -> path), as the API server holds them.
+type Devices = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// Serves cloud-hypervisor's API on `socket` until the socket file is removed.
+/// Adding a device whose path contains `fail_path` answers HTTP 500.
+fn api_server(socket: &Path, fail_path: Option<&str>) -> Devices {
+    let listener = UnixListener::bind(socket).unwrap();
+    let devices: Devices = Arc::default();
+    let (d, fail) = (devices.clone(), fail_path.map(str::to_string));
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            serve(s, &d, fail.as_deref());
+        }
+    });
+    devices
+}
+
+fn serve(s: UnixStream, devices: &Devices, fail: Option<&str>) {
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut len = 0;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).unwrap();
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut devs = devices.lock().unwrap();
+    let (status, answer) = match path.as_str() {
+        "/api/v1/vm.add-device" => {
+            let p = req["path"].as_str().unwrap().to_string();
+            if fail.is_some_and(|f| p.contains(f)) {
+                (500, json!("Failed to add VFIO device").to_string())
+            } else {
+                let id = req["id"].as_str().unwrap().to_string();
+                devs.insert(id.clone(), p);
+                let bdf = format!("0000:00:{:02x}.0", 5 + devs.len());
+                (200, json!({ "id": id, "bdf": bdf }).to_string())
+            }
+        }
+        "/api/v1/vm.remove-device" => {
+            devs.remove(req["id"].as_str().unwrap());
+            (204, String::new())
+        }
+        "/api/v1/vm.info" => {
+            let list: Vec<Value> = devs
+                .iter()
+                .map(|(id, p)| json!({ "id": id, "path": p }))
+                .collect();
+            (
+                200,
+                json!({ "state": "Running", "config": { "devices": list } }).to_string(),
+            )
+        }
+        "/api/v1/vmm.ping" => (200, json!({ "version": "v45.0" }).to_string()),
+        _ => (404, String::new()),
+    };
+    let mut w = s;
+    let _ = write!(
+        w,
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{answer}",
+        answer.len()
+    );
+}
+
+fn socket(d: &Daemon) -> PathBuf {
+    d.dir.path().join("ch.sock")
+}
+
+#[test]
+fn attach_hot_adds_leased_devices_and_detach_removes_and_releases() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(2, 2), "", &[]);
+    let sock = socket(&d);
+    let vm = api_server(&sock, None);
+    let s = sock.to_str().unwrap();
+    let (code, out, err) = vfctl(
+        &bus,
+        &[
+            "-o",
+            "json",
+            "attach",
+            "--ch-socket",
+            s,
+            "--vm",
+            "ch1",
+            "--count",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let leased: Vec<String> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(leased.len(), 2);
+    {
+        let devs = vm.lock().unwrap();
+        for a in &leased {
+            let id = vfio_manager::ch::device_id(a);
+            assert_eq!(
+                devs.get(&id),
+                Some(&format!("/sys/bus/pci/devices/{a}/")),
+                "{devs:?}"
+            );
+            assert_eq!(driver(&d.root, a).as_deref(), Some("vfio-pci"));
+        }
+    }
+    let (code, _, err) = vfctl(&bus, &["detach", "--ch-socket", s, "--vm", "ch1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(vm.lock().unwrap().is_empty(), "removed from the VM");
+    assert!(bus.client().leases().unwrap().is_empty(), "released");
+    for a in &leased {
+        assert_ne!(driver(&d.root, a).as_deref(), Some("vfio-pci"));
+    }
+}
+
+#[test]
+fn a_failed_hot_add_removes_what_was_added_and_releases() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(2, 2), "", &[]);
+    let sock = socket(&d);
+    // The second device (in address order) fails to add.
+    let vm = api_server(&sock, Some("0000:10:00.2"));
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "attach",
+            "--ch-socket",
+            sock.to_str().unwrap(),
+            "--vm",
+            "ch1",
+            "--count",
+            "2",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("vm.add-device") && err.contains("HTTP 500") && err.contains("ch.sock"),
+        "{err}"
+    );
+    assert!(
+        vm.lock().unwrap().is_empty(),
+        "the first device was removed again"
+    );
+    assert!(
+        bus.client().leases().unwrap().is_empty(),
+        "and the lease released"
+    );
+    // No VM at all: said so, nothing leased.
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "attach",
+            "--ch-socket",
+            "/nonexistent/ch.sock",
+            "--vm",
+            "ch1",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--api-socket /nonexistent/ch.sock"), "{err}");
+    assert!(bus.client().leases().unwrap().is_empty());
+}
+
+#[test]
+fn watch_releases_when_the_vm_exits() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(2, 2), "", &[]);
+    let sock = socket(&d);
+    let _vm = api_server(&sock, None);
+    let mut child = std::process::Command::new(&*common::VFCTL)
+        .args([
+            "attach",
+            "--watch",
+            "--ch-socket",
+            sock.to_str().unwrap(),
+            "--vm",
+            "ch1",
+        ])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while bus.client().leases().unwrap().is_empty() {
+        assert!(t.elapsed().as_secs() < 20, "never attached");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The VMM exits: its API socket goes away.
+    std::fs::remove_file(&sock).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "vfctl attach --watch: {st}");
+    assert!(
+        bus.client().leases().unwrap().is_empty(),
+        "released after the VM exited"
+    );
+}
