@@ -5,44 +5,16 @@
 #[path = "../../vfio-manager/tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod run_hook;
+
+use std::process::Command;
 
 use common::{driver, Bus, Daemon};
+use run_hook::hook;
 use vf_provisioner::layouts;
 use vfio_manager::api::{Lease, Request};
 
-const HOOK: &str = env!("CARGO_BIN_EXE_vfio-manager-hook");
 const UUID: &str = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0";
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn hook(bus: &str, op: &str, sub: &str, xml: &str) -> Run {
-    let mut child = Command::new(HOOK)
-        .args(["vm1", op, sub, "-"])
-        .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(xml.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
 
 /// A domain with lease metadata (profile, count) and `hostdevs` as its slots.
 fn domain(profile: &str, count: u32, hostdevs: &[&str]) -> String {

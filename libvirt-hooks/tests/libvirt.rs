@@ -6,6 +6,7 @@
 
 #[path = "../../vfio-manager/tests/common/mod.rs"]
 mod common;
+mod run_hook;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -255,22 +256,8 @@ fn libvirtd_runs_the_hook_and_leases_follow_the_domain() {
 
 /// Runs the hook as libvirt would for `op` and returns what it printed.
 fn filter(bus: &Bus, op: &str, xml: &str) -> String {
-    use std::io::Write;
     let sub = if op == "release" { "end" } else { "begin" };
-    let mut child = Command::new(HOOK)
-        .args(["incoming", op, sub, "-"])
-        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(xml.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "hook {op} failed");
-    String::from_utf8(o.stdout).unwrap()
+    let r = run_hook::hook(&bus.address, op, sub, xml);
+    assert_eq!(r.code, 0, "hook {op}: {}", r.stderr);
+    r.stdout
 }
