@@ -61,6 +61,38 @@ pub struct Cli {
     command: Command,
 }
 
+/// What a VM wants leased: the arguments `provision` and `attach` share.
+#[derive(clap::Args, Debug)]
+pub struct Want {
+    #[arg(long)]
+    vm: String,
+    /// `vf` (any whole VF) or a PF model `vvvv:dddd`.
+    #[arg(long, default_value = "vf")]
+    profile: String,
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Exactly this function (repeatable; --count is then their number).
+    #[arg(long = "device")]
+    devices: Vec<String>,
+}
+
+impl Want {
+    fn request(&self, request_id: String) -> Request {
+        Request {
+            request_id,
+            vm_name: self.vm.clone(),
+            profile: self.profile.clone(),
+            count: if self.devices.is_empty() {
+                self.count
+            } else {
+                self.devices.len() as u32
+            },
+            devices: self.devices.clone(),
+            ..Request::default()
+        }
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
     Table,
@@ -112,13 +144,8 @@ enum Command {
     /// PF if none are free, binds the leased VFs to vfio-pci and records the lease.
     /// The same --request-id returns the same lease.
     Provision {
-        #[arg(long)]
-        vm: String,
-        /// `vf` (any whole VF) or a PF model `vvvv:dddd`.
-        #[arg(long, default_value = "vf")]
-        profile: String,
-        #[arg(long, default_value_t = 1)]
-        count: u32,
+        #[command(flatten)]
+        want: Want,
         /// Only devices on this NUMA node.
         #[arg(long)]
         numa: Option<u32>,
@@ -130,9 +157,6 @@ enum Command {
         /// Preferred PFs, tried first (repeatable).
         #[arg(long = "pf")]
         pfs: Vec<String>,
-        /// Exactly this function (repeatable; --count is then their number).
-        #[arg(long = "device")]
-        devices: Vec<String>,
         /// Print the lease as libvirt `<hostdev>` elements for a domain's <devices>,
         /// or as cloud-hypervisor `--device` arguments.
         #[arg(long, value_parser = ["libvirt", "cloud-hypervisor"])]
@@ -145,15 +169,8 @@ enum Command {
         /// The VM's `--api-socket` path.
         #[arg(long)]
         ch_socket: PathBuf,
-        #[arg(long)]
-        vm: String,
-        #[arg(long, default_value = "vf")]
-        profile: String,
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        /// Exactly this function (repeatable).
-        #[arg(long = "device")]
-        devices: Vec<String>,
+        #[command(flatten)]
+        want: Want,
         /// Stay until the VM exits or the devices are removed from it, then release.
         #[arg(long)]
         watch: bool,
@@ -446,32 +463,21 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::List { .. } => r.devices(&c.devices()?),
         Command::Leases => r.leases(&c.leases()?),
         Command::Provision {
-            vm,
-            profile,
-            count,
+            want,
             numa,
             request_id,
             vm_uuid,
             pfs,
-            devices,
             format,
         } => {
+            let id = request_id
+                .clone()
+                .unwrap_or_else(|| format!("vfctl-{}", crate::daemon::core::new_id()));
             let req = Request {
-                request_id: request_id
-                    .clone()
-                    .unwrap_or_else(|| format!("vfctl-{}", crate::daemon::core::new_id())),
-                vm_name: vm.clone(),
                 vm_uuid: vm_uuid.clone(),
-                profile: profile.clone(),
-                count: if devices.is_empty() {
-                    *count
-                } else {
-                    devices.len() as u32
-                },
                 numa_node: numa.map_or(-1, |n| n as i32),
                 pfs: pfs.clone(),
-                devices: devices.clone(),
-                ..Request::default()
+                ..want.request(id)
             };
             let lease = c.provision(&req)?;
             match format.as_deref() {
@@ -482,24 +488,10 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         }
         Command::Attach {
             ch_socket,
-            vm,
-            profile,
-            count,
-            devices,
+            want,
             watch,
         } => {
-            let req = Request {
-                request_id: format!("ch-{vm}-{}", crate::daemon::core::new_id()),
-                vm_name: vm.clone(),
-                profile: profile.clone(),
-                count: if devices.is_empty() {
-                    *count
-                } else {
-                    devices.len() as u32
-                },
-                devices: devices.clone(),
-                ..Request::default()
-            };
+            let req = want.request(format!("ch-{}-{}", want.vm, crate::daemon::core::new_id()));
             let ch = crate::ch::ChClient::new(ch_socket);
             let (lease, added) = attach::attach(&c, &ch, &req)?;
             let code = r.attached(&lease, &added)?;
