@@ -73,6 +73,17 @@ expect "daemon refuses unbinding a leased VF" 3 ./vfctl unbind $(echo $vfs | cut
 expect "daemon releases the lease" 0 ./vfctl release r1
 n=0; for v in $vfs; do [ "$(basename "$(readlink /sys/bus/pci/devices/$v/driver 2>/dev/null)")" != vfio-pci ] && n=$((n+1)); done
 [ $n = 2 ] && pass "released VFs are off vfio-pci" || fail "released VFs are off vfio-pci"
+# Named devices, and libvirt's hook, on the real kernel.
+v1=$(echo $vfs | cut -d' ' -f1)
+expect "daemon leases a named VF" 0 ./vfctl provision --vm named --device $v1 --request-id r2
+out=$(./vfctl provision --vm other --device $v1 --request-id r3 2>&1)
+[ $? = 3 ] && echo "$out" | grep -q "leased to VM named" && pass "a named VF another VM holds is refused by name" || fail "named VF refusal: $out"
+expect "the named VF's lease is released" 0 ./vfctl release r2
+dom="<domain type='kvm'><name>hooked</name><uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid><devices><hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x$(echo $v1 | cut -c6-7)' slot='0x$(echo $v1 | cut -c9-10)' function='0x$(echo $v1 | cut -c12)'/></source></hostdev></devices></domain>"
+echo "$dom" | ./vfio-manager-hook hooked prepare begin - && [ "$(basename "$(readlink /sys/bus/pci/devices/$v1/driver)")" = vfio-pci ] \
+    && pass "libvirt hook: prepare leases the domain's hostdev $v1 on vfio-pci" || { fail "hook prepare"; cat /tmp/daemon.log; }
+echo "$dom" | ./vfio-manager-hook hooked release end - && [ "$(basename "$(readlink /sys/bus/pci/devices/$v1/driver 2>/dev/null)")" != vfio-pci ] \
+    && ! ./vfctl leases | grep -q hooked && pass "libvirt hook: release returns it" || fail "hook release"
 # A change behind the daemon's back reaches its table through uevents.
 ./vfctl list | grep -q '^0000:02:00.2 ' || fail "restored NVMe VFs in the daemon's table"
 echo 0 > /sys/bus/pci/devices/0000:02:00.0/sriov_numvfs

@@ -17,7 +17,7 @@ bash images/build.sh --mtty
 
 # Static binaries: the guest has no libc of its own.
 export RUSTFLAGS='-C target-feature=+crt-static'
-cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p integration-tests --bin bench-ops 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
+cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p integration-tests --bin bench-ops 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
 testbin=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --no-run --message-format=json 2>/dev/null \
     | grep -o '"executable":"[^"]*kernel_scenarios[^"]*"' | tail -1 | cut -d'"' -f4)
 [ -x "$testbin" ] || { echo "real-kernel: building the scenario tests failed" >&2; exit 1; }
@@ -26,7 +26,7 @@ unset RUSTFLAGS
 SHARE=$OUT/share
 rm -rf "$SHARE"
 mkdir -p "$SHARE/bin"
-cp target/$TARGET/release/vfctl target/$TARGET/release/vfio-managerd target/$TARGET/release/bench-ops "$testbin" "$SHARE/bin/"
+cp target/$TARGET/release/vfctl target/$TARGET/release/vfio-managerd target/$TARGET/release/vfio-manager-hook target/$TARGET/release/bench-ops "$testbin" "$SHARE/bin/"
 # The host's own dbus-daemon, with its libraries and loader: the guest has no libc.
 mkdir -p "$SHARE/dbus/lib"
 cp /usr/bin/dbus-daemon "$SHARE/dbus/"
