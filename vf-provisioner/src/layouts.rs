@@ -4,7 +4,9 @@
 //! HDMI/DP audio companion in the same IOMMU group, and an NVIDIA A100.
 
 use crate::address::PciAddress;
-use crate::fake::{FakeDriver, FakeFunction, FakeSriov, Layout};
+use crate::fake::{
+    FakeDriver, FakeFunction, FakeMdevParent, FakeMdevType, FakeSriov, FakeVgpuType, Layout,
+};
 
 fn func(
     addr: &str,
@@ -35,6 +37,7 @@ fn sriov(total: u32, offset: u32, stride: u32, vf_device: &str) -> Option<FakeSr
         vf_device: vf_device.into(),
         num_vfs: 0,
         drivers_autoprobe: true,
+        vgpu_types: vec![],
     })
 }
 
@@ -84,6 +87,7 @@ fn base(name: &str) -> Layout {
         vfio_loaded: true,
         iommu: Some("dmar0".into()),
         cmdline: "console=ttyS0 intel_iommu=on iommu=pt".into(),
+        mdev_parents: vec![],
     }
 }
 
@@ -110,14 +114,74 @@ pub fn domestic_gpu() -> Layout {
     l
 }
 
-/// NVIDIA A100 PCIe 80GB: SR-IOV with 20 VFs (vGPU is configured per VF on vGPU 17+).
+/// NVIDIA A100 PCIe 80GB on vGPU 17+: SR-IOV with 20 VFs, a vGPU type chosen per VF
+/// through `nvidia/current_vgpu_type`. Time-sliced C-series types; one framebuffer
+/// size per GPU, as NVIDIA documents.
 pub fn nvidia_dc() -> Layout {
     let mut l = base("nvidia-dc");
     l.drivers.push(driver("nvidia", &["10de:20b5"], true));
     let mut pf = func("0000:ca:00.0", "10de:20b5", "030200", Some("nvidia"), 40, 1);
     pf.reset_methods = vec!["bus".into()];
     pf.sriov = sriov(20, 4, 1, "20b5");
+    if let Some(s) = pf.sriov.as_mut() {
+        s.vgpu_types = [
+            (4, 20),
+            (8, 10),
+            (10, 8),
+            (16, 5),
+            (20, 4),
+            (40, 2),
+            (80, 1),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, &(gib, max))| FakeVgpuType {
+            id: 692 + i as u32,
+            name: format!("NVIDIA A100D-{gib}C"),
+            framebuffer_mib: gib * 1024,
+            max_instances: max,
+        })
+        .collect();
+    }
     l.functions.push(pf);
+    l
+}
+
+/// NVIDIA Tesla T4 before vGPU 17: vGPU types are mdev types on the PF
+/// (`nvidia-NNN`, description as the vendor writes it).
+pub fn nvidia_mdev() -> Layout {
+    let mut l = base("nvidia-mdev");
+    l.drivers.push(driver("nvidia", &["10de:1eb8"], false));
+    l.functions.push(func(
+        "0000:af:00.0",
+        "10de:1eb8",
+        "030200",
+        Some("nvidia"),
+        50,
+        1,
+    ));
+    let types = [1u32, 2, 4, 8, 16]
+        .iter()
+        .enumerate()
+        .map(|(i, &gib)| FakeMdevType {
+            id: format!("nvidia-{}", 222 + i),
+            name: format!("GRID T4-{gib}Q"),
+            description: format!(
+                "num_heads=4, frl_config=60, framebuffer={}M, max_resolution=7680x4320, max_instance={}",
+                gib * 1024,
+                16 / gib
+            ),
+            device_api: "vfio-pci".into(),
+            units: gib,
+            group: Some(format!("{}M", gib * 1024)),
+        })
+        .collect();
+    l.mdev_parents.push(FakeMdevParent {
+        parent: "0000:af:00.0".into(),
+        driver: "nvidia-vgpu-vfio".into(),
+        units: 16,
+        types,
+    });
     l
 }
 
@@ -132,7 +196,7 @@ pub fn emulated() -> Layout {
 pub fn demo() -> Layout {
     let mut l = emulated();
     l.name = "demo".into();
-    for other in [domestic_gpu(), nvidia_dc()] {
+    for other in [domestic_gpu(), nvidia_dc(), nvidia_mdev()] {
         for d in other.drivers {
             if !l.drivers.iter().any(|x| x.name == d.name) {
                 l.drivers.push(d);
@@ -140,6 +204,7 @@ pub fn demo() -> Layout {
         }
         l.functions
             .extend(other.functions.into_iter().filter(|f| f.address.bus != 0));
+        l.mdev_parents.extend(other.mdev_parents);
     }
     l
 }
@@ -175,10 +240,17 @@ pub fn by_name(name: &str) -> Option<Layout> {
     match name {
         "domestic-gpu" => Some(domestic_gpu()),
         "nvidia-dc" => Some(nvidia_dc()),
+        "nvidia-mdev" => Some(nvidia_mdev()),
         "emulated" => Some(emulated()),
         "demo" => Some(demo()),
         _ => None,
     }
 }
 
-pub const NAMES: &[&str] = &["demo", "domestic-gpu", "nvidia-dc", "emulated"];
+pub const NAMES: &[&str] = &[
+    "demo",
+    "domestic-gpu",
+    "nvidia-dc",
+    "nvidia-mdev",
+    "emulated",
+];

@@ -115,6 +115,12 @@ impl Sysfs {
         self.module_dir("vfio_pci").join("parameters/enable_sriov")
     }
 
+    /// One raw write through the kernel seam, for callers that explain errors
+    /// themselves (mediated devices, whose names are not PCI addresses).
+    pub fn write_attr(&self, path: &Path, data: &str) -> io::Result<()> {
+        self.kernel.write(path, data)
+    }
+
     /// Writes `data` to a kernel attribute of `device`, explaining the errno.
     pub fn write(&self, device: &PciAddress, path: &Path, data: &str) -> Result<()> {
         self.kernel

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::address::PciAddress;
 use crate::sysfs::{self, KernelWrite, FAKE_MARKER};
 
+mod mdev;
+pub use mdev::{FakeMdevParent, FakeMdevType, FakeVgpuType};
+
 const DEVICES: &str = "sys/devices/pci0000:00";
 const VFIO_PCI: &str = "vfio-pci";
 
@@ -35,6 +38,9 @@ pub struct Layout {
     pub iommu: Option<String>,
     #[serde(default)]
     pub cmdline: String,
+    /// Mediated-device parents (mtty, NVIDIA before vGPU 17).
+    #[serde(default)]
+    pub mdev_parents: Vec<FakeMdevParent>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,21 +91,24 @@ pub struct FakeSriov {
     pub num_vfs: u32,
     #[serde(default = "yes")]
     pub drivers_autoprobe: bool,
+    /// NVIDIA vGPU 17+: the types each VF offers in `nvidia/creatable_vgpu_types`.
+    #[serde(default)]
+    pub vgpu_types: Vec<FakeVgpuType>,
 }
 
 fn yes() -> bool {
     true
 }
 
-fn err(kind: ErrorKind, msg: &str) -> io::Error {
+pub(crate) fn err(kind: ErrorKind, msg: &str) -> io::Error {
     io::Error::new(kind, msg.to_string())
 }
 
-fn errno(code: i32) -> io::Error {
+pub(crate) fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
-fn write_file(path: &Path, data: &str) -> io::Result<()> {
+pub(crate) fn write_file(path: &Path, data: &str) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
     }
@@ -155,12 +164,19 @@ impl Layout {
             }
         }
         for f in &self.functions {
-            if let Some(s) = f.sriov.as_ref().filter(|s| s.num_vfs > 0) {
+            let Some(s) = &f.sriov else { continue };
+            if !s.vgpu_types.is_empty() {
+                k.set_vgpu_types(&f.address, &s.vgpu_types)?;
+            }
+            if s.num_vfs > 0 {
                 k.write(
                     &k.dev(&f.address).join("sriov_numvfs"),
                     &format!("{}\n", s.num_vfs),
                 )?;
             }
+        }
+        for p in &self.mdev_parents {
+            k.build_mdev_parent(p)?;
         }
         Ok(())
     }
@@ -173,14 +189,15 @@ impl Layout {
 /// The fake kernel. State lives in the tree; a mutex serialises writes as the
 /// kernel's device lock does.
 pub struct FakeKernel {
-    root: PathBuf,
+    pub(crate) root: PathBuf,
     lock: Mutex<()>,
 }
 
 impl FakeKernel {
     pub fn new(root: &Path) -> Self {
         FakeKernel {
-            root: root.to_path_buf(),
+            // Canonical, so that paths resolved through the tree's links share its prefix.
+            root: fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
             lock: Mutex::new(()),
         }
     }
@@ -511,8 +528,10 @@ impl FakeKernel {
             if vfio_pf {
                 write_file(&self.real_dev(&addr).join("driver_override"), "vfio-pci\n")?;
             }
+            self.add_vgpu_attrs(pf, &addr)?;
         }
         write_file(&self.real_dev(pf).join("sriov_numvfs"), &format!("{n}\n"))?;
+        self.recount_vgpus(pf)?;
         for i in 0..n {
             self.probe(&self.vf_addr(pf, i)?)?;
         }
@@ -663,8 +682,36 @@ impl KernelWrite for FakeKernel {
                     _ => Err(errno(libc::EINVAL)),
                 }
             }
-            _ if path.exists() => Err(errno(libc::EACCES)),
+            ["sys", "bus", "pci", "devices", addr, "nvidia", "current_vgpu_type"] => {
+                let a: PciAddress = addr.parse().map_err(|_| errno(libc::ENOENT))?;
+                if !path.exists() {
+                    return Err(errno(libc::ENOENT));
+                }
+                self.vgpu_write(&a, data)
+            }
+            ["sys", "bus", "mdev", "drivers", driver, attr] if path.exists() => {
+                self.mdev_driver_write(driver, attr, data)
+            }
+            _ if path.exists() => self.mdev_write(path, data),
             _ => Err(errno(libc::ENOENT)),
+        }
+    }
+}
+
+impl FakeKernel {
+    /// `create` under a type directory or `remove` of an mdev, reached by any path.
+    fn mdev_write(&self, path: &Path, data: &str) -> io::Result<()> {
+        let dir = path
+            .parent()
+            .and_then(|p| fs::canonicalize(p).ok())
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let grandparent = dir.parent().and_then(|p| p.file_name());
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some("create") if grandparent == Some("mdev_supported_types".as_ref()) => {
+                self.mdev_create(&dir, data)
+            }
+            Some("remove") if dir.join("mdev_type").exists() => self.mdev_remove(&dir, data),
+            _ => Err(errno(libc::EACCES)),
         }
     }
 }
@@ -748,6 +795,7 @@ impl Layout {
                     vf_device: format!("{:04x}", s.vf_device_id.unwrap_or(f.device_id)),
                     num_vfs: 0,
                     drivers_autoprobe: s.drivers_autoprobe,
+                    vgpu_types: vec![],
                 }),
             })
             .collect();
@@ -761,6 +809,7 @@ impl Layout {
             vfio_loaded: sys.drivers_dir().join(VFIO_PCI).exists(),
             iommu,
             cmdline: sysfs::read_opt(&sys.proc_dir().join("cmdline")).unwrap_or_default(),
+            mdev_parents: mdev::capture(sys.root()),
         }
     }
 }

@@ -1,0 +1,219 @@
+//! What the kernel shows of mediated devices: parents under
+//! `/sys/class/mdev_bus`, their types, the mdevs on `/sys/bus/mdev/devices`, and
+//! NVIDIA's per-VF vGPU attributes (`/sys/bus/pci/devices/<VF>/nvidia/`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use uuid::Uuid;
+use vf_provisioner::sysfs::{self, read_dec, read_opt};
+use vf_provisioner::{PciAddress, Sysfs};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MdevType {
+    /// Directory name, e.g. `mtty-2` or `nvidia-223`.
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub device_api: String,
+    /// Instances that fit now; shrinks as the parent's capacity is used.
+    pub available_instances: u32,
+    /// Mdevs of this type on this parent.
+    pub devices: Vec<Uuid>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Parent {
+    /// A PCI address or a virtual device name (`mtty`).
+    pub name: String,
+    pub types: Vec<MdevType>,
+}
+
+impl Parent {
+    pub fn find_type(&self, id: &str) -> Result<&MdevType> {
+        self.types
+            .iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| Error::NoType {
+                parent: self.name.clone(),
+                type_id: id.into(),
+                known: self
+                    .types
+                    .iter()
+                    .map(|t| t.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mdev {
+    pub uuid: Uuid,
+    pub parent: String,
+    pub type_id: String,
+    /// The vendor driver bound to it; `None` if its probe failed (no capacity).
+    pub driver: Option<String>,
+    pub iommu_group: Option<u32>,
+    /// `/sys/bus/mdev/devices/<uuid>` (cloud-hypervisor's `--device path=`).
+    pub sysfs_path: PathBuf,
+}
+
+/// A vGPU type as NVIDIA lists it per VF (vGPU 17+).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VgpuType {
+    pub id: u32,
+    pub name: String,
+}
+
+/// One VF of an NVIDIA GPU on vGPU 17+.
+#[derive(Debug, Clone, Serialize)]
+pub struct VgpuSlot {
+    pub vf: PciAddress,
+    pub pf: Option<PciAddress>,
+    /// The type this VF has (`current_vgpu_type`, 0 = none).
+    pub current: Option<u32>,
+    /// What the VF can take now (`creatable_vgpu_types`).
+    pub creatable: Vec<VgpuType>,
+    pub iommu_group: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MdevHost {
+    pub parents: Vec<Parent>,
+    pub mdevs: Vec<Mdev>,
+    pub vgpus: Vec<VgpuSlot>,
+}
+
+pub fn mdev_bus(sys: &Sysfs) -> PathBuf {
+    sys.root().join("sys/class/mdev_bus")
+}
+
+pub fn mdev_devices(sys: &Sysfs) -> PathBuf {
+    sys.root().join("sys/bus/mdev/devices")
+}
+
+pub fn type_dir(sys: &Sysfs, parent: &str, type_id: &str) -> PathBuf {
+    mdev_bus(sys)
+        .join(parent)
+        .join("mdev_supported_types")
+        .join(type_id)
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn read_type(dir: &Path, id: String) -> MdevType {
+    let attr = |a: &str| read_opt(&dir.join(a)).unwrap_or_default();
+    MdevType {
+        name: attr("name"),
+        description: attr("description"),
+        device_api: attr("device_api"),
+        available_instances: read_dec(&dir.join("available_instances")).unwrap_or(0),
+        devices: entries(&dir.join("devices"))
+            .iter()
+            .filter_map(|u| u.parse().ok())
+            .collect(),
+        id,
+    }
+}
+
+fn read_parent(sys: &Sysfs, name: String) -> Parent {
+    let tdir = mdev_bus(sys).join(&name).join("mdev_supported_types");
+    let types = entries(&tdir)
+        .into_iter()
+        .map(|id| read_type(&tdir.join(&id), id))
+        .collect();
+    Parent { name, types }
+}
+
+/// Reads one mdev; `None` if it does not exist.
+pub fn read_mdev(sys: &Sysfs, uuid: &Uuid) -> Option<Mdev> {
+    let path = mdev_devices(sys).join(uuid.to_string());
+    let type_id = sysfs::link_name(&path.join("mdev_type"))?;
+    let real = fs::canonicalize(&path).ok()?;
+    let parent_dir = real.parent()?;
+    // The parent's name is its mdev_bus entry: a PCI address or the device's name.
+    let parent = parent_dir.file_name()?.to_str()?.to_string();
+    Some(Mdev {
+        uuid: *uuid,
+        parent,
+        type_id,
+        driver: sysfs::link_name(&path.join("driver")),
+        iommu_group: sysfs::link_name(&path.join("iommu_group")).and_then(|g| g.parse().ok()),
+        sysfs_path: PathBuf::from("/sys/bus/mdev/devices").join(uuid.to_string()),
+    })
+}
+
+/// Parses NVIDIA's `creatable_vgpu_types`: a header line, then `ID : name` lines.
+pub fn parse_vgpu_types(text: &str) -> Vec<VgpuType> {
+    text.lines()
+        .filter_map(|l| {
+            let (id, name) = l.split_once(':')?;
+            Some(VgpuType {
+                id: id.trim().parse().ok()?,
+                name: name.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Reads one VF's vGPU attributes; `None` if it has none.
+pub fn read_vgpu(sys: &Sysfs, vf: &PciAddress) -> Option<VgpuSlot> {
+    let dir = sys.device_dir(vf).join("nvidia");
+    let current: u32 = read_dec(&dir.join("current_vgpu_type"))?;
+    Some(VgpuSlot {
+        vf: *vf,
+        pf: sysfs::link_name(&sys.device_attr(vf, "physfn")).and_then(|s| s.parse().ok()),
+        current: (current != 0).then_some(current),
+        creatable: parse_vgpu_types(
+            &read_opt(&dir.join("creatable_vgpu_types")).unwrap_or_default(),
+        ),
+        iommu_group: sysfs::link_name(&sys.device_attr(vf, "iommu_group"))
+            .and_then(|g| g.parse().ok()),
+    })
+}
+
+impl MdevHost {
+    pub fn scan(sys: &Sysfs) -> MdevHost {
+        let parents = entries(&mdev_bus(sys))
+            .into_iter()
+            .map(|n| read_parent(sys, n))
+            .collect();
+        let mdevs = entries(&mdev_devices(sys))
+            .iter()
+            .filter_map(|u| read_mdev(sys, &u.parse().ok()?))
+            .collect();
+        let vgpus = sysfs::pci_entries(&sys.pci_devices())
+            .iter()
+            .filter_map(|a| read_vgpu(sys, a))
+            .collect();
+        MdevHost {
+            parents,
+            mdevs,
+            vgpus,
+        }
+    }
+
+    pub fn parent(&self, name: &str) -> Result<&Parent> {
+        self.parents
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::NoParent(name.into()))
+    }
+
+    pub fn mdev(&self, uuid: &Uuid) -> Option<&Mdev> {
+        self.mdevs.iter().find(|m| m.uuid == *uuid)
+    }
+}
