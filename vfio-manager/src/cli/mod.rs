@@ -3,6 +3,7 @@
 
 mod attach;
 pub mod client;
+mod mdev;
 mod render;
 
 use std::ffi::OsString;
@@ -194,6 +195,19 @@ enum Command {
     Config(ConfigCommand),
     /// Reset a function through the kernel. Changes the device state; refused while in use.
     Reset { address: String },
+    /// Mediated devices (mdev types: mtty, NVIDIA before vGPU 17), on the host directly,
+    /// with definitions in mdevctl's files.
+    #[command(subcommand)]
+    Mdev(mdev::MdevCommand),
+    /// NVIDIA vGPU 17+ types chosen per VF (`nvidia/current_vgpu_type`), on the host directly.
+    #[command(subcommand)]
+    Vgpu(mdev::VgpuCommand),
+    /// Dry run: where requested mdev or vGPU types would fit, as PROFILE[:COUNT]
+    /// (type id, type name or vGPU type). Changes nothing; exits 3 if not all fit.
+    Plan {
+        #[arg(required = true)]
+        wants: Vec<String>,
+    },
     /// Check the host: IOMMU, VFIO modules, SR-IOV and IOMMU group viability per GPU
     /// (changes nothing). Exits 1 if any check fails.
     Check,
@@ -248,6 +262,8 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Vmm(#[from] crate::ch::ChError),
+    #[error(transparent)]
+    Mdev(#[from] mediated_dev::Error),
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
 }
@@ -301,20 +317,24 @@ pub fn main(
             let _ = writeln!(err, "vfctl: {e}");
             ExitCode::from(exit::BAD_INPUT)
         }
-        Err(CliError::Op(e)) => {
-            let _ = writeln!(err, "vfctl: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let _ = writeln!(err, "  caused by: {s}");
-                source = s.source();
-            }
-            ExitCode::from(match e.kind() {
-                Kind::BadInput => exit::BAD_INPUT,
-                Kind::Refused => exit::REFUSED,
-                Kind::Failed => exit::FAILED,
-            })
-        }
+        Err(CliError::Op(e)) => report(err, &e, e.kind()),
+        Err(CliError::Mdev(e)) => report(err, &e, e.kind()),
     }
+}
+
+/// Prints an operation's error with its causes; the exit code follows its kind.
+fn report(err: &mut dyn Write, e: &dyn std::error::Error, kind: Kind) -> ExitCode {
+    let _ = writeln!(err, "vfctl: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        let _ = writeln!(err, "  caused by: {s}");
+        source = s.source();
+    }
+    ExitCode::from(match kind {
+        Kind::BadInput => exit::BAD_INPUT,
+        Kind::Refused => exit::REFUSED,
+        Kind::Failed => exit::FAILED,
+    })
 }
 
 fn addr(s: &str) -> vf_provisioner::Result<PciAddress> {
@@ -367,6 +387,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         serde_json::to_writer_pretty(&mut *out, &layout).map_err(|e| CliError::Output(e.into()))?;
         writeln!(out).map_err(CliError::Output)?;
         return Ok(exit::OK);
+    }
+    if let Some(code) = mediated(&cli.command, &sys, cli.output, out) {
+        return code;
     }
     let cfg = Config::load(&cli.config)?;
     let p = Provisioner::new(sys, DeviceFilter::new(&cfg.devices));
@@ -432,7 +455,27 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::FakeHost { .. }
         | Command::CaptureLayout { .. }
         | Command::Generate { .. }
+        | Command::Mdev(_)
+        | Command::Vgpu(_)
+        | Command::Plan { .. }
         | Command::Config(_) => unreachable!("handled above"),
+    }
+}
+
+/// The mediated path's commands (always on the host directly); `None` for the rest.
+fn mediated(
+    c: &Command,
+    sys: &Sysfs,
+    format: Output,
+    out: &mut dyn Write,
+) -> Option<Result<u8, CliError>> {
+    let m = mediated_dev::Mediator::new(sys.clone());
+    let r = render::Renderer { out, format };
+    match c {
+        Command::Mdev(cmd) => Some(mdev::mdev(&m, cmd, r)),
+        Command::Vgpu(cmd) => Some(mdev::vgpu(&m, cmd, r)),
+        Command::Plan { wants } => Some(mdev::plan(&m, wants, r)),
+        _ => None,
     }
 }
 

@@ -40,20 +40,20 @@ struct Entry<'a> {
     vfs: Option<Vec<Entry<'a>>>,
 }
 
-type Res = Result<u8, CliError>;
+pub(super) type Res = Result<u8, CliError>;
 
 fn io(e: std::io::Error) -> CliError {
     CliError::Output(e)
 }
 
 impl Renderer<'_> {
-    fn json(&mut self, v: &impl Serialize) -> Res {
+    pub(super) fn json(&mut self, v: &impl Serialize) -> Res {
         serde_json::to_writer_pretty(&mut *self.out, v).map_err(|e| io(e.into()))?;
         writeln!(self.out).map_err(io)?;
         Ok(exit::OK)
     }
 
-    fn line(&mut self, s: &str) -> Res {
+    pub(super) fn line(&mut self, s: &str) -> Res {
         writeln!(self.out, "{s}").map_err(io)?;
         Ok(exit::OK)
     }
