@@ -61,7 +61,16 @@ if [ "${1:-}" = "--mtty" ] && [ ! -e "$OUT/mtty-$KVER.ko" ]; then
     cp "$OUT/mtty/mtty.ko" "$OUT/mtty-$KVER.ko"
 fi
 
-# 3. Initramfs: busybox, the modules (decompressed: busybox insmod cannot read .xz), init.
+# 3. Debian's mdevctl, the peer tool the mediated path is measured against, with the
+#    libraries it links (the guest has no libc).
+fetch mdevctl "$OUT/mdevctl"
+if [ ! -e "$OUT/mdevctl/libs/.done" ]; then
+    mkdir -p "$OUT/mdevctl/libs"
+    ldd "$OUT/mdevctl/usr/bin/mdevctl" | grep -o '/[^ ]*' | xargs -I{} cp -L {} "$OUT/mdevctl/libs/"
+    touch "$OUT/mdevctl/libs/.done"
+fi
+
+# 4. Initramfs: busybox, the modules (decompressed: busybox insmod cannot read .xz), init.
 MODS="vfio vfio_iommu_type1 vfio-pci mdev igb igbvf e1000e nvme 9p 9pnet_virtio"
 stamp="$KVER $(sha256sum images/init images/build.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$OUT/initramfs.stamp" 2>/dev/null)" != "$stamp" ]; then

@@ -9,11 +9,14 @@
 //! - [`ops`]: the policy layer, [`Mediator`]: checks, refusals, the write through
 //!   `vf-provisioner`'s kernel seam, verification and rollback;
 //! - [`mdevctl`]: persistent definitions in mdevctl's own files;
-//! - [`plan`]: the dry run that places several requested types before any write.
+//! - [`plan`]: the dry run that places several requested types before any write;
+//! - [`migration`]: device state out of one device and into another (VFIO
+//!   migration v2), in a checksummed stream, locally or over TCP.
 
 pub mod error;
 pub mod host;
 pub mod mdevctl;
+pub mod migration;
 pub mod ops;
 pub mod plan;
 

@@ -18,9 +18,11 @@ bash images/build.sh --mtty
 # Static binaries: the guest has no libc of its own.
 export RUSTFLAGS='-C target-feature=+crt-static'
 cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p integration-tests --bin bench-ops 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
-testbin=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*kernel_scenarios[^"]*"' | tail -1 | cut -d'"' -f4)
-[ -x "$testbin" ] || { echo "real-kernel: building the scenario tests failed" >&2; exit 1; }
+tests_json=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --test mdev_scenarios --no-run --message-format=json 2>/dev/null)
+test_exe() { echo "$tests_json" | grep -o "\"executable\":\"[^\"]*/$1-[^\"]*\"" | tail -1 | cut -d'"' -f4; }
+testbin=$(test_exe kernel_scenarios)
+mdevbin=$(test_exe mdev_scenarios)
+[ -x "$testbin" ] && [ -x "$mdevbin" ] || { echo "real-kernel: building the scenario tests failed" >&2; exit 1; }
 unset RUSTFLAGS
 
 SHARE=$OUT/share
@@ -32,6 +34,10 @@ mkdir -p "$SHARE/dbus/lib"
 cp /usr/bin/dbus-daemon "$SHARE/dbus/"
 ldd /usr/bin/dbus-daemon | grep -o '/[^ ]*' | xargs -I{} cp -L {} "$SHARE/dbus/lib/"
 mv "$SHARE/bin/$(basename "$testbin")" "$SHARE/bin/kernel_scenarios"
+cp "$mdevbin" "$SHARE/bin/mdev_scenarios"
+# Debian's mdevctl with its libraries: the peer tool, side by side in the benchmark.
+mkdir -p "$SHARE/mdevctl"
+cp build/images/mdevctl/usr/bin/mdevctl build/images/mdevctl/libs/* "$SHARE/mdevctl/"
 cp "build/images/mtty-$(cat build/images/KVER).ko" "$SHARE/mtty.ko"
 cp "tests/real-kernel/guest-${MODE#--}.sh" "$SHARE/job.sh"
 chmod +x "$SHARE/job.sh"
@@ -84,8 +90,8 @@ if [ "$MODE" = --test ]; then
 fi
 passed=$(grep -c '^GUEST-PASS' "$log" || true)
 failed=$(grep -c '^GUEST-FAIL' "$log" || true)
-# The scenario binary's own counts.
-read -r tp tf < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$log" | tail -1) || true
+# The scenario binaries' own counts, summed.
+read -r tp tf < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$log" | awk '{p += $1; f += $2} END {print p + 0, f + 0}') || true
 passed=$((passed + ${tp:-0})); failed=$((failed + ${tf:-0}))
 if ! grep -q '^GUEST-DONE' "$log"; then
     echo "real-kernel: the guest did not finish its job (see $log)" >&2

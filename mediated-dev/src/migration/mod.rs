@@ -1,0 +1,245 @@
+//! Live migration of device state with the VFIO migration uAPI v2.
+//!
+//! - [`state`]: the uAPI's states and arcs, and a tracker of every state passed;
+//! - [`device`]: the seam (a real VFIO device, or one in memory);
+//! - [`stream`]: the versioned, checksummed stream format;
+//! - here, the policy: [`save`] and [`load`], which leave nothing half done: a
+//!   failed save returns the source to RUNNING, a failed load resets the
+//!   destination out of RESUMING (an mdev left there oopses mtty's kernel,
+//!   REAL-KERNEL rule 8) or says it must be re-created;
+//! - [`net`]: the same over TCP between two hosts, with the destination's verdict
+//!   deciding whether the source stays stopped.
+
+pub mod device;
+pub mod net;
+pub mod state;
+pub mod stream;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+pub use device::{MemoryDevice, MigrationDevice, VfioMigration};
+pub use state::{MigState, Tracker};
+pub use stream::{Header, StreamError, StreamReader, StreamWriter};
+
+use crate::error::{Error, Result};
+
+/// How much state one read or write moves.
+const BUF: usize = 1 << 20;
+/// PRE_COPY rounds before stopping the device regardless of what is left.
+const PRECOPY_ROUNDS: u32 = 8;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub bytes: u64,
+    pub precopy_bytes: u64,
+    pub history: String,
+    /// Save: from STOP_COPY to the trailer sent. Load: from RESUMING to RUNNING.
+    pub stopped_for: Duration,
+}
+
+fn fail(dev: &dyn MigrationDevice, what: impl Into<String>) -> Error {
+    Error::Migration {
+        device: dev.name().into(),
+        what: what.into(),
+    }
+}
+
+/// Moves `dev` to `to`, checking the walk first and recording it.
+fn go(dev: &dyn MigrationDevice, t: &mut Tracker, to: MigState) -> Result<()> {
+    let walk = t.plan(to).map_err(|why| fail(dev, why))?;
+    dev.set_state(to).map_err(|e| {
+        fail(
+            dev,
+            format!(
+                "{} -> {to} failed: {e} (states: {})",
+                t.current(),
+                t.describe()
+            ),
+        )
+    })?;
+    t.record(&walk);
+    Ok(())
+}
+
+/// Preflight: whether `dev` can be migrated now, and its flags; the reason if not.
+pub fn check(dev: &dyn MigrationDevice) -> Result<u64> {
+    let flags = dev
+        .flags()
+        .map_err(|e| fail(dev, format!("query failed: {e}")))?
+        .filter(|f| f & state::STOP_COPY != 0)
+        .ok_or_else(|| {
+            Error::refused(
+                dev.name(),
+                "its driver does not offer VFIO migration v2 (no STOP_COPY)",
+                "use a device type whose vendor driver supports migration, or stop the VM and move it cold",
+            )
+        })?;
+    let now = dev
+        .state()
+        .map_err(|e| fail(dev, format!("state query failed: {e}")))?;
+    if now != MigState::Running {
+        return Err(Error::refused(
+            dev.name(),
+            format!("it is in {now}, not RUNNING (another migration, or one that failed)"),
+            "finish or abort that migration first; a reset returns it to RUNNING",
+        ));
+    }
+    Ok(flags)
+}
+
+/// A source that has been saved and stopped. Dropping it without [`commit`]
+/// returns the device to RUNNING: the VM goes on here.
+///
+/// [`commit`]: Outgoing::commit
+pub struct Outgoing<'a> {
+    dev: &'a dyn MigrationDevice,
+    tracker: Tracker,
+    committed: bool,
+}
+
+impl Outgoing<'_> {
+    /// The destination runs: the source stays stopped (its VM is gone from here).
+    pub fn commit(mut self) -> Tracker {
+        self.committed = true;
+        self.tracker.clone()
+    }
+}
+
+impl Drop for Outgoing<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = go(self.dev, &mut self.tracker, MigState::Running);
+        }
+    }
+}
+
+/// Saves `dev`'s state into `out`: PRE_COPY rounds where offered, then STOP_COPY
+/// to the end. Returns the stopped source; any error returns it to RUNNING.
+pub fn save<'a, W: Write>(
+    dev: &'a dyn MigrationDevice,
+    header: &Header,
+    out: W,
+) -> Result<(Outgoing<'a>, Stats)> {
+    let flags = check(dev)?;
+    let mut src = Outgoing {
+        dev,
+        tracker: Tracker::new(dev.name(), flags, MigState::Running),
+        committed: false,
+    };
+    let header = Header {
+        flags,
+        ..header.clone()
+    };
+    let io = |e: std::io::Error| fail(dev, format!("sending the state failed: {e}"));
+    let mut w = StreamWriter::new(out, &header).map_err(io)?;
+    let mut buf = vec![0u8; BUF];
+    let mut stats = Stats::default();
+    if flags & state::PRE_COPY != 0 {
+        go(dev, &mut src.tracker, MigState::PreCopy)?;
+        for _ in 0..PRECOPY_ROUNDS {
+            let (initial, dirty) = dev
+                .precopy_info()
+                .map_err(|e| fail(dev, format!("precopy info: {e}")))?;
+            if initial + dirty == 0 {
+                break;
+            }
+            let n = dev
+                .read(&mut buf)
+                .map_err(|e| fail(dev, format!("reading PRE_COPY data: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            w.chunk(&buf[..n]).map_err(io)?;
+            stats.precopy_bytes += n as u64;
+        }
+    }
+    let stopped = Instant::now();
+    go(dev, &mut src.tracker, MigState::StopCopy)?;
+    loop {
+        let n = dev
+            .read(&mut buf)
+            .map_err(|e| fail(dev, format!("reading STOP_COPY data: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        w.chunk(&buf[..n]).map_err(io)?;
+    }
+    let (_, total) = w.finish().map_err(io)?;
+    go(dev, &mut src.tracker, MigState::Stop)?;
+    stats.bytes = total;
+    stats.stopped_for = stopped.elapsed();
+    stats.history = src.tracker.describe();
+    Ok((src, stats))
+}
+
+/// Why a state described by `got` cannot be loaded into a device described by `want`.
+pub fn incompatible(got: &Header, want: &Header) -> Option<String> {
+    let fields = [
+        ("device kind", &got.device_kind, &want.device_kind),
+        ("type", &got.profile, &want.profile),
+        ("driver", &got.driver, &want.driver),
+        ("driver version", &got.driver_version, &want.driver_version),
+    ];
+    fields
+        .iter()
+        .find(|(_, a, b)| a != b)
+        .map(|(what, a, b)| format!("the state is from {what} {a:?}, this device is {b:?}"))
+}
+
+/// Loads a stream into `dev`, which must be RUNNING and match `want`. The header is
+/// checked before the device is touched. On failure the device is reset out of
+/// RESUMING; if even that fails, the error says to re-create it.
+pub fn load<R: Read>(dev: &dyn MigrationDevice, want: &Header, input: R) -> Result<Stats> {
+    let (mut r, got) =
+        StreamReader::new(input).map_err(|e| fail(dev, format!("refused the stream: {e}")))?;
+    if let Some(why) = incompatible(&got, want) {
+        return Err(Error::refused(
+            dev.name(),
+            format!("incompatible device state: {why}"),
+            "migrate to a device of the same type and driver version (`vfctl migrate check`)",
+        ));
+    }
+    let flags = check(dev)?;
+    let mut t = Tracker::new(dev.name(), flags, MigState::Running);
+    let started = Instant::now();
+    go(dev, &mut t, MigState::Resuming)?;
+    let result = (|| {
+        let mut buf = Vec::with_capacity(BUF);
+        while r
+            .next_chunk(&mut buf)
+            .map_err(|e| fail(dev, format!("stream: {e}")))?
+        {
+            dev.write(&buf)
+                .map_err(|e| fail(dev, format!("writing the state: {e}")))?;
+        }
+        go(dev, &mut t, MigState::Running)
+    })();
+    if let Err(e) = result {
+        return Err(recover(dev, e));
+    }
+    Ok(Stats {
+        bytes: r.total(),
+        precopy_bytes: 0,
+        history: t.describe(),
+        stopped_for: started.elapsed(),
+    })
+}
+
+/// Takes a destination out of RESUMING after a failed load.
+fn recover(dev: &dyn MigrationDevice, cause: Error) -> Error {
+    let reset = dev.reset().and_then(|_| dev.state());
+    match reset {
+        Ok(MigState::Running) => cause,
+        Ok(s) => fail(
+            dev,
+            format!("{cause}; after a reset it is in {s}: remove and re-create it"),
+        ),
+        Err(e) => fail(
+            dev,
+            format!("{cause}; resetting it failed ({e}): remove and re-create it"),
+        ),
+    }
+}

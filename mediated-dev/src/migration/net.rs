@@ -1,0 +1,74 @@
+//! Device state between two hosts over TCP. The source streams (see
+//! [`super::stream`]), then waits for the destination's verdict line: `OK` once the
+//! destination device runs with the state, `ERR <reason>` otherwise. Only `OK`
+//! leaves the source stopped; anything else (an error line, a cut connection, a
+//! timeout) returns it to RUNNING.
+
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use super::{load, save, Header, MigrationDevice, Stats, Tracker};
+use crate::error::{Error, Result};
+
+/// How long the source waits for the destination's verdict after the trailer.
+pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn net(dev: &dyn MigrationDevice, what: String) -> Error {
+    Error::Migration {
+        device: dev.name().into(),
+        what,
+    }
+}
+
+/// Sends `dev`'s state to `to`. On success the source is stopped (its tracker is
+/// returned); on any failure it runs again.
+pub fn send(
+    dev: &dyn MigrationDevice,
+    header: &Header,
+    to: impl ToSocketAddrs,
+) -> Result<(Tracker, Stats)> {
+    let conn = TcpStream::connect(to)
+        .map_err(|e| net(dev, format!("cannot reach the destination: {e}")))?;
+    conn.set_nodelay(true).ok();
+    let reader = conn.try_clone().map_err(|e| net(dev, e.to_string()))?;
+    let (src, stats) = save(dev, header, BufWriter::with_capacity(1 << 20, &conn))?;
+    reader.set_read_timeout(Some(VERDICT_TIMEOUT)).ok();
+    let mut line = String::new();
+    let verdict = BufReader::new(reader).read_line(&mut line);
+    match (verdict, line.trim_end()) {
+        (Ok(_), "OK") => Ok((src.commit(), stats)),
+        (Ok(_), l) if l.starts_with("ERR ") => Err(net(
+            dev,
+            format!(
+                "the destination refused: {}; the source runs again",
+                &l[4..]
+            ),
+        )),
+        (Ok(_), _) => Err(net(
+            dev,
+            "the destination closed without a verdict; the source runs again".into(),
+        )),
+        (Err(e), _) => Err(net(
+            dev,
+            format!("no verdict from the destination ({e}); the source runs again"),
+        )),
+    }
+}
+
+/// Accepts one connection on `listener` and loads it into `dev`, answering the
+/// source with the verdict.
+pub fn receive(dev: &dyn MigrationDevice, want: &Header, listener: &TcpListener) -> Result<Stats> {
+    let (conn, _) = listener
+        .accept()
+        .map_err(|e| net(dev, format!("accept failed: {e}")))?;
+    let mut answer = conn.try_clone().map_err(|e| net(dev, e.to_string()))?;
+    let result = load(dev, want, BufReader::with_capacity(1 << 20, &conn));
+    let line = match &result {
+        Ok(_) => "OK\n".to_string(),
+        Err(e) => format!("ERR {}\n", e.to_string().replace('\n', " ")),
+    };
+    // The source may be gone already (a cut connection); the verdict is then moot.
+    let _ = answer.write_all(line.as_bytes());
+    result
+}

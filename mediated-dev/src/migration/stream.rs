@@ -1,0 +1,224 @@
+//! The device-state stream: versioned, checksummed, self-describing.
+//!
+//! ```text
+//! header   "VFMSTATE" | version u16 | header length u32 | header JSON | crc32 u32
+//! chunk    0x01 | length u32 | crc32 u32 | bytes          (repeated)
+//! trailer  0xFF | total bytes u64 | chunk count u32 | crc32 of all bytes u32
+//! ```
+//! Integers are little-endian. The header names what produced the state (device
+//! kind, mdev type or vendor profile, driver, driver version, size) so the
+//! destination can refuse an incompatible state before it touches its device.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: &[u8; 8] = b"VFMSTATE";
+pub const VERSION: u16 = 1;
+const CHUNK: u8 = 0x01;
+const TRAILER: u8 = 0xFF;
+/// The largest chunk a reader accepts (a corrupt length must not allocate gigabytes).
+pub const MAX_CHUNK: usize = 16 << 20;
+const MAX_HEADER: usize = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// `mdev` or `vfio-pci`.
+    pub device_kind: String,
+    /// The mdev type (`mtty-2`) or the vendor's profile (a vGPU type name).
+    pub profile: String,
+    /// The vendor driver on the source (`mtty`, `nvidia-vgpu-vfio`).
+    pub driver: String,
+    /// The vendor driver's version (the kernel release for in-tree drivers).
+    pub driver_version: String,
+    /// `VFIO_MIGRATION_*` flags of the source device.
+    pub flags: u64,
+    /// The size the source expected to send (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`), 0 if unknown.
+    pub size_hint: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("the stream ended early ({0})")]
+    Truncated(&'static str),
+    #[error("the stream is corrupt: {0}")]
+    Corrupt(String),
+    #[error(
+        "the stream's format version {0} is not supported (this build reads version {VERSION})"
+    )]
+    Version(u16),
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+impl From<io::Error> for StreamError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            StreamError::Truncated("connection closed or file cut")
+        } else {
+            StreamError::Io(e)
+        }
+    }
+}
+
+pub struct StreamWriter<W: Write> {
+    out: W,
+    total: u64,
+    chunks: u32,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> StreamWriter<W> {
+    pub fn new(mut out: W, header: &Header) -> io::Result<Self> {
+        let json = serde_json::to_vec(header).map_err(io::Error::other)?;
+        let mut head = Vec::with_capacity(json.len() + 18);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        head.extend_from_slice(&json);
+        let crc = crc32fast::hash(&head);
+        out.write_all(&head)?;
+        out.write_all(&crc.to_le_bytes())?;
+        Ok(StreamWriter {
+            out,
+            total: 0,
+            chunks: 0,
+            crc: crc32fast::Hasher::new(),
+        })
+    }
+
+    pub fn chunk(&mut self, data: &[u8]) -> io::Result<()> {
+        for part in data.chunks(MAX_CHUNK) {
+            let mut head = [0u8; 9];
+            head[0] = CHUNK;
+            head[1..5].copy_from_slice(&(part.len() as u32).to_le_bytes());
+            head[5..9].copy_from_slice(&crc32fast::hash(part).to_le_bytes());
+            self.out.write_all(&head)?;
+            self.out.write_all(part)?;
+            self.crc.update(part);
+            self.total += part.len() as u64;
+            self.chunks += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes the trailer and returns the sink and the bytes of state sent.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        let mut t = [0u8; 17];
+        t[0] = TRAILER;
+        t[1..9].copy_from_slice(&self.total.to_le_bytes());
+        t[9..13].copy_from_slice(&self.chunks.to_le_bytes());
+        t[13..17].copy_from_slice(&self.crc.clone().finalize().to_le_bytes());
+        self.out.write_all(&t)?;
+        self.out.flush()?;
+        Ok((self.out, self.total))
+    }
+}
+
+pub struct StreamReader<R: Read> {
+    input: R,
+    total: u64,
+    chunks: u32,
+    crc: crc32fast::Hasher,
+    done: bool,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and checks the header.
+    pub fn new(mut input: R) -> Result<(Self, Header), StreamError> {
+        let mut fixed = [0u8; 14];
+        input.read_exact(&mut fixed)?;
+        if &fixed[..8] != MAGIC {
+            return Err(StreamError::Corrupt(
+                "it does not start with VFMSTATE".into(),
+            ));
+        }
+        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
+        if version != VERSION {
+            return Err(StreamError::Version(version));
+        }
+        let len = u32_at(&fixed, 10) as usize;
+        if len > MAX_HEADER {
+            return Err(StreamError::Corrupt(format!("header length {len}")));
+        }
+        let mut rest = vec![0u8; len + 4];
+        input.read_exact(&mut rest)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&fixed);
+        crc.update(&rest[..len]);
+        if crc.finalize() != u32_at(&rest, len) {
+            return Err(StreamError::Corrupt("header checksum mismatch".into()));
+        }
+        let header: Header = serde_json::from_slice(&rest[..len])
+            .map_err(|e| StreamError::Corrupt(format!("header: {e}")))?;
+        let reader = StreamReader {
+            input,
+            total: 0,
+            chunks: 0,
+            crc: crc32fast::Hasher::new(),
+            done: false,
+        };
+        Ok((reader, header))
+    }
+
+    /// The next chunk into `buf`; `Ok(false)` after a verified trailer.
+    pub fn next_chunk(&mut self, buf: &mut Vec<u8>) -> Result<bool, StreamError> {
+        if self.done {
+            return Ok(false);
+        }
+        let mut tag = [0u8; 1];
+        self.input.read_exact(&mut tag)?;
+        match tag[0] {
+            CHUNK => {
+                let mut h = [0u8; 8];
+                self.input.read_exact(&mut h)?;
+                let len = u32_at(&h, 0) as usize;
+                if len > MAX_CHUNK {
+                    return Err(StreamError::Corrupt(format!(
+                        "chunk {} length {len}",
+                        self.chunks
+                    )));
+                }
+                buf.resize(len, 0);
+                self.input.read_exact(buf)?;
+                if crc32fast::hash(buf) != u32_at(&h, 4) {
+                    return Err(StreamError::Corrupt(format!(
+                        "chunk {} checksum mismatch",
+                        self.chunks
+                    )));
+                }
+                self.crc.update(buf);
+                self.total += len as u64;
+                self.chunks += 1;
+                Ok(true)
+            }
+            TRAILER => {
+                let mut t = [0u8; 16];
+                self.input.read_exact(&mut t)?;
+                let total = u64::from_le_bytes(t[..8].try_into().expect("8 bytes"));
+                let ok = total == self.total
+                    && u32_at(&t, 8) == self.chunks
+                    && u32_at(&t, 12) == self.crc.clone().finalize();
+                if !ok {
+                    return Err(StreamError::Corrupt(
+                        "the trailer does not match the chunks received".into(),
+                    ));
+                }
+                self.done = true;
+                buf.clear();
+                Ok(false)
+            }
+            other => Err(StreamError::Corrupt(format!(
+                "unknown record tag {other:#x}"
+            ))),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}

@@ -1,0 +1,252 @@
+//! Migration on devices kept in memory (behaving like mtty's driver): the state
+//! machine, the stream, the save/load policy and its failure paths, and TCP
+//! between two endpoints with faults injected by a proxy in between.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+
+use mediated_dev::migration::state::{path, MigState, P2P, PRE_COPY, STOP_COPY};
+use mediated_dev::migration::{self as mig, net, Header, MemoryDevice, MigrationDevice};
+use mediated_dev::{Error, Kind};
+
+fn header(profile: &str) -> Header {
+    Header {
+        device_kind: "mdev".into(),
+        profile: profile.into(),
+        driver: "mtty".into(),
+        driver_version: "6.12".into(),
+        flags: 0,
+        size_hint: 0,
+    }
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn the_kernel_walks_the_shortest_supported_path() {
+    use MigState::*;
+    assert_eq!(
+        path(Running, StopCopy, STOP_COPY),
+        Some(vec![Running, Stop, StopCopy])
+    );
+    assert_eq!(
+        path(Running, StopCopy, STOP_COPY | P2P),
+        Some(vec![Running, RunningP2p, Stop, StopCopy])
+    );
+    assert_eq!(
+        path(Running, PreCopy, STOP_COPY),
+        None,
+        "no PRE_COPY without its flag"
+    );
+    assert_eq!(
+        path(PreCopy, StopCopy, STOP_COPY | PRE_COPY),
+        Some(vec![PreCopy, StopCopy])
+    );
+    assert_eq!(
+        path(PreCopy, StopCopy, 7),
+        Some(vec![PreCopy, PreCopyP2p, StopCopy]),
+        "one saving session: the same data fd"
+    );
+    assert_eq!(
+        path(Stop, PreCopy, 7),
+        Some(vec![Stop, RunningP2p, Running, PreCopy])
+    );
+    assert_eq!(
+        path(Resuming, Running, STOP_COPY),
+        Some(vec![Resuming, Stop, Running])
+    );
+    assert_eq!(
+        path(StopCopy, Resuming, STOP_COPY),
+        Some(vec![StopCopy, Stop, Resuming])
+    );
+    assert_eq!(path(Running, Error, 7), None);
+}
+
+#[test]
+fn save_and_load_carry_the_state_and_the_source_waits_for_commit() {
+    let src = MemoryDevice::mtty_like("src", pattern(3 << 20, 1));
+    let dst = MemoryDevice::mtty_like("dst", pattern(3 << 20, 9));
+    let mut stream = Vec::new();
+    let (out, stats) = mig::save(&src, &header("mtty-2"), &mut stream).unwrap();
+    assert_eq!(stats.bytes, 3 << 20);
+    assert!(stats.precopy_bytes > 0, "PRE_COPY was used");
+    assert_eq!(src.state().unwrap(), MigState::Stop);
+    let loaded = mig::load(&dst, &header("mtty-2"), &stream[..]).unwrap();
+    assert_eq!(loaded.bytes, 3 << 20);
+    assert_eq!(dst.data(), src.data());
+    assert_eq!(dst.state().unwrap(), MigState::Running);
+    let t = out.commit();
+    assert_eq!(
+        t.describe(),
+        "RUNNING -> PRE_COPY -> PRE_COPY_P2P -> STOP_COPY -> STOP"
+    );
+    assert_eq!(
+        src.state().unwrap(),
+        MigState::Stop,
+        "committed: stays stopped"
+    );
+}
+
+#[test]
+fn an_uncommitted_source_runs_again() {
+    let src = MemoryDevice::mtty_like("src", pattern(1000, 1));
+    let (out, _) = mig::save(&src, &header("mtty-2"), Vec::new()).unwrap();
+    drop(out);
+    assert_eq!(src.state().unwrap(), MigState::Running);
+}
+
+fn corrupt_at(stream: &mut [u8], at: usize) {
+    stream[at] ^= 0x40;
+}
+
+#[test]
+fn a_corrupt_or_cut_stream_leaves_the_destination_running_with_its_own_state() {
+    let src = MemoryDevice::mtty_like("src", pattern(100_000, 1));
+    let mut stream = Vec::new();
+    drop(mig::save(&src, &header("mtty-2"), &mut stream).unwrap());
+    let before = pattern(100_000, 9);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("corrupt chunk", {
+            let mut s = stream.clone();
+            corrupt_at(&mut s, stream.len() / 2);
+            s
+        }),
+        ("cut", stream[..stream.len() / 2].to_vec()),
+        ("no trailer", stream[..stream.len() - 17].to_vec()),
+        ("corrupt header", {
+            let mut s = stream.clone();
+            corrupt_at(&mut s, 20);
+            s
+        }),
+    ];
+    for (name, bad) in cases {
+        let dst = MemoryDevice::mtty_like("dst", before.clone());
+        let e = mig::load(&dst, &header("mtty-2"), &bad[..]).unwrap_err();
+        assert!(matches!(e, Error::Migration { .. }), "{name}: {e}");
+        assert_eq!(dst.state().unwrap(), MigState::Running, "{name}");
+        assert_eq!(dst.data(), before, "{name}: nothing half-loaded");
+    }
+}
+
+#[test]
+fn an_incompatible_state_is_refused_before_the_device_is_touched() {
+    let src = MemoryDevice::mtty_like("src", pattern(1000, 1));
+    let mut stream = Vec::new();
+    drop(mig::save(&src, &header("mtty-2"), &mut stream).unwrap());
+    let dst = MemoryDevice::mtty_like("dst", pattern(1000, 9));
+    let e = mig::load(&dst, &header("mtty-1"), &stream[..]).unwrap_err();
+    assert_eq!(e.kind(), Kind::Refused);
+    assert!(
+        e.to_string()
+            .contains(r#"type "mtty-2", this device is "mtty-1""#),
+        "{e}"
+    );
+    // A future format version is named, not misread.
+    let mut v2 = stream.clone();
+    v2[8] = 2;
+    let e = mig::load(&dst, &header("mtty-2"), &v2[..]).unwrap_err();
+    assert!(e.to_string().contains("format version 2"), "{e}");
+    assert_eq!(dst.data(), pattern(1000, 9));
+}
+
+#[test]
+fn a_device_without_migration_is_refused_with_the_reason() {
+    let dev = MemoryDevice::new("plain", 0, vec![]);
+    let e = mig::check(&dev).unwrap_err();
+    assert!(
+        e.to_string().contains("does not offer VFIO migration v2"),
+        "{e}"
+    );
+}
+
+/// A proxy that forwards at most `limit` bytes of the stream, flipping the byte at
+/// `flip` if given, then closes both ways.
+fn proxy(to: std::net::SocketAddr, limit: usize, flip: Option<usize>) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(to).unwrap();
+        let mut back = b.try_clone().unwrap();
+        let mut front = a.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut v = [0u8; 256];
+            while let Ok(n) = back.read(&mut v) {
+                if n == 0 || front.write_all(&v[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 65536];
+        let mut sent = 0;
+        while sent < limit {
+            let Ok(n) = a.read(&mut buf) else { break };
+            if n == 0 {
+                break;
+            }
+            let n = n.min(limit - sent);
+            if let Some(f) = flip.filter(|f| (sent..sent + n).contains(f)) {
+                buf[f - sent] ^= 0x01;
+            }
+            if b.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            sent += n;
+        }
+        let _ = b.shutdown(std::net::Shutdown::Both);
+        let _ = a.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+fn over_tcp(
+    limit: usize,
+    flip: Option<usize>,
+    dst_profile: &str,
+) -> (MemoryDevice, MemoryDevice, mediated_dev::Result<()>) {
+    let src = MemoryDevice::mtty_like("src", pattern(2 << 20, 1));
+    let dst = MemoryDevice::mtty_like("dst", pattern(2 << 20, 9));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = proxy(listener.local_addr().unwrap(), limit, flip);
+    let want = header(dst_profile);
+    let result = thread::scope(|s| {
+        let receiver = s.spawn(|| net::receive(&dst, &want, &listener));
+        let sent = net::send(&src, &header("mtty-2"), target).map(|_| ());
+        let _ = receiver.join().unwrap();
+        sent
+    });
+    (src, dst, result)
+}
+
+#[test]
+fn tcp_migration_moves_the_state_and_keeps_the_source_stopped() {
+    let (src, dst, r) = over_tcp(usize::MAX, None, "mtty-2");
+    r.unwrap();
+    assert_eq!(dst.data(), src.data());
+    assert_eq!(src.state().unwrap(), MigState::Stop);
+    assert_eq!(dst.state().unwrap(), MigState::Running);
+}
+
+#[test]
+fn tcp_faults_abort_with_the_source_running_again() {
+    for (name, limit, flip, profile) in [
+        ("connection cut mid-stream", 1 << 20, None, "mtty-2"),
+        ("corrupted chunk", usize::MAX, Some(1 << 20), "mtty-2"),
+        ("incompatible type", usize::MAX, None, "mtty-1"),
+    ] {
+        let (src, dst, r) = over_tcp(limit, flip, profile);
+        let e = r.unwrap_err();
+        assert_eq!(src.state().unwrap(), MigState::Running, "{name}: {e}");
+        assert_eq!(dst.state().unwrap(), MigState::Running, "{name}");
+        assert_eq!(
+            dst.data(),
+            pattern(2 << 20, 9),
+            "{name}: destination unchanged"
+        );
+    }
+}

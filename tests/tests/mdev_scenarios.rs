@@ -1,0 +1,168 @@
+//! The mediated path's scenarios, run twice like `kernel_scenarios`: on the fake
+//! host (plain `cargo test`) and on the real kernel's mtty sample inside the
+//! emulated host (`VFM_REAL_KERNEL=1`). The capacity numbers asserted here are the
+//! fake's model; the real run is what proves the model right.
+
+use std::io::ErrorKind;
+
+use integration_tests::*;
+use mediated_dev::{plan, Definition, Kind, Mediator, Start, Store, Want};
+
+const MTTY1: &str = "sys/class/mdev_bus/mtty/mdev_supported_types/mtty-1";
+
+/// Removes every mtty mdev and definition when dropped (the real kernel is shared).
+struct Clean<'a>(&'a Env);
+
+impl Drop for Clean<'_> {
+    fn drop(&mut self) {
+        let m = Mediator::new(self.0.sys());
+        for d in m.scan().mdevs {
+            let _ = m.remove(&d.uuid);
+        }
+        let _ = std::fs::remove_dir_all(self.0.root.join("etc/mdevctl.d/mtty"));
+    }
+}
+
+fn available(m: &Mediator, ty: &str) -> u32 {
+    m.scan()
+        .parent("mtty")
+        .unwrap()
+        .find_type(ty)
+        .unwrap()
+        .available_instances
+}
+
+fn raw(env: &Env, rel: &str, data: &str) -> std::io::Result<()> {
+    env.sys().write_attr(&env.root.join(rel), data)
+}
+
+#[test]
+fn create_and_remove_take_and_return_mtty_capacity() {
+    let env = Env::new();
+    let _c = Clean(&env);
+    let m = Mediator::new(env.sys());
+    assert_eq!((available(&m, "mtty-1"), available(&m, "mtty-2")), (24, 12));
+    let d = m.create("mtty", "mtty-2", None).unwrap();
+    assert_eq!(d.driver.as_deref(), Some("mtty"));
+    let g = d.iommu_group.expect("an mdev has its own group");
+    assert!(env.root.join("dev/vfio").join(g.to_string()).exists());
+    assert_eq!(
+        (available(&m, "mtty-1"), available(&m, "mtty-2")),
+        (22, 11),
+        "two ports taken"
+    );
+    m.remove(&d.uuid).unwrap();
+    assert_eq!((available(&m, "mtty-1"), available(&m, "mtty-2")), (24, 12));
+}
+
+#[test]
+fn a_full_type_is_refused_and_a_raw_create_past_capacity_stays_unbound() {
+    let env = Env::new();
+    let _c = Clean(&env);
+    let m = Mediator::new(env.sys());
+    for _ in 0..12 {
+        m.create("mtty", "mtty-2", None).unwrap();
+    }
+    let e = m.create("mtty", "mtty-1", None).unwrap_err();
+    assert_eq!(e.kind(), Kind::Refused, "{e}");
+    assert_eq!(m.scan().mdevs.len(), 12, "nothing created");
+    // REAL-KERNEL rule 11: the write is not refused; the mdev stays unbound.
+    let u = "83b8f4f2-509f-382f-3c1e-e6bfe0fa0bad";
+    raw(&env, &format!("{MTTY1}/create"), u).unwrap();
+    let extra = m
+        .scan()
+        .mdevs
+        .into_iter()
+        .find(|d| d.uuid.to_string() == u)
+        .unwrap();
+    assert_eq!(extra.driver, None);
+    m.remove(&extra.uuid).unwrap();
+}
+
+#[test]
+fn an_unbound_mdev_cannot_be_bound_again() {
+    let env = Env::new();
+    let _c = Clean(&env);
+    let m = Mediator::new(env.sys());
+    let d = m.create("mtty", "mtty-1", None).unwrap();
+    raw(
+        &env,
+        "sys/bus/mdev/drivers/mtty/unbind",
+        &d.uuid.to_string(),
+    )
+    .unwrap();
+    let e = raw(&env, "sys/bus/mdev/drivers/mtty/bind", &d.uuid.to_string()).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
+}
+
+#[test]
+fn an_mdev_a_vmm_holds_is_not_removed() {
+    let env = Env::new();
+    let _c = Clean(&env);
+    let m = Mediator::new(env.sys());
+    let d = m.create("mtty", "mtty-2", None).unwrap();
+    {
+        let _held = env.hold(d.iommu_group.unwrap());
+        let e = m.remove(&d.uuid).unwrap_err();
+        assert_eq!(e.kind(), Kind::Refused);
+        assert!(e.to_string().contains("is open by"), "{e}");
+    }
+    m.remove(&d.uuid).unwrap();
+}
+
+#[test]
+fn auto_definitions_start_with_their_uuid_and_type() {
+    let env = Env::new();
+    let _c = Clean(&env);
+    let m = Mediator::new(env.sys());
+    let store = Store::new(&env.root);
+    let def: Definition = Definition {
+        uuid: "83b8f4f2-509f-382f-3c1e-e6bfe0fa0042".parse().unwrap(),
+        parent: "mtty".into(),
+        config: serde_json::from_str(r#"{"mdev_type": "mtty-2", "start": "auto", "attrs": []}"#)
+            .unwrap(),
+    };
+    assert_eq!(def.config.start, Start::Auto);
+    store.write(&def).unwrap();
+    let started = m.start_auto(&store);
+    assert!(started.iter().all(|(_, r)| r.is_ok()), "{started:?}");
+    let active = m.scan().mdevs;
+    assert!(active
+        .iter()
+        .any(|d| d.uuid == def.uuid && d.type_id == "mtty-2"));
+}
+
+#[test]
+fn the_plan_agrees_with_the_kernel_after_it_is_carried_out() {
+    let env = Env::new();
+    let _c = Clean(&env);
+    let m = Mediator::new(env.sys());
+    let wants: Vec<Want> = ["mtty-2:3", "mtty-1:2"]
+        .iter()
+        .map(|w| w.parse().unwrap())
+        .collect();
+    let p = plan(&m.scan(), &wants);
+    assert!(p.fits());
+    for pl in &p.placements {
+        let mediated_dev::plan::Target::Mdev { parent, type_id } = &pl.target else {
+            panic!("mtty is an mdev parent")
+        };
+        m.create(parent, type_id, None).unwrap();
+    }
+    assert_eq!(available(&m, "mtty-1"), 16, "24 - 3x2 - 2");
+    let over: Vec<Want> = vec!["mtty-2:9".parse().unwrap()];
+    assert_eq!(
+        plan(&m.scan(), &over).shortfalls[0].missing,
+        1,
+        "8 dual ports left"
+    );
+    // A raw remove of an mdev whose group nobody holds does not block.
+    let d = m.scan().mdevs[0].clone();
+    raw(
+        &env,
+        &format!("sys/bus/mdev/devices/{}/remove", d.uuid),
+        "1",
+    )
+    .map_err(|e| assert_ne!(e.kind(), ErrorKind::WouldBlock))
+    .unwrap();
+}
