@@ -24,6 +24,9 @@ fn explain(attr: &str, e: &io::Error) -> String {
     match (attr, e.raw_os_error()) {
         ("create", Some(libc::EEXIST)) => "an mdev with this UUID exists already".into(),
         ("create", Some(libc::EINVAL)) => "the kernel did not accept the UUID".into(),
+        ("create", Some(libc::ENOSPC | libc::EUSERS)) => {
+            "no capacity left on the parent (another writer took it); the kernel deleted the new device".into()
+        }
         ("current_vgpu_type", Some(libc::EBUSY)) => {
             "the VF has a type already or is in use; clear it when no VM holds it".into()
         }
@@ -120,8 +123,8 @@ impl Mediator {
                 "pick another UUID, or leave it out to get a fresh one",
             ));
         }
-        // The create write itself does not refuse a full type: the mdev appears and
-        // its probe fails (REAL-KERNEL rule 11). Check first.
+        // Past capacity the vendor driver's probe fails and the kernel refuses the
+        // write (REAL-KERNEL rule 11); checked first to name the cause and the fix.
         if t.available_instances == 0 {
             let room: Vec<String> = p
                 .types

@@ -2,8 +2,7 @@
 //! machine, the stream, the save/load policy and its failure paths, and TCP
 //! between two endpoints with faults injected by a proxy in between.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::thread;
 
 use mediated_dev::migration::state::{path, MigState, P2P, PRE_COPY, STOP_COPY};
@@ -164,46 +163,6 @@ fn a_device_without_migration_is_refused_with_the_reason() {
     );
 }
 
-/// A proxy that forwards at most `limit` bytes of the stream, flipping the byte at
-/// `flip` if given, then closes both ways.
-fn proxy(to: std::net::SocketAddr, limit: usize, flip: Option<usize>) -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        let (mut a, _) = l.accept().unwrap();
-        let mut b = TcpStream::connect(to).unwrap();
-        let mut back = b.try_clone().unwrap();
-        let mut front = a.try_clone().unwrap();
-        thread::spawn(move || {
-            let mut v = [0u8; 256];
-            while let Ok(n) = back.read(&mut v) {
-                if n == 0 || front.write_all(&v[..n]).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut buf = vec![0u8; 65536];
-        let mut sent = 0;
-        while sent < limit {
-            let Ok(n) = a.read(&mut buf) else { break };
-            if n == 0 {
-                break;
-            }
-            let n = n.min(limit - sent);
-            if let Some(f) = flip.filter(|f| (sent..sent + n).contains(f)) {
-                buf[f - sent] ^= 0x01;
-            }
-            if b.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            sent += n;
-        }
-        let _ = b.shutdown(std::net::Shutdown::Both);
-        let _ = a.shutdown(std::net::Shutdown::Both);
-    });
-    addr
-}
-
 fn over_tcp(
     limit: usize,
     flip: Option<usize>,
@@ -212,7 +171,7 @@ fn over_tcp(
     let src = MemoryDevice::mtty_like("src", pattern(2 << 20, 1));
     let dst = MemoryDevice::mtty_like("dst", pattern(2 << 20, 9));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let target = proxy(listener.local_addr().unwrap(), limit, flip);
+    let target = net::fault_proxy(listener.local_addr().unwrap(), limit, flip).unwrap();
     let want = header(dst_profile);
     let result = thread::scope(|s| {
         let receiver = s.spawn(|| net::receive(&dst, &want, &listener));

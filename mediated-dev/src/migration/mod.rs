@@ -175,6 +175,25 @@ pub fn save<'a, W: Write>(
     Ok((src, stats))
 }
 
+/// What an mdev's state will be described as: its type, its vendor driver and
+/// that driver's version (the module's `version`, else the kernel release for
+/// in-tree drivers such as mtty).
+pub fn mdev_header(sys: &vf_provisioner::Sysfs, m: &crate::Mdev) -> Header {
+    let driver = m.driver.clone().unwrap_or_default();
+    let read = |p: std::path::PathBuf| vf_provisioner::sysfs::read_opt(&p);
+    let version = read(sys.module_dir(&driver).join("version"))
+        .or_else(|| read(sys.root().join("proc/sys/kernel/osrelease")))
+        .unwrap_or_default();
+    Header {
+        device_kind: "mdev".into(),
+        profile: m.type_id.clone(),
+        driver,
+        driver_version: version,
+        flags: 0,
+        size_hint: 0,
+    }
+}
+
 /// Why a state described by `got` cannot be loaded into a device described by `want`.
 pub fn incompatible(got: &Header, want: &Header) -> Option<String> {
     let fields = [

@@ -4,8 +4,9 @@
 //! leaves the source stopped; anything else (an error line, a cut connection, a
 //! timeout) returns it to RUNNING.
 
-use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::thread;
 use std::time::Duration;
 
 use super::{load, save, Header, MigrationDevice, Stats, Tracker};
@@ -71,4 +72,38 @@ pub fn receive(dev: &dyn MigrationDevice, want: &Header, listener: &TcpListener)
     // The source may be gone already (a cut connection); the verdict is then moot.
     let _ = answer.write_all(line.as_bytes());
     result
+}
+
+/// Fault injection for tests and demos: a one-connection proxy to `to` that
+/// forwards at most `limit` bytes of the stream (a cut connection), flipping the
+/// byte at offset `flip` if given (a corrupted chunk), and passes the verdict back.
+pub fn fault_proxy(
+    to: SocketAddr,
+    limit: usize,
+    flip: Option<usize>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    thread::spawn(move || -> std::io::Result<()> {
+        let (mut from_src, _) = listener.accept()?;
+        let mut to_dst = TcpStream::connect(to)?;
+        let (mut verdict, mut back) = (to_dst.try_clone()?, from_src.try_clone()?);
+        thread::spawn(move || std::io::copy(&mut verdict, &mut back));
+        let mut buf = vec![0u8; 64 << 10];
+        let mut sent = 0;
+        while sent < limit {
+            let n = from_src.read(&mut buf)?.min(limit - sent);
+            if n == 0 {
+                break;
+            }
+            if let Some(f) = flip.filter(|f| (sent..sent + n).contains(f)) {
+                buf[f - sent] ^= 0x01;
+            }
+            to_dst.write_all(&buf[..n])?;
+            sent += n;
+        }
+        let _ = to_dst.shutdown(Shutdown::Both);
+        from_src.shutdown(Shutdown::Both)
+    });
+    Ok(addr)
 }

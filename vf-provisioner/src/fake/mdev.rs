@@ -3,8 +3,9 @@
 //! on kernel 6.8+). Rules, each seen on the real kernel (REAL-KERNEL.md) or taken
 //! from the vendor's documentation where no hardware exists here:
 //! - `create` takes a lowercase UUID; a UUID in use fails with EEXIST;
-//! - creating beyond `available_instances` is not refused by the write: the mdev
-//!   appears but its driver probe fails and it stays unbound (rule 11);
+//! - creating beyond `available_instances`: the vendor driver's probe fails, the
+//!   kernel deletes the new device and the write fails with the probe's error
+//!   (mtty: ENOSPC; seen on 6.12, `mdev_device_create` -> `out_del`);
 //! - an mdev gets its own IOMMU group and, once bound, a `/dev/vfio/N` node;
 //! - `remove` blocks while its group is open (the fake fails with `WouldBlock`);
 //! - after an unbind, `bind` fails with ENODEV (rule 6);
@@ -208,9 +209,12 @@ impl FakeKernel {
             .and_then(Path::parent)
             .ok_or_else(|| errno(libc::ENOENT))?;
         // The vendor driver's probe decides from the capacity itself, not from what
-        // a reader saw in available_instances a moment ago.
+        // a reader saw in available_instances a moment ago; on failure the kernel
+        // deletes the device again and the write fails.
         self.recount(pdir)?;
-        let room: u32 = sysfs::read_dec(&tdir.join("available_instances")).unwrap_or(0);
+        if sysfs::read_dec::<u32>(&tdir.join("available_instances")).unwrap_or(0) == 0 {
+            return Err(errno(libc::ENOSPC));
+        }
         let type_id = tdir
             .file_name()
             .and_then(|n| n.to_str())
@@ -228,13 +232,11 @@ impl FakeKernel {
         )?;
         self.link(&bus, &dev)?;
         let group = self.new_group(&dev, uuid)?;
-        if room > 0 {
-            let driver = sysfs::read_opt(&pdir.join(".fake_mdev_driver")).unwrap_or_default();
-            let drv = PathBuf::from("sys/bus/mdev/drivers").join(&driver);
-            self.link(&drv.join(uuid), &dev)?;
-            self.link(&dev.join("driver"), &drv)?;
-            write_file(&self.root.join("dev/vfio").join(group.to_string()), "")?;
-        }
+        let driver = sysfs::read_opt(&pdir.join(".fake_mdev_driver")).unwrap_or_default();
+        let drv = PathBuf::from("sys/bus/mdev/drivers").join(&driver);
+        self.link(&drv.join(uuid), &dev)?;
+        self.link(&dev.join("driver"), &drv)?;
+        write_file(&self.root.join("dev/vfio").join(group.to_string()), "")?;
         self.recount(pdir)
     }
 
