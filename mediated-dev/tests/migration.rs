@@ -116,7 +116,10 @@ fn a_corrupt_or_cut_stream_leaves_the_destination_running_with_its_own_state() {
             s
         }),
         ("cut", stream[..stream.len() / 2].to_vec()),
-        ("no trailer", stream[..stream.len() - 17].to_vec()),
+        (
+            "no trailer",
+            stream[..stream.len() - mig::stream::TRAILER_LEN].to_vec(),
+        ),
         ("corrupt header", {
             let mut s = stream.clone();
             corrupt_at(&mut s, 20);
@@ -147,9 +150,9 @@ fn an_incompatible_state_is_refused_before_the_device_is_touched() {
     );
     // A future format version is named, not misread.
     let mut v2 = stream.clone();
-    v2[8] = 2;
+    v2[8] = 3;
     let e = mig::load(&dst, &header("mtty-2"), &v2[..]).unwrap_err();
-    assert!(e.to_string().contains("format version 2"), "{e}");
+    assert!(e.to_string().contains("format version 3"), "{e}");
     assert_eq!(dst.data(), pattern(1000, 9));
 }
 

@@ -194,7 +194,11 @@ impl MigrationDevice for MemoryDevice {
                     }
                     m.data = std::mem::take(&mut m.incoming);
                 }
-                (_, MigState::Resuming) => m.incoming.clear(),
+                (_, MigState::Resuming) => {
+                    m.incoming.clear();
+                    let want = m.data.len();
+                    m.incoming.reserve(want);
+                }
                 (from, MigState::StopCopy | MigState::PreCopy | MigState::PreCopyP2p)
                     if !from.streams() =>
                 {

@@ -27,7 +27,7 @@ pub use stream::{Header, StreamError, StreamReader, StreamWriter};
 use crate::error::{Error, Result};
 
 /// How much state one read or write moves.
-const BUF: usize = 1 << 20;
+const BUF: usize = 256 << 10;
 /// PRE_COPY rounds before stopping the device regardless of what is left.
 const PRECOPY_ROUNDS: u32 = 8;
 

@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 
 /// How long the source waits for the destination's verdict after the trailer.
 pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a destination waits for a source, and for each read from it: a stalled
+/// source must not keep the destination in RESUMING.
+pub const INCOMING_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn net(dev: &dyn MigrationDevice, what: String) -> Error {
     Error::Migration {
@@ -64,7 +67,9 @@ pub fn receive(dev: &dyn MigrationDevice, want: &Header, listener: &TcpListener)
         .accept()
         .map_err(|e| net(dev, format!("accept failed: {e}")))?;
     let mut answer = conn.try_clone().map_err(|e| net(dev, e.to_string()))?;
-    let result = load(dev, want, BufReader::with_capacity(1 << 20, &conn));
+    // Small: chunks (1 MiB) are read straight into the loader's buffer; this one only
+    // gathers the small record headers.
+    let result = load(dev, want, BufReader::with_capacity(64 << 10, &conn));
     let line = match &result {
         Ok(_) => "OK\n".to_string(),
         Err(e) => format!("ERR {}\n", e.to_string().replace('\n', " ")),

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::{addr, IGB};
+use mediated_dev::Mediator;
+use std::process::Command;
 use vf_provisioner::{DeviceConfig, DeviceFilter, PciAddress, Provisioner, Sysfs};
 
 struct Raw<'a> {
@@ -38,12 +40,7 @@ fn timed(f: impl FnOnce()) -> Duration {
 }
 
 fn report(name: &str, ours: &[Duration], raw: &[Duration]) {
-    let med = |v: &[Duration]| {
-        let mut v = v.to_vec();
-        v.sort();
-        v[v.len() / 2]
-    };
-    let (o, r) = (med(ours), med(raw));
+    let (o, r) = (median(ours), median(raw));
     println!(
         "{name:<22} {:>10.2?} {:>10.2?} {:>7.2}x",
         o,
@@ -100,4 +97,140 @@ fn main() {
     report("disable VFs", &dis, &dis_raw);
     report("bind VF to vfio-pci", &bind, &bind_raw);
     report("unbind VF to igbvf", &unbind, &unbind_raw);
+    mdev_bench(&sys, n);
+}
+
+/// mdev create/remove on mtty: the library beside the bare writes; `vfctl` beside
+/// Debian's `mdevctl` (both exec'd, from the guest's tmpfs, as operators run them);
+/// and one mtty migration between two mdevs.
+fn mdev_bench(sys: &Sysfs, n: usize) {
+    let m = Mediator::new(sys.clone());
+    if m.scan().parent("mtty").is_err() {
+        println!("mdev: skipped (no mtty parent on this host)");
+        return;
+    }
+    let tdir = sys
+        .root()
+        .join("sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2");
+    let bus = sys.root().join("sys/bus/mdev/devices");
+    let (mut c, mut c_raw, mut r, mut r_raw) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..n {
+        let u = uuid::Uuid::new_v4();
+        c.push(timed(|| drop(m.create("mtty", "mtty-2", Some(u)).unwrap())));
+        r.push(timed(|| m.remove(&u).unwrap()));
+        let u = uuid::Uuid::new_v4().to_string();
+        c_raw.push(timed(|| sys.write_attr(&tdir.join("create"), &u).unwrap()));
+        r_raw.push(timed(|| {
+            sys.write_attr(&bus.join(&u).join("remove"), "1").unwrap()
+        }));
+    }
+    println!("operation              mediated-dev  bare sysfs   ratio   (median of {n})");
+    report("mdev create (mtty-2)", &c, &c_raw);
+    report("mdev remove", &r, &r_raw);
+    let tools = Path::new("/tmp");
+    let mdevctl = tools.join("mdevctl/mdevctl");
+    if !mdevctl.exists() || !tools.join("vfctl").exists() {
+        println!("vfctl vs mdevctl: skipped (needs /tmp/vfctl and /tmp/mdevctl, as in the emulated host)");
+        return;
+    }
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("exec");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mdevctl_cmd = |args: &[&str]| {
+        let mut c = Command::new(tools.join("mdevctl/ld-linux-x86-64.so.2"));
+        c.args(["--library-path", "/tmp/mdevctl"])
+            .arg(&mdevctl)
+            .args(args);
+        c
+    };
+    let vfctl = |args: &[&str]| {
+        let mut c = Command::new(tools.join("vfctl"));
+        c.args(["--direct", "mdev"]).args(args);
+        c
+    };
+    let (mut ours, mut theirs, mut exec) = (vec![], vec![], vec![]);
+    for _ in 0..n {
+        let u = uuid::Uuid::new_v4().to_string();
+        ours.push(timed(|| {
+            run(&mut vfctl(&[
+                "create", "--parent", "mtty", "--type", "mtty-2", "--uuid", &u,
+            ]));
+            run(&mut vfctl(&["remove", &u]));
+        }));
+        let u = uuid::Uuid::new_v4().to_string();
+        theirs.push(timed(|| {
+            run(&mut mdevctl_cmd(&[
+                "start", "-p", "mtty", "-t", "mtty-2", "-u", &u,
+            ]));
+            run(&mut mdevctl_cmd(&["stop", "-u", &u]));
+        }));
+        exec.push(timed(|| run(&mut Command::new("/bin/true"))));
+    }
+    println!("operation              vfctl        mdevctl      ratio   (median of {n}; exec of /bin/true: {:.2?})", median(&exec));
+    report("create+remove (exec)", &ours, &theirs);
+    migrate_bench(sys, &m, n);
+}
+
+/// One mtty-2 state moved between two mdevs in this process: total and the time
+/// the source is stopped (STOP_COPY to the destination RUNNING).
+fn migrate_bench(sys: &Sysfs, m: &Mediator, n: usize) {
+    use mediated_dev::migration::{self as mig, MigState, MigrationDevice, VfioMigration};
+    let (a, b) = (
+        m.create("mtty", "mtty-2", None).unwrap(),
+        m.create("mtty", "mtty-2", None).unwrap(),
+    );
+    let open = |d: &mediated_dev::Mdev| {
+        VfioMigration::open(&bus_path(sys, d), &d.uuid.to_string()).unwrap()
+    };
+    let (src, dst) = (open(&a), open(&b));
+    let (header, want) = (mig::mdev_header(sys, &a), mig::mdev_header(sys, &b));
+    let (mut total, mut down) = (vec![], vec![]);
+    for _ in 0..n {
+        let started = Instant::now();
+        let mut stream = Vec::new();
+        let (out, saved) = mig::save(&src, &header, &mut stream).unwrap();
+        let saved_at = started.elapsed();
+        mig::load(&dst, &want, &stream[..]).unwrap();
+        let done = started.elapsed();
+        // Stopped from STOP_COPY (inside the save) until the destination runs.
+        down.push(done - saved_at + saved.stopped_for);
+        total.push(done);
+        out.commit();
+        src.set_state(MigState::Running).unwrap();
+    }
+    println!(
+        "mtty migration         total {:.2?}, source stopped {:.2?} (median of {n}; {} bytes of state)",
+        median(&total),
+        median(&down),
+        state_len(&src, &header)
+    );
+    drop((src, dst));
+    m.remove(&a.uuid).unwrap();
+    m.remove(&b.uuid).unwrap();
+}
+
+fn state_len(
+    src: &dyn mediated_dev::migration::MigrationDevice,
+    h: &mediated_dev::migration::Header,
+) -> usize {
+    let mut v = Vec::new();
+    drop(mediated_dev::migration::save(src, h, &mut v).expect("save"));
+    v.len()
+}
+
+fn bus_path(sys: &Sysfs, d: &mediated_dev::Mdev) -> std::path::PathBuf {
+    sys.root()
+        .join("sys/bus/mdev/devices")
+        .join(d.uuid.to_string())
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v[v.len() / 2]
 }
