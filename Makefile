@@ -49,6 +49,7 @@ bench: build bench-real-kernel
 	$(RELEASE)/bench-list 64 64 15
 	$(CARGO) bench -p vfio-manager --bench daemon
 	$(CARGO) bench -p libvirt-hooks --bench hook
+	$(CARGO) bench -p mediated-dev --bench migration
 
 bench-real-kernel: deps
 	bash tests/real-kernel/run.sh --bench

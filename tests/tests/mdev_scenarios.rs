@@ -187,7 +187,7 @@ fn mtty_state_moves_between_two_mdevs_over_tcp_and_faults_leave_both_running() {
     let m = Mediator::new(env.sys());
     let open = |d: &mediated_dev::Mdev| {
         VfioMigration::open(
-            &env.root.join(&d.sysfs_path.strip_prefix("/").unwrap()),
+            &env.root.join(d.sysfs_path.strip_prefix("/").unwrap()),
             &d.uuid.to_string(),
         )
         .unwrap()
