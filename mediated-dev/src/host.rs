@@ -129,7 +129,8 @@ fn read_type(dir: &Path, id: String) -> MdevType {
     }
 }
 
-fn read_parent(sys: &Sysfs, name: String) -> Parent {
+/// Reads one parent and its types (whether it exists is the caller's check).
+pub fn read_parent(sys: &Sysfs, name: String) -> Parent {
     let tdir = mdev_bus(sys).join(&name).join("mdev_supported_types");
     let types = entries(&tdir)
         .into_iter()

@@ -109,11 +109,15 @@ impl Mediator {
     /// Creates an mdev of `type_id` on `parent` (a fresh UUID unless given) and
     /// waits until its vendor driver has bound it.
     pub fn create(&self, parent: &str, type_id: &str, uuid: Option<Uuid>) -> Result<Mdev> {
-        let host = self.scan();
-        let p = host.parent(parent)?;
+        // Only what this create needs: the parent and the UUID (a whole-host scan
+        // costs more than the kernel's own work here).
+        if !host::mdev_bus(&self.sys).join(parent).exists() {
+            return Err(Error::NoParent(parent.into()));
+        }
+        let p = host::read_parent(&self.sys, parent.into());
         let t = p.find_type(type_id)?;
         let device = format!("{parent} type {type_id}");
-        if let Some(m) = uuid.and_then(|u| host.mdev(&u)) {
+        if let Some(m) = uuid.and_then(|u| read_mdev(&self.sys, &u)) {
             return Err(Error::refused(
                 &device,
                 format!(
