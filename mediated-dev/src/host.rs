@@ -103,17 +103,6 @@ pub fn type_dir(sys: &Sysfs, parent: &str, type_id: &str) -> PathBuf {
         .join(type_id)
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 fn read_type(dir: &Path, id: String) -> MdevType {
     let attr = |a: &str| read_opt(&dir.join(a)).unwrap_or_default();
     MdevType {
@@ -121,7 +110,7 @@ fn read_type(dir: &Path, id: String) -> MdevType {
         description: attr("description"),
         device_api: attr("device_api"),
         available_instances: read_dec(&dir.join("available_instances")).unwrap_or(0),
-        devices: entries(&dir.join("devices"))
+        devices: sysfs::dir_names(&dir.join("devices"))
             .iter()
             .filter_map(|u| u.parse().ok())
             .collect(),
@@ -132,7 +121,7 @@ fn read_type(dir: &Path, id: String) -> MdevType {
 /// Reads one parent and its types (whether it exists is the caller's check).
 pub fn read_parent(sys: &Sysfs, name: String) -> Parent {
     let tdir = mdev_bus(sys).join(&name).join("mdev_supported_types");
-    let types = entries(&tdir)
+    let types = sysfs::dir_names(&tdir)
         .into_iter()
         .map(|id| read_type(&tdir.join(&id), id))
         .collect();
@@ -188,11 +177,11 @@ pub fn read_vgpu(sys: &Sysfs, vf: &PciAddress) -> Option<VgpuSlot> {
 
 impl MdevHost {
     pub fn scan(sys: &Sysfs) -> MdevHost {
-        let parents = entries(&mdev_bus(sys))
+        let parents = sysfs::dir_names(&mdev_bus(sys))
             .into_iter()
             .map(|n| read_parent(sys, n))
             .collect();
-        let mdevs = entries(&mdev_devices(sys))
+        let mdevs = sysfs::dir_names(&mdev_devices(sys))
             .iter()
             .filter_map(|u| read_mdev(sys, &u.parse().ok()?))
             .collect();

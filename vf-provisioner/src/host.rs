@@ -1,7 +1,6 @@
 //! The host model: what the kernel shows about every PCI function, read from sysfs.
 
 use std::collections::BTreeMap;
-use std::fs;
 
 use serde::Serialize;
 
@@ -72,7 +71,7 @@ impl PciFunction {
             boot_vga: sysfs::read_opt(&dir.join("boot_vga")).as_deref() == Some("1"),
             sriov: read_sriov(&dir),
             physfn: sysfs::link_name(&dir.join("physfn")).and_then(|s| s.parse().ok()),
-            mdev_types: read_names(&dir.join("mdev_supported_types")),
+            mdev_types: sysfs::dir_names(&dir.join("mdev_supported_types")),
         })
     }
 
@@ -128,17 +127,6 @@ fn read_sriov(dir: &std::path::Path) -> Option<Sriov> {
         vf_device_id: sysfs::read_hex(&dir.join("sriov_vf_device")).map(|d| d as u16),
         vfs,
     })
-}
-
-fn read_names(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// Members of IOMMU group `group`, sorted.

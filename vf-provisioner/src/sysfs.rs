@@ -184,6 +184,18 @@ pub fn link_name(path: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Names of a directory's entries, sorted; empty if it cannot be read.
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
 /// Entries of a directory whose names parse as PCI addresses, sorted.
 pub fn pci_entries(dir: &Path) -> Vec<PciAddress> {
     let mut out: Vec<PciAddress> = match fs::read_dir(dir) {

@@ -85,17 +85,6 @@ fn relative(link: &Path, target: &Path) -> PathBuf {
     out.join(target)
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 fn valid_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
@@ -160,9 +149,9 @@ impl FakeKernel {
         let types = pdir.join("mdev_supported_types");
         let mut used = 0;
         let mut groups = BTreeSet::new();
-        for t in names(&types) {
+        for t in sysfs::dir_names(&types) {
             let tdir = types.join(&t);
-            let n = names(&tdir.join("devices"))
+            let n = sysfs::dir_names(&tdir.join("devices"))
                 .iter()
                 .filter(|u| self.bound(&pdir.join(u)))
                 .count() as u32;
@@ -171,7 +160,7 @@ impl FakeKernel {
                 groups.extend(sysfs::read_opt(&tdir.join(".fake_group")));
             }
         }
-        for t in names(&types) {
+        for t in sysfs::dir_names(&types) {
             let tdir = types.join(&t);
             let cost: u32 = sysfs::read_dec(&tdir.join(".fake_units")).unwrap_or(1);
             let group = sysfs::read_opt(&tdir.join(".fake_group"));
@@ -328,7 +317,7 @@ impl FakeKernel {
     }
 
     fn vfs_of(&self, pf: &PciAddress) -> Vec<PciAddress> {
-        names(&self.real_dev(pf))
+        sysfs::dir_names(&self.real_dev(pf))
             .iter()
             .filter(|n| n.starts_with("virtfn"))
             .filter_map(|n| sysfs::link_name(&self.real_dev(pf).join(n))?.parse().ok())
@@ -408,7 +397,7 @@ impl FakeKernel {
 /// capacity over its count (mtty: 24 ports; `mtty-1` 24 fit, `mtty-2` 12).
 pub(crate) fn capture(root: &Path) -> Vec<FakeMdevParent> {
     let bus = root.join("sys/class/mdev_bus");
-    names(&bus)
+    sysfs::dir_names(&bus)
         .into_iter()
         .filter_map(|parent| {
             let pdir = fs::canonicalize(bus.join(&parent)).ok()?;
@@ -417,7 +406,7 @@ pub(crate) fn capture(root: &Path) -> Vec<FakeMdevParent> {
                 Err(_) => pdir.parent()?.file_name()?.to_str()?.to_string(),
             };
             let tdir = pdir.join("mdev_supported_types");
-            let counts: Vec<(String, u32)> = names(&tdir)
+            let counts: Vec<(String, u32)> = sysfs::dir_names(&tdir)
                 .into_iter()
                 .map(|t| {
                     let n = sysfs::read_dec(&tdir.join(&t).join("available_instances"));
