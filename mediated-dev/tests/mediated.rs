@@ -25,6 +25,14 @@ fn def(uuid: &str, parent: &str, ty: &str, start: Start) -> Definition {
     .unwrap()
 }
 
+fn enable_a100_vfs(root: &Path, n: u32) {
+    let numvfs = root.join("sys/bus/pci/devices/0000:ca:00.0/sriov_numvfs");
+    Sysfs::open(root)
+        .unwrap()
+        .write_attr(&numvfs, &n.to_string())
+        .unwrap();
+}
+
 fn available(m: &Mediator, ty: &str) -> u32 {
     let h = m.scan();
     h.parent("mtty")
@@ -153,14 +161,7 @@ fn uuids_are_strict() {
 #[test]
 fn vgpu17_set_and_clear_with_refusals() {
     let (t, m) = host(layouts::nvidia_dc());
-    Sysfs::open(t.path())
-        .unwrap()
-        .write_attr(
-            &t.path()
-                .join("sys/bus/pci/devices/0000:ca:00.0/sriov_numvfs"),
-            "3",
-        )
-        .unwrap();
+    enable_a100_vfs(t.path(), 3);
     let vf0 = "0000:ca:00.4".parse().unwrap();
     let vf1 = "0000:ca:00.5".parse().unwrap();
     let t0 = m.set_vgpu(&vf0, "NVIDIA A100D-40C").unwrap();
@@ -213,14 +214,7 @@ fn plan_places_mixed_mtty_types_as_the_kernel_would() {
 #[test]
 fn plan_keeps_one_framebuffer_size_per_nvidia_gpu() {
     let (t, m) = host(layouts::nvidia_dc());
-    Sysfs::open(t.path())
-        .unwrap()
-        .write_attr(
-            &t.path()
-                .join("sys/bus/pci/devices/0000:ca:00.0/sriov_numvfs"),
-            "8",
-        )
-        .unwrap();
+    enable_a100_vfs(t.path(), 8);
     let p = plan(&m.scan(), &wants(&["NVIDIA A100D-20C:4"]));
     assert!(p.fits(), "{p:?}");
     let p = plan(

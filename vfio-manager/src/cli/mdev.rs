@@ -11,6 +11,33 @@ use vf_provisioner::PciAddress;
 use super::render::{Renderer, Res};
 use super::{exit, Output};
 
+/// Which mdev: the arguments `create` and `define` share.
+#[derive(clap::Args, Debug)]
+pub struct Spec {
+    /// A PCI address or a device name such as `mtty`.
+    #[arg(long)]
+    parent: String,
+    #[arg(long = "type")]
+    type_id: String,
+    /// Defaults to a fresh random UUID.
+    #[arg(long)]
+    uuid: Option<String>,
+}
+
+impl Spec {
+    fn definition(&self, auto: bool) -> mediated_dev::Result<Definition> {
+        Ok(Definition {
+            uuid: uuid_or_new(&self.uuid)?,
+            parent: self.parent.clone(),
+            config: Config {
+                mdev_type: self.type_id.clone(),
+                start: if auto { Start::Auto } else { Start::Manual },
+                attrs: vec![],
+            },
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum MdevCommand {
     /// List mdev parents and their types with free instances (changes nothing).
@@ -28,13 +55,8 @@ pub enum MdevCommand {
     /// Create an mdev. Changes the host: a new device on the mdev bus with its own
     /// IOMMU group; with --define, also writes its definition.
     Create {
-        #[arg(long)]
-        parent: String,
-        #[arg(long = "type")]
-        type_id: String,
-        /// Defaults to a fresh random UUID.
-        #[arg(long)]
-        uuid: Option<String>,
+        #[command(flatten)]
+        spec: Spec,
         /// Also write a persistent definition (start manual, or auto with --auto).
         #[arg(long)]
         define: bool,
@@ -49,15 +71,11 @@ pub enum MdevCommand {
         undefine: bool,
     },
     /// Write a persistent definition to /etc/mdevctl.d/PARENT/UUID (does not create
-    /// the device; `vfctl mdev start` or the daemon at boot does).
+    /// the device; `vfctl mdev start` does).
     Define {
-        #[arg(long)]
-        parent: String,
-        #[arg(long = "type")]
-        type_id: String,
-        #[arg(long)]
-        uuid: Option<String>,
-        /// Start at boot (the daemon starts `auto` definitions).
+        #[command(flatten)]
+        spec: Spec,
+        /// Mark it `auto` (`vfctl mdev start` with no UUID starts those).
         #[arg(long)]
         auto: bool,
     },
@@ -83,18 +101,6 @@ fn uuid_or_new(s: &Option<String>) -> mediated_dev::Result<uuid::Uuid> {
         .unwrap_or_else(|| Ok(uuid::Uuid::new_v4()))
 }
 
-fn definition(parent: &str, type_id: &str, uuid: uuid::Uuid, auto: bool) -> Definition {
-    Definition {
-        uuid,
-        parent: parent.into(),
-        config: Config {
-            mdev_type: type_id.into(),
-            start: if auto { Start::Auto } else { Start::Manual },
-            attrs: vec![],
-        },
-    }
-}
-
 fn vf(s: &str) -> Result<PciAddress, super::CliError> {
     Ok(s.parse::<PciAddress>()?)
 }
@@ -104,20 +110,14 @@ pub fn mdev(m: &Mediator, cmd: &MdevCommand, mut r: Renderer) -> Res {
     match cmd {
         MdevCommand::Types { parent } => types(m, parent.as_deref(), r),
         MdevCommand::List { defined } => list(m, &store, *defined, r),
-        MdevCommand::Create {
-            parent,
-            type_id,
-            uuid,
-            define,
-            auto,
-        } => {
-            let uuid = uuid_or_new(uuid)?;
+        MdevCommand::Create { spec, define, auto } => {
+            let def = spec.definition(*auto)?;
             if *define {
                 // Definition first: a crash between the two leaves a definition to
                 // start, never an mdev nobody recorded.
-                store.write(&definition(parent, type_id, uuid, *auto))?;
+                store.write(&def)?;
             }
-            let d = m.create(parent, type_id, Some(uuid))?;
+            let d = m.create(&def.parent, &def.config.mdev_type, Some(def.uuid))?;
             if r.format == Output::Json {
                 return r.json(&d);
             }
@@ -131,17 +131,13 @@ pub fn mdev(m: &Mediator, cmd: &MdevCommand, mut r: Renderer) -> Res {
             }
             r.done(&format!("removed mdev {uuid}"))
         }
-        MdevCommand::Define {
-            parent,
-            type_id,
-            uuid,
-            auto,
-        } => {
-            let uuid = uuid_or_new(uuid)?;
-            let host = m.scan();
-            host.parent(parent)?.find_type(type_id)?;
-            store.write(&definition(parent, type_id, uuid, *auto))?;
-            r.line(&uuid.to_string())
+        MdevCommand::Define { spec, auto } => {
+            let def = spec.definition(*auto)?;
+            m.scan()
+                .parent(&def.parent)?
+                .find_type(&def.config.mdev_type)?;
+            store.write(&def)?;
+            r.line(&def.uuid.to_string())
         }
         MdevCommand::Undefine { uuid } => {
             let uuid = parse_uuid(uuid)?;
