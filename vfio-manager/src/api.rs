@@ -36,7 +36,8 @@ pub struct Request {
     pub request_id: String,
     pub vm_name: String,
     pub vm_uuid: String,
-    /// `vf` (any whole VF we manage) or a PF model `vvvv:dddd` (a VF of such a PF).
+    /// `vf` (any whole VF we manage), a PF model `vvvv:dddd` (a VF of such a PF),
+    /// or a mediated profile: an mdev type id or name, or a vGPU type name or id.
     pub profile: String,
     pub count: u32,
     /// Only devices on this NUMA node (-1: any).
@@ -82,6 +83,22 @@ pub struct LeasedDevice {
 }
 
 impl LeasedDevice {
+    /// A mediated device of a lease: libvirt and cloud-hypervisor take it by its
+    /// sysfs path and UUID, not by a PCI address.
+    pub fn mdev(uuid: &str, type_id: String, group: Option<u32>) -> LeasedDevice {
+        let sysfs_path = format!("/sys/bus/mdev/devices/{uuid}/");
+        LeasedDevice {
+            address: uuid.to_string(),
+            id: type_id,
+            ch_device: format!("path={sysfs_path}"),
+            sysfs_path,
+            vfio_path: group.map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
+            libvirt_hostdev: format!(
+                "<hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='{uuid}'/></source></hostdev>"
+            ),
+        }
+    }
+
     pub fn new(address: &str, id: String, group: Option<u32>) -> LeasedDevice {
         let sysfs_path = format!("/sys/bus/pci/devices/{address}/");
         let libvirt_hostdev = match address.parse::<vf_provisioner::PciAddress>() {
@@ -136,6 +153,94 @@ pub struct DeviceInfo {
     pub errors: u64,
 }
 
+/// One mediated device: active on the mdev bus, defined in mdevctl's files, or both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct MdevInfo {
+    pub uuid: String,
+    /// A PCI address or a device name (`mtty`).
+    pub parent: String,
+    pub type_id: String,
+    /// The vendor driver bound to it; empty when inactive or unbound.
+    pub driver: String,
+    /// -1: inactive (or no group).
+    pub iommu_group: i32,
+    pub active: bool,
+    /// `auto`, `manual`, or empty when not defined.
+    pub defined: String,
+    /// The lease holding it; empty when free.
+    pub lease_id: String,
+    pub vm_name: String,
+}
+
+impl MdevInfo {
+    /// An mdev as the kernel shows it (`m`) and as its definition has it; `None`
+    /// if neither. Not leased: the daemon fills that in.
+    pub fn of(
+        m: Option<&mediated_dev::Mdev>,
+        def: Option<&mediated_dev::Definition>,
+    ) -> Option<MdevInfo> {
+        let (uuid, parent, type_id) = match (m, def) {
+            (Some(m), _) => (m.uuid, m.parent.clone(), m.type_id.clone()),
+            (None, Some(d)) => (d.uuid, d.parent.clone(), d.config.mdev_type.clone()),
+            (None, None) => return None,
+        };
+        Some(MdevInfo {
+            uuid: uuid.to_string(),
+            parent,
+            type_id,
+            driver: m.and_then(|m| m.driver.clone()).unwrap_or_default(),
+            iommu_group: m.and_then(|m| m.iommu_group).map_or(-1, |g| g as i32),
+            active: m.is_some(),
+            defined: def
+                .map_or("", |d| match d.config.start {
+                    mediated_dev::Start::Auto => "auto",
+                    mediated_dev::Start::Manual => "manual",
+                })
+                .into(),
+            lease_id: String::new(),
+            vm_name: String::new(),
+        })
+    }
+
+    /// Active mdevs, then defined ones that are not active.
+    pub fn all(host: &mediated_dev::MdevHost, defs: &[mediated_dev::Definition]) -> Vec<MdevInfo> {
+        let def = |u: uuid::Uuid| defs.iter().find(|d| d.uuid == u);
+        host.mdevs
+            .iter()
+            .filter_map(|m| MdevInfo::of(Some(m), def(m.uuid)))
+            .chain(
+                defs.iter()
+                    .filter(|d| host.mdev(&d.uuid).is_none())
+                    .filter_map(|d| MdevInfo::of(None, Some(d))),
+            )
+            .collect()
+    }
+}
+
+/// Whether, and as what, a mediated device can migrate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct MigrationInfo {
+    pub uuid: String,
+    pub type_id: String,
+    pub driver: String,
+    pub driver_version: String,
+    /// `VFIO_MIGRATION_*` flags the driver offers.
+    pub flags: u64,
+    /// The same flags by name (`STOP_COPY P2P PRE_COPY`).
+    pub features: String,
+}
+
+/// What a finished outgoing migration measured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct MigrationStats {
+    pub bytes: u64,
+    pub precopy_bytes: u64,
+    /// From the source's STOP_COPY to the destination's verdict, in microseconds.
+    pub downtime_us: u64,
+    /// The states the source walked through.
+    pub history: String,
+}
+
 /// Typed errors: clients branch on the D-Bus error name, people read the message
 /// (which names the device, the cause and the fix).
 #[derive(Debug, zbus::DBusError)]
@@ -163,6 +268,19 @@ impl ApiError {
         name.strip_prefix(ERROR_PREFIX)
             .map(|s| s.trim_start_matches('.'))
             .unwrap_or(name)
+    }
+}
+
+impl From<mediated_dev::Error> for ApiError {
+    fn from(e: mediated_dev::Error) -> Self {
+        use mediated_dev::Kind;
+        let text = crate::error_chain(&e);
+        match (e.kind(), &e) {
+            (_, mediated_dev::Error::NoMdev(_)) => ApiError::NotFound(text),
+            (Kind::BadInput, _) => ApiError::BadInput(text),
+            (Kind::Refused, _) => ApiError::Refused(text),
+            (Kind::Failed, _) => ApiError::Failed(text),
+        }
     }
 }
 

@@ -32,11 +32,27 @@ pub fn send(
     header: &Header,
     to: impl ToSocketAddrs,
 ) -> Result<(Tracker, Stats)> {
+    send_with_progress(dev, header, to, &mut |_| {})
+}
+
+/// [`send`], calling `progress` with the bytes sent so far every [`PROGRESS_EVERY`].
+pub fn send_with_progress(
+    dev: &dyn MigrationDevice,
+    header: &Header,
+    to: impl ToSocketAddrs,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(Tracker, Stats)> {
     let conn = TcpStream::connect(to)
         .map_err(|e| net(dev, format!("cannot reach the destination: {e}")))?;
     conn.set_nodelay(true).ok();
     let reader = conn.try_clone().map_err(|e| net(dev, e.to_string()))?;
-    let (src, stats) = save(dev, header, BufWriter::with_capacity(1 << 20, &conn))?;
+    let out = Progress {
+        inner: BufWriter::with_capacity(1 << 20, &conn),
+        sent: 0,
+        next: PROGRESS_EVERY,
+        report: progress,
+    };
+    let (src, stats) = save(dev, header, out)?;
     reader.set_read_timeout(Some(VERDICT_TIMEOUT)).ok();
     let mut line = String::new();
     let verdict = BufReader::new(reader).read_line(&mut line);
@@ -60,12 +76,73 @@ pub fn send(
     }
 }
 
-/// Accepts one connection on `listener` and loads it into `dev`, answering the
-/// source with the verdict.
+/// How often an outgoing migration reports progress.
+pub const PROGRESS_EVERY: u64 = 64 << 20;
+
+/// A writer that reports how much has gone through it.
+struct Progress<'a, W: Write> {
+    inner: W,
+    sent: u64,
+    next: u64,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl<W: Write> Write for Progress<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sent += n as u64;
+        if self.sent >= self.next {
+            self.next = self.sent + PROGRESS_EVERY;
+            (self.report)(self.sent);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Waits up to `timeout` for one connection: a source that never comes must not
+/// hold the destination's device reserved for ever.
+fn accept_within(listener: &TcpListener, timeout: Duration) -> std::io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                conn.set_read_timeout(Some(timeout))?;
+                return Ok(conn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no source connected within {}s", timeout.as_secs()),
+                    ));
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Accepts one connection on `listener` (within [`INCOMING_TIMEOUT`]) and loads it
+/// into `dev`, answering the source with the verdict.
 pub fn receive(dev: &dyn MigrationDevice, want: &Header, listener: &TcpListener) -> Result<Stats> {
-    let (conn, _) = listener
-        .accept()
-        .map_err(|e| net(dev, format!("accept failed: {e}")))?;
+    receive_within(dev, want, listener, INCOMING_TIMEOUT)
+}
+
+pub fn receive_within(
+    dev: &dyn MigrationDevice,
+    want: &Header,
+    listener: &TcpListener,
+    timeout: Duration,
+) -> Result<Stats> {
+    let conn = accept_within(listener, timeout)
+        .map_err(|e| net(dev, format!("waiting for the source: {e}")))?;
     let mut answer = conn.try_clone().map_err(|e| net(dev, e.to_string()))?;
     // Small: chunks (1 MiB) are read straight into the loader's buffer; this one only
     // gathers the small record headers.

@@ -14,6 +14,20 @@ pub const STOP_COPY: u64 = 1;
 pub const P2P: u64 = 2;
 pub const PRE_COPY: u64 = 4;
 
+/// `VFIO_MIGRATION_*` flags by name: `STOP_COPY P2P PRE_COPY`.
+pub fn flag_names(flags: u64) -> String {
+    [
+        (STOP_COPY, "STOP_COPY"),
+        (P2P, "P2P"),
+        (PRE_COPY, "PRE_COPY"),
+    ]
+    .iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| *n)
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MigState {

@@ -8,7 +8,9 @@ use serde::Serialize;
 use zbus::zvariant::{DynamicType, Value};
 
 use super::CliError;
-use crate::api::{self, ApiError, DeviceInfo, Lease, Request};
+use crate::api::{
+    self, ApiError, DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request,
+};
 
 pub struct Client {
     rt: tokio::runtime::Runtime,
@@ -122,6 +124,42 @@ impl Client {
 
     pub fn unbind(&self, addr: &str, whole_group: bool) -> Result<Vec<String>, CliError> {
         self.call("Unbind", &(addr, whole_group))
+    }
+
+    pub fn mdevs(&self) -> Result<Vec<MdevInfo>, CliError> {
+        self.call("ListMdevs", &())
+    }
+
+    /// `define`: empty, `manual` or `auto`.
+    pub fn create_mdev(
+        &self,
+        parent: &str,
+        type_id: &str,
+        uuid: &str,
+        define: &str,
+    ) -> Result<MdevInfo, CliError> {
+        self.call("CreateMdev", &(parent, type_id, uuid, define))
+    }
+
+    pub fn remove_mdev(&self, uuid: &str, undefine: bool) -> Result<(), CliError> {
+        self.call("RemoveMdev", &(uuid, undefine))
+    }
+
+    pub fn migration_check(&self, uuid: &str) -> Result<MigrationInfo, CliError> {
+        self.call("MigrationCheck", &(uuid,))
+    }
+
+    pub fn prepare_incoming(
+        &self,
+        uuid: &str,
+        type_id: &str,
+        listen: &str,
+    ) -> Result<String, CliError> {
+        self.call("PrepareIncoming", &(uuid, type_id, listen))
+    }
+
+    pub fn migrate_out(&self, uuid: &str, endpoint: &str) -> Result<MigrationStats, CliError> {
+        self.call("MigrateOut", &(uuid, endpoint))
     }
 }
 

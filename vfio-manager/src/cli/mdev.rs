@@ -8,8 +8,10 @@ use mediated_dev::{parse_uuid, Definition, Mediator, Start, Store, Want};
 use serde_json::json;
 use vf_provisioner::PciAddress;
 
+use super::client::Client;
 use super::render::{Renderer, Res};
 use super::{exit, Output};
+use crate::api::MdevInfo;
 
 /// Which mdev: the arguments `create` and `define` share.
 #[derive(clap::Args, Debug)]
@@ -196,58 +198,163 @@ fn types(m: &Mediator, only: Option<&str>, mut r: Renderer) -> Res {
     Ok(exit::OK)
 }
 
-fn list(m: &Mediator, store: &Store, defined: bool, mut r: Renderer) -> Res {
+fn list(m: &Mediator, store: &Store, defined: bool, r: Renderer) -> Res {
     let (defs, problems) = store.list();
-    let host = m.scan();
+    if defined && r.format == Output::Json {
+        let mut r = r;
+        return r.json(&mdevctl::dump_json(&defs));
+    }
+    let infos = MdevInfo::all(&m.scan(), &defs);
+    let warnings: Vec<String> = problems
+        .iter()
+        .map(|p| format!("warning: {}: {}", p.path.display(), p.reason))
+        .collect();
+    table(infos, defined, &warnings, r)
+}
+
+/// The mdev table both modes print (only active ones unless `defined`).
+fn table(mut infos: Vec<MdevInfo>, defined: bool, warnings: &[String], mut r: Renderer) -> Res {
+    infos.retain(|i| defined || i.active);
     if r.format == Output::Json {
-        if defined {
-            return r.json(&mdevctl::dump_json(&defs));
-        }
-        return r.json(&json!({ "active": host.mdevs, "defined": defs, "problems": problems }));
+        return r.json(&infos);
     }
     r.line(&format!(
-        "{:<36} {:<14} {:<12} {:<7} {:<8} GROUP",
-        "UUID", "PARENT", "TYPE", "ACTIVE", "DEFINED"
+        "{:<36} {:<14} {:<12} {:<7} {:<8} {:<5} VM",
+        "UUID", "PARENT", "TYPE", "ACTIVE", "DEFINED", "GROUP"
     ))?;
-    let mut uuids: Vec<uuid::Uuid> = host.mdevs.iter().map(|d| d.uuid).collect();
-    if defined {
-        uuids.extend(
-            defs.iter()
-                .map(|d| d.uuid)
-                .filter(|u| !host.mdevs.iter().any(|m| m.uuid == *u)),
-        );
-    }
-    for u in uuids {
-        let active = host.mdev(&u);
-        let def = defs.iter().find(|d| d.uuid == u);
-        let (parent, ty) = match (active, def) {
-            (Some(a), _) => (a.parent.clone(), a.type_id.clone()),
-            (None, Some(d)) => (d.parent.clone(), d.config.mdev_type.clone()),
-            (None, None) => continue,
+    for i in &infos {
+        let state = match (i.active, i.driver.is_empty()) {
+            (false, _) => "no",
+            (true, true) => "unbound",
+            (true, false) => "yes",
         };
-        let state = match active {
-            Some(a) if a.driver.is_none() => "unbound",
-            Some(_) => "yes",
-            None => "no",
+        let group = if i.iommu_group < 0 {
+            "-".into()
+        } else {
+            i.iommu_group.to_string()
         };
-        let defined = def.map_or("no", |d| {
-            if d.config.start == Start::Auto {
-                "auto"
-            } else {
-                "manual"
-            }
-        });
-        let group = active
-            .and_then(|a| a.iommu_group)
-            .map_or("-".into(), |g| g.to_string());
         r.line(&format!(
-            "{u:<36} {parent:<14} {ty:<12} {state:<7} {defined:<8} {group}"
+            "{:<36} {:<14} {:<12} {state:<7} {:<8} {group:<5} {}",
+            i.uuid,
+            i.parent,
+            i.type_id,
+            or_dash(&i.defined),
+            or_dash(&i.vm_name)
         ))?;
     }
-    for p in problems {
-        r.line(&format!("warning: {}: {}", p.path.display(), p.reason))?;
+    for w in warnings {
+        r.line(w)?;
     }
     Ok(exit::OK)
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// Whether an mdev command goes to the daemon (outside `--direct`): the changes it
+/// records and the list with leases. Definitions are files, read and written here.
+pub fn through_daemon(cmd: &MdevCommand) -> bool {
+    matches!(
+        cmd,
+        MdevCommand::List { defined: false }
+            | MdevCommand::Create { .. }
+            | MdevCommand::Remove { .. }
+    )
+}
+
+/// An mdev command through the daemon (see [`through_daemon`]).
+pub fn mdev_daemon(c: &Client, cmd: &MdevCommand, mut r: Renderer) -> Res {
+    match cmd {
+        MdevCommand::List { .. } => table(c.mdevs()?, false, &[], r),
+        MdevCommand::Create { spec, define, auto } => {
+            let uuid = spec.uuid.as_deref().map(parse_uuid).transpose()?;
+            let define = match (define, auto) {
+                (false, _) => "",
+                (true, false) => "manual",
+                (true, true) => "auto",
+            };
+            let uuid = uuid.map(|u| u.to_string()).unwrap_or_default();
+            let d = c.create_mdev(&spec.parent, &spec.type_id, &uuid, define)?;
+            if r.format == Output::Json {
+                return r.json(&d);
+            }
+            r.line(&d.uuid)
+        }
+        MdevCommand::Remove { uuid, undefine } => {
+            let uuid = parse_uuid(uuid)?;
+            c.remove_mdev(&uuid.to_string(), *undefine)?;
+            r.done(&format!("removed mdev {uuid}"))
+        }
+        _ => unreachable!("through_daemon lists the commands"),
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MigrateCommand {
+    /// Preflight (changes nothing): whether an mdev can migrate now and as what;
+    /// exits 3 with the reason if not (no VFIO migration, not running, held by a VMM).
+    Check { uuid: String },
+    /// Destination: reserve mdev UUID (created as --type if absent) and wait for one
+    /// source. Changes the host: may create the mdev; its state is replaced by the
+    /// source's. Prints the endpoint for `vfctl migrate send` on the source host and
+    /// returns; the daemon receives in the background (a failure resets the device,
+    /// or removes it if it was created for this).
+    Receive {
+        uuid: String,
+        /// The mdev type to create the device as, if it does not exist here.
+        #[arg(long = "type", default_value = "")]
+        type_id: String,
+        /// HOST:PORT to listen on (port 0 picks one). A wildcard host in the printed
+        /// endpoint means any of this host's addresses.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        listen: String,
+    },
+    /// Source: stream an mdev's state to a destination's endpoint. Changes the host:
+    /// on success the device is left stopped (its VM now runs there); on any
+    /// failure it runs again here.
+    Send { uuid: String, endpoint: String },
+}
+
+/// `vfctl migrate`: always through the daemon, which owns the devices' state.
+pub fn migrate(c: &Client, cmd: &MigrateCommand, mut r: Renderer) -> Res {
+    match cmd {
+        MigrateCommand::Check { uuid } => {
+            let i = c.migration_check(uuid)?;
+            if r.format == Output::Json {
+                return r.json(&i);
+            }
+            r.line(&format!(
+                "{}: can migrate: type {}, driver {} {}, features {}",
+                i.uuid, i.type_id, i.driver, i.driver_version, i.features
+            ))
+        }
+        MigrateCommand::Receive {
+            uuid,
+            type_id,
+            listen,
+        } => {
+            let endpoint = c.prepare_incoming(uuid, type_id, listen)?;
+            if r.format == Output::Json {
+                return r.json(&json!({ "uuid": uuid, "endpoint": endpoint }));
+            }
+            r.line(&endpoint)
+        }
+        MigrateCommand::Send { uuid, endpoint } => {
+            let s = c.migrate_out(uuid, endpoint)?;
+            if r.format == Output::Json {
+                return r.json(&s);
+            }
+            r.line(&format!(
+                "{uuid}: migrated to {endpoint}: {} bytes ({} before the stop), stopped for {} us; states {}",
+                s.bytes, s.precopy_bytes, s.downtime_us, s.history
+            ))
+        }
+    }
 }
 
 pub fn vgpu(m: &Mediator, cmd: &VgpuCommand, mut r: Renderer) -> Res {

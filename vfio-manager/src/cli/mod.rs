@@ -67,7 +67,10 @@ pub struct Cli {
 pub struct Want {
     #[arg(long)]
     vm: String,
-    /// `vf` (any whole VF) or a PF model `vvvv:dddd`.
+    /// `vf` (any whole VF), a PF model `vvvv:dddd`, or a mediated profile: an mdev
+    /// type id or name (`mtty-2`, `GRID T4-2Q`: the lease creates the mdevs and its
+    /// release removes them) or an NVIDIA vGPU 17+ type (`NVIDIA A100D-20C`: the
+    /// lease sets the type on free VFs and its release clears it).
     #[arg(long, default_value = "vf")]
     profile: String,
     #[arg(long, default_value_t = 1)]
@@ -195,10 +198,15 @@ enum Command {
     Config(ConfigCommand),
     /// Reset a function through the kernel. Changes the device state; refused while in use.
     Reset { address: String },
-    /// Mediated devices (mdev types: mtty, NVIDIA before vGPU 17), on the host directly,
-    /// with definitions in mdevctl's files.
+    /// Mediated devices (mdev types: mtty, NVIDIA before vGPU 17), with definitions in
+    /// mdevctl's files. `list`, `create` and `remove` go through the daemon (which
+    /// records them and shows leases); definitions are read and written directly.
     #[command(subcommand)]
     Mdev(mdev::MdevCommand),
+    /// Move an mdev's device state to another host's daemon (VFIO migration v2)
+    /// (daemon only).
+    #[command(subcommand)]
+    Migrate(mdev::MigrateCommand),
     /// NVIDIA vGPU 17+ types chosen per VF (`nvidia/current_vgpu_type`), on the host directly.
     #[command(subcommand)]
     Vgpu(mdev::VgpuCommand),
@@ -443,6 +451,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
             })
         }
         Command::Provision { .. }
+        | Command::Migrate(_)
         | Command::Release { .. }
         | Command::Attach { .. }
         | Command::Detach { .. }
@@ -492,7 +501,8 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Attach { .. }
             | Command::Detach { .. }
             | Command::Leases
-    )
+            | Command::Migrate(_)
+    ) || matches!(c, Command::Mdev(m) if mdev::through_daemon(m))
 }
 
 /// One command through the daemon.
@@ -503,6 +513,8 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         format: cli.output,
     };
     match &cli.command {
+        Command::Mdev(cmd) => mdev::mdev_daemon(&c, cmd, r),
+        Command::Migrate(cmd) => mdev::migrate(&c, cmd, r),
         Command::List { .. } => r.devices(&c.devices()?),
         Command::Leases => r.leases(&c.leases()?),
         Command::Provision {

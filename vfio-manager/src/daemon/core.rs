@@ -16,6 +16,10 @@ use vf_provisioner::{
     holders, DeviceFilter, Host, LeaseCheck, PciAddress, PciFunction, Provisioner, Sysfs,
 };
 
+mod mediated;
+
+pub use mediated::{is_mediated, Incoming};
+
 use super::audit::Audit;
 use super::metrics::Metrics;
 use super::store::{now, LeaseRow, Store};
@@ -39,6 +43,8 @@ pub struct Core {
     claims: Claims,
     /// Enabling VFs on idle PFs for a short provision, one at a time.
     enabling: Mutex<()>,
+    /// Mediated changes, one at a time (see `mediated`).
+    mediating: Mutex<()>,
     /// Devices that failed since the bus layer last looked, with why.
     failures: Mutex<Vec<(String, String)>>,
     /// VFs may have appeared or vanished since the table was last re-read.
@@ -160,6 +166,7 @@ impl Core {
             ops: RwLock::new(()),
             claims: Claims::default(),
             enabling: Mutex::new(()),
+            mediating: Mutex::new(()),
             failures: Mutex::new(Vec::new()),
             topology_changed: AtomicBool::new(false),
             changes: Mutex::new((Vec::new(), Vec::new())),
@@ -221,9 +228,11 @@ impl Core {
         let devices = row
             .devices
             .iter()
-            .map(|(a, _)| {
-                let (id, group) = self.store().identity(a).ok().flatten().unwrap_or_default();
-                LeasedDevice::new(a, id, u32::try_from(group).ok())
+            .map(|(a, marker)| {
+                self.mediated_view(a, marker).unwrap_or_else(|| {
+                    let (id, group) = self.store().identity(a).ok().flatten().unwrap_or_default();
+                    LeasedDevice::new(a, id, u32::try_from(group).ok())
+                })
             })
             .collect();
         Lease {
@@ -367,6 +376,10 @@ impl Core {
                 "request id {:?} was used by lease {lease}, which has been released; use a new request id",
                 req.request_id
             )));
+        }
+        if is_mediated(&req.profile) {
+            let row = self.provision_mediated(req)?;
+            return Ok((self.lease_view(&row), true));
         }
         let (chosen, _claim) = self.choose(req)?;
         let lease_id = new_id();
@@ -641,6 +654,13 @@ impl Core {
     /// Failures are recorded on the device and do not stop the release.
     fn return_all(&self, row: &LeaseRow) {
         for (addr, before) in &row.devices {
+            if let Some(r) = self.unmake(addr, before) {
+                if let Err(e) = r {
+                    eprintln!("vfio-manager: {addr}: could not undo it: {e}");
+                    self.mark_failed(addr, &e.to_string());
+                }
+                continue;
+            }
             let Ok(a) = addr.parse::<PciAddress>() else {
                 continue;
             };
@@ -666,7 +686,10 @@ impl Core {
     }
 
     fn held_open(&self, addr: &str) -> Option<String> {
-        self.group_held_open(&PciFunction::read(&self.sys, &addr.parse().ok()?)?)
+        match addr.parse() {
+            Ok(a) => self.group_held_open(&PciFunction::read(&self.sys, &a)?),
+            Err(_) => self.mdev_held_open(addr),
+        }
     }
 
     fn group_held_open(&self, f: &PciFunction) -> Option<String> {
@@ -773,7 +796,16 @@ impl Core {
                         serde_json::from_str(&i.body).unwrap_or(Planned { devices: vec![] });
                     for (addr, before) in &planned.devices {
                         let leased = self.store().holder(addr).map_err(failed)?.is_some();
-                        if !leased && before != VFIO_PCI {
+                        if leased {
+                            continue;
+                        }
+                        if let Some(r) = self.unmake(addr, before) {
+                            log.push(format!(
+                                "recovery: provision of lease {} was cut off; {addr} undone: {}",
+                                i.lease_id,
+                                outcome(&r)
+                            ));
+                        } else if before != VFIO_PCI {
                             let r = self.return_device(addr, before);
                             log.push(format!("recovery: provision of lease {} was cut off; {addr} returned to {:?}: {}", i.lease_id, before, outcome(&r)));
                         }
@@ -791,6 +823,10 @@ impl Core {
                         }
                         None => self.store().end_intent(i.id).map_err(failed)?,
                     }
+                }
+                op if op.starts_with("mdev-") => {
+                    log.push(self.recover_mdev(op, &i.body));
+                    self.store().end_intent(i.id).map_err(failed)?;
                 }
                 op => {
                     log.push(format!(
@@ -837,7 +873,7 @@ impl Core {
     }
 
     /// Brings the host to the configured state: VFs first (autoprobe off), then
-    /// bindings. Each step is retried a few times; what still fails is reported.
+    /// bindings, then the mdevs defined `auto` in mdevctl's files. Each step is retried a few times; what still fails is reported.
     pub fn restore_desired(&self) -> Vec<String> {
         let mut log = Vec::new();
         for (pf, n) in self.config.pfs.clone() {
@@ -848,6 +884,8 @@ impl Core {
             let r = retry(|| self.bind(&a.to_string(), false, 0));
             log.push(format!("restore: {a}: vfio-pci: {}", outcome(&r)));
         }
+        // After the VFs: an mdev's parent may be one of them.
+        log.extend(self.start_defined());
         if let Err(e) = self.refresh() {
             log.push(format!("restore: cannot re-read the table: {e}"));
         }
@@ -924,12 +962,9 @@ fn validate(r: &Request) -> Result<(), ApiError> {
             r.count, r.vm_name
         ));
     }
-    let id_like = r.profile.len() == 9
-        && r.profile.as_bytes()[4] == b':'
-        && r.profile.chars().all(|c| c == ':' || c.is_ascii_hexdigit());
-    if r.profile != "vf" && !id_like {
+    if r.profile.is_empty() || r.profile.len() > 64 || r.profile.chars().any(char::is_control) {
         return bad(format!(
-            "profile {:?} for VM {}: use `vf` or a PF model id vvvv:dddd",
+            "profile {:?} for VM {}: use `vf`, a PF model id vvvv:dddd, or an mdev or vGPU type (1-64 printable characters)",
             r.profile, r.vm_name
         ));
     }
@@ -958,6 +993,11 @@ fn validate(r: &Request) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// A PCI model id `vvvv:dddd`.
+fn is_model_id(s: &str) -> bool {
+    s.len() == 9 && s.as_bytes()[4] == b':' && s.chars().all(|c| c == ':' || c.is_ascii_hexdigit())
 }
 
 fn is_uuid(s: &str) -> bool {

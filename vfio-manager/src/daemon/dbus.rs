@@ -12,7 +12,9 @@ use zbus::zvariant::OwnedValue;
 use zbus::{fdo, interface, Connection};
 
 use super::core::Core;
-use crate::api::{self, ApiError, DeviceInfo, Lease, Request};
+use crate::api::{
+    self, ApiError, DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request,
+};
 
 /// Runs blocking policy code (sysfs writes, SQLite) off the bus's async threads.
 async fn blocking<T: Send + 'static>(
@@ -110,6 +112,10 @@ impl Manager {
         self.after(conn, emitter).await;
         r
     }
+}
+
+fn verdict<T>(r: &Result<T, ApiError>) -> String {
+    r.as_ref().map_or_else(ToString::to_string, |_| "ok".into())
 }
 
 /// Adds and removes device objects and signals the change.
@@ -287,6 +293,120 @@ impl Manager {
         .await
     }
 
+    /// Active and defined mediated devices, with the lease holding each.
+    async fn list_mdevs(&self) -> Result<Vec<MdevInfo>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || core.mdevs()).await
+    }
+
+    /// Creates an mdev of `type_id` on `parent` (`uuid` empty: a fresh one) and
+    /// waits for its vendor driver. `define`: `manual` or `auto` also writes its
+    /// mdevctl definition (`auto` ones are started when the daemon starts).
+    async fn create_mdev(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        parent: String,
+        type_id: String,
+        uuid: String,
+        define: String,
+    ) -> Result<MdevInfo, ApiError> {
+        let uid = self.authorize(&hdr, "create mdevs").await?;
+        let core = self.core.clone();
+        blocking(move || core.create_mdev(&parent, &type_id, &uuid, &define, uid)).await
+    }
+
+    /// Removes an mdev (refused while leased or held by a VMM); `undefine` also
+    /// deletes its definition.
+    async fn remove_mdev(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        uuid: String,
+        undefine: bool,
+    ) -> Result<(), ApiError> {
+        let uid = self.authorize(&hdr, "remove mdevs").await?;
+        let core = self.core.clone();
+        blocking(move || core.remove_mdev(&uuid, undefine, uid)).await
+    }
+
+    /// Migration preflight: whether the mdev can migrate now (its driver offers
+    /// VFIO migration v2, it runs, no VMM holds it), and as what.
+    async fn migration_check(&self, uuid: String) -> Result<MigrationInfo, ApiError> {
+        let core = self.core.clone();
+        blocking(move || core.migration_check(&uuid)).await
+    }
+
+    /// Destination side: reserves mdev `uuid` (created as `type_id` if absent) and
+    /// listens on `listen` (HOST:PORT; port 0 picks one) for one source. Returns
+    /// the endpoint for the source's `MigrateOut`; `MigrationFinished` tells the end.
+    async fn prepare_incoming(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        uuid: String,
+        type_id: String,
+        listen: String,
+    ) -> Result<String, ApiError> {
+        let uid = self.authorize(&hdr, "receive migrations").await?;
+        let core = self.core.clone();
+        let (endpoint, incoming) =
+            blocking(move || core.prepare_incoming(&uuid, &type_id, &listen, uid)).await?;
+        let core = self.core.clone();
+        let emitter = emitter.to_owned();
+        tokio::spawn(async move {
+            let uuid = incoming.uuid.to_string();
+            let r = blocking(move || core.receive(incoming)).await;
+            let _ = Manager::migration_finished(&emitter, &uuid, "incoming", &verdict(&r)).await;
+        });
+        Ok(endpoint)
+    }
+
+    /// Source side: streams the mdev's state to a destination's endpoint, emitting
+    /// `MigrationProgress`. On success the source stays stopped (its VM moved); on
+    /// any failure it runs again.
+    async fn migrate_out(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        uuid: String,
+        endpoint: String,
+    ) -> Result<MigrationStats, ApiError> {
+        let uid = self.authorize(&hdr, "migrate devices").await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let progress = {
+            let (emitter, uuid) = (emitter.to_owned(), uuid.clone());
+            tokio::spawn(async move {
+                while let Some(bytes) = rx.recv().await {
+                    let _ = Manager::migration_progress(&emitter, &uuid, bytes).await;
+                }
+            })
+        };
+        let core = self.core.clone();
+        let u = uuid.clone();
+        let r = blocking(move || {
+            core.migrate_out(&u, &endpoint, uid, &mut |b| {
+                let _ = tx.send(b);
+            })
+        })
+        .await;
+        let _ = progress.await;
+        let _ = Manager::migration_finished(&emitter, &uuid, "outgoing", &verdict(&r)).await;
+        r
+    }
+
+    #[zbus(signal)]
+    pub async fn migration_progress(
+        emitter: &SignalEmitter<'_>,
+        uuid: &str,
+        bytes: u64,
+    ) -> zbus::Result<()>;
+    /// `result`: `ok` or the error.
+    #[zbus(signal)]
+    pub async fn migration_finished(
+        emitter: &SignalEmitter<'_>,
+        uuid: &str,
+        direction: &str,
+        result: &str,
+    ) -> zbus::Result<()>;
     #[zbus(signal)]
     pub async fn device_added(emitter: &SignalEmitter<'_>, address: &str) -> zbus::Result<()>;
     #[zbus(signal)]

@@ -1,0 +1,540 @@
+//! The mediated path in the daemon's policy: mdevs made and removed on request or
+//! for a lease (mdev types, NVIDIA vGPU types per VF), definitions started at boot,
+//! and device state moved between two daemons. The same intent protocol as the PCI
+//! path: an intent is written before the kernel is touched, and a cut-off
+//! operation is settled at start-up (a create is undone, a remove is finished).
+
+use std::net::TcpListener;
+use std::sync::MutexGuard;
+
+use mediated_dev::host::{read_mdev, read_vgpu};
+use mediated_dev::migration::{self as mig, net, VfioMigration};
+use mediated_dev::plan::Target;
+use mediated_dev::{parse_uuid, Definition, Mdev, Mediator, Start, Store, Want};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vf_provisioner::PciAddress;
+
+use super::{failed, new_id, Core, Planned};
+use crate::api::{ApiError, LeasedDevice, MdevInfo, MigrationInfo, MigrationStats, Request};
+use crate::daemon::store::{now, LeaseRow};
+
+/// In a lease's device list: the lease created this mdev; its release removes it.
+pub(super) const MADE_MDEV: &str = "@mdev";
+/// The lease gave this VF its vGPU type; its release clears it.
+pub(super) const MADE_VGPU: &str = "@vgpu";
+
+/// Whether a lease profile asks for a mediated device (an mdev type id or name, or
+/// a vGPU type) rather than a whole VF (`vf`, `vvvv:dddd`).
+pub fn is_mediated(profile: &str) -> bool {
+    profile != "vf" && !super::is_model_id(profile)
+}
+
+/// What an mdev intent records: what recovery does if the operation is cut off.
+#[derive(Serialize, Deserialize)]
+struct MdevIntent {
+    uuid: Uuid,
+    remove_mdev: bool,
+    remove_definition: bool,
+}
+
+fn uuid_arg(s: &str) -> Result<Uuid, ApiError> {
+    Ok(parse_uuid(s)?)
+}
+
+impl Core {
+    fn mediator(&self) -> Mediator {
+        Mediator::new(self.sys.clone())
+    }
+
+    /// mdevctl's definitions under this host's root.
+    fn definitions(&self) -> Store {
+        Store::new(self.sys.root())
+    }
+
+    /// Mediated changes run one at a time: two creates on one parent would race for
+    /// its capacity (the kernel would refuse one, but a plan made before must hold).
+    fn mediating(&self) -> MutexGuard<'_, ()> {
+        self.mediating.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Who leases it, filled in.
+    fn leased(&self, mut info: MdevInfo) -> MdevInfo {
+        if let Ok(Some((lease, vm))) = self.store().holder(&info.uuid) {
+            (info.lease_id, info.vm_name) = (lease, vm);
+        }
+        info
+    }
+
+    /// Active mdevs, then defined ones that are not active.
+    pub fn mdevs(&self) -> Result<Vec<MdevInfo>, ApiError> {
+        let (defs, _) = self.definitions().list();
+        let all = MdevInfo::all(&self.mediator().scan(), &defs);
+        Ok(all.into_iter().map(|i| self.leased(i)).collect())
+    }
+
+    /// Creates an mdev (a fresh UUID when `uuid` is empty). `define`: `manual` or
+    /// `auto` also writes its definition (first: a crash between the two leaves a
+    /// definition to start, never an mdev nobody recorded); empty writes none.
+    pub fn create_mdev(
+        &self,
+        parent: &str,
+        type_id: &str,
+        uuid: &str,
+        define: &str,
+        uid: u32,
+    ) -> Result<MdevInfo, ApiError> {
+        let uuid = if uuid.is_empty() {
+            Uuid::new_v4()
+        } else {
+            uuid_arg(uuid)?
+        };
+        let start = match define {
+            "" => None,
+            "manual" => Some(Start::Manual),
+            "auto" => Some(Start::Auto),
+            d => {
+                return Err(ApiError::BadInput(format!(
+                    "mdev {uuid}: define {d:?}: use \"\", \"manual\" or \"auto\""
+                )))
+            }
+        };
+        let def = start.map(|start| Definition {
+            uuid,
+            parent: parent.into(),
+            config: mediated_dev::mdevctl::Config {
+                mdev_type: type_id.into(),
+                start,
+                attrs: vec![],
+            },
+        });
+        self.mdev_op("mdev-create", uuid, def.is_some(), uid, || {
+            if let Some(d) = &def {
+                self.definitions().write(d)?;
+            }
+            let made = self.mediator().create(parent, type_id, Some(uuid));
+            if made.is_err() && def.is_some() {
+                let _ = self.definitions().remove(&uuid);
+            }
+            let info = MdevInfo::of(Some(&made?), def.as_ref());
+            Ok(info.expect("an active mdev has an info"))
+        })
+    }
+
+    /// Removes an mdev (refused while leased or held open); `undefine` also deletes
+    /// its definition.
+    pub fn remove_mdev(&self, uuid: &str, undefine: bool, uid: u32) -> Result<(), ApiError> {
+        let uuid = uuid_arg(uuid)?;
+        if let Some((lease, vm)) = self.store().holder(&uuid.to_string()).map_err(failed)? {
+            return Err(ApiError::Refused(format!(
+                "mdev {uuid}: leased to VM {vm} (lease {lease}); release the lease (`vfctl release {lease}`), which removes it"
+            )));
+        }
+        self.mdev_op("mdev-remove", uuid, undefine, uid, || {
+            let active = read_mdev(&self.sys, &uuid).is_some();
+            if active || !undefine {
+                self.mediator().remove(&uuid)?;
+            }
+            if undefine && !self.definitions().remove(&uuid)? && !active {
+                return Err(mediated_dev::Error::NoMdev(uuid).into());
+            }
+            Ok(())
+        })
+    }
+
+    /// One direct mdev operation: serialized, recorded as an intent, audited.
+    fn mdev_op<T>(
+        &self,
+        op: &str,
+        uuid: Uuid,
+        definition: bool,
+        uid: u32,
+        f: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let body = serde_json::to_string(&MdevIntent {
+            uuid,
+            remove_mdev: true,
+            remove_definition: definition,
+        })
+        .expect("serializes");
+        let r = self.timed(op, || {
+            let _one = self.mediating();
+            let intent = self.store().begin_intent(op, "", &body).map_err(failed)?;
+            let r = f();
+            let _ = self.store().end_intent(intent);
+            r
+        });
+        let outcome = r.as_ref().map_or_else(ToString::to_string, |_| "ok".into());
+        self.audit
+            .record(uid, op, "", "", &[uuid.to_string()], &outcome);
+        r
+    }
+
+    /// Settles an mdev operation a crash cut off: a create is undone (its caller
+    /// never got the device), a remove is finished, a device created for an
+    /// incoming migration is removed (the kernel reset its state when the dead
+    /// daemon's fd closed).
+    pub(super) fn recover_mdev(&self, op: &str, body: &str) -> String {
+        let Ok(i) = serde_json::from_str::<MdevIntent>(body) else {
+            return format!("recovery: {op} with an unreadable record {body:?}; left as is");
+        };
+        let r = if i.remove_mdev && read_mdev(&self.sys, &i.uuid).is_some() {
+            self.mediator().remove(&i.uuid)
+        } else {
+            Ok(())
+        };
+        if i.remove_definition {
+            let _ = self.definitions().remove(&i.uuid);
+        }
+        format!(
+            "recovery: {op} of {} was cut off; settled: {}",
+            i.uuid,
+            super::outcome(&r)
+        )
+    }
+
+    /// Starts every `auto` definition (boot), as mdevctl's udev rule would.
+    pub fn start_defined(&self) -> Vec<String> {
+        let _one = self.mediating();
+        self.mediator()
+            .start_auto(&self.definitions())
+            .into_iter()
+            .map(|(uuid, r)| format!("restore: mdev {uuid}: {}", super::outcome(&r)))
+            .collect()
+    }
+
+    // ---- leases of mediated devices ---------------------------------------------
+
+    /// A new lease of `req.count` devices of a mediated profile: planned on the
+    /// whole host first (nothing is changed unless all fit), then made one by one;
+    /// a failure undoes what was made.
+    pub(super) fn provision_mediated(&self, req: &Request) -> Result<LeaseRow, ApiError> {
+        if !req.devices.is_empty() {
+            return Err(ApiError::BadInput(format!(
+                "VM {}: named devices and a mediated profile ({:?}) together; leave out the devices, the daemon places the profile",
+                req.vm_name, req.profile
+            )));
+        }
+        let _one = self.mediating();
+        let want = Want {
+            profile: req.profile.clone(),
+            count: req.count,
+        };
+        let host = self.mediator().scan();
+        if host.parents.is_empty() && host.vgpus.is_empty() {
+            return Err(ApiError::BadInput(format!(
+                "profile {:?} for VM {}: not `vf` nor a PF model id vvvv:dddd, and this host offers no mediated devices (no mdev parent, no VF with vGPU types) for it to name",
+                req.profile, req.vm_name
+            )));
+        }
+        let plan = mediated_dev::plan(&host, &[want]);
+        if let Some(s) = plan.shortfalls.first() {
+            return Err(ApiError::NoDevice(format!(
+                "VM {}: {} of {} {:?} do not fit: {}; release a lease or remove an mdev (`vfctl mdev list`), `vfctl plan` shows what fits",
+                req.vm_name, s.missing, req.count, req.profile, s.reason
+            )));
+        }
+        let planned: Vec<(String, String)> = plan
+            .placements
+            .iter()
+            .map(|p| match &p.target {
+                Target::Mdev { .. } => (Uuid::new_v4().to_string(), MADE_MDEV.to_string()),
+                Target::Vgpu { vf, .. } => (vf.to_string(), MADE_VGPU.to_string()),
+            })
+            .collect();
+        let lease_id = new_id();
+        let body = serde_json::to_string(&Planned {
+            devices: planned.clone(),
+        })
+        .expect("serializes");
+        let intent = self
+            .store()
+            .begin_intent("provision", &lease_id, &body)
+            .map_err(failed)?;
+        for (i, p) in plan.placements.iter().enumerate() {
+            if let Err(e) = self.make(&p.target, &planned[i].0) {
+                for (name, marker) in planned[..i].iter().rev() {
+                    let _ = self.unmake(name, marker);
+                }
+                let _ = self.store().end_intent(intent);
+                return Err(e);
+            }
+        }
+        let mut row = LeaseRow {
+            id: lease_id,
+            request: req.clone(),
+            devices: planned,
+            created_at: now(),
+        };
+        // In the order the table returns them, so that every answer lists them alike.
+        row.devices.sort();
+        self.store().commit_lease(&row, intent).map_err(failed)?;
+        Ok(row)
+    }
+
+    fn make(&self, target: &Target, name: &str) -> Result<(), ApiError> {
+        let m = self.mediator();
+        match target {
+            Target::Mdev { parent, type_id } => {
+                m.create(parent, type_id, Some(uuid_arg(name)?))?;
+            }
+            Target::Vgpu { vf, type_id } => {
+                m.set_vgpu(vf, &type_id.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes what a lease made of `name`; `None` if `marker` says it made nothing
+    /// (a whole VF, returned to its driver instead).
+    pub(super) fn unmake(&self, name: &str, marker: &str) -> Option<Result<(), ApiError>> {
+        let m = self.mediator();
+        let r = match marker {
+            MADE_MDEV => {
+                let uuid = uuid_arg(name).ok()?;
+                if read_mdev(&self.sys, &uuid).is_none() {
+                    return Some(Ok(()));
+                }
+                m.remove(&uuid)
+            }
+            MADE_VGPU => m.clear_vgpu(&name.parse::<PciAddress>().ok()?),
+            _ => return None,
+        };
+        Some(r.map_err(ApiError::from))
+    }
+
+    /// A mediated device of a lease as the VMMs take it; `None` for a whole VF.
+    pub(super) fn mediated_view(&self, name: &str, marker: &str) -> Option<LeasedDevice> {
+        match marker {
+            MADE_MDEV => {
+                let m = read_mdev(&self.sys, &uuid_arg(name).ok()?);
+                Some(LeasedDevice::mdev(
+                    name,
+                    m.as_ref().map(|m| m.type_id.clone()).unwrap_or_default(),
+                    m.and_then(|m| m.iommu_group),
+                ))
+            }
+            MADE_VGPU => {
+                let vf: PciAddress = name.parse().ok()?;
+                let slot = read_vgpu(&self.sys, &vf);
+                let id = slot
+                    .as_ref()
+                    .and_then(|s| s.current)
+                    .map_or_else(String::new, |t| format!("vgpu-{t}"));
+                Some(LeasedDevice::new(
+                    name,
+                    id,
+                    slot.and_then(|s| s.iommu_group),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Who holds an mdev's VFIO group open, if anyone.
+    pub(super) fn mdev_held_open(&self, name: &str) -> Option<String> {
+        let m = read_mdev(&self.sys, &name.parse().ok()?)?;
+        let g = m.iommu_group?;
+        let h = vf_provisioner::holders::of_group(&self.sys, g)
+            .into_iter()
+            .next()?;
+        Some(format!("its VFIO group {g} is held open by {h}"))
+    }
+
+    // ---- migration between two daemons ------------------------------------------
+
+    /// An mdev this daemon may migrate: active, and not held by a VMM (which then
+    /// drives the migration itself).
+    fn migratable(&self, uuid: &str) -> Result<(Mdev, VfioMigration, mig::Header), ApiError> {
+        let u = uuid_arg(uuid)?;
+        let m = read_mdev(&self.sys, &u).ok_or(mediated_dev::Error::NoMdev(u))?;
+        if let Some(why) = self.mdev_held_open(uuid) {
+            return Err(ApiError::Refused(format!(
+                "mdev {u}: {why}; the VMM holding it drives its migration (QEMU: VFIO migration), the daemon migrates devices no VMM holds"
+            )));
+        }
+        let path = self
+            .sys
+            .root()
+            .join(m.sysfs_path.strip_prefix("/").unwrap_or(&m.sysfs_path));
+        let dev = VfioMigration::open(&path, uuid)?;
+        let header = mig::mdev_header(&self.sys, &m);
+        Ok((m, dev, header))
+    }
+
+    /// Preflight: whether an mdev can migrate now, and as what.
+    pub fn migration_check(&self, uuid: &str) -> Result<MigrationInfo, ApiError> {
+        let (m, dev, header) = self.migratable(uuid)?;
+        let flags = mig::check(&dev)?;
+        Ok(MigrationInfo {
+            uuid: m.uuid.to_string(),
+            type_id: m.type_id,
+            driver: header.driver,
+            driver_version: header.driver_version,
+            flags,
+            features: mig::state::flag_names(flags),
+        })
+    }
+
+    /// Sends an mdev's state to a destination daemon's endpoint. On success the
+    /// source is left stopped; on any failure it runs again.
+    pub fn migrate_out(
+        &self,
+        uuid: &str,
+        endpoint: &str,
+        uid: u32,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<MigrationStats, ApiError> {
+        let r = self.timed("migrate-out", || {
+            let _claim = self.claims.wait(vec![uuid.to_string()]);
+            let (_, dev, header) = self.migratable(uuid)?;
+            let (_, stats) = net::send_with_progress(&dev, &header, endpoint, progress)?;
+            Ok(MigrationStats {
+                bytes: stats.bytes,
+                precopy_bytes: stats.precopy_bytes,
+                downtime_us: stats.stopped_for.as_micros() as u64,
+                history: stats.history,
+            })
+        });
+        let outcome = r.as_ref().map_or_else(ToString::to_string, |_| "ok".into());
+        self.audit.record(
+            uid,
+            "migrate-out",
+            "",
+            endpoint,
+            &[uuid.to_string()],
+            &outcome,
+        );
+        r
+    }
+
+    /// Reserves the destination mdev `uuid` (creating it as `type_id` if absent) and
+    /// listens on `listen` for one source. Returns the endpoint and the work that
+    /// receives the state (run it on a thread); a failed receive leaves the device
+    /// reset, or removes it if it was created for this migration.
+    pub fn prepare_incoming(
+        &self,
+        uuid: &str,
+        type_id: &str,
+        listen: &str,
+        uid: u32,
+    ) -> Result<(String, Incoming), ApiError> {
+        let u = uuid_arg(uuid)?;
+        let existing = read_mdev(&self.sys, &u);
+        let created = existing.is_none();
+        if let Some(m) = &existing {
+            if !type_id.is_empty() && m.type_id != type_id {
+                return Err(ApiError::Refused(format!(
+                    "mdev {u}: it exists here as {}, not {type_id}; remove it or migrate into another UUID",
+                    m.type_id
+                )));
+            }
+        } else {
+            if type_id.is_empty() {
+                return Err(ApiError::BadInput(format!(
+                    "mdev {u}: it does not exist here; give the type to create it as"
+                )));
+            }
+            self.create_for_incoming(u, type_id)?;
+        }
+        let ready = (|| {
+            let (_, dev, header) = self.migratable(uuid)?;
+            mig::check(&dev)?;
+            let listener = TcpListener::bind(listen).map_err(|e| {
+                ApiError::BadInput(format!(
+                    "mdev {u}: cannot listen on {listen:?}: {e}; give a free HOST:PORT (port 0 picks one)"
+                ))
+            })?;
+            let endpoint = listener.local_addr().map_err(failed)?.to_string();
+            Ok((endpoint, dev, header, listener))
+        })();
+        let (endpoint, dev, header, listener) = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                if created {
+                    let _ = self.mediator().remove(&u);
+                }
+                return Err(e);
+            }
+        };
+        let body = serde_json::to_string(&MdevIntent {
+            uuid: u,
+            remove_mdev: created,
+            remove_definition: false,
+        })
+        .expect("serializes");
+        let intent = self
+            .store()
+            .begin_intent("mdev-incoming", "", &body)
+            .map_err(failed)?;
+        self.audit.record(
+            uid,
+            "prepare-incoming",
+            "",
+            &endpoint,
+            &[u.to_string()],
+            "ok",
+        );
+        Ok((
+            endpoint,
+            Incoming {
+                uuid: u,
+                created,
+                intent,
+                dev,
+                header,
+                listener,
+            },
+        ))
+    }
+
+    fn create_for_incoming(&self, uuid: Uuid, type_id: &str) -> Result<(), ApiError> {
+        let _one = self.mediating();
+        let plan = mediated_dev::plan(
+            &self.mediator().scan(),
+            &[Want {
+                profile: type_id.into(),
+                count: 1,
+            }],
+        );
+        match plan.placements.first().map(|p| &p.target) {
+            Some(t @ Target::Mdev { .. }) => self.make(t, &uuid.to_string()),
+            _ => Err(ApiError::NoDevice(format!(
+                "mdev {uuid}: no parent here has room for type {type_id:?}{}; `vfctl plan {type_id}` shows why",
+                plan.shortfalls
+                    .first()
+                    .map_or_else(String::new, |s| format!(" ({})", s.reason))
+            ))),
+        }
+    }
+
+    /// Receives an incoming migration prepared by [`Core::prepare_incoming`].
+    pub fn receive(&self, inc: Incoming) -> Result<MigrationStats, ApiError> {
+        let r = self.timed("migrate-in", || {
+            let _claim = self.claims.wait(vec![inc.uuid.to_string()]);
+            Ok(net::receive(&inc.dev, &inc.header, &inc.listener)?)
+        });
+        drop(inc.dev);
+        if r.is_err() && inc.created {
+            let _ = self.mediator().remove(&inc.uuid);
+        }
+        let _ = self.store().end_intent(inc.intent);
+        r.map(|s| MigrationStats {
+            bytes: s.bytes,
+            precopy_bytes: 0,
+            downtime_us: s.stopped_for.as_micros() as u64,
+            history: s.history,
+        })
+    }
+}
+
+/// A destination waiting for its source.
+pub struct Incoming {
+    pub uuid: Uuid,
+    created: bool,
+    intent: i64,
+    dev: VfioMigration,
+    header: mig::Header,
+    listener: TcpListener,
+}

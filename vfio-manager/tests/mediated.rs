@@ -1,0 +1,260 @@
+//! The mediated path through the daemon: mdevs created, removed and listed over
+//! D-Bus, `auto` definitions started at boot, leases of mdev and vGPU profiles,
+//! and recovery of a mediated provision a crash cut off. Real dbus-daemon, real
+//! vfio-managerd, the fake kernel (the emulated host runs the same on mtty:
+//! tests/real-kernel).
+
+mod common;
+
+use common::*;
+use mediated_dev::{MdevHost, Mediator};
+use vf_provisioner::{layouts, Sysfs};
+use vfio_manager::api::Request;
+
+const MTTY_2: &str = "mtty-2";
+
+fn host(d: &Daemon) -> MdevHost {
+    MdevHost::scan(&Sysfs::open(&d.root).unwrap())
+}
+
+fn free(d: &Daemon, ty: &str) -> u32 {
+    let h = host(d);
+    h.parent("mtty")
+        .unwrap()
+        .find_type(ty)
+        .unwrap()
+        .available_instances
+}
+
+fn req(id: &str, profile: &str, count: u32) -> Request {
+    Request {
+        request_id: id.into(),
+        vm_name: format!("vm-{id}"),
+        profile: profile.into(),
+        count,
+        ..Request::default()
+    }
+}
+
+#[test]
+fn mdevs_are_created_listed_and_removed_through_the_daemon() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let before = free(&d, MTTY_2);
+    let u = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+    let (code, out, err) = vfctl(
+        &bus,
+        &[
+            "mdev", "create", "--parent", "mtty", "--type", MTTY_2, "--uuid", u,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), u);
+    assert_eq!(free(&d, MTTY_2), before - 1);
+    let (_, list, _) = vfctl(&bus, &["mdev", "list"]);
+    assert!(list.contains(u) && list.contains(MTTY_2), "{list}");
+
+    // The same UUID again: refused, named, nothing changed.
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "mdev", "create", "--parent", "mtty", "--type", MTTY_2, "--uuid", u,
+        ],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(u) && err.contains("in use"), "{err}");
+    assert_eq!(free(&d, MTTY_2), before - 1);
+
+    let (code, _, err) = vfctl(&bus, &["mdev", "remove", u]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(free(&d, MTTY_2), before);
+    let (code, _, err) = vfctl(&bus, &["mdev", "remove", u]);
+    assert_eq!(code, 2, "removing it twice: {err}");
+    assert!(d.audit_text().contains("mdev-create"), "audited");
+}
+
+#[test]
+fn auto_definitions_are_started_when_the_daemon_starts() {
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let u = "0f2c1d1e-aaaa-4bbb-8ccc-000000000001";
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "mdev", "create", "--parent", "mtty", "--type", "mtty-1", "--uuid", u, "--define",
+            "--auto",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let def = d.root.join("etc/mdevctl.d/mtty").join(u);
+    assert!(def.exists(), "definition written in mdevctl's place");
+    // Gone by hand (as after a reboot), then the daemon starts again.
+    d.stop();
+    Mediator::new(Sysfs::open(&d.root).unwrap())
+        .remove(&u.parse().unwrap())
+        .unwrap();
+    d.restart();
+    let m = host(&d);
+    let active = m.mdev(&u.parse().unwrap()).expect("started at boot");
+    assert_eq!(active.type_id, "mtty-1");
+    assert!(d.log_text().contains(&format!("restore: mdev {u}: ok")));
+    // remove --undefine takes both.
+    let (code, _, err) = vfctl(&bus, &["mdev", "remove", u, "--undefine"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!def.exists() && host(&d).mdevs.is_empty());
+}
+
+#[test]
+fn a_lease_of_an_mdev_profile_creates_them_and_its_release_removes_them() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let before = free(&d, MTTY_2);
+    let lease = c.provision(&req("m1", MTTY_2, 3)).unwrap();
+    assert_eq!(lease.devices.len(), 3);
+    assert_eq!(free(&d, MTTY_2), before - 3);
+    let h = host(&d);
+    for dev in &lease.devices {
+        let m = h
+            .mdev(&dev.address.parse().unwrap())
+            .expect("an active mdev");
+        assert_eq!(m.type_id, MTTY_2);
+        assert!(
+            dev.libvirt_hostdev.contains("type='mdev'")
+                && dev.libvirt_hostdev.contains(&dev.address),
+            "{}",
+            dev.libvirt_hostdev
+        );
+        assert_eq!(
+            dev.ch_device,
+            format!("path=/sys/bus/mdev/devices/{}/", dev.address)
+        );
+        assert_eq!(
+            dev.vfio_path,
+            format!("/dev/vfio/{}", m.iommu_group.unwrap())
+        );
+    }
+    // Leased mdevs show their VM and refuse a direct removal.
+    let (_, list, _) = vfctl(&bus, &["mdev", "list"]);
+    assert!(list.contains("vm-m1"), "{list}");
+    let u = &lease.devices[0].address;
+    let e = c.remove_mdev(u, false).unwrap_err();
+    assert_eq!(error_name(&e), "Refused", "{e}");
+    assert!(e.to_string().contains("vm-m1"), "{e}");
+    // The same request id again: the same lease, nothing new made.
+    assert_eq!(c.provision(&req("m1", MTTY_2, 3)).unwrap(), lease);
+    assert_eq!(free(&d, MTTY_2), before - 3);
+
+    assert!(c.release("m1").unwrap());
+    assert_eq!(free(&d, MTTY_2), before);
+    assert!(host(&d).mdevs.is_empty());
+}
+
+#[test]
+fn a_profile_that_does_not_fit_is_refused_and_changes_nothing() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let before = free(&d, MTTY_2);
+    let e = c.provision(&req("big", MTTY_2, before + 1)).unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "{e}");
+    assert!(e.to_string().contains("do not fit"), "{e}");
+    assert!(host(&d).mdevs.is_empty(), "nothing made");
+    let e = c.provision(&req("odd", "no-such-type", 1)).unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "{e}");
+    assert!(c.leases().unwrap().is_empty());
+}
+
+#[test]
+fn a_lease_of_a_vgpu_profile_sets_vf_types_and_its_release_clears_them() {
+    let bus = Bus::open();
+    let config = "[[pf]]\naddress = \"0000:ca:00.0\"\nvfs = 4\n";
+    let d = Daemon::start(&bus, layouts::nvidia_dc(), config, &[]);
+    let c = bus.client();
+    let lease = c.provision(&req("g1", "NVIDIA A100D-20C", 2)).unwrap();
+    assert_eq!(lease.devices.len(), 2);
+    let h = host(&d);
+    for dev in &lease.devices {
+        let slot = h
+            .vgpus
+            .iter()
+            .find(|s| s.vf.to_string() == dev.address)
+            .expect("a VF with vGPU attributes");
+        assert!(slot.current.is_some(), "{} has its type", dev.address);
+        assert!(dev.libvirt_hostdev.contains("type='pci'"), "the VF itself");
+    }
+    // 2 x 20 GiB of 80: two more 20C fit, a 40C does not mix with 20C.
+    let e = c.provision(&req("g2", "NVIDIA A100D-40C", 1)).unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "{e}");
+    assert!(c.release("g1").unwrap());
+    assert!(
+        host(&d).vgpus.iter().all(|s| s.current.is_none()),
+        "types cleared"
+    );
+    c.provision(&req("g3", "NVIDIA A100D-40C", 2)).unwrap();
+}
+
+#[test]
+fn a_mediated_provision_cut_off_by_a_crash_is_undone_at_start() {
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let before = free(&d, MTTY_2);
+    d.kill();
+    // The state a SIGKILL leaves between making an mdev and committing its lease:
+    // the intent row, and the mdev on the host.
+    let u = uuid::Uuid::new_v4();
+    Mediator::new(Sysfs::open(&d.root).unwrap())
+        .create("mtty", MTTY_2, Some(u))
+        .unwrap();
+    let db = rusqlite::Connection::open(d.state.join("state.db")).unwrap();
+    db.execute(
+        "INSERT INTO intents (op, lease_id, body, started_at) VALUES ('provision', 'cut', ?1, 0)",
+        [format!(r#"{{"devices":[["{u}","@mdev"]]}}"#)],
+    )
+    .unwrap();
+    // And a direct create cut off after its write.
+    let v = uuid::Uuid::new_v4();
+    Mediator::new(Sysfs::open(&d.root).unwrap())
+        .create("mtty", "mtty-1", Some(v))
+        .unwrap();
+    db.execute(
+        "INSERT INTO intents (op, lease_id, body, started_at) VALUES ('mdev-create', '', ?1, 0)",
+        [format!(
+            r#"{{"uuid":"{v}","remove_mdev":true,"remove_definition":false}}"#
+        )],
+    )
+    .unwrap();
+    drop(db);
+    d.restart();
+    assert!(host(&d).mdevs.is_empty(), "log:\n{}", d.log_text());
+    assert_eq!(free(&d, MTTY_2), before);
+    let log = d.log_text();
+    assert!(log.contains(&format!("{u} undone: ok")), "{log}");
+    assert!(
+        log.contains(&format!("mdev-create of {v} was cut off")),
+        "{log}"
+    );
+}
+
+#[test]
+fn migration_of_an_mdev_the_fake_host_cannot_open_is_refused_by_name() {
+    // The fake kernel has no VFIO ioctls: the daemon's preflight fails and says
+    // which device and why (the state moves on the real kernel: tests/real-kernel).
+    let bus = Bus::open();
+    let _d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let (code, _, err) = vfctl(
+        &bus,
+        &["migrate", "check", "83b8f4f2-509f-382f-3c1e-e6bfe0fa1009"],
+    );
+    assert_eq!(code, 2, "no such mdev: {err}");
+    assert!(
+        err.contains("83b8f4f2-509f-382f-3c1e-e6bfe0fa1009"),
+        "{err}"
+    );
+    let (code, _, err) = vfctl(
+        &bus,
+        &["migrate", "receive", "83b8f4f2-509f-382f-3c1e-e6bfe0fa1009"],
+    );
+    assert_eq!(code, 2, "absent and no type to create: {err}");
+    assert!(err.contains("give the type"), "{err}");
+}
