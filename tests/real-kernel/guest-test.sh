@@ -96,6 +96,50 @@ kill $daemon; wait $daemon 2>/dev/null
 grep -q 'vfio-manager: stopping' /tmp/daemon.log && pass "daemon stops on SIGTERM" || { fail "daemon stops on SIGTERM"; cat /tmp/daemon.log; }
 unset DBUS_SYSTEM_BUS_ADDRESS
 
+# The mediated path through two daemons, each on its own bus (as on two hosts):
+# mdevs over D-Bus, a lease of an mdev profile, and mtty state moved from daemon A's
+# mdev to daemon B's over TCP, an incompatible destination refused first.
+mkdir -p /tmp/bus2
+sed 's#/tmp/bus/socket#/tmp/bus2/socket#' /tmp/bus.conf > /tmp/bus2.conf
+/tmp/dbus/lib/ld-linux-x86-64.so.2 --library-path /tmp/dbus/lib /tmp/dbus/dbus-daemon --config-file=/tmp/bus2.conf --nofork --nopidfile > /tmp/bus2.log 2>&1 &
+A="env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket ./vfctl"
+B="env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus2/socket ./vfctl"
+./vfio-managerd --config /tmp/config.toml --state-dir /tmp/stateA --audit-log /tmp/auditA.log --bus-address unix:path=/tmp/bus/socket > /tmp/dA.log 2>&1 &
+dA=$!
+sleep 0.2
+./vfio-managerd --config /tmp/config.toml --state-dir /tmp/stateB --audit-log /tmp/auditB.log --bus-address unix:path=/tmp/bus2/socket > /tmp/dB.log 2>&1 &
+dB=$!
+up=0
+for i in $(seq 1 100); do $A leases > /dev/null 2>&1 && $B leases > /dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
+[ $up = 1 ] && pass "two daemons up, each on its own bus" || { fail "two daemons up"; cat /tmp/dA.log /tmp/dB.log /tmp/bus2.log; }
+src=5a5a0000-0000-4000-8000-000000000001
+dst=5a5a0000-0000-4000-8000-000000000002
+expect "daemon creates an mtty mdev over D-Bus" 0 $A mdev create --parent mtty --type mtty-2 --uuid $src
+./mtty-scratch $src 5a && [ "$(./mtty-scratch $src)" = 5a ] && pass "state written into the source mdev through VFIO" || fail "mtty-scratch on the source"
+expect "migrate check says the mtty mdev can migrate" 0 $A migrate check $src
+gone() { for i in $(seq 1 100); do [ ! -e /sys/bus/mdev/devices/$1 ] && return 0; sleep 0.1; done; return 1; }
+ep=$($B migrate receive $dst --type mtty-1 --listen 127.0.0.1:0)
+$A migrate send $src "$ep" > /tmp/mig.out 2>&1 && fail "an mtty-2 state into an mtty-1 was accepted" \
+    || { grep -q incompatible /tmp/mig.out && gone $dst && $A migrate check $src > /dev/null && [ "$(./mtty-scratch $src)" = 5a ] \
+        && pass "an incompatible destination is refused, its mdev made for it removed; the source runs with its state" \
+        || { fail "incompatible destination"; cat /tmp/mig.out /tmp/dB.log; }; }
+ep=$($B migrate receive $dst --type mtty-2 --listen 127.0.0.1:0)
+if $A migrate send $src "$ep" > /tmp/mig.out 2>&1; then
+    v=; for i in $(seq 1 100); do v=$(./mtty-scratch $dst 2>/dev/null) && break; sleep 0.1; done
+    [ "$v" = 5a ] && pass "mtty state moved from daemon A's mdev to daemon B's over TCP" || fail "state after migration: got '$v'"
+    echo "GUEST-INFO $(cat /tmp/mig.out)"
+else
+    fail "migration between two daemons"; cat /tmp/mig.out /tmp/dA.log /tmp/dB.log
+fi
+expect "daemon A removes the source mdev" 0 $A mdev remove $src
+expect "daemon B removes the destination mdev" 0 $B mdev remove $dst
+$A provision --vm mvm --profile mtty-1 --count 2 --request-id m1 --format libvirt > /tmp/mlease.xml 2>&1
+n=$(grep -o "type='mdev'" /tmp/mlease.xml | wc -l); u1=$(grep -o "uuid='[^']*'" /tmp/mlease.xml | head -1 | cut -d"'" -f2)
+[ "$n" = 2 ] && [ -e /sys/bus/mdev/devices/$u1/driver ] && pass "a lease of profile mtty-1 creates 2 bound mdevs as libvirt mdev hostdevs" || { fail "mdev lease"; cat /tmp/mlease.xml; }
+expect "releasing it" 0 $A release m1
+gone $u1 && pass "its release removes the mdevs" || fail "mdev lease release"
+kill $dA $dB; wait $dA $dB 2>/dev/null
+
 # mdev: the mtty sample is loaded; create and remove one instance by hand.
 t=/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2
 u=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001

@@ -17,7 +17,7 @@ bash images/build.sh --mtty
 
 # Static binaries: the guest has no libc of its own.
 export RUSTFLAGS='-C target-feature=+crt-static'
-cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p integration-tests --bin bench-ops 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
+cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p integration-tests --bin bench-ops --bin mtty-scratch 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
 tests_json=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --test mdev_scenarios --no-run --message-format=json 2>/dev/null)
 test_exe() { echo "$tests_json" | grep -o "\"executable\":\"[^\"]*/$1-[^\"]*\"" | tail -1 | cut -d'"' -f4; }
 testbin=$(test_exe kernel_scenarios)
@@ -28,7 +28,7 @@ unset RUSTFLAGS
 SHARE=$OUT/share
 rm -rf "$SHARE"
 mkdir -p "$SHARE/bin"
-cp target/$TARGET/release/vfctl target/$TARGET/release/vfio-managerd target/$TARGET/release/vfio-manager-hook target/$TARGET/release/bench-ops "$testbin" "$SHARE/bin/"
+cp target/$TARGET/release/vfctl target/$TARGET/release/vfio-managerd target/$TARGET/release/vfio-manager-hook target/$TARGET/release/bench-ops target/$TARGET/release/mtty-scratch "$testbin" "$SHARE/bin/"
 # The host's own dbus-daemon, with its libraries and loader: the guest has no libc.
 mkdir -p "$SHARE/dbus/lib"
 cp /usr/bin/dbus-daemon "$SHARE/dbus/"

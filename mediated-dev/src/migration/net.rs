@@ -47,7 +47,9 @@ pub fn send_with_progress(
     conn.set_nodelay(true).ok();
     let reader = conn.try_clone().map_err(|e| net(dev, e.to_string()))?;
     let out = Progress {
-        inner: BufWriter::with_capacity(1 << 20, &conn),
+        // Smaller than a chunk: chunks go to the socket straight from the device's
+        // buffer (writev); only the small records are gathered here.
+        inner: BufWriter::with_capacity(64 << 10, &conn),
         sent: 0,
         next: PROGRESS_EVERY,
         report: progress,
@@ -90,16 +92,28 @@ struct Progress<'a, W: Write> {
 impl<W: Write> Write for Progress<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.sent += n as u64;
-        if self.sent >= self.next {
-            self.next = self.sent + PROGRESS_EVERY;
-            (self.report)(self.sent);
-        }
+        self.count(n);
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        self.count(n);
         Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl<W: Write> Progress<'_, W> {
+    fn count(&mut self, n: usize) {
+        self.sent += n as u64;
+        if self.sent >= self.next {
+            self.next = self.sent + PROGRESS_EVERY;
+            (self.report)(self.sent);
+        }
     }
 }
 

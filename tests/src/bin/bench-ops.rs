@@ -127,6 +127,9 @@ fn mdev_bench(sys: &Sysfs, n: usize) {
     println!("operation              mediated-dev  bare sysfs   ratio   (median of {n})");
     report("mdev create (mtty-2)", &c, &c_raw);
     report("mdev remove", &r, &r_raw);
+    if std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS").is_some() {
+        daemon_bench(&c_raw, &r_raw, n);
+    }
     let tools = Path::new("/tmp");
     let mdevctl = tools.join("mdevctl/mdevctl");
     if !mdevctl.exists() || !tools.join("vfctl").exists() {
@@ -174,6 +177,36 @@ fn mdev_bench(sys: &Sysfs, n: usize) {
     println!("operation              vfctl        mdevctl      ratio   (median of {n}; exec of /bin/true: {:.2?})", median(&exec));
     report("create+remove (exec)", &ours, &theirs);
     migrate_bench(sys, &m, n);
+}
+
+/// CreateMdev and RemoveMdev through vfio-managerd on a real dbus-daemon, beside
+/// the bare writes plus one bus round trip (Peer.Ping) measured in the same loop.
+fn daemon_bench(c_raw: &[Duration], r_raw: &[Duration], n: usize) {
+    let c = match vfio_manager::cli::client::Client::connect() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("mdev through the daemon: skipped ({e})");
+            return;
+        }
+    };
+    let (mut create, mut remove, mut ping) = (vec![], vec![], vec![]);
+    for _ in 0..n {
+        let u = uuid::Uuid::new_v4().to_string();
+        ping.push(timed(|| c.ping().unwrap()));
+        create.push(timed(|| {
+            drop(c.create_mdev("mtty", "mtty-2", &u, "").unwrap())
+        }));
+        remove.push(timed(|| c.remove_mdev(&u, false).unwrap()));
+    }
+    let plus_ping = |raw: &[Duration]| -> Vec<Duration> {
+        raw.iter().zip(&ping).map(|(r, p)| *r + *p).collect()
+    };
+    println!(
+        "operation              D-Bus         bare + ping  ratio   (median of {n}; Ping: {:.2?})",
+        median(&ping)
+    );
+    report("mdev create over D-Bus", &create, &plus_ping(c_raw));
+    report("mdev remove over D-Bus", &remove, &plus_ping(r_raw));
 }
 
 /// One mtty-2 state moved between two mdevs in this process: total and the time
