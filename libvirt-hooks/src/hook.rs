@@ -3,7 +3,7 @@
 //!
 //! | operation          | the hook                                                  |
 //! |--------------------|-----------------------------------------------------------|
-//! | `prepare begin`    | leases the domain's devices (bound to vfio-pci) or fails  |
+//! | `prepare begin`    | leases the domain's devices (bound to vfio-pci; mdevs of a mediated profile made with the domain's UUIDs) or fails |
 //! | `started begin`, `reconnect begin`, `attach begin` | makes sure the lease exists, adopting devices the running VM holds (warns, never fails) |
 //! | `release end`      | releases the domain's leases                              |
 //! | `migrate begin`, `restore begin` | leases devices here and prints the XML rewritten for them |
@@ -17,6 +17,7 @@ use vf_provisioner::PciAddress;
 use vfio_manager::api::{Lease, Request};
 use vfio_manager::cli::client::Client;
 use vfio_manager::cli::CliError;
+use vfio_manager::daemon::core::is_mediated;
 
 use crate::domain::{rewrite, Domain, DomainError};
 
@@ -137,7 +138,12 @@ impl Session<'_> {
         if let Some(w) = &self.d.wanted {
             req.profile = w.profile.clone();
             req.count = w.count;
-            req.devices = addresses(self.d.lease_slots().iter().map(|h| h.address));
+            req.devices = if is_mediated(&w.profile) {
+                // libvirt names mdevs by UUID: the lease makes (or takes) exactly those.
+                self.d.mdevs.clone()
+            } else {
+                addresses(self.d.lease_slots().iter().map(|h| h.address))
+            };
         } else {
             req.devices = self.managed_hostdevs()?;
         }

@@ -225,3 +225,53 @@ pub fn validate(xml: &str) -> Option<(bool, String)> {
         }
     }
 }
+
+#[test]
+fn a_mediated_profile_makes_the_domains_mdevs_with_their_uuids() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let sys = vf_provisioner::Sysfs::open(&d.root).unwrap();
+    let m = mediated_dev::Mediator::new(sys.clone());
+    // One the operator made already (kept at release), one the lease makes.
+    let (kept, made) = (
+        "0f2c1d1e-aaaa-4bbb-8ccc-00000000000a",
+        "0f2c1d1e-aaaa-4bbb-8ccc-00000000000b",
+    );
+    m.create("mtty", "mtty-2", Some(kept.parse().unwrap()))
+        .unwrap();
+    let mdev = |u: &str| {
+        format!("<hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='{u}'/></source></hostdev>")
+    };
+    let xml = domain("mtty-2", 2, &[]).replace(
+        "<devices></devices>",
+        &format!("<devices>{}{}</devices>", mdev(kept), mdev(made)),
+    );
+    let r = hook(&bus.address, "prepare", "begin", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let leases = leases_of_vm1(&bus);
+    assert_eq!(leases.len(), 1);
+    let mut got = addrs(&leases[0]);
+    got.sort();
+    assert_eq!(got, [kept, made]);
+    let active = |u: &str| mediated_dev::host::read_mdev(&sys, &u.parse().unwrap()).is_some();
+    assert!(
+        active(made),
+        "the lease made the domain's mdev with its UUID"
+    );
+
+    // Another domain naming the leased mdev is refused by UUID.
+    let other = xml.replace(UUID, "5dea22b3-1d52-d8f3-2516-782e98ab3fa1");
+    let r = hook(&bus.address, "prepare", "begin", &other);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains(kept) || r.stderr.contains(made),
+        "{}",
+        r.stderr
+    );
+
+    let r = hook(&bus.address, "release", "end", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(leases_of_vm1(&bus).is_empty());
+    assert!(!active(made), "the made one is removed");
+    assert!(active(kept), "the operator's one stays");
+}

@@ -974,8 +974,16 @@ fn validate(r: &Request) -> Result<(), ApiError> {
             r.vm_uuid, r.vm_name
         ));
     }
-    for p in r.pfs.iter().chain(&r.devices) {
+    for p in &r.pfs {
         p.parse::<PciAddress>().map_err(ApiError::from)?;
+    }
+    for d in &r.devices {
+        // A mediated profile names mdevs by UUID (a domain's `<hostdev type='mdev'>`).
+        if is_mediated(&r.profile) {
+            mediated_dev::parse_uuid(d).map_err(ApiError::from)?;
+        } else {
+            d.parse::<PciAddress>().map_err(ApiError::from)?;
+        }
     }
     let named: BTreeSet<String> = r.devices.iter().map(|d| normalize(d)).collect();
     if named.len() != r.devices.len() {

@@ -10,7 +10,7 @@ use std::sync::MutexGuard;
 use mediated_dev::host::{read_mdev, read_vgpu};
 use mediated_dev::migration::{self as mig, net, VfioMigration};
 use mediated_dev::plan::Target;
-use mediated_dev::{parse_uuid, Definition, Mdev, Mediator, Start, Store, Want};
+use mediated_dev::{parse_uuid, Definition, Mdev, MdevHost, Mediator, Start, Store, Want};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -22,6 +22,8 @@ use crate::daemon::store::{now, LeaseRow};
 
 /// In a lease's device list: the lease created this mdev; its release removes it.
 pub(super) const MADE_MDEV: &str = "@mdev";
+/// The lease took this mdev as it was (a domain named it); its release leaves it.
+pub(super) const KEPT_MDEV: &str = "@mdev-kept";
 /// The lease gave this VF its vGPU type; its release clears it.
 pub(super) const MADE_VGPU: &str = "@vgpu";
 
@@ -210,39 +212,51 @@ impl Core {
     /// whole host first (nothing is changed unless all fit), then made one by one;
     /// a failure undoes what was made.
     pub(super) fn provision_mediated(&self, req: &Request) -> Result<LeaseRow, ApiError> {
-        if !req.devices.is_empty() {
-            return Err(ApiError::BadInput(format!(
-                "VM {}: named devices and a mediated profile ({:?}) together; leave out the devices, the daemon places the profile",
-                req.vm_name, req.profile
-            )));
-        }
         let _one = self.mediating();
+        let host = self.mediator().scan();
+        let kept = self.named_mdevs(req, &host)?;
         let want = Want {
             profile: req.profile.clone(),
-            count: req.count,
+            count: req.count - kept.len() as u32,
         };
-        let host = self.mediator().scan();
         if host.parents.is_empty() && host.vgpus.is_empty() {
             return Err(ApiError::BadInput(format!(
                 "profile {:?} for VM {}: not `vf` nor a PF model id vvvv:dddd, and this host offers no mediated devices (no mdev parent, no VF with vGPU types) for it to name",
                 req.profile, req.vm_name
             )));
         }
-        let plan = mediated_dev::plan(&host, &[want]);
+        let plan = if want.count == 0 {
+            mediated_dev::Plan::default()
+        } else {
+            mediated_dev::plan(&host, &[want])
+        };
         if let Some(s) = plan.shortfalls.first() {
             return Err(ApiError::NoDevice(format!(
                 "VM {}: {} of {} {:?} do not fit: {}; release a lease or remove an mdev (`vfctl mdev list`), `vfctl plan` shows what fits",
                 req.vm_name, s.missing, req.count, req.profile, s.reason
             )));
         }
-        let planned: Vec<(String, String)> = plan
+        // Named mdevs that do not exist yet are made with their names.
+        let mut fresh = req.devices.iter().filter(|d| !kept.contains(d)).cloned();
+        let mut planned: Vec<(String, String)> = plan
             .placements
             .iter()
             .map(|p| match &p.target {
-                Target::Mdev { .. } => (Uuid::new_v4().to_string(), MADE_MDEV.to_string()),
+                Target::Mdev { .. } => (
+                    fresh.next().unwrap_or_else(|| Uuid::new_v4().to_string()),
+                    MADE_MDEV.to_string(),
+                ),
                 Target::Vgpu { vf, .. } => (vf.to_string(), MADE_VGPU.to_string()),
             })
             .collect();
+        if fresh.next().is_some() {
+            return Err(ApiError::BadInput(format!(
+                "VM {}: profile {:?} is not an mdev type; only mdevs are named by UUID",
+                req.vm_name, req.profile
+            )));
+        }
+        let made = planned.len();
+        planned.extend(kept.iter().map(|u| (u.clone(), KEPT_MDEV.to_string())));
         let lease_id = new_id();
         let body = serde_json::to_string(&Planned {
             devices: planned.clone(),
@@ -252,6 +266,7 @@ impl Core {
             .store()
             .begin_intent("provision", &lease_id, &body)
             .map_err(failed)?;
+        debug_assert_eq!(made, plan.placements.len());
         for (i, p) in plan.placements.iter().enumerate() {
             if let Err(e) = self.make(&p.target, &planned[i].0) {
                 for (name, marker) in planned[..i].iter().rev() {
@@ -271,6 +286,42 @@ impl Core {
         row.devices.sort();
         self.store().commit_lease(&row, intent).map_err(failed)?;
         Ok(row)
+    }
+
+    /// Of the mdevs `req` names, those that exist: each must be of the profile's
+    /// type, not leased, and not held open unless adopted.
+    fn named_mdevs(&self, req: &Request, host: &MdevHost) -> Result<Vec<String>, ApiError> {
+        let mut kept = Vec::new();
+        for d in &req.devices {
+            let u = uuid_arg(d)?;
+            let Some(m) = host.mdev(&u) else { continue };
+            let name = host
+                .parent(&m.parent)
+                .ok()
+                .and_then(|p| p.find_type(&m.type_id).ok())
+                .map(|t| t.name.clone())
+                .unwrap_or_default();
+            let refuse = |why: String| {
+                ApiError::Refused(format!(
+                    "mdev {u}: cannot lease it to VM {}: {why}",
+                    req.vm_name
+                ))
+            };
+            if m.type_id != req.profile && name != req.profile {
+                return Err(refuse(format!(
+                    "it is a {} ({name}), not {:?}; remove it or name another UUID",
+                    m.type_id, req.profile
+                )));
+            }
+            if let Some((lease, vm)) = self.store().holder(d).map_err(failed)? {
+                return Err(refuse(format!("it is leased to VM {vm} (lease {lease})")));
+            }
+            if let Some(why) = self.mdev_held_open(d).filter(|_| !req.adopt) {
+                return Err(refuse(why));
+            }
+            kept.push(d.clone());
+        }
+        Ok(kept)
     }
 
     fn make(&self, target: &Target, name: &str) -> Result<(), ApiError> {
@@ -299,6 +350,7 @@ impl Core {
                 m.remove(&uuid)
             }
             MADE_VGPU => m.clear_vgpu(&name.parse::<PciAddress>().ok()?),
+            KEPT_MDEV => Ok(()),
             _ => return None,
         };
         Some(r.map_err(ApiError::from))
@@ -307,7 +359,7 @@ impl Core {
     /// A mediated device of a lease as the VMMs take it; `None` for a whole VF.
     pub(super) fn mediated_view(&self, name: &str, marker: &str) -> Option<LeasedDevice> {
         match marker {
-            MADE_MDEV => {
+            MADE_MDEV | KEPT_MDEV => {
                 let m = read_mdev(&self.sys, &uuid_arg(name).ok()?);
                 Some(LeasedDevice::mdev(
                     name,
