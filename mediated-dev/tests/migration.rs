@@ -212,3 +212,50 @@ fn tcp_faults_abort_with_the_source_running_again() {
         );
     }
 }
+
+#[test]
+fn a_destination_whose_source_never_comes_gives_up_and_keeps_its_state() {
+    let dst = MemoryDevice::mtty_like("dst", pattern(4096, 9));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = net::receive_within(
+        &dst,
+        &header("mtty-2"),
+        &listener,
+        std::time::Duration::from_millis(50),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no source connected"), "{e}");
+    assert_eq!(dst.state().unwrap(), MigState::Running);
+    assert_eq!(dst.data(), pattern(4096, 9));
+}
+
+#[test]
+fn a_source_that_stalls_mid_stream_does_not_hold_the_destination_in_resuming() {
+    let src = MemoryDevice::mtty_like("src", pattern(1 << 20, 1));
+    let dst = MemoryDevice::mtty_like("dst", pattern(1 << 20, 9));
+    let mut stream = Vec::new();
+    drop(mig::save(&src, &header("mtty-2"), &mut stream).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap();
+    // Half the stream, then silence with the connection open.
+    let stalled = thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(to).unwrap();
+        std::io::Write::write_all(&mut c, &stream[..stream.len() / 2]).unwrap();
+        thread::sleep(std::time::Duration::from_millis(500));
+    });
+    let e = net::receive_within(
+        &dst,
+        &header("mtty-2"),
+        &listener,
+        std::time::Duration::from_millis(100),
+    )
+    .unwrap_err();
+    stalled.join().unwrap();
+    assert!(e.to_string().contains("stream"), "{e}");
+    assert_eq!(
+        dst.state().unwrap(),
+        MigState::Running,
+        "reset, not RESUMING"
+    );
+    assert_eq!(dst.data(), pattern(1 << 20, 9));
+}
