@@ -111,7 +111,13 @@ impl Core {
                 attrs: vec![],
             },
         });
-        self.mdev_op("mdev-create", uuid, def.is_some(), uid, || {
+        // An mdev already there is not this create's to undo.
+        let undo = MdevIntent {
+            uuid,
+            remove_mdev: read_mdev(&self.sys, &uuid).is_none(),
+            remove_definition: def.is_some(),
+        };
+        self.mdev_op("mdev-create", undo, uid, || {
             if let Some(d) = &def {
                 self.definitions().write(d)?;
             }
@@ -133,7 +139,12 @@ impl Core {
                 "mdev {uuid}: leased to VM {vm} (lease {lease}); release the lease (`vfctl release {lease}`), which removes it"
             )));
         }
-        self.mdev_op("mdev-remove", uuid, undefine, uid, || {
+        let undo = MdevIntent {
+            uuid,
+            remove_mdev: true,
+            remove_definition: undefine,
+        };
+        self.mdev_op("mdev-remove", undo, uid, || {
             let active = read_mdev(&self.sys, &uuid).is_some();
             if active || !undefine {
                 self.mediator().remove(&uuid)?;
@@ -149,17 +160,12 @@ impl Core {
     fn mdev_op<T>(
         &self,
         op: &str,
-        uuid: Uuid,
-        definition: bool,
+        undo: MdevIntent,
         uid: u32,
         f: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let body = serde_json::to_string(&MdevIntent {
-            uuid,
-            remove_mdev: true,
-            remove_definition: definition,
-        })
-        .expect("serializes");
+        let uuid = undo.uuid;
+        let body = serde_json::to_string(&undo).expect("serializes");
         let r = self.timed(op, || {
             let _one = self.mediating();
             let intent = self.store().begin_intent(op, "", &body).map_err(failed)?;
