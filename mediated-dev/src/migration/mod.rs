@@ -26,8 +26,9 @@ pub use stream::{Header, StreamError, StreamReader, StreamWriter};
 
 use crate::error::{Error, Result};
 
-/// How much state one read or write moves.
-const BUF: usize = 256 << 10;
+/// How much state one read or write moves: 1 MiB (256 KiB reached 0.58x of bare
+/// loopback TCP in the 256 MiB benchmark, 1 MiB 0.73x, 2 MiB no better).
+const BUF: usize = 1 << 20;
 /// PRE_COPY rounds before stopping the device regardless of what is left.
 const PRECOPY_ROUNDS: u32 = 8;
 
