@@ -8,16 +8,8 @@ cp -r /mnt/host/mdevctl /tmp/mdevctl
 mkdir -p /etc/mdevctl.d/scripts.d/callouts /etc/mdevctl.d/scripts.d/notifiers
 # The daemon on a real dbus-daemon, for the D-Bus rows.
 cp /mnt/host/bin/vfio-managerd /tmp/
-cp -r /mnt/host/dbus /tmp/dbus
-[ -e /etc/passwd ] || { echo 'root:x:0:0:root:/root:/bin/sh' > /etc/passwd; echo 'root:x:0:' > /etc/group; }
-mkdir -p /tmp/bus
-cat > /tmp/bus.conf <<'CONF'
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>system</type><listen>unix:path=/tmp/bus/socket</listen><auth>EXTERNAL</auth>
-<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/>
-<allow receive_type="method_call"/><allow receive_type="method_return"/><allow receive_type="error"/><allow receive_type="signal"/></policy></busconfig>
-CONF
-/tmp/dbus/lib/ld-linux-x86-64.so.2 --library-path /tmp/dbus/lib /tmp/dbus/dbus-daemon --config-file=/tmp/bus.conf --nofork --nopidfile > /tmp/bus.log 2>&1 &
+. /mnt/host/guest-lib.sh
+start_bus bus
 export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
 printf 'manage = []\n' > /tmp/daemon.toml
 /tmp/vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/audit.log > /tmp/daemon.log 2>&1 &

@@ -2,6 +2,7 @@
 # Runs inside the emulated host (PID 1's job). Binaries run from tmpfs: an exec
 # over 9p costs ~0.9 s under TCG.
 cp /mnt/host/bin/* /tmp/
+. /mnt/host/guest-lib.sh
 cd /tmp
 pass() { echo "GUEST-PASS $*"; }
 fail() { echo "GUEST-FAIL $*"; }
@@ -42,17 +43,7 @@ expect "vfctl disable" 0 $V disable 0000:01:00.0
 
 # The daemon on the real kernel, through a real dbus-daemon: provision and release
 # real VFs over D-Bus, and follow uevents for changes made behind its back.
-cp -r /mnt/host/dbus /tmp/dbus
-# dbus-daemon looks its own uid up: the initramfs has no account files.
-[ -e /etc/passwd ] || { echo 'root:x:0:0:root:/root:/bin/sh' > /etc/passwd; echo 'root:x:0:' > /etc/group; }
-mkdir -p /tmp/bus
-cat > /tmp/bus.conf <<'CONF'
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>system</type><listen>unix:path=/tmp/bus/socket</listen><auth>EXTERNAL</auth>
-<policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/>
-<allow receive_type="method_call"/><allow receive_type="method_return"/><allow receive_type="error"/><allow receive_type="signal"/></policy></busconfig>
-CONF
-/tmp/dbus/lib/ld-linux-x86-64.so.2 --library-path /tmp/dbus/lib /tmp/dbus/dbus-daemon --config-file=/tmp/bus.conf --nofork --nopidfile > /tmp/bus.log 2>&1 &
+start_bus bus
 export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
 # Desired state: 2 NVMe VFs restored at start (boot restore on the real kernel).
 cp /tmp/config.toml /tmp/daemon.toml
@@ -99,9 +90,7 @@ unset DBUS_SYSTEM_BUS_ADDRESS
 # The mediated path through two daemons, each on its own bus (as on two hosts):
 # mdevs over D-Bus, a lease of an mdev profile, and mtty state moved from daemon A's
 # mdev to daemon B's over TCP, an incompatible destination refused first.
-mkdir -p /tmp/bus2
-sed 's#/tmp/bus/socket#/tmp/bus2/socket#' /tmp/bus.conf > /tmp/bus2.conf
-/tmp/dbus/lib/ld-linux-x86-64.so.2 --library-path /tmp/dbus/lib /tmp/dbus/dbus-daemon --config-file=/tmp/bus2.conf --nofork --nopidfile > /tmp/bus2.log 2>&1 &
+start_bus bus2
 A="env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket ./vfctl"
 B="env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus2/socket ./vfctl"
 ./vfio-managerd --config /tmp/config.toml --state-dir /tmp/stateA --audit-log /tmp/auditA.log --bus-address unix:path=/tmp/bus/socket > /tmp/dA.log 2>&1 &

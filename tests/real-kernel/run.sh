@@ -42,6 +42,7 @@ mkdir -p "$SHARE/mdevctl"
 cp build/images/mdevctl/usr/bin/mdevctl build/images/mdevctl/libs/* "$SHARE/mdevctl/"
 cp "build/images/mtty-$(cat build/images/KVER).ko" "$SHARE/mtty.ko"
 cp "tests/real-kernel/guest-${MODE#--}.sh" "$SHARE/job.sh"
+cp tests/real-kernel/guest-lib.sh "$SHARE/"
 chmod +x "$SHARE/job.sh"
 
 log=$OUT/console-${MODE#--}.log
