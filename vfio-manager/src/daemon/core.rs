@@ -382,38 +382,69 @@ impl Core {
             return Ok((self.lease_view(&row), true));
         }
         let (chosen, _claim) = self.choose(req)?;
-        let lease_id = new_id();
         let planned: Vec<(String, String)> = chosen
             .iter()
             .map(|f| (f.address.to_string(), f.driver.clone().unwrap_or_default()))
             .collect();
+        let row = self.new_lease(req, planned, chosen.len(), |i| {
+            let f = &chosen[i].address;
+            self.raw.bind_vfio(f, false).map(|_| ()).map_err(|e| {
+                self.mark_failed(&f.to_string(), &e.to_string());
+                e.into()
+            })
+        })?;
+        self.touch(&addrs_of(&row));
+        Ok((self.lease_view(&row), true))
+    }
+
+    /// Records a new lease of `devices` (each with its driver before the lease, or
+    /// what the lease makes of it) for `req`: the intent first, then `step(i)` for
+    /// each of the first `steps` devices; a failed step undoes the ones before it, and
+    /// the lease is committed only when all have passed.
+    fn new_lease(
+        &self,
+        req: &Request,
+        devices: Vec<(String, String)>,
+        steps: usize,
+        mut step: impl FnMut(usize) -> Result<(), ApiError>,
+    ) -> Result<LeaseRow, ApiError> {
+        let lease_id = new_id();
         let body = serde_json::to_string(&Planned {
-            devices: planned.clone(),
+            devices: devices.clone(),
         })
         .expect("serializes");
         let intent = self
             .store()
             .begin_intent("provision", &lease_id, &body)
             .map_err(failed)?;
-        for (i, f) in chosen.iter().enumerate() {
-            if let Err(e) = self.raw.bind_vfio(&f.address, false) {
-                self.mark_failed(&f.address.to_string(), &e.to_string());
-                for (addr, before) in &planned[..i] {
-                    let _ = self.return_device(addr, before);
+        for i in 0..steps {
+            if let Err(e) = step(i) {
+                for (name, before) in devices[..i].iter().rev() {
+                    let _ = self.undo_device(name, before);
                 }
                 let _ = self.store().end_intent(intent);
-                return Err(e.into());
+                return Err(e);
             }
         }
-        let row = LeaseRow {
+        let mut row = LeaseRow {
             id: lease_id,
             request: req.clone(),
-            devices: planned,
+            devices,
             created_at: now(),
         };
+        // In the order the table returns them, so that every answer lists them alike.
+        row.devices.sort();
         self.store().commit_lease(&row, intent).map_err(failed)?;
-        self.touch(&addrs_of(&row));
-        Ok((self.lease_view(&row), true))
+        Ok(row)
+    }
+
+    /// Undoes what a lease did to one device: removes what it made, or returns a
+    /// whole function to its driver before the lease.
+    fn undo_device(&self, name: &str, before: &str) -> Result<(), ApiError> {
+        match self.unmake(name, before) {
+            Some(r) => r,
+            None => self.return_device(name, before).map_err(ApiError::from),
+        }
     }
 
     /// Free functions for `req`, claimed, enabling VFs on managed PFs that have none

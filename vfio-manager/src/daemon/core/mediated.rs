@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use vf_provisioner::PciAddress;
 
-use super::{failed, new_id, Core, Planned};
+use super::{failed, Core};
 use crate::api::{ApiError, LeasedDevice, MdevInfo, MigrationInfo, MigrationStats, Request};
-use crate::daemon::store::{now, LeaseRow};
+use crate::daemon::store::LeaseRow;
 
 /// In a lease's device list: the lease created this mdev; its release removes it.
 pub(super) const MADE_MDEV: &str = "@mdev";
@@ -261,37 +261,10 @@ impl Core {
                 req.vm_name, req.profile
             )));
         }
-        let made = planned.len();
         planned.extend(kept.iter().map(|u| (u.clone(), KEPT_MDEV.to_string())));
-        let lease_id = new_id();
-        let body = serde_json::to_string(&Planned {
-            devices: planned.clone(),
+        self.new_lease(req, planned.clone(), plan.placements.len(), |i| {
+            self.make(&plan.placements[i].target, &planned[i].0)
         })
-        .expect("serializes");
-        let intent = self
-            .store()
-            .begin_intent("provision", &lease_id, &body)
-            .map_err(failed)?;
-        debug_assert_eq!(made, plan.placements.len());
-        for (i, p) in plan.placements.iter().enumerate() {
-            if let Err(e) = self.make(&p.target, &planned[i].0) {
-                for (name, marker) in planned[..i].iter().rev() {
-                    let _ = self.unmake(name, marker);
-                }
-                let _ = self.store().end_intent(intent);
-                return Err(e);
-            }
-        }
-        let mut row = LeaseRow {
-            id: lease_id,
-            request: req.clone(),
-            devices: planned,
-            created_at: now(),
-        };
-        // In the order the table returns them, so that every answer lists them alike.
-        row.devices.sort();
-        self.store().commit_lease(&row, intent).map_err(failed)?;
-        Ok(row)
     }
 
     /// Of the mdevs `req` names, those that exist: each must be of the profile's
