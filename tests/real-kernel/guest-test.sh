@@ -127,6 +127,13 @@ n=$(grep -o "type='mdev'" /tmp/mlease.xml | wc -l); u1=$(grep -o "uuid='[^']*'" 
 [ "$n" = 2 ] && [ -e /sys/bus/mdev/devices/$u1/driver ] && pass "a lease of profile mtty-1 creates 2 bound mdevs as libvirt mdev hostdevs" || { fail "mdev lease"; cat /tmp/mlease.xml; }
 expect "releasing it" 0 $A release m1
 gone $u1 && pass "its release removes the mdevs" || fail "mdev lease release"
+# A domain naming its own mdev: the hook leases exactly that UUID (made here).
+mu=5a5a0000-0000-4000-8000-0000000000d1
+mdom="<domain type='kvm'><name>mdomain</name><uuid>5dea22b3-1d52-d8f3-2516-782e98ab3fa1</uuid><metadata><vfm:lease xmlns:vfm='http://vfio-manager.org/xmlns/lease/1' profile='mtty-1' count='1'/></metadata><devices><hostdev mode='subsystem' type='mdev' model='vfio-pci'><source><address uuid='$mu'/></source></hostdev></devices></domain>"
+echo "$mdom" | DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket ./vfio-manager-hook mdomain prepare begin - && [ -e /sys/bus/mdev/devices/$mu/driver ] \
+    && pass "libvirt hook: prepare makes the domain's mdev $mu" || { fail "hook mdev prepare"; cat /tmp/dA.log; }
+echo "$mdom" | DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket ./vfio-manager-hook mdomain release end - && gone $mu \
+    && pass "libvirt hook: release removes it" || fail "hook mdev release"
 kill $dA $dB; wait $dA $dB 2>/dev/null
 
 # mdev: the mtty sample is loaded; create and remove one instance by hand.
