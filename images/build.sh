@@ -71,26 +71,33 @@ if [ ! -e "$OUT/mdevctl/libs/.done" ]; then
 fi
 
 # 4. Initramfs: busybox, the modules (decompressed: busybox insmod cannot read .xz), init.
-MODS="vfio vfio_iommu_type1 vfio-pci mdev igb igbvf e1000e nvme 9p 9pnet_virtio"
-stamp="$KVER $(sha256sum images/init images/build.sh | sha256sum | cut -c1-16)"
-if [ "$(cat "$OUT/initramfs.stamp" 2>/dev/null)" != "$stamp" ]; then
-    log "building initramfs for $KVER"
-    IR=$OUT/initramfs
-    rm -rf "$IR"
-    mkdir -p "$IR"/{bin,sbin,proc,sys,dev,tmp,mnt/host,lib/modules,etc,root}
-    cp /bin/busybox "$IR/bin/busybox"
-    for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$IR/bin/$a"; done
-    : > "$IR/etc/modules.order"
-    for m in $MODS; do
+#    initramfs NAME INIT MODULES...: the emulated host's, and the nested VM's that
+#    the host starts with a leased VF (kvm_amd: -cpu max under TCG offers AMD SVM).
+initramfs() {
+    local name=$1 init=$2 ir=$OUT/$1
+    shift 2
+    local stamp
+    stamp="$KVER $* $(sha256sum "$init" images/build.sh | sha256sum | cut -c1-16)"
+    [ "$(cat "$OUT/$name.stamp" 2>/dev/null)" = "$stamp" ] && return
+    log "building $name for $KVER"
+    rm -rf "$ir"
+    mkdir -p "$ir"/{bin,sbin,proc,sys,dev,tmp,mnt/host,lib/modules,etc,root}
+    cp /bin/busybox "$ir/bin/busybox"
+    for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$ir/bin/$a"; done
+    : > "$ir/etc/modules.order"
+    for m in "$@"; do
         modprobe -d "$KROOT" -S "$KVER" --show-depends "$m" | awk '/^insmod/ {print $2}'
     done | awk '!seen[$0]++' | while read -r ko; do
-        name=$(basename "$ko" .xz)
-        xz -dc "$ko" > "$IR/lib/modules/$name"
-        echo "$name" >> "$IR/etc/modules.order"
+        local base
+        base=$(basename "$ko" .xz)
+        xz -dc "$ko" > "$ir/lib/modules/$base"
+        echo "$base" >> "$ir/etc/modules.order"
     done
-    cp images/init "$IR/init"
-    chmod +x "$IR/init"
-    (cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/initramfs.cpio.gz"
-    echo "$stamp" > "$OUT/initramfs.stamp"
-fi
+    cp "$init" "$ir/init"
+    chmod +x "$ir/init"
+    (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/$name.cpio.gz"
+    echo "$stamp" > "$OUT/$name.stamp"
+}
+initramfs initramfs images/init vfio vfio_iommu_type1 vfio-pci mdev igb igbvf e1000e nvme 9p 9pnet_virtio kvm_amd
+initramfs nested-initramfs images/nested-init igbvf
 log "ready: kernel $KVER, $(du -h "$OUT/initramfs.cpio.gz" | cut -f1) initramfs"

@@ -162,8 +162,8 @@ enum Command {
         #[arg(long = "pf")]
         pfs: Vec<String>,
         /// Print the lease as libvirt `<hostdev>` elements for a domain's <devices>,
-        /// or as cloud-hypervisor `--device` arguments.
-        #[arg(long, value_parser = ["libvirt", "cloud-hypervisor"])]
+        /// as cloud-hypervisor `--device` arguments, or as QEMU `-device` arguments.
+        #[arg(long, value_parser = ["libvirt", "cloud-hypervisor", "qemu"])]
         format: Option<String>,
     },
     /// Lease devices and hot-add them to a running cloud-hypervisor VM over its API
@@ -537,6 +537,7 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
             let lease = c.provision(&req)?;
             match format.as_deref() {
                 Some("libvirt") => r.libvirt_hostdevs(&lease),
+                Some("qemu") => r.qemu_devices(&lease),
                 Some(_) => r.ch_devices(&lease),
                 None => r.leases(&[lease]),
             }

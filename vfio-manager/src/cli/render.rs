@@ -303,6 +303,20 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    /// The lease's devices as QEMU `-device` arguments, as libvirt passes a
+    /// `<hostdev>` to QEMU: a PCI function by `host=`, an mdev by `sysfsdev=`.
+    pub fn qemu_devices(mut self, lease: &Lease) -> Res {
+        for (i, d) in lease.devices.iter().enumerate() {
+            let source = if d.sysfs_path.starts_with("/sys/bus/mdev/") {
+                format!("sysfsdev={}", d.sysfs_path.trim_end_matches('/'))
+            } else {
+                format!("host={}", d.address)
+            };
+            self.line(&format!("-device vfio-pci,{source},id=hostdev{i}"))?;
+        }
+        Ok(exit::OK)
+    }
+
     pub fn leases(mut self, leases: &[Lease]) -> Res {
         if self.format == Output::Json {
             return self.json(&json!({ "leases": leases }));
