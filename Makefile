@@ -30,8 +30,11 @@ check-deps:
 	  if [ "$$n" -gt 1 ]; then echo "check-deps: $$n versions of $$c:"; grep "^$$c v" target/deps.txt; fail=1; fi; \
 	done; [ $$fail = 0 ] && echo "check-deps: one version each of vfio-ioctls, vfio-bindings, vm-memory, vmm-sys-util"
 
+# Two boots: the scenario tests and checks, then libvirt end to end from a Debian root
+# filesystem (built once, ~90 s, cached under build/images).
 real-kernel: deps
 	bash tests/real-kernel/run.sh
+	bash tests/real-kernel/run.sh --libvirt
 
 # Capture the fake layouts from the emulated host into vf-provisioner/layouts/.
 regenerate-layouts: deps

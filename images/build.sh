@@ -98,6 +98,9 @@ initramfs() {
     (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/$name.cpio.gz"
     echo "$stamp" > "$OUT/$name.stamp"
 }
-initramfs initramfs images/init vfio vfio_iommu_type1 vfio-pci mdev igb igbvf e1000e nvme 9p 9pnet_virtio kvm_amd
+# virtio_blk, ext4 and crc32c (a soft dependency modprobe does not name): the root
+# filesystem of the libvirt run (images/rootfs.sh).
+initramfs initramfs images/init vfio vfio_iommu_type1 vfio-pci mdev igb igbvf e1000e nvme 9p 9pnet_virtio kvm_amd \
+    virtio_blk crc32c_generic ext4
 initramfs nested-initramfs images/nested-init igbvf
 log "ready: kernel $KVER, $(du -h "$OUT/initramfs.cpio.gz" | cut -f1) initramfs"

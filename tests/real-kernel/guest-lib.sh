@@ -1,5 +1,23 @@
 # Sourced by the guest jobs: what more than one of them needs.
 
+pass() { echo "GUEST-PASS $*"; }
+fail() { echo "GUEST-FAIL $*"; }
+expect() { # expect NAME WANTED-EXIT COMMAND...
+    name=$1; want=$2; shift 2
+    "$@" > /tmp/out 2>&1; got=$?
+    if [ "$got" = "$want" ]; then pass "$name"; else fail "$name (exit $got, wanted $want)"; cat /tmp/out; fi
+}
+
+# nested_sees LOG WHAT: the nested VM's report in LOG (images/nested-init) lists the
+# igb VF bound to igbvf.
+nested_sees() {
+    if grep -q "^NESTED-PCI .* 8086:10ca igbvf" "$1"; then
+        pass "$2 ($(grep -o 'uptime .*' "$1"))"
+    else
+        fail "$2"; cat "$1"
+    fi
+}
+
 # start_bus NAME: a dbus-daemon (the host's, with its own libraries: the guest has
 # no libc) with a system-bus configuration listening on /tmp/NAME/socket.
 start_bus() {

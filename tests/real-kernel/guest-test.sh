@@ -4,22 +4,7 @@
 cp /mnt/host/bin/* /tmp/
 . /mnt/host/guest-lib.sh
 cd /tmp
-pass() { echo "GUEST-PASS $*"; }
-fail() { echo "GUEST-FAIL $*"; }
-expect() { # expect NAME WANTED-EXIT COMMAND...
-    name=$1; want=$2; shift 2
-    "$@" > /tmp/out 2>&1; got=$?
-    if [ "$got" = "$want" ]; then pass "$name"; else fail "$name (exit $got, wanted $want)"; cat /tmp/out; fi
-}
 
-# nested_sees LOG WHAT: the nested VM's report in LOG lists the igb VF bound to igbvf.
-nested_sees() {
-    if grep -q "^NESTED-PCI .* 8086:10ca igbvf" "$1"; then
-        pass "$2 ($(grep -o 'uptime .*' "$1"))"
-    else
-        fail "$2"; cat "$1"
-    fi
-}
 NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-initramfs.cpio.gz"
 nested_vms() {
     cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz /tmp/

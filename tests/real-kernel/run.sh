@@ -4,6 +4,9 @@
 #   --test (default)  the real-kernel tier: the scenario tests on the real kernel,
 #                     vfctl's CLI checks, and a kernel-log check for BUG/Oops/WARNING;
 #   --demo            a walk-through of vfctl for a newcomer;
+#   --libvirt         libvirt end to end: the emulated host mounts a Debian root
+#                     filesystem (images/rootfs.sh) and runs libvirtd with the hook,
+#                     the daemon on the system bus, and a domain with a leased VF;
 #   --bench           each provisioning operation beside the bare sysfs writes.
 # Prints a summary line "N passed, N failed" and exits non-zero on any failure.
 set -euo pipefail
@@ -14,6 +17,11 @@ OUT=build/real-kernel
 mkdir -p "$OUT"
 
 bash images/build.sh --mtty
+DISK=()
+if [ "$MODE" = --libvirt ]; then
+    bash images/rootfs.sh
+    DISK=(-drive file=build/images/rootfs.img,if=virtio,format=raw,snapshot=on)
+fi
 
 # Static binaries: the guest has no libc of its own. Not position-independent: a
 # static-pie binary relocates itself at each exec (vfctl: ~50,000 relocations over
@@ -59,11 +67,13 @@ cp build/images/mdevctl/usr/bin/mdevctl build/images/mdevctl/libs/* "$SHARE/mdev
 cp "build/images/mtty-$(cat build/images/KVER).ko" "$SHARE/mtty.ko"
 cp "tests/real-kernel/guest-${MODE#--}.sh" "$SHARE/job.sh"
 cp tests/real-kernel/guest-lib.sh "$SHARE/"
+cp vfio-manager/dist/org.vfiomanager.VfioManager1.conf "$SHARE/dbus-policy.conf"
 chmod +x "$SHARE/job.sh"
 
 log=$OUT/console-${MODE#--}.log
 # A healthy test run takes about a minute; the benchmark, a few.
-GUEST_TIMEOUT=${GUEST_TIMEOUT:-$([ "$MODE" = --test ] && echo 300 || echo 600)}
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-$([ "$MODE" = --bench ] && echo 600 || echo 400)}
+TESTS=$([ "$MODE" = --test ] || [ "$MODE" = --libvirt ] && echo 1 || true)
 # Three root ports: igb; NVMe with SR-IOV; a multifunction slot of two e1000e
 # functions that share an IOMMU group (igb there would hide function 1 behind ARI).
 boot() {
@@ -77,8 +87,8 @@ boot() {
         -device pcie-root-port,id=rp2,bus=pcie.0,chassis=2,slot=2 -device nvme-subsys,id=subsys0,nqn=s0 \
         -device nvme,id=nvme0,bus=rp2,serial=s0001,subsys=subsys0,sriov_max_vfs=4,sriov_vq_flexible=8,sriov_vi_flexible=4,max_ioqpairs=12,msix_qsize=8 \
         -device pcie-root-port,id=rp3,bus=pcie.0,chassis=3,slot=3 \
-        -device e1000e,id=e0,bus=rp3,addr=0.0,multifunction=on -device e1000e,id=e1,bus=rp3,addr=0.1 \
-        -append 'console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet' </dev/null 2>&1 | tr -d '\r' | tee "$log" \
+        -device e1000e,id=e0,bus=rp3,addr=0.0,multifunction=on -device e1000e,id=e1,bus=rp3,addr=0.1 "${DISK[@]}" \
+        -append "console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet${DISK:+ vfmroot=/dev/vda}" </dev/null 2>&1 | tr -d '\r' | tee "$log" \
         | { if [ "$MODE" = --bench ]; then grep -E '^(operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
 }
 boot
@@ -122,10 +132,10 @@ if grep -q '^GUEST-KERNEL-LOG' "$log"; then
     grep '^GUEST-KERNEL-LOG' "$log" >&2
     failed=$((failed + 1))
 fi
-if [ "$MODE" != --test ]; then
+if [ -z "$TESTS" ]; then
     [ "$failed" -eq 0 ] && echo "${MODE#--}: finished; the emulated host powered off" || echo "${MODE#--}: did not finish (see $log)"
 else
-    echo "real-kernel: $passed passed, $failed failed, $skipped skipped"
+    echo "real-kernel$([ "$MODE" = --test ] || echo " ${MODE#--}"): $passed passed, $failed failed, $skipped skipped"
     grep '^GUEST-SKIP' "$log" >&2 || true
 fi
 [ "$failed" -eq 0 ]

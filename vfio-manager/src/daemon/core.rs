@@ -284,10 +284,10 @@ impl Core {
         std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Re-reads the driver of the functions an operation moved (a whole re-read is
-    /// for topology changes).
-    fn touch(&self, addrs: &[String]) {
-        let now: Vec<(String, String)> = addrs
+    /// The driver each of these functions has now, for the table: an operation's
+    /// commit records what it moved (a whole re-read is for topology changes).
+    fn drivers_now(&self, addrs: &[String]) -> Vec<(String, String)> {
+        addrs
             .iter()
             .filter_map(|a| {
                 let dir = self.sys.device_dir(&a.parse().ok()?);
@@ -298,10 +298,7 @@ impl Core {
                     )
                 })
             })
-            .collect();
-        if let Err(e) = self.store().set_drivers(&now) {
-            eprintln!("vfio-manager: cannot record drivers: {e}");
-        }
+            .collect()
     }
 
     /// Re-reads sysfs into the table, noting what appeared and vanished for
@@ -393,7 +390,6 @@ impl Core {
                 e.into()
             })
         })?;
-        self.touch(&addrs_of(&row));
         Ok((self.lease_view(&row), true))
     }
 
@@ -434,7 +430,10 @@ impl Core {
         };
         // In the order the table returns them, so that every answer lists them alike.
         row.devices.sort();
-        self.store().commit_lease(&row, intent).map_err(failed)?;
+        let drivers = self.drivers_now(&addrs_of(&row));
+        self.store()
+            .commit_lease(&row, intent, &drivers)
+            .map_err(failed)?;
         Ok(row)
     }
 
@@ -675,8 +674,9 @@ impl Core {
             .begin_intent("release", &row.id, "{}")
             .map_err(failed)?;
         self.return_all(&row);
+        let drivers = self.drivers_now(&addrs_of(&row));
         self.store()
-            .commit_release(&row, Some(intent))
+            .commit_release(&row, Some(intent), &drivers)
             .map_err(failed)?;
         Ok(Some(view))
     }
@@ -847,8 +847,9 @@ impl Core {
                     match self.lease_row(&i.lease_id)? {
                         Some(row) => {
                             self.return_all(&row);
+                            let drivers = self.drivers_now(&addrs_of(&row));
                             self.store()
-                                .commit_release(&row, Some(i.id))
+                                .commit_release(&row, Some(i.id), &drivers)
                                 .map_err(failed)?;
                             log.push(format!("recovery: finished the release of lease {} (VM {}) that was cut off", row.id, row.request.vm_name));
                         }

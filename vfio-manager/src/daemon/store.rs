@@ -73,6 +73,14 @@ fn wrap(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
     }
 }
 
+/// Records the drivers sysfs shows now for these functions.
+fn set_drivers(tx: &rusqlite::Transaction, drivers: &[(String, String)]) -> rusqlite::Result<()> {
+    for (a, d) in drivers {
+        tx.execute("UPDATE devices SET driver = ?2 WHERE address = ?1", [a, d])?;
+    }
+    Ok(())
+}
+
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -136,8 +144,14 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(self.err())
     }
 
-    /// Records a lease and ends its intent, in one transaction.
-    pub fn commit_lease(&mut self, lease: &LeaseRow, intent: i64) -> Result<()> {
+    /// Records a lease, the drivers its devices have now, and ends its intent, in
+    /// one transaction (one sync to disk).
+    pub fn commit_lease(
+        &mut self,
+        lease: &LeaseRow,
+        intent: i64,
+        drivers: &[(String, String)],
+    ) -> Result<()> {
         let err = wrap(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         let r = &lease.request;
@@ -169,11 +183,18 @@ impl Store {
         }
         tx.execute("DELETE FROM intents WHERE id = ?1", [intent])
             .map_err(err)?;
+        set_drivers(&tx, drivers).map_err(err)?;
         tx.commit().map_err(err)
     }
 
-    /// Removes a lease, remembers its request id as released, and ends its intent.
-    pub fn commit_release(&mut self, lease: &LeaseRow, intent: Option<i64>) -> Result<()> {
+    /// Removes a lease, remembers its request id as released, records the drivers
+    /// its devices went back to, and ends its intent, in one transaction.
+    pub fn commit_release(
+        &mut self,
+        lease: &LeaseRow,
+        intent: Option<i64>,
+        drivers: &[(String, String)],
+    ) -> Result<()> {
         let err = wrap(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute("DELETE FROM lease_devices WHERE lease_id = ?1", [&lease.id])
@@ -189,6 +210,7 @@ impl Store {
             tx.execute("DELETE FROM intents WHERE id = ?1", [i])
                 .map_err(err)?;
         }
+        set_drivers(&tx, drivers).map_err(err)?;
         tx.commit().map_err(err)
     }
 
@@ -294,17 +316,6 @@ impl Store {
             [],
         )
         .map_err(err)?;
-        tx.commit().map_err(err)
-    }
-
-    /// Records the drivers sysfs shows now for these functions.
-    pub fn set_drivers(&mut self, drivers: &[(String, String)]) -> Result<()> {
-        let err = wrap(&self.path);
-        let tx = self.conn.transaction().map_err(err)?;
-        for (a, d) in drivers {
-            tx.execute("UPDATE devices SET driver = ?2 WHERE address = ?1", [a, d])
-                .map_err(err)?;
-        }
         tx.commit().map_err(err)
     }
 

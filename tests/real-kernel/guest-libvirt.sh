@@ -1,0 +1,86 @@
+#!/bin/sh
+# `run.sh --libvirt`, inside the emulated host booted with the Debian root filesystem
+# of images/rootfs.sh on /rootfs: libvirt end to end, as an operator's host runs it.
+# The system dbus-daemon with the project's bus policy, vfio-managerd restoring 2 igb
+# VFs, libvirtd with the hook installed; a domain that names a VF starts, its nested
+# guest lists the VF bound to igbvf, and when it powers off the lease ends. A second
+# domain naming the same VF meanwhile is refused with the hook's message.
+. /mnt/host/guest-lib.sh
+R=/rootfs
+[ -x $R/usr/sbin/libvirtd ] || { fail "no root filesystem with libvirt on /rootfs"; echo GUEST-DONE; exit; }
+for d in proc sys dev; do mount --bind /$d $R/$d; done
+mount -t tmpfs tmpfs $R/run
+mount -t tmpfs tmpfs $R/tmp
+up() { echo "up $(cut -d' ' -f1 /proc/uptime)s"; }
+in_root() { chroot $R /usr/bin/env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
+
+# The project, installed as `make install` would.
+cp /mnt/host/bin/vfio-managerd /mnt/host/bin/vfctl /mnt/host/bin/vfio-manager-hook $R/usr/local/bin/
+cp /mnt/host/dbus-policy.conf $R/usr/share/dbus-1/system.d/org.vfiomanager.VfioManager1.conf
+mkdir -p $R/etc/libvirt/hooks/qemu.d $R/etc/vfio-manager $R/var/lib/libvirt/images
+ln -sf /usr/local/bin/vfio-manager-hook $R/etc/libvirt/hooks/qemu.d/vfio-manager
+# QEMU in libvirt's private /dev of a chroot finds no /dev/kvm: no mount namespace.
+# And what udev does on a Debian host: /dev/kvm for group kvm (QEMU runs as
+# libvirt-qemu, a member).
+echo 'namespaces = []' >> $R/etc/libvirt/qemu.conf
+in_root chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+printf 'manage = ["8086:10c9"]\n[[pf]]\naddress = "0000:01:00.0"\nvfs = 2\n' > $R/etc/vfio-manager/config.toml
+cp /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz $R/var/lib/libvirt/images/
+in_root groupadd -r vfio-manager 2>/dev/null
+
+in_root dbus-uuidgen --ensure=/etc/machine-id
+mkdir -p $R/run/dbus
+in_root dbus-daemon --system --fork || fail "system dbus-daemon"
+in_root vfio-managerd > /tmp/daemon.log 2>&1 &
+up=0
+for i in $(seq 1 100); do in_root vfctl leases > /dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
+[ $up = 1 ] && pass "vfio-managerd up on the system bus with the shipped policy ($(up))" || { fail "daemon up"; cat /tmp/daemon.log; }
+vf=0000:01:10.0
+[ -e /sys/bus/pci/devices/$vf ] && pass "the daemon restored the igb VFs of its configuration" || fail "VFs restored"
+
+in_root virtlogd -d
+in_root libvirtd -d
+up=0
+for i in $(seq 1 600); do in_root virsh -c qemu:///system version > /dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
+[ $up = 1 ] && pass "libvirtd answers ($(up))" || { fail "libvirtd answers"; }
+
+# domain NAME UUID: a q35 KVM domain booting the nested kernel, with the VF as a
+# <hostdev managed='no'> (the hook leases and binds it) and its console in a file.
+domain() {
+    cat <<XML
+<domain type='kvm'><name>$1</name><uuid>$2</uuid><memory unit='MiB'>256</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='q35'>hvm</type><kernel>/var/lib/libvirt/images/vmlinuz</kernel>
+<initrd>/var/lib/libvirt/images/nested-initramfs.cpio.gz</initrd><cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>
+<features><acpi/></features><cpu mode='host-passthrough'/><on_poweroff>destroy</on_poweroff>
+<devices><serial type='file'><source path='/tmp/$1.console'/><target port='0'/></serial>
+<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x10' function='0x0'/></source></hostdev>
+<memballoon model='none'/></devices></domain>
+XML
+}
+domain nested 6e000000-0000-4000-8000-000000000001 > $R/tmp/nested.xml
+domain second 6e000000-0000-4000-8000-000000000002 > $R/tmp/second.xml
+in_root virsh define /tmp/nested.xml > /dev/null && in_root virsh define /tmp/second.xml > /dev/null || fail "virsh define"
+echo "GUEST-INFO domains defined ($(up))"
+
+if in_root virsh start nested > /tmp/start.out 2>&1; then
+    echo "GUEST-INFO virsh start returned ($(up))"
+    in_root vfctl leases | grep -q "for VM nested" && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver)")" = vfio-pci ] \
+        && pass "virsh start: the hook leased $vf to the domain, on vfio-pci ($(up))" || { fail "lease at start"; in_root vfctl leases; }
+    out=$(in_root virsh start second 2>&1)
+    [ $? != 0 ] && echo "$out" | grep -q "leased to VM nested" \
+        && pass "a second domain naming the same VF is refused: $(echo "$out" | grep -o 'vfio-manager.*' | head -1)" \
+        || fail "second domain: $out"
+    for i in $(seq 1 240); do in_root virsh domstate nested 2>/dev/null | grep -q 'shut off' && break; sleep 1; done
+    nested_sees $R/tmp/nested.console "the nested guest of the libvirt domain lists the VF bound to igbvf"
+    # libvirt runs `release end` after the domain shows as shut off.
+    for i in $(seq 1 50); do in_root vfctl leases | grep -q "for VM nested" || break; sleep 0.2; done
+    in_root virsh domstate nested | grep -q 'shut off' && ! in_root vfctl leases | grep -q "for VM nested" \
+        && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver 2>/dev/null)")" != vfio-pci ] \
+        && pass "the domain powered off: the hook released the lease and the VF left vfio-pci ($(up))" \
+        || { fail "release at stop"; in_root vfctl leases; }
+else
+    fail "virsh start nested"; cat /tmp/start.out /tmp/daemon.log
+fi
+grep -q 'provision' $R/var/log/vfio-manager/audit.log 2>/dev/null && echo "GUEST-INFO audit: $(grep -c . $R/var/log/vfio-manager/audit.log) lines"
+dmesg | grep -E 'BUG|Oops|WARNING' | sed 's/^/GUEST-KERNEL-LOG /'
+echo GUEST-DONE
