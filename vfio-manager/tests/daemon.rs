@@ -637,7 +637,10 @@ fn vfctl_talks_to_the_daemon_and_says_how_to_start_it_when_absent() {
     assert!(out.contains("released"));
     let (code, out, err) = vfctl(&bus, &["provision", "--vm", "q", "--format", "qemu"]);
     assert_eq!(code, 0, "{err}");
-    let vf = out.trim().strip_prefix("-device vfio-pci,host=").unwrap_or_default();
+    let vf = out
+        .trim()
+        .strip_prefix("-device vfio-pci,host=")
+        .unwrap_or_default();
     assert!(
         vf.starts_with("0000:10:") && vf.ends_with(",id=hostdev0"),
         "QEMU's -device argument as libvirt passes it: {out}"
