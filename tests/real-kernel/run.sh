@@ -8,7 +8,8 @@
 #                     filesystem (images/rootfs.sh) and runs libvirtd with the hook,
 #                     the daemon on the system bus, and a domain with a leased VF;
 #   --bench           each provisioning operation beside the bare sysfs writes.
-# Prints a summary line "N passed, N failed" and exits non-zero on any failure.
+# Prints a summary line "N passed, N failed, N skipped" (each skip says why) and
+# exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:---test}
@@ -71,7 +72,8 @@ cp vfio-manager/dist/org.vfiomanager.VfioManager1.conf "$SHARE/dbus-policy.conf"
 chmod +x "$SHARE/job.sh"
 
 log=$OUT/console-${MODE#--}.log
-# A healthy test run takes about a minute; the benchmark, a few.
+# A healthy test run takes about two minutes, the libvirt run about one and a half;
+# the benchmark, a few.
 GUEST_TIMEOUT=${GUEST_TIMEOUT:-$([ "$MODE" = --bench ] && echo 600 || echo 400)}
 TESTS=$([ "$MODE" = --test ] || [ "$MODE" = --libvirt ] && echo 1 || true)
 # Three root ports: igb; NVMe with SR-IOV; a multifunction slot of two e1000e
