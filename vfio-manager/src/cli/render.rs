@@ -400,3 +400,41 @@ fn table(rows: &[Vec<String>]) -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::LeasedDevice;
+
+    #[test]
+    fn qemu_arguments_name_a_vf_by_host_and_an_mdev_by_sysfsdev() {
+        let lease = Lease {
+            id: "l1".into(),
+            request_id: "r1".into(),
+            vm_name: "vm".into(),
+            vm_uuid: String::new(),
+            profile: "mixed".into(),
+            devices: vec![
+                LeasedDevice::new("0000:3b:00.1", "8086:10ca".into(), Some(7)),
+                LeasedDevice::mdev(
+                    "5a5a0000-0000-4000-8000-000000000001",
+                    "mtty-2".into(),
+                    None,
+                ),
+            ],
+            created_at: 0,
+        };
+        let mut out = Vec::new();
+        Renderer {
+            out: &mut out,
+            format: Output::Table,
+        }
+        .qemu_devices(&lease)
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "-device vfio-pci,host=0000:3b:00.1,id=hostdev0\n\
+             -device vfio-pci,sysfsdev=/sys/bus/mdev/devices/5a5a0000-0000-4000-8000-000000000001,id=hostdev1\n"
+        );
+    }
+}
