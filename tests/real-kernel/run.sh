@@ -40,17 +40,21 @@ SHARE=$OUT/share
 rm -rf "$SHARE"
 mkdir -p "$SHARE/bin"
 cp target/$TARGET/release/vfctl target/$TARGET/release/vfio-managerd target/$TARGET/release/vfio-manager-hook target/$TARGET/release/bench-ops target/$TARGET/release/mtty-scratch "$testbin" "$SHARE/bin/"
-# The host's own dbus-daemon, with its libraries and loader: the guest has no libc.
-mkdir -p "$SHARE/dbus/lib"
-cp /usr/bin/dbus-daemon "$SHARE/dbus/"
-ldd /usr/bin/dbus-daemon | grep -o '/[^ ]*' | xargs -I{} cp -L {} "$SHARE/dbus/lib/"
+# with_libs BINARY DEST LIBDIR: the binary as DEST, and the libraries and loader it
+# links into LIBDIR (the guest has no libc; a static binary brings none).
+with_libs() {
+    mkdir -p "$(dirname "$2")" "$3"
+    cp "$1" "$2"
+    { ldd "$1" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | xargs -r -I{} cp -L {} "$3/"
+}
+# The host's own dbus-daemon.
+with_libs /usr/bin/dbus-daemon "$SHARE/dbus/dbus-daemon" "$SHARE/dbus/lib"
 mv "$SHARE/bin/$(basename "$testbin")" "$SHARE/bin/kernel_scenarios"
 cp "$mdevbin" "$SHARE/bin/mdev_scenarios"
 # The nested VM: the host's own QEMU with its libraries and the firmware it loads
 # for -kernel, and the kernel with a small initramfs that reports what the VM sees.
-mkdir -p "$SHARE/qemu/lib" "$SHARE/qemu/share"
-cp /usr/bin/qemu-system-x86_64 "$SHARE/qemu/"
-ldd /usr/bin/qemu-system-x86_64 | grep -o '/[^ ]*' | xargs -I{} cp -L {} "$SHARE/qemu/lib/"
+with_libs /usr/bin/qemu-system-x86_64 "$SHARE/qemu/qemu-system-x86_64" "$SHARE/qemu/lib"
+mkdir -p "$SHARE/qemu/share"
 for f in bios-256k.bin linuxboot_dma.bin kvmvapic.bin; do
     cp -L "$(find /usr/share/qemu /usr/share/seabios -name $f | head -1)" "$SHARE/qemu/share/"
 done
@@ -58,9 +62,8 @@ cp build/images/vmlinuz build/images/nested-initramfs.cpio.gz "$SHARE/"
 # cloud-hypervisor where CLOUD_HYPERVISOR names a binary (none is packaged here):
 # the guest then boots the nested VM with it too, cold and hot-plugged.
 if [ -n "${CLOUD_HYPERVISOR:-}" ]; then
-    mkdir -p "$SHARE/ch"
-    cp "$CLOUD_HYPERVISOR" "$SHARE/ch/cloud-hypervisor"
-    { ldd "$CLOUD_HYPERVISOR" 2>/dev/null | grep -o '/[^ ]*'; ls /lib/x86_64-linux-gnu/libgcc_s.so.1; } | xargs -I{} cp -L {} "$SHARE/ch/"
+    with_libs "$CLOUD_HYPERVISOR" "$SHARE/ch/cloud-hypervisor" "$SHARE/ch"
+    cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$SHARE/ch/"
 fi
 # Debian's mdevctl with its libraries: the peer tool, side by side in the benchmark.
 mkdir -p "$SHARE/mdevctl"
