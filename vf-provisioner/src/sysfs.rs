@@ -159,10 +159,29 @@ fn explain_errno(path: &Path, e: &io::Error) -> String {
 }
 
 /// Reads a sysfs attribute as trimmed text; `None` if it does not exist.
+///
+/// open, one read, close: the kernel hands over an attribute (at most a page) in one
+/// read, and a short read of a regular file is its end, so this skips the `statx` and
+/// the second read that `fs::read_to_string` spends on every file. Attributes are
+/// read a dozen times per device per operation, so this is most of a lease's syscalls.
 pub fn read_opt(path: &Path) -> Option<String> {
-    fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim_end().to_string())
+    use std::io::Read;
+    let mut f = fs::File::open(path).ok()?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match f.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if n < chunk.len() {
+            break;
+        }
+    }
+    let s = String::from_utf8(buf).ok()?;
+    Some(s.trim_end().to_string())
 }
 
 /// Reads a hex attribute such as `vendor` (`0x8086`).

@@ -12,7 +12,12 @@ use std::time::{Duration, Instant};
 use vf_provisioner::layouts;
 use vfio_manager::api::Request;
 
-const CLIENTS: usize = 32;
+static CLIENTS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    std::env::var("CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+});
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -24,8 +29,8 @@ fn measure(
     rounds: usize,
     op: fn(&vfio_manager::cli::client::Client, usize, usize),
 ) -> Vec<Duration> {
-    let start = Arc::new(Barrier::new(CLIENTS));
-    let threads: Vec<_> = (0..CLIENTS)
+    let start = Arc::new(Barrier::new(*CLIENTS));
+    let threads: Vec<_> = (0..*CLIENTS)
         .map(|t| {
             let (bus, start) = (bus.clone(), start.clone());
             std::thread::spawn(move || {
@@ -79,7 +84,7 @@ fn main() {
     let pings = measure(&bus, rounds, ping);
     let trips = measure(&bus, rounds, provision_release);
     let pings2 = measure(&bus, rounds, ping);
-    println!("vfio-managerd over a real dbus-daemon, fake host (16 PFs x 4 VFs), {CLIENTS} concurrent clients, {rounds} rounds each");
+    println!("vfio-managerd over a real dbus-daemon, fake host (16 PFs x 4 VFs), {} concurrent clients, {rounds} rounds each", *CLIENTS);
     println!("{:<44} {:>10} {:>10}", "operation", "p50", "p99");
     for (name, v) in [
         ("Peer.Ping (bus round trip, before)", &pings),

@@ -1,5 +1,6 @@
-//! The audit log: one JSON line per assignment and change, appended and flushed
-//! before the caller hears back, so that who had which device is never lost.
+//! The audit log: one JSON line per assignment and change, appended and synced to
+//! disk (with the other callers' lines, see `durable`) before the caller hears
+//! back, so that who had which device is never lost.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -8,10 +9,11 @@ use std::sync::Mutex;
 
 use serde_json::json;
 
+use super::durable::GroupSync;
 use super::store::now;
 
 pub struct Audit {
-    file: Option<Mutex<File>>,
+    file: Option<(Mutex<File>, GroupSync)>,
 }
 
 impl Audit {
@@ -22,9 +24,8 @@ impl Audit {
                 if let Some(dir) = p.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                Some(Mutex::new(
-                    OpenOptions::new().create(true).append(true).open(p)?,
-                ))
+                let f = OpenOptions::new().create(true).append(true).open(p)?;
+                Some((Mutex::new(f.try_clone()?), GroupSync::new(f)))
             }
             None => None,
         };
@@ -46,9 +47,11 @@ impl Audit {
         })
         .to_string();
         eprintln!("vfio-manager: audit: {line}");
-        if let Some(f) = &self.file {
-            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = writeln!(f, "{line}").and_then(|_| f.sync_data());
+        if let Some((f, sync)) = &self.file {
+            let written = writeln!(f.lock().unwrap_or_else(|e| e.into_inner()), "{line}");
+            if let Err(e) = written.and_then(|_| sync.sync()) {
+                eprintln!("vfio-manager: audit log: {e}");
+            }
         }
     }
 }

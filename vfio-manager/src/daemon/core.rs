@@ -36,7 +36,7 @@ pub struct Core {
     raw: Provisioner,
     /// For direct requests (enable, bind, ...): refuses devices that are leased.
     guarded: Provisioner,
-    store: Arc<Mutex<Store>>,
+    store: Arc<Store>,
     /// Shared by lease operations, exclusive for the rest (enable, bind, recovery).
     ops: RwLock<()>,
     /// Devices and request ids that lease operations in flight are working on.
@@ -130,12 +130,11 @@ struct Planned {
 }
 
 /// The lease table as the provisioner's `LeaseCheck`.
-struct Leases(Arc<Mutex<Store>>);
+struct Leases(Arc<Store>);
 
 impl LeaseCheck for Leases {
     fn lease_of(&self, addr: &PciAddress) -> Option<String> {
-        let store = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (id, vm) = store.holder(&addr.to_string()).ok().flatten()?;
+        let (id, vm) = self.0.holder(&addr.to_string()).ok().flatten()?;
         Some(format!("VM {vm} (lease {id})"))
     }
 }
@@ -153,9 +152,7 @@ impl Core {
                 dir.display()
             ))
         })?;
-        let store = Arc::new(Mutex::new(
-            Store::open(&dir.join("state.db")).map_err(failed)?,
-        ));
+        let store = Arc::new(Store::open(&dir.join("state.db")).map_err(failed)?);
         let filter = DeviceFilter::new(&config.devices);
         Ok(Core {
             raw: Provisioner::new(sys.clone(), filter.clone()),
@@ -180,8 +177,8 @@ impl Core {
         &self.config
     }
 
-    fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    fn store(&self) -> &Store {
+        &self.store
     }
 
     fn lease_row(&self, id: &str) -> Result<Option<LeaseRow>, ApiError> {
@@ -305,16 +302,7 @@ impl Core {
     /// `take_changes`.
     pub fn refresh(&self) -> Result<(), ApiError> {
         let seen = self.scan();
-        let mut store = self.store();
-        let before: BTreeSet<String> = store
-            .devices()
-            .map_err(failed)?
-            .into_iter()
-            .filter(|d| d.health != "missing")
-            .map(|d| d.address)
-            .collect();
-        store.sync_devices(&seen).map_err(failed)?;
-        drop(store);
+        let before = self.store().sync_devices(&seen).map_err(failed)?;
         let after: BTreeSet<String> = seen.into_iter().map(|d| d.address).collect();
         let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
         changes.0.extend(after.difference(&before).cloned());
@@ -353,8 +341,6 @@ impl Core {
 
     /// Returns the lease and whether it is new (false: the request id's earlier lease).
     fn provision_claimed(&self, req: &Request) -> Result<(Lease, bool), ApiError> {
-        // (Each store() guard is let go before the next: a guard held in an `if let`
-        // scrutinee would deadlock a later store() in its body.)
         let earlier = self.store().lease(&req.request_id).map_err(failed)?;
         if let Some(old) = earlier {
             if old.request.request_id == req.request_id {

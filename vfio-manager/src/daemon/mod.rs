@@ -11,6 +11,7 @@ pub mod audit;
 mod auth;
 pub mod core;
 pub mod dbus;
+mod durable;
 pub mod metrics;
 mod notify;
 pub mod store;

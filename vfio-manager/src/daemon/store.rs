@@ -1,16 +1,24 @@
-//! Where state is written: the daemon's table in SQLite (WAL, synchronous=FULL, so a
-//! committed transaction survives a crash or power loss).
+//! Where state is written: the daemon's table in SQLite (WAL). Every write method
+//! returns only once its transaction is on disk, so a committed transaction survives
+//! a crash or power loss. SQLite runs with synchronous=NORMAL (a commit is a write
+//! to the log, no fsync) and the log is then synced through [`GroupSync`]: concurrent
+//! commits share one fsync instead of queueing one each behind the table's lock.
+//! The connection is the store's own; callers share the store, not a lock on it.
 //!
 //! Crash protocol: an *intent* row is committed before the kernel is touched, and
 //! removed in the same transaction that records the result. An intent found at
 //! start-up is an operation that was cut off; `Core::recover` settles it.
 //! A device is never in two leases: `lease_devices.address` is the primary key.
 
+use std::collections::BTreeSet;
+use std::fs::File;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use super::durable::GroupSync;
 use crate::api::{DeviceInfo, Request};
 
 const SCHEMA: &str = "
@@ -31,11 +39,20 @@ CREATE TABLE IF NOT EXISTS intents (
 ";
 
 #[derive(Debug, thiserror::Error)]
-#[error("state table {path}: {source}")]
-pub struct StoreError {
-    path: String,
-    #[source]
-    source: rusqlite::Error,
+pub enum StoreError {
+    #[error("state table {path}: {source}")]
+    Sql {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state table {path}: {what}: {source}; check the disk under the state directory")]
+    Io {
+        path: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -60,24 +77,32 @@ pub struct Intent {
 }
 
 pub struct Store {
-    conn: Connection,
+    conn: Mutex<Connection>,
+    /// The write-ahead log, synced after each write.
+    wal: GroupSync,
     path: String,
 }
 
-/// Names the table's file in an SQLite error (a free function, so that it can be
-/// used while a transaction borrows the connection).
+/// Names the table's file in an SQLite error.
 fn wrap(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
-    move |source| StoreError {
+    move |source| StoreError::Sql {
         path: path.to_string(),
         source,
     }
 }
 
 /// Records the drivers sysfs shows now for these functions.
-fn set_drivers(tx: &rusqlite::Transaction, drivers: &[(String, String)]) -> rusqlite::Result<()> {
+fn set_drivers(tx: &Transaction, drivers: &[(String, String)]) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached("UPDATE devices SET driver = ?2 WHERE address = ?1")?;
     for (a, d) in drivers {
-        tx.execute("UPDATE devices SET driver = ?2 WHERE address = ?1", [a, d])?;
+        st.execute([a, d])?;
     }
+    Ok(())
+}
+
+fn end_intent(tx: &Transaction, id: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached("DELETE FROM intents WHERE id = ?1")?
+        .execute([id])?;
     Ok(())
 }
 
@@ -91,44 +116,90 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let name = path.display().to_string();
         let err = wrap(&name);
+        let io = |what| {
+            let name = name.clone();
+            move |source| StoreError::Io {
+                path: name,
+                what,
+                source,
+            }
+        };
         let conn = Connection::open(path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
+        conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(Store { conn, path: name })
+        // The log exists from the first transaction on and stays (same file, reused
+        // from its start after each checkpoint) while the connection is open. Its
+        // directory entry is synced once, so that the log is found after a power loss.
+        let wal = File::open(format!("{name}-wal")).map_err(io("cannot open its log"))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("cannot sync its directory"))?;
+        }
+        let store = Store {
+            conn: Mutex::new(conn),
+            wal: GroupSync::new(wal),
+            path: name,
+        };
+        store.synced()?;
+        Ok(store)
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         wrap(&self.path)
     }
 
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until every transaction committed so far is on disk.
+    fn synced(&self) -> Result<()> {
+        self.wal.sync().map_err(|source| StoreError::Io {
+            path: self.path.clone(),
+            what: "cannot sync its log to disk",
+            source,
+        })
+    }
+
+    /// Runs `f` in one transaction, commits, and returns once the commit is on disk.
+    fn write<T>(&self, f: impl FnOnce(&Transaction) -> rusqlite::Result<T>) -> Result<T> {
+        let r = {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(self.err())?;
+            let r = f(&tx).map_err(self.err())?;
+            tx.commit().map_err(self.err())?;
+            r
+        };
+        self.synced()?;
+        Ok(r)
+    }
+
     /// Records that `op` on `lease_id` is about to touch the kernel.
     pub fn begin_intent(&self, op: &str, lease_id: &str, body: &str) -> Result<i64> {
-        self.conn
-            .execute(
+        self.write(|tx| {
+            tx.prepare_cached(
                 "INSERT INTO intents (op, lease_id, body, started_at) VALUES (?1, ?2, ?3, ?4)",
-                params![op, lease_id, body, now() as i64],
-            )
-            .map_err(self.err())?;
-        Ok(self.conn.last_insert_rowid())
+            )?
+            .execute(params![op, lease_id, body, now() as i64])?;
+            Ok(tx.last_insert_rowid())
+        })
     }
 
     pub fn end_intent(&self, id: i64) -> Result<()> {
-        self.conn
-            .execute("DELETE FROM intents WHERE id = ?1", [id])
-            .map_err(self.err())?;
-        Ok(())
+        self.write(|tx| end_intent(tx, id))
     }
 
     pub fn intents(&self) -> Result<Vec<Intent>> {
-        let mut st = self
-            .conn
+        let conn = self.conn();
+        let mut st = conn
             .prepare_cached("SELECT id, op, lease_id, body FROM intents ORDER BY id")
             .map_err(self.err())?;
         let rows = st
@@ -147,71 +218,64 @@ impl Store {
     /// Records a lease, the drivers its devices have now, and ends its intent, in
     /// one transaction (one sync to disk).
     pub fn commit_lease(
-        &mut self,
+        &self,
         lease: &LeaseRow,
         intent: i64,
         drivers: &[(String, String)],
     ) -> Result<()> {
-        let err = wrap(&self.path);
-        let tx = self.conn.transaction().map_err(err)?;
         let r = &lease.request;
-        tx.execute(
-            "INSERT INTO leases (id, request_id, vm_name, vm_uuid, profile, request, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
+        let request = serde_json::to_string(r).expect("a request serializes");
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO leases (id, request_id, vm_name, vm_uuid, profile, request, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
                 lease.id,
                 r.request_id,
                 r.vm_name,
                 r.vm_uuid,
                 r.profile,
-                serde_json::to_string(r).expect("a request serializes"),
+                request,
                 lease.created_at as i64
-            ],
-        )
-        .map_err(err)?;
-        for (addr, before) in &lease.devices {
-            tx.execute(
-                "INSERT INTO lease_devices (address, lease_id, driver_before) VALUES (?1, ?2, ?3)",
-                params![addr, lease.id, before],
-            )
-            .map_err(err)?;
-            tx.execute(
-                "UPDATE devices SET provisions = provisions + 1 WHERE address = ?1",
-                [addr],
-            )
-            .map_err(err)?;
-        }
-        tx.execute("DELETE FROM intents WHERE id = ?1", [intent])
-            .map_err(err)?;
-        set_drivers(&tx, drivers).map_err(err)?;
-        tx.commit().map_err(err)
+            ])?;
+            for (addr, before) in &lease.devices {
+                tx.prepare_cached(
+                    "INSERT INTO lease_devices (address, lease_id, driver_before) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![addr, lease.id, before])?;
+                tx.prepare_cached(
+                    "UPDATE devices SET provisions = provisions + 1 WHERE address = ?1",
+                )?
+                .execute([addr])?;
+            }
+            end_intent(tx, intent)?;
+            set_drivers(tx, drivers)
+        })
     }
 
     /// Removes a lease, remembers its request id as released, records the drivers
     /// its devices went back to, and ends its intent, in one transaction.
     pub fn commit_release(
-        &mut self,
+        &self,
         lease: &LeaseRow,
         intent: Option<i64>,
         drivers: &[(String, String)],
     ) -> Result<()> {
-        let err = wrap(&self.path);
-        let tx = self.conn.transaction().map_err(err)?;
-        tx.execute("DELETE FROM lease_devices WHERE lease_id = ?1", [&lease.id])
-            .map_err(err)?;
-        tx.execute("DELETE FROM leases WHERE id = ?1", [&lease.id])
-            .map_err(err)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO released (request_id, lease_id, released_at) VALUES (?1, ?2, ?3)",
-            params![lease.request.request_id, lease.id, now() as i64],
-        )
-        .map_err(err)?;
-        if let Some(i) = intent {
-            tx.execute("DELETE FROM intents WHERE id = ?1", [i])
-                .map_err(err)?;
-        }
-        set_drivers(&tx, drivers).map_err(err)?;
-        tx.commit().map_err(err)
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM lease_devices WHERE lease_id = ?1")?
+                .execute([&lease.id])?;
+            tx.prepare_cached("DELETE FROM leases WHERE id = ?1")?
+                .execute([&lease.id])?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO released (request_id, lease_id, released_at) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![lease.request.request_id, lease.id, now() as i64])?;
+            if let Some(i) = intent {
+                end_intent(tx, i)?;
+            }
+            set_drivers(tx, drivers)
+        })
     }
 
     pub fn leases(&self) -> Result<Vec<LeaseRow>> {
@@ -226,8 +290,8 @@ impl Store {
     }
 
     fn lease_query<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<LeaseRow>> {
-        let mut st = self
-            .conn
+        let conn = self.conn();
+        let mut st = conn
             .prepare_cached(&format!(
                 "SELECT id, request, created_at FROM leases {filter} ORDER BY created_at, id"
             ))
@@ -237,8 +301,7 @@ impl Store {
             .map_err(self.err())?
             .collect::<rusqlite::Result<_>>()
             .map_err(self.err())?;
-        let mut dev = self
-            .conn
+        let mut dev = conn
             .prepare_cached("SELECT address, driver_before FROM lease_devices WHERE lease_id = ?1 ORDER BY address")
             .map_err(self.err())?;
         heads
@@ -260,43 +323,44 @@ impl Store {
 
     /// The released lease with this request id or lease id, if any.
     pub fn released(&self, id: &str) -> Result<Option<String>> {
-        self.conn
-            .query_row(
-                "SELECT lease_id FROM released WHERE request_id = ?1 OR lease_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .optional()
+        self.conn()
+            .prepare_cached("SELECT lease_id FROM released WHERE request_id = ?1 OR lease_id = ?1")
+            .and_then(|mut st| st.query_row([id], |r| r.get(0)).optional())
             .map_err(self.err())
     }
 
     /// The lease holding `address`, with its VM name.
     pub fn holder(&self, address: &str) -> Result<Option<(String, String)>> {
-        self.conn
-            .query_row(
+        self.conn()
+            .prepare_cached(
                 "SELECT l.id, l.vm_name FROM lease_devices d JOIN leases l ON l.id = d.lease_id
                  WHERE d.address = ?1",
-                [address],
-                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()
+            .and_then(|mut st| {
+                st.query_row([address], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
             .map_err(self.err())
     }
 
     /// Replaces the device table with what sysfs shows, keeping counters and health.
-    pub fn sync_devices(&mut self, seen: &[DeviceInfo]) -> Result<()> {
-        let err = wrap(&self.path);
-        let tx = self.conn.transaction().map_err(err)?;
-        tx.execute("UPDATE devices SET health = 'missing'", [])
-            .map_err(err)?;
-        for d in seen {
-            tx.execute(
+    /// Returns the devices that were present before.
+    pub fn sync_devices(&self, seen: &[DeviceInfo]) -> Result<BTreeSet<String>> {
+        self.write(|tx| {
+            let before = tx
+                .prepare_cached("SELECT address FROM devices WHERE health != 'missing'")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            tx.execute("UPDATE devices SET health = 'missing'", [])?;
+            let mut upsert = tx.prepare_cached(
                 "INSERT INTO devices (address, id, pf, driver, iommu_group, numa_node, health)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(address) DO UPDATE SET id = ?2, pf = ?3, driver = ?4,
                    iommu_group = ?5, numa_node = ?6,
                    health = CASE WHEN health = 'failed' THEN 'failed' ELSE ?7 END",
-                params![
+            )?;
+            for d in seen {
+                upsert.execute(params![
                     d.address,
                     d.id,
                     d.pf,
@@ -304,34 +368,32 @@ impl Store {
                     d.iommu_group,
                     d.numa_node,
                     d.health
-                ],
-            )
-            .map_err(err)?;
-        }
-        // A missing device that no lease names is forgotten; a leased one stays
-        // visible as `missing` so the operator sees which VM lost it.
-        tx.execute(
-            "DELETE FROM devices WHERE health = 'missing'
-             AND address NOT IN (SELECT address FROM lease_devices)",
-            [],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+                ])?;
+            }
+            // A missing device that no lease names is forgotten; a leased one stays
+            // visible as `missing` so the operator sees which VM lost it.
+            tx.execute(
+                "DELETE FROM devices WHERE health = 'missing'
+                 AND address NOT IN (SELECT address FROM lease_devices)",
+                [],
+            )?;
+            Ok(before)
+        })
     }
 
     pub fn set_health(&self, address: &str, health: &str, error: bool) -> Result<()> {
-        self.conn
-            .execute(
+        self.write(|tx| {
+            tx.prepare_cached(
                 "UPDATE devices SET health = ?2, errors = errors + ?3 WHERE address = ?1",
-                params![address, health, error as i64],
-            )
-            .map_err(self.err())?;
-        Ok(())
+            )?
+            .execute(params![address, health, error as i64])?;
+            Ok(())
+        })
     }
 
     /// A device's model id and IOMMU group as last read from sysfs.
     pub fn identity(&self, address: &str) -> Result<Option<(String, i64)>> {
-        self.conn
+        self.conn()
             .prepare_cached("SELECT id, iommu_group FROM devices WHERE address = ?1")
             .and_then(|mut st| {
                 st.query_row([address], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -341,8 +403,8 @@ impl Store {
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
-        let mut st = self
-            .conn
+        let conn = self.conn();
+        let mut st = conn
             .prepare_cached(
                 "SELECT d.address, d.id, d.pf, d.driver, d.iommu_group, d.numa_node, d.health,
                         COALESCE(l.id, ''), COALESCE(l.vm_name, ''), d.provisions, d.errors
