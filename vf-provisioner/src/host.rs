@@ -47,10 +47,28 @@ pub struct Sriov {
 impl PciFunction {
     /// Reads one function. `None` if it does not exist.
     pub fn read(sys: &Sysfs, addr: &PciAddress) -> Option<PciFunction> {
+        let mut f = PciFunction::read_brief(sys, addr)?;
+        let dir = sys.device_dir(addr);
+        f.numa_node =
+            sysfs::read_dec::<i32>(&dir.join("numa_node")).and_then(|n| u32::try_from(n).ok());
+        f.reset_methods = read_reset_methods(&dir);
+        // A VF has no SR-IOV capability of its own.
+        f.sriov = if f.is_vf() { None } else { read_sriov(&dir) };
+        f.mdev_types = sysfs::dir_names(&dir.join("mdev_supported_types"));
+        Some(f)
+    }
+
+    /// Reads only what deciding on and moving a function between drivers needs: ids,
+    /// class, driver, `driver_override`, IOMMU group, PF and `boot_vga`. `numa_node`,
+    /// `reset_methods`, `sriov` and `mdev_types` are left empty. Each attribute read
+    /// is a few syscalls (tens of microseconds each on an emulated host), and a bind
+    /// reads the VF and its PF, so this keeps a bind close to its bare sysfs writes.
+    pub fn read_brief(sys: &Sysfs, addr: &PciAddress) -> Option<PciFunction> {
         let dir = sys.device_dir(addr);
         let vendor_id = sysfs::read_hex(&dir.join("vendor"))? as u16;
         let device_id = sysfs::read_hex(&dir.join("device")).unwrap_or(0) as u16;
         let (vendor_name, device_name) = names::lookup(vendor_id, device_id);
+        let class = sysfs::read_hex(&dir.join("class")).unwrap_or(0);
         Some(PciFunction {
             address: *addr,
             id: format!("{vendor_id:04x}:{device_id:04x}"),
@@ -58,20 +76,19 @@ impl PciFunction {
             device_id,
             vendor_name,
             device_name,
-            class: sysfs::read_hex(&dir.join("class")).unwrap_or(0),
+            class,
             driver: sysfs::link_name(&dir.join("driver")),
             driver_override: sysfs::read_opt(&dir.join("driver_override"))
                 .filter(|s| s != "(null)" && !s.is_empty()),
-            numa_node: sysfs::read_dec::<i32>(&dir.join("numa_node"))
-                .and_then(|n| u32::try_from(n).ok()),
+            numa_node: None,
             iommu_group: sysfs::link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok()),
-            reset_methods: sysfs::read_opt(&dir.join("reset_method"))
-                .map(|s| s.split_whitespace().map(str::to_string).collect())
-                .unwrap_or_default(),
-            boot_vga: sysfs::read_opt(&dir.join("boot_vga")).as_deref() == Some("1"),
-            sriov: read_sriov(&dir),
+            reset_methods: Vec::new(),
+            // The kernel has the attribute on display devices only.
+            boot_vga: (class >> 16) == 0x03
+                && sysfs::read_opt(&dir.join("boot_vga")).as_deref() == Some("1"),
+            sriov: None,
             physfn: sysfs::link_name(&dir.join("physfn")).and_then(|s| s.parse().ok()),
-            mdev_types: sysfs::dir_names(&dir.join("mdev_supported_types")),
+            mdev_types: Vec::new(),
         })
     }
 
@@ -107,7 +124,14 @@ fn class_hex<S: serde::Serializer>(class: &u32, s: S) -> Result<S::Ok, S::Error>
     s.collect_str(&format_args!("{class:06x}"))
 }
 
-fn read_sriov(dir: &std::path::Path) -> Option<Sriov> {
+/// The reset methods the kernel offers (`reset_method`), in its order.
+pub fn read_reset_methods(dir: &std::path::Path) -> Vec<String> {
+    sysfs::read_opt(&dir.join("reset_method"))
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+pub(crate) fn read_sriov(dir: &std::path::Path) -> Option<Sriov> {
     let total_vfs = sysfs::read_dec(&dir.join("sriov_totalvfs"))?;
     let num_vfs = sysfs::read_dec(&dir.join("sriov_numvfs")).unwrap_or(0);
     let vfs = (0..num_vfs)

@@ -5,12 +5,12 @@
 //! has a test in `tests/fake_kernel.rs`. Where the real kernel would block (unbinding a
 //! vfio-pci device that a process holds open), the fake fails with `WouldBlock`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -186,11 +186,26 @@ impl Layout {
     }
 }
 
-/// The fake kernel. State lives in the tree; a mutex serialises writes as the
-/// kernel's device lock does.
+/// The fake kernel. State lives in the tree. Locking follows the kernel's: a write
+/// that concerns one function (its attributes, binding it, probing it) holds that
+/// function's lock, so writes to different functions run side by side as they do
+/// under the kernel's per-device lock; the lock is its IOMMU group's, because the
+/// members of a group share `/dev/vfio/N`. Writes that change which functions or
+/// mdevs exist, vGPU types or a driver's id table run alone.
 pub struct FakeKernel {
     pub(crate) root: PathBuf,
-    lock: Mutex<()>,
+    /// Shared by per-function writes, exclusive for the rest.
+    topology: RwLock<()>,
+    /// One lock per IOMMU group (or per function without one).
+    functions: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+/// What a write holds while the fake kernel applies it: the topology lock, shared
+/// or not, and for a per-function write the function's lock (taken after).
+struct Held<'a> {
+    _shared: Option<RwLockReadGuard<'a, ()>>,
+    _alone: Option<RwLockWriteGuard<'a, ()>>,
+    function: Option<Arc<Mutex<()>>>,
 }
 
 impl FakeKernel {
@@ -198,7 +213,43 @@ impl FakeKernel {
         FakeKernel {
             // Canonical, so that paths resolved through the tree's links share its prefix.
             root: fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
-            lock: Mutex::new(()),
+            topology: RwLock::new(()),
+            functions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The locks a write to `parts` (the path under the root) with `data` takes.
+    fn hold(&self, parts: &[&str], data: &str) -> Held<'_> {
+        let function = match parts {
+            ["sys", "bus", "pci", "devices", addr, attr] if *attr != "sriov_numvfs" => {
+                addr.parse().ok()
+            }
+            ["sys", "bus", "pci", "drivers", _, "bind" | "unbind"]
+            | ["sys", "bus", "pci", "drivers_probe"] => data.trim().parse().ok(),
+            _ => None,
+        };
+        let Some(a) = function else {
+            return Held {
+                _shared: None,
+                _alone: Some(self.topology.write().unwrap_or_else(|e| e.into_inner())),
+                function: None,
+            };
+        };
+        let shared = self.topology.read().unwrap_or_else(|e| e.into_inner());
+        let key = self
+            .group_of(&a)
+            .map_or_else(|| a.to_string(), |g| format!("group {g}"));
+        let lock = self
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        Held {
+            _shared: Some(shared),
+            _alone: None,
+            function: Some(lock),
         }
     }
 
@@ -374,7 +425,8 @@ impl FakeKernel {
     }
 
     fn group_held(&self, group: u32) -> bool {
-        let sys = crate::sysfs::Sysfs::open(&self.root).expect("fake root is a sysfs root");
+        // Reads only: no second fake kernel needed.
+        let sys = crate::sysfs::Sysfs::with_kernel(&self.root, Arc::new(sysfs::RealKernel));
         !crate::holders::of_group(&sys, group).is_empty()
     }
 
@@ -649,11 +701,15 @@ impl FakeKernel {
 
 impl KernelWrite for FakeKernel {
     fn write(&self, path: &Path, data: &str) -> io::Result<()> {
-        let _guard = self.lock.lock().expect("fake kernel lock");
         let rel = path
             .strip_prefix(&self.root)
             .map_err(|_| errno(libc::ENOENT))?;
         let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
+        let held = self.hold(&parts, data);
+        let _function = held
+            .function
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         match parts.as_slice() {
             ["sys", "bus", "pci", "devices", addr, attr] => {
                 let a: PciAddress = addr.parse().map_err(|_| errno(libc::ENOENT))?;

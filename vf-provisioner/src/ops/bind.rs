@@ -28,7 +28,7 @@ impl Provisioner {
     /// naming the member in the way, unless `whole_group` asks to bind the other
     /// members too. Host-critical functions are never taken.
     pub fn bind_vfio(&self, addr: &PciAddress, whole_group: bool) -> Result<Vec<Moved>> {
-        let f = self.function(addr)?;
+        let f = self.brief(addr)?;
         self.require_managed(&f)?;
         self.refuse_critical(&f)?;
         let Some(group) = f.iommu_group else {
@@ -71,7 +71,7 @@ impl Provisioner {
         whole_group: bool,
         driver: Option<&str>,
     ) -> Result<Vec<Moved>> {
-        let f = self.function(addr)?;
+        let f = self.brief(addr)?;
         self.require_managed(&f)?;
         let mut todo = vec![f.clone()];
         if whole_group {
@@ -91,7 +91,7 @@ impl Provisioner {
     /// cleared: how a released device returns to where it was before its lease.
     /// Refused while its VFIO group is open or it is leased.
     pub fn return_to(&self, addr: &PciAddress, driver: Option<&str>) -> Result<Vec<Moved>> {
-        let f = self.function(addr)?;
+        let f = self.brief(addr)?;
         self.refuse_if_busy(&f, "return it to its driver")?;
         let target = driver.map_or(Target::NoDriver, Target::Driver);
         let moved = self.move_all(&[f], target)?;
@@ -131,7 +131,7 @@ impl Provisioner {
         let mut failures = Vec::new();
         for m in done.iter().rev() {
             let target = m.from.as_deref().map_or(Target::NoDriver, Target::Driver);
-            let back = PciFunction::read(&self.sys, &m.address)
+            let back = PciFunction::read_brief(&self.sys, &m.address)
                 .ok_or(Error::NoSuchDevice(m.address))
                 .and_then(|f| self.move_one(&f, target))
                 .and_then(|_| self.write_override(&m.address, m.override_before.as_deref()));

@@ -25,7 +25,7 @@ pub(super) fn peers(sys: &Sysfs, f: &PciFunction) -> Vec<PciFunction> {
     group_members(sys, group)
         .iter()
         .filter(|a| **a != f.address)
-        .filter_map(|a| PciFunction::read(sys, a))
+        .filter_map(|a| PciFunction::read_brief(sys, a))
         .collect()
 }
 

@@ -85,10 +85,15 @@ impl Provisioner {
         PciFunction::read(&self.sys, addr).ok_or(Error::NoSuchDevice(*addr))
     }
 
-    /// The PF that decides whether `f` is ours (itself for a PF).
+    /// What a move between drivers needs of `addr` (see `PciFunction::read_brief`).
+    fn brief(&self, addr: &PciAddress) -> Result<PciFunction> {
+        PciFunction::read_brief(&self.sys, addr).ok_or(Error::NoSuchDevice(*addr))
+    }
+
+    /// The PF that decides whether `f` is ours (itself for a PF): ids and class.
     fn owner_pf(&self, f: &PciFunction) -> Result<PciFunction> {
         match f.physfn {
-            Some(pf) => self.function(&pf),
+            Some(pf) => self.brief(&pf),
             None => Ok(f.clone()),
         }
     }

@@ -3,15 +3,16 @@
 use super::Provisioner;
 use crate::address::PciAddress;
 use crate::error::{Error, Result};
+use crate::host::read_reset_methods;
 
 impl Provisioner {
     /// Resets `addr` with the methods the kernel offers (`reset_method`). Refused when
     /// there is none, and while a process holds its VFIO group or it is leased: a reset
     /// under a running VM destroys the guest's device state.
     pub fn reset(&self, addr: &PciAddress) -> Result<()> {
-        let f = self.function(addr)?;
+        let f = self.brief(addr)?;
         self.require_managed(&f)?;
-        if f.reset_methods.is_empty() {
+        if read_reset_methods(&self.sys.device_dir(addr)).is_empty() {
             return Err(Error::refused(
                 *addr,
                 "the kernel offers no reset method for it (reset_method is empty)",

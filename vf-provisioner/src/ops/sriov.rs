@@ -114,7 +114,7 @@ impl Provisioner {
 
     fn refuse_busy_vfs(&self, f: &PciFunction, s: &Sriov, action: &str) -> Result<()> {
         for vf in &s.vfs {
-            let Some(vff) = PciFunction::read(&self.sys, vf) else {
+            let Some(vff) = PciFunction::read_brief(&self.sys, vf) else {
                 continue;
             };
             if let Some(why) = self.busy(&vff) {
@@ -166,12 +166,9 @@ impl Provisioner {
             hint,
         )?;
         let listed = || {
-            PciFunction::read(&self.sys, &f.address)
-                .and_then(|p| p.sriov)
-                .is_some_and(|s| {
-                    s.vfs.len() == n as usize
-                        && s.vfs.iter().all(|v| self.sys.device_dir(v).exists())
-                })
+            crate::host::read_sriov(&self.sys.device_dir(&f.address)).is_some_and(|s| {
+                s.vfs.len() == n as usize && s.vfs.iter().all(|v| self.sys.device_dir(v).exists())
+            })
         };
         if !wait_until(self.timeouts.sriov, listed) {
             return Err(Error::Timeout {

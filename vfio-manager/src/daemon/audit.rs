@@ -1,35 +1,69 @@
-//! The audit log: one JSON line per assignment and change, appended and synced to
-//! disk (with the other callers' lines, see `durable`) before the caller hears
-//! back, so that who had which device is never lost.
+//! The audit log: one JSON line per assignment and change, appended with one
+//! `write(2)` before the caller hears back (so a crash of the daemon loses none) and
+//! synced to disk within a second (so a power loss loses at most the last second's
+//! lines; the lease table itself, which says who holds which device, is synced
+//! before every answer). auditd's default flush works the same way: a sync per line
+//! would put a disk flush in every request's path.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use serde_json::json;
 
-use super::durable::GroupSync;
 use super::store::now;
 
+/// How long a line may stay in the page cache only.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
 pub struct Audit {
-    file: Option<(Mutex<File>, GroupSync)>,
+    file: Option<Arc<Log>>,
+}
+
+struct Log {
+    file: Mutex<File>,
+    /// Lines written since the last sync.
+    dirty: AtomicBool,
+}
+
+impl Log {
+    fn sync_if_dirty(&self) {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            let f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = f.sync_data() {
+                eprintln!("vfio-manager: audit log: cannot sync it to disk: {e}");
+            }
+        }
+    }
 }
 
 impl Audit {
     /// Appends to `path` (created with its directory); `None` logs to stderr only.
     pub fn open(path: Option<&Path>) -> std::io::Result<Audit> {
-        let file = match path {
-            Some(p) => {
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let f = OpenOptions::new().create(true).append(true).open(p)?;
-                Some((Mutex::new(f.try_clone()?), GroupSync::new(f)))
-            }
-            None => None,
+        let Some(p) = path else {
+            return Ok(Audit { file: None });
         };
-        Ok(Audit { file })
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let log = Arc::new(Log {
+            file: Mutex::new(OpenOptions::new().create(true).append(true).open(p)?),
+            dirty: AtomicBool::new(false),
+        });
+        let weak: Weak<Log> = Arc::downgrade(&log);
+        std::thread::Builder::new()
+            .name("audit-sync".into())
+            .spawn(move || loop {
+                std::thread::sleep(SYNC_EVERY);
+                match weak.upgrade() {
+                    Some(log) => log.sync_if_dirty(),
+                    None => return,
+                }
+            })?;
+        Ok(Audit { file: Some(log) })
     }
 
     pub fn record(
@@ -47,11 +81,23 @@ impl Audit {
         })
         .to_string();
         eprintln!("vfio-manager: audit: {line}");
-        if let Some((f, sync)) = &self.file {
-            let written = writeln!(f.lock().unwrap_or_else(|e| e.into_inner()), "{line}");
-            if let Err(e) = written.and_then(|_| sync.sync()) {
-                eprintln!("vfio-manager: audit log: {e}");
+        if let Some(log) = &self.file {
+            // One write(2) of the whole line with its newline (O_APPEND): a crash
+            // never leaves half a line.
+            let mut file = log.file.lock().unwrap_or_else(|e| e.into_inner());
+            match file.write_all(format!("{line}\n").as_bytes()) {
+                Ok(()) => log.dirty.store(true, Ordering::Release),
+                Err(e) => eprintln!("vfio-manager: audit log: {e}"),
             }
+        }
+    }
+}
+
+impl Drop for Audit {
+    /// A clean stop leaves every line on disk.
+    fn drop(&mut self) {
+        if let Some(log) = &self.file {
+            log.sync_if_dirty();
         }
     }
 }

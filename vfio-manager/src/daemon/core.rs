@@ -469,35 +469,29 @@ impl Core {
                 .position(|p| normalize(p) == pf)
                 .unwrap_or(usize::MAX)
         };
-        let mut candidates: Vec<DeviceInfo> = self
-            .devices()?
-            .into_iter()
-            .filter(|d| !d.pf.is_empty() && d.lease_id.is_empty() && d.health != "missing")
-            .filter(|d| req.numa_node < 0 || d.numa_node == req.numa_node)
-            .collect();
-        candidates.sort_by(|a, b| (rank(&a.pf), &a.address).cmp(&(rank(&b.pf), &b.address)));
+        let mut candidates = self.store().unleased_vfs(req.numa_node).map_err(failed)?;
+        candidates.sort_by_key(|(addr, pf)| (rank(pf), addr.clone()));
         let mut pfs: BTreeMap<String, Option<PciFunction>> = BTreeMap::new();
         let mut free = Vec::new();
         let mut claim = self.claims.none();
-        for d in &candidates {
+        for (addr, pf) in &candidates {
             if free.len() == req.count as usize {
                 break;
             }
             let pf = pfs
-                .entry(d.pf.clone())
-                .or_insert_with(|| PciFunction::read(&self.sys, &d.pf.parse().ok()?));
+                .entry(pf.clone())
+                .or_insert_with(|| PciFunction::read_brief(&self.sys, &pf.parse().ok()?));
             let Some(pf) = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf)) else {
                 continue;
             };
             // Claimed first, checked after: whoever claims a device second skips it.
-            if !claim.try_add(&d.address) {
+            if !claim.try_add(addr) {
                 continue;
             }
-            let f = d
-                .address
+            let f = addr
                 .parse()
                 .ok()
-                .and_then(|a| PciFunction::read(&self.sys, &a));
+                .and_then(|a| PciFunction::read_brief(&self.sys, &a));
             match f.filter(|f| self.why_not(pf, f, false).is_none()) {
                 Some(f) => free.push(f),
                 None => claim.remove_last(),
@@ -558,13 +552,13 @@ impl Core {
             if !claim.try_add(&addr.to_string()) {
                 return Err(refuse("another request is taking it right now".into()));
             }
-            let f = PciFunction::read(&self.sys, &addr).ok_or_else(|| {
+            let f = PciFunction::read_brief(&self.sys, &addr).ok_or_else(|| {
                 ApiError::NotFound(format!(
                     "{addr}: no such PCI function; `vfctl list` shows the devices"
                 ))
             })?;
             let pf = match f.physfn {
-                Some(p) => PciFunction::read(&self.sys, &p)
+                Some(p) => PciFunction::read_brief(&self.sys, &p)
                     .ok_or_else(|| refuse(format!("its PF {p} is gone")))?,
                 None => f.clone(),
             };
@@ -704,7 +698,7 @@ impl Core {
 
     fn held_open(&self, addr: &str) -> Option<String> {
         match addr.parse() {
-            Ok(a) => self.group_held_open(&PciFunction::read(&self.sys, &a)?),
+            Ok(a) => self.group_held_open(&PciFunction::read_brief(&self.sys, &a)?),
             Err(_) => self.mdev_held_open(addr),
         }
     }

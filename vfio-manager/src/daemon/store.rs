@@ -125,6 +125,11 @@ impl Store {
             }
         };
         let conn = Connection::open(path).map_err(err)?;
+        // The table is the daemon's alone: no file locks or shared memory per
+        // transaction, and a second daemon on the same state directory fails at
+        // start ("database is locked") instead of sharing it.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -400,6 +405,24 @@ impl Store {
                     .optional()
             })
             .map_err(self.err())
+    }
+
+    /// VFs present and not leased, on NUMA node `numa` (any if negative), as
+    /// (address, PF), in address order: a provision's candidates.
+    pub fn unleased_vfs(&self, numa: i32) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT address, pf FROM devices
+                 WHERE pf != '' AND health != 'missing' AND (?1 < 0 OR numa_node = ?1)
+                   AND address NOT IN (SELECT address FROM lease_devices)
+                 ORDER BY address",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([numa], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceInfo>> {

@@ -98,6 +98,10 @@ impl Bus {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn client(&self) -> Client {
         Client::connect_to(Some(&self.address)).unwrap()
     }
