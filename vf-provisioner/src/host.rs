@@ -64,11 +64,26 @@ impl PciFunction {
     /// is a few syscalls (tens of microseconds each on an emulated host), and a bind
     /// reads the VF and its PF, so this keeps a bind close to its bare sysfs writes.
     pub fn read_brief(sys: &Sysfs, addr: &PciAddress) -> Option<PciFunction> {
+        let mut f = PciFunction::read_ids(sys, addr)?;
+        let dir = sys.device_dir(addr);
+        f.driver = sysfs::link_name(&dir.join("driver"));
+        f.driver_override = sysfs::read_opt(&dir.join("driver_override"))
+            .filter(|s| s != "(null)" && !s.is_empty());
+        f.iommu_group = sysfs::link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok());
+        // The kernel has the attribute on display devices only.
+        f.boot_vga = f.class_base() == 0x03
+            && sysfs::read_opt(&dir.join("boot_vga")).as_deref() == Some("1");
+        f.physfn = sysfs::link_name(&dir.join("physfn")).and_then(|s| s.parse().ok());
+        Some(f)
+    }
+
+    /// Reads only the identity: ids and class, what decides whether a function (a
+    /// VF's PF) is ours to manage. Every other field is left empty.
+    pub fn read_ids(sys: &Sysfs, addr: &PciAddress) -> Option<PciFunction> {
         let dir = sys.device_dir(addr);
         let vendor_id = sysfs::read_hex(&dir.join("vendor"))? as u16;
         let device_id = sysfs::read_hex(&dir.join("device")).unwrap_or(0) as u16;
         let (vendor_name, device_name) = names::lookup(vendor_id, device_id);
-        let class = sysfs::read_hex(&dir.join("class")).unwrap_or(0);
         Some(PciFunction {
             address: *addr,
             id: format!("{vendor_id:04x}:{device_id:04x}"),
@@ -76,18 +91,15 @@ impl PciFunction {
             device_id,
             vendor_name,
             device_name,
-            class,
-            driver: sysfs::link_name(&dir.join("driver")),
-            driver_override: sysfs::read_opt(&dir.join("driver_override"))
-                .filter(|s| s != "(null)" && !s.is_empty()),
+            class: sysfs::read_hex(&dir.join("class")).unwrap_or(0),
+            driver: None,
+            driver_override: None,
             numa_node: None,
-            iommu_group: sysfs::link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok()),
+            iommu_group: None,
             reset_methods: Vec::new(),
-            // The kernel has the attribute on display devices only.
-            boot_vga: (class >> 16) == 0x03
-                && sysfs::read_opt(&dir.join("boot_vga")).as_deref() == Some("1"),
+            boot_vga: false,
             sriov: None,
-            physfn: sysfs::link_name(&dir.join("physfn")).and_then(|s| s.parse().ok()),
+            physfn: None,
             mdev_types: Vec::new(),
         })
     }

@@ -262,33 +262,9 @@ fn a_non_privileged_caller_is_refused_by_the_daemon_and_by_the_bus_policy() {
     assert_eq!(code, 0, "root may: {err}");
 }
 
-/// xorshift64*: a reproducible sequence from the printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[test]
 fn sigkill_at_random_points_loses_and_doubles_nothing() {
-    let seed = std::env::var("VFM_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("crash test seed {seed} (VFM_CRASH_SEED={seed} repeats it)");
+    let seed = crash_seed();
     let bus = Bus::open();
     let mut d = Daemon::start(&bus, layouts::large(3, 4), "", &[]);
     let root = d.root.clone();
@@ -302,15 +278,7 @@ fn sigkill_at_random_points_loses_and_doubles_nothing() {
     let ops = 220;
     for op in 0..ops {
         let kill_after = (rng.below(3) == 0).then(|| Duration::from_micros(rng.below(4000)));
-        let victim = d.pid();
-        assert!(victim > 0);
-        let killer = kill_after.map(|after| {
-            std::thread::spawn(move || {
-                std::thread::sleep(after);
-                // SAFETY: kill(2) on the daemon's pid, a child of this test.
-                unsafe { libc::kill(victim as i32, libc::SIGKILL) };
-            })
-        });
+        let killer = kill_after.map(|after| d.kill_after(after));
         let release = !held.is_empty() && rng.below(2) == 0;
         let (key, request) = if release {
             let k = held

@@ -258,3 +258,161 @@ fn migration_of_an_mdev_the_fake_host_cannot_open_is_refused_by_name() {
     assert_eq!(code, 2, "absent and no type to create: {err}");
     assert!(err.contains("give the type"), "{err}");
 }
+
+/// One step of the crash test, repeated until the daemon gives a definite answer.
+enum Step {
+    Provision(Request),
+    Release(String),
+    Create(String),
+    Remove(String),
+}
+
+#[test]
+fn sigkill_during_mediated_operations_loses_doubles_and_leaks_nothing() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
+    let seed = crash_seed();
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let mut rng = Rng(seed);
+    // mtty counts ports: an mtty-1 takes one, an mtty-2 two.
+    let ports = free(&d, "mtty-1");
+    // What the client was told: leases of mtty-2 by request id, and the mtty-1
+    // mdevs it made itself.
+    let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut made: BTreeSet<String> = BTreeSet::new();
+    let (mut kills, mut next) = (0, 0);
+    let ops = 120;
+    for op in 0..ops {
+        next += 1;
+        let step = match rng.below(4) {
+            0 | 1 if held.len() < 4 => {
+                Step::Provision(req(&format!("m{next}"), MTTY_2, 1 + rng.below(2) as u32))
+            }
+            0 | 1 | 2 if !held.is_empty() => Step::Release(
+                held.keys()
+                    .nth(rng.below(held.len() as u64) as usize)
+                    .unwrap()
+                    .clone(),
+            ),
+            _ if made.len() < 4 || made.is_empty() => {
+                Step::Create(format!("0f2c1d1e-aaaa-4bbb-8ccc-{next:012}"))
+            }
+            _ => Step::Remove(
+                made.iter()
+                    .nth(rng.below(made.len() as u64) as usize)
+                    .unwrap()
+                    .clone(),
+            ),
+        };
+        let killer =
+            (rng.below(3) == 0).then(|| d.kill_after(Duration::from_micros(rng.below(6000))));
+        let mut retried = false;
+        loop {
+            let answer = match &step {
+                Step::Provision(r) => c.provision(r).map(|l| {
+                    let devs = l.devices.iter().map(|x| x.address.clone()).collect();
+                    held.insert(l.request_id, devs);
+                }),
+                Step::Release(k) => c.release(k).map(|_| {
+                    held.remove(k);
+                }),
+                Step::Create(u) => c.create_mdev("mtty", "mtty-1", u, "").map(|_| {
+                    made.insert(u.clone());
+                }),
+                Step::Remove(u) => c.remove_mdev(u, false).map(|_| {
+                    made.remove(u);
+                }),
+            };
+            let Err(e) = answer else { break };
+            match (error_name(&e).as_str(), &step) {
+                ("NoDevice", Step::Provision(_)) => break,
+                // Done before the crash, the answer lost: the retry finds it done.
+                ("Refused", Step::Create(u))
+                    if retried && host(&d).mdev(&u.parse().unwrap()).is_some() =>
+                {
+                    made.insert(u.clone());
+                    break;
+                }
+                ("NotFound", Step::Remove(u)) if retried => {
+                    made.remove(u);
+                    break;
+                }
+                ("BadInput" | "Refused" | "NotFound" | "PermissionDenied" | "NoDevice", _) => {
+                    panic!(
+                        "op {op}: unexpected refusal {e} (seed {seed}); log:\n{}",
+                        d.log_text()
+                    )
+                }
+                _ => {
+                    while killer.as_ref().is_some_and(|k| !k.is_finished()) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    kills += 1;
+                    d.restart();
+                    retried = true;
+                }
+            }
+        }
+        if let Some(k) = killer {
+            k.join().unwrap();
+            if !d.alive() {
+                kills += 1;
+                d.restart();
+            }
+        }
+    }
+    d.restart();
+    eprintln!(
+        "{ops} operations, {kills} daemon kills, {} leases and {} mdevs held at the end",
+        held.len(),
+        made.len()
+    );
+    assert!(
+        kills >= 15,
+        "the test must really kill the daemon (killed {kills} times)"
+    );
+    let leases: BTreeMap<String, Vec<String>> = c
+        .leases()
+        .unwrap()
+        .into_iter()
+        .map(|l| {
+            (
+                l.request_id,
+                l.devices.into_iter().map(|x| x.address).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        leases, held,
+        "leases lost, invented or changed (seed {seed})"
+    );
+    let leased: Vec<&String> = leases.values().flatten().collect();
+    let on_host: BTreeMap<String, String> = host(&d)
+        .mdevs
+        .iter()
+        .map(|m| (m.uuid.to_string(), m.type_id.clone()))
+        .collect();
+    let mut want: BTreeMap<String, String> = made
+        .iter()
+        .map(|u| (u.clone(), "mtty-1".to_string()))
+        .collect();
+    want.extend(leased.iter().map(|u| (u.to_string(), MTTY_2.to_string())));
+    assert_eq!(
+        want.len(),
+        made.len() + leased.len(),
+        "an mdev counted twice (seed {seed})"
+    );
+    assert_eq!(
+        on_host,
+        want,
+        "the host's mdevs are what the client holds, nothing leaked (seed {seed}); log:\n{}",
+        d.log_text()
+    );
+    assert_eq!(
+        free(&d, "mtty-1"),
+        ports - made.len() as u32 - 2 * leased.len() as u32,
+        "every port a removed mdev held is free again (seed {seed})"
+    );
+}

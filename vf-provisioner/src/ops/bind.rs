@@ -240,8 +240,12 @@ impl Provisioner {
             Target::Driver(d) => l.as_deref() == Some(d),
             _ => l.is_some(),
         };
-        wait_until(timeout, || wanted(&link()));
-        link()
+        let mut now = None;
+        wait_until(timeout, || {
+            now = link();
+            wanted(&now)
+        });
+        now
     }
 }
 

@@ -93,7 +93,7 @@ impl Provisioner {
     /// The PF that decides whether `f` is ours (itself for a PF): ids and class.
     fn owner_pf(&self, f: &PciFunction) -> Result<PciFunction> {
         match f.physfn {
-            Some(pf) => self.brief(&pf),
+            Some(pf) => PciFunction::read_ids(&self.sys, &pf).ok_or(Error::NoSuchDevice(pf)),
             None => Ok(f.clone()),
         }
     }

@@ -480,7 +480,7 @@ impl Core {
             }
             let pf = pfs
                 .entry(pf.clone())
-                .or_insert_with(|| PciFunction::read_brief(&self.sys, &pf.parse().ok()?));
+                .or_insert_with(|| PciFunction::read_ids(&self.sys, &pf.parse().ok()?));
             let Some(pf) = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf)) else {
                 continue;
             };
@@ -558,7 +558,7 @@ impl Core {
                 ))
             })?;
             let pf = match f.physfn {
-                Some(p) => PciFunction::read_brief(&self.sys, &p)
+                Some(p) => PciFunction::read_ids(&self.sys, &p)
                     .ok_or_else(|| refuse(format!("its PF {p} is gone")))?,
                 None => f.clone(),
             };

@@ -223,6 +223,17 @@ impl Daemon {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// A thread that SIGKILLs the daemon after `after` (it may have ended by then).
+    pub fn kill_after(&self, after: Duration) -> std::thread::JoinHandle<()> {
+        let victim = self.pid();
+        assert!(victim > 0, "the daemon runs");
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            // SAFETY: kill(2) on the daemon's pid, a child of this test.
+            unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        })
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
@@ -286,4 +297,37 @@ pub fn vfctl(bus: &Bus, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+/// xorshift64*: a reproducible sequence from the printed seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The crash tests' seed: `VFM_CRASH_SEED`, or the clock's; printed so that a
+/// failure can be repeated.
+pub fn crash_seed() -> u64 {
+    let seed = std::env::var("VFM_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("crash test seed {seed} (VFM_CRASH_SEED={seed} repeats it)");
+    seed
 }
