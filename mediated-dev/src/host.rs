@@ -103,19 +103,21 @@ pub fn type_dir(sys: &Sysfs, parent: &str, type_id: &str) -> PathBuf {
         .join(type_id)
 }
 
-fn read_type(dir: &Path, id: String) -> MdevType {
+/// Reads one type's directory; `None` if there is none.
+pub(crate) fn read_type(dir: &Path, id: String) -> Option<MdevType> {
     let attr = |a: &str| read_opt(&dir.join(a)).unwrap_or_default();
-    MdevType {
+    let available_instances = read_dec(&dir.join("available_instances"))?;
+    Some(MdevType {
         name: attr("name"),
         description: attr("description"),
         device_api: attr("device_api"),
-        available_instances: read_dec(&dir.join("available_instances")).unwrap_or(0),
+        available_instances,
         devices: sysfs::dir_names(&dir.join("devices"))
             .iter()
             .filter_map(|u| u.parse().ok())
             .collect(),
         id,
-    }
+    })
 }
 
 /// Reads one parent and its types (whether it exists is the caller's check).
@@ -123,7 +125,7 @@ pub fn read_parent(sys: &Sysfs, name: String) -> Parent {
     let tdir = mdev_bus(sys).join(&name).join("mdev_supported_types");
     let types = sysfs::dir_names(&tdir)
         .into_iter()
-        .map(|id| read_type(&tdir.join(&id), id))
+        .filter_map(|id| read_type(&tdir.join(&id), id))
         .collect();
     Parent { name, types }
 }
@@ -132,10 +134,11 @@ pub fn read_parent(sys: &Sysfs, name: String) -> Parent {
 pub fn read_mdev(sys: &Sysfs, uuid: &Uuid) -> Option<Mdev> {
     let path = mdev_devices(sys).join(uuid.to_string());
     let type_id = sysfs::link_name(&path.join("mdev_type"))?;
-    let real = fs::canonicalize(&path).ok()?;
-    let parent_dir = real.parent()?;
-    // The parent's name is its mdev_bus entry: a PCI address or the device's name.
-    let parent = parent_dir.file_name()?.to_str()?.to_string();
+    // The bus entry links to the device under its parent (`.../<parent>/<uuid>`), and
+    // the parent's name is its mdev_bus entry: a PCI address or the device's name.
+    // One readlink; resolving the whole path would stat every component.
+    let target = fs::read_link(&path).ok()?;
+    let parent = target.parent()?.file_name()?.to_str()?.to_string();
     Some(Mdev {
         uuid: *uuid,
         parent,

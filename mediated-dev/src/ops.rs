@@ -109,13 +109,21 @@ impl Mediator {
     /// Creates an mdev of `type_id` on `parent` (a fresh UUID unless given) and
     /// waits until its vendor driver has bound it.
     pub fn create(&self, parent: &str, type_id: &str, uuid: Option<Uuid>) -> Result<Mdev> {
-        // Only what this create needs: the parent and the UUID (a whole-host scan
-        // costs more than the kernel's own work here).
-        if !host::mdev_bus(&self.sys).join(parent).exists() {
-            return Err(Error::NoParent(parent.into()));
-        }
-        let p = host::read_parent(&self.sys, parent.into());
-        let t = p.find_type(type_id)?;
+        // Only what this create needs: the type and the UUID (a whole-host scan, or
+        // even the parent's other types, cost more than the kernel's own work here).
+        let tdir = host::type_dir(&self.sys, parent, type_id);
+        let Some(t) = host::read_type(&tdir, type_id.into()) else {
+            if !host::mdev_bus(&self.sys).join(parent).exists() {
+                return Err(Error::NoParent(parent.into()));
+            }
+            // Named with the types the parent has (a type that appeared meanwhile: none).
+            let p = host::read_parent(&self.sys, parent.into());
+            return Err(p.find_type(type_id).err().unwrap_or(Error::NoType {
+                parent: parent.into(),
+                type_id: type_id.into(),
+                known: String::new(),
+            }));
+        };
         let device = format!("{parent} type {type_id}");
         if let Some(m) = uuid.and_then(|u| read_mdev(&self.sys, &u)) {
             return Err(Error::refused(
@@ -130,7 +138,7 @@ impl Mediator {
         // Past capacity the vendor driver's probe fails and the kernel refuses the
         // write (REAL-KERNEL rule 11); checked first to name the cause and the fix.
         if t.available_instances == 0 {
-            let room: Vec<String> = p
+            let room: Vec<String> = host::read_parent(&self.sys, parent.into())
                 .types
                 .iter()
                 .filter(|o| o.available_instances > 0)
@@ -150,10 +158,11 @@ impl Mediator {
             ));
         }
         let uuid = uuid.unwrap_or_else(Uuid::new_v4);
-        let path = host::type_dir(&self.sys, parent, type_id).join("create");
-        self.write(&device, &path, &format!("{uuid}\n"))?;
+        self.write(&device, &tdir.join("create"), &format!("{uuid}\n"))?;
+        let mut made = None;
         let bound = self.wait(&uuid.to_string(), "binding its vendor driver", || {
-            read_mdev(&self.sys, &uuid).is_some_and(|m| m.driver.is_some())
+            made = read_mdev(&self.sys, &uuid).filter(|m| m.driver.is_some());
+            made.is_some()
         });
         if let Err(e) = bound {
             // Undo: an unbound mdev is useless and cannot be bound again (rule 6).
@@ -163,7 +172,7 @@ impl Mediator {
                 detail: e.to_string(),
             });
         }
-        read_mdev(&self.sys, &uuid).ok_or(Error::NoMdev(uuid))
+        made.ok_or(Error::NoMdev(uuid))
     }
 
     /// Removes an mdev, refusing while a process (a VMM) holds its VFIO group.
