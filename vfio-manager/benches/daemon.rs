@@ -2,8 +2,9 @@
 //! concurrent clients, beside `org.freedesktop.DBus.Peer.Ping` to the same daemon on
 //! the same bus, same concurrency, same run. Prints p50/p99 and the ratio.
 //! Also prints the CPU time each call costs the daemon, the bus and the clients, read
-//! from /proc around each phase: on a 2-core machine with 32 clients queued, the
-//! latency is mostly the CPU of the calls ahead.
+//! from /proc around each phase (utime + stime, which count exited threads too):
+//! with 32 clients queued on a 2-core machine, the latency is the CPU and the disk
+//! flushes of the calls ahead.
 //! Usage: cargo bench -p vfio-manager --bench daemon [-- ROUNDS]   (default 20 per client;
 //! CLIENTS=N for another concurrency)
 
