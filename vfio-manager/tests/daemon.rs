@@ -321,23 +321,12 @@ fn sigkill_at_random_points_loses_and_doubles_nothing() {
                     panic!("op {op}: unexpected refusal {e}; log:\n{}", d.log_text())
                 }
                 Err(_) => {
-                    if let Some(k) = killer.as_ref() {
-                        while !k.is_finished() {
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                    }
+                    d.restart_after(killer.as_ref());
                     kills += 1;
-                    d.restart();
                 }
             }
         }
-        if let Some(k) = killer {
-            k.join().unwrap();
-            if !d.alive() {
-                kills += 1;
-                d.restart();
-            }
-        }
+        kills += d.reap(killer) as u32;
     }
     d.restart();
     eprintln!(

@@ -346,22 +346,13 @@ fn sigkill_during_mediated_operations_loses_doubles_and_leaks_nothing() {
                     )
                 }
                 _ => {
-                    while killer.as_ref().is_some_and(|k| !k.is_finished()) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+                    d.restart_after(killer.as_ref());
                     kills += 1;
-                    d.restart();
                     retried = true;
                 }
             }
         }
-        if let Some(k) = killer {
-            k.join().unwrap();
-            if !d.alive() {
-                kills += 1;
-                d.restart();
-            }
-        }
+        kills += d.reap(killer) as u32;
     }
     d.restart();
     eprintln!(

@@ -234,6 +234,27 @@ impl Daemon {
         })
     }
 
+    /// After a call failed on the bus: waits until `killer` has fired, restarts.
+    pub fn restart_after(&mut self, killer: Option<&std::thread::JoinHandle<()>>) {
+        while killer.is_some_and(|k| !k.is_finished()) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.restart();
+    }
+
+    /// After an operation: joins `killer` and restarts the daemon if it killed it
+    /// (between calls). Returns whether it did.
+    pub fn reap(&mut self, killer: Option<std::thread::JoinHandle<()>>) -> bool {
+        killer.is_some_and(|k| {
+            k.join().unwrap();
+            let killed = !self.alive();
+            if killed {
+                self.restart();
+            }
+            killed
+        })
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
