@@ -25,6 +25,8 @@ pub struct Audit {
 
 struct Log {
     file: Mutex<File>,
+    /// The same file, for syncing without holding up the writers.
+    sync: File,
     /// Lines written since the last sync.
     dirty: AtomicBool,
 }
@@ -32,8 +34,7 @@ struct Log {
 impl Log {
     fn sync_if_dirty(&self) {
         if self.dirty.swap(false, Ordering::AcqRel) {
-            let f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = f.sync_data() {
+            if let Err(e) = self.sync.sync_data() {
                 eprintln!("vfio-manager: audit log: cannot sync it to disk: {e}");
             }
         }
@@ -49,8 +50,10 @@ impl Audit {
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        let file = OpenOptions::new().create(true).append(true).open(p)?;
         let log = Arc::new(Log {
-            file: Mutex::new(OpenOptions::new().create(true).append(true).open(p)?),
+            sync: file.try_clone()?,
+            file: Mutex::new(file),
             dirty: AtomicBool::new(false),
         });
         let weak: Weak<Log> = Arc::downgrade(&log);
