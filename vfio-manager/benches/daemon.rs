@@ -5,6 +5,9 @@
 //! from /proc around each phase (utime + stime, which count exited threads too):
 //! with 32 clients queued on a 2-core machine, the latency is the CPU and the disk
 //! flushes of the calls ahead.
+//! Then, one client, CreateMdev + RemoveMdev on the fake mtty beside Ping: the
+//! daemon's own cost per mdev operation, which the emulated host's `make
+//! bench-real-kernel` measures against the bare sysfs writes under TCG.
 //! Usage: cargo bench -p vfio-manager --bench daemon [-- ROUNDS]   (default 20 per client;
 //! CLIENTS=N for another concurrency)
 
@@ -152,4 +155,47 @@ fn main() {
         pct(&trips, 0.99).as_secs_f64() / ping_p99.as_secs_f64(),
         pct(&trips, 0.99).as_secs_f64() / 2.0 / ping_p99.as_secs_f64()
     );
+    drop(d);
+    mdev_phase(&bus, 300);
+}
+
+/// One client: Ping, CreateMdev, RemoveMdev in turn on the fake mtty, each with its
+/// median latency and the daemon's CPU per call.
+fn mdev_phase(bus: &common::Bus, rounds: usize) {
+    let d = common::Daemon::start(bus, layouts::emulated(), "", &[]);
+    let pid = d.pid().to_string();
+    let c = bus.client();
+    let mut rows: [(&str, Vec<Duration>, Duration); 3] = [
+        ("Peer.Ping", vec![], Duration::ZERO),
+        ("CreateMdev (mtty-2)", vec![], Duration::ZERO),
+        ("RemoveMdev", vec![], Duration::ZERO),
+    ];
+    for _ in 0..rounds {
+        let u = uuid::Uuid::new_v4().to_string();
+        let ops: [&dyn Fn(); 3] = [
+            &|| c.ping().expect("ping"),
+            &|| drop(c.create_mdev("mtty", "mtty-2", &u, "").expect("create")),
+            &|| c.remove_mdev(&u, false).expect("remove"),
+        ];
+        for (row, op) in rows.iter_mut().zip(ops) {
+            let (cpu0, t0) = (cpu(&pid), Instant::now());
+            op();
+            row.1.push(t0.elapsed());
+            row.2 += cpu(&pid) - cpu0;
+        }
+    }
+    println!("\nmdevs through vfio-managerd, fake mtty, one client, {rounds} rounds");
+    println!(
+        "{:<44} {:>10} {:>10}   daemon CPU per call",
+        "operation", "p50", "p99"
+    );
+    for (name, mut v, c) in rows {
+        v.sort();
+        println!(
+            "{name:<44} {:>10.2?} {:>10.2?}   {:>8.0?}",
+            pct(&v, 0.5),
+            pct(&v, 0.99),
+            c / rounds as u32
+        );
+    }
 }

@@ -33,10 +33,14 @@ CREATE TABLE IF NOT EXISTS lease_devices (
     address TEXT PRIMARY KEY, lease_id TEXT NOT NULL REFERENCES leases(id), driver_before TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS released (
     request_id TEXT PRIMARY KEY, lease_id TEXT NOT NULL, released_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS released_by_lease ON released(lease_id);
 CREATE TABLE IF NOT EXISTS intents (
     id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, lease_id TEXT NOT NULL,
     body TEXT NOT NULL, started_at INTEGER NOT NULL);
 ";
+
+/// A released lease by request id or lease id.
+const RELEASED: &str = "SELECT lease_id FROM released WHERE request_id = ?1 OR lease_id = ?1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -329,7 +333,7 @@ impl Store {
     /// The released lease with this request id or lease id, if any.
     pub fn released(&self, id: &str) -> Result<Option<String>> {
         self.conn()
-            .prepare_cached("SELECT lease_id FROM released WHERE request_id = ?1 OR lease_id = ?1")
+            .prepare_cached(RELEASED)
             .and_then(|mut st| st.query_row([id], |r| r.get(0)).optional())
             .map_err(self.err())
     }
@@ -453,5 +457,31 @@ impl Store {
             })
             .map_err(self.err())?;
         rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `released` keeps every request id ever released, so its lookup (run by
+    /// every provision) must stay an index search, never a scan of the table.
+    #[test]
+    fn released_lookups_search_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let conn = store.conn();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {RELEASED}"))
+            .unwrap()
+            .query_map(["x"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter().all(|p| !p.starts_with("SCAN")),
+            "query plan: {plan:?}"
+        );
+        assert_eq!(plan.iter().filter(|p| p.starts_with("SEARCH")).count(), 2);
     }
 }

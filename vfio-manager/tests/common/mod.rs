@@ -79,7 +79,7 @@ impl Bus {
             ),
         )
         .unwrap();
-        let mut child = Command::new("dbus-daemon")
+        let mut child = dies_with_us(&mut Command::new("dbus-daemon"))
             .arg(format!("--config-file={}", conf.display()))
             .args(["--nofork", "--nopidfile", "--print-address=1"])
             .stdout(Stdio::piped())
@@ -104,6 +104,21 @@ impl Bus {
 
     pub fn client(&self) -> Client {
         Client::connect_to(Some(&self.address)).unwrap()
+    }
+}
+
+/// Has the kernel kill the child when the thread that started it ends, so that a
+/// test or bench killed before its Drop runs leaves no daemon behind.
+fn dies_with_us(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child being started.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
     }
 }
 
@@ -168,7 +183,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(&*DAEMON)
+        let child = dies_with_us(&mut Command::new(&*DAEMON))
             .arg("--root")
             .arg(&self.root)
             .arg("--config")
