@@ -120,6 +120,12 @@ fn a_corrupt_or_cut_stream_leaves_the_destination_running_with_its_own_state() {
             "no trailer",
             stream[..stream.len() - mig::stream::TRAILER_LEN].to_vec(),
         ),
+        ("half a trailer", stream[..stream.len() - 5].to_vec()),
+        ("corrupt trailer", {
+            let mut s = stream.clone();
+            corrupt_at(&mut s, stream.len() - mig::stream::TRAILER_LEN + 2);
+            s
+        }),
         ("corrupt header", {
             let mut s = stream.clone();
             corrupt_at(&mut s, 20);

@@ -198,13 +198,13 @@ impl<R: Read> StreamReader<R> {
         if self.done {
             return Ok(false);
         }
-        let mut tag = [0u8; 1];
-        self.input.read_exact(&mut tag)?;
-        match tag[0] {
+        // A chunk's record header and the start of the trailer in one read: the
+        // trailer is longer than a chunk's header, so 13 bytes are always there.
+        let mut h = [0u8; 13];
+        self.input.read_exact(&mut h)?;
+        match h[0] {
             CHUNK => {
-                let mut h = [0u8; 12];
-                self.input.read_exact(&mut h)?;
-                let len = u32_at(&h, 0) as usize;
+                let len = u32_at(&h, 1) as usize;
                 if len > MAX_CHUNK {
                     return Err(StreamError::Corrupt(format!(
                         "chunk {} length {len}",
@@ -213,23 +213,24 @@ impl<R: Read> StreamReader<R> {
                 }
                 buf.resize(len, 0);
                 self.input.read_exact(buf)?;
-                if xxh3_64(buf) != u64_at(&h, 4) {
+                if xxh3_64(buf) != u64_at(&h, 5) {
                     return Err(StreamError::Corrupt(format!(
                         "chunk {} checksum mismatch",
                         self.chunks
                     )));
                 }
-                self.hashes.update(&h[4..12]);
+                self.hashes.update(&h[5..13]);
                 self.total += len as u64;
                 self.chunks += 1;
                 Ok(true)
             }
             TRAILER => {
-                let mut t = [0u8; TRAILER_LEN - 1];
-                self.input.read_exact(&mut t)?;
-                let ok = u64_at(&t, 0) == self.total
-                    && u32_at(&t, 8) == self.chunks
-                    && u64_at(&t, 12) == self.hashes.digest();
+                let mut t = [0u8; TRAILER_LEN];
+                t[..13].copy_from_slice(&h);
+                self.input.read_exact(&mut t[13..])?;
+                let ok = u64_at(&t, 1) == self.total
+                    && u32_at(&t, 9) == self.chunks
+                    && u64_at(&t, 13) == self.hashes.digest();
                 if !ok {
                     return Err(StreamError::Corrupt(
                         "the trailer does not match the chunks received".into(),

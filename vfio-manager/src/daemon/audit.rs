@@ -82,13 +82,15 @@ impl Audit {
             "time": now(), "uid": uid, "op": op, "lease": lease, "vm": vm,
             "devices": devices, "result": result,
         })
-        .to_string();
-        eprintln!("vfio-manager: audit: {line}");
+        .to_string()
+            + "\n";
+        // To the journal too, in one write (eprintln! writes each piece on its own).
+        let _ = std::io::stderr().write_all(format!("vfio-manager: audit: {line}").as_bytes());
         if let Some(log) = &self.file {
             // One write(2) of the whole line with its newline (O_APPEND): a crash
             // never leaves half a line.
             let mut file = log.file.lock().unwrap_or_else(|e| e.into_inner());
-            match file.write_all(format!("{line}\n").as_bytes()) {
+            match file.write_all(line.as_bytes()) {
                 Ok(()) => log.dirty.store(true, Ordering::Release),
                 Err(e) => eprintln!("vfio-manager: audit log: {e}"),
             }

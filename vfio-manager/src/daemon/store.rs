@@ -34,8 +34,10 @@ CREATE TABLE IF NOT EXISTS lease_devices (
 CREATE TABLE IF NOT EXISTS released (
     request_id TEXT PRIMARY KEY, lease_id TEXT NOT NULL, released_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS released_by_lease ON released(lease_id);
+-- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
+-- AUTOINCREMENT's sequence table would cost a page write per intent.
 CREATE TABLE IF NOT EXISTS intents (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, lease_id TEXT NOT NULL,
+    id INTEGER PRIMARY KEY, op TEXT NOT NULL, lease_id TEXT NOT NULL,
     body TEXT NOT NULL, started_at INTEGER NOT NULL);
 ";
 
