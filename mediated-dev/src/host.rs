@@ -139,14 +139,21 @@ pub fn read_mdev(sys: &Sysfs, uuid: &Uuid) -> Option<Mdev> {
     // One readlink; resolving the whole path would stat every component.
     let target = fs::read_link(&path).ok()?;
     let parent = target.parent()?.file_name()?.to_str()?.to_string();
-    Some(Mdev {
+    Some(read_known(sys, uuid, parent, type_id))
+}
+
+/// An mdev whose parent and type the caller knows (it has just created it): only
+/// what the kernel decided, its driver and IOMMU group, is read.
+pub(crate) fn read_known(sys: &Sysfs, uuid: &Uuid, parent: String, type_id: String) -> Mdev {
+    let path = mdev_devices(sys).join(uuid.to_string());
+    Mdev {
         uuid: *uuid,
         parent,
         type_id,
         driver: sysfs::link_name(&path.join("driver")),
         iommu_group: sysfs::link_name(&path.join("iommu_group")).and_then(|g| g.parse().ok()),
         sysfs_path: PathBuf::from("/sys/bus/mdev/devices").join(uuid.to_string()),
-    })
+    }
 }
 
 /// Parses NVIDIA's `creatable_vgpu_types`: a header line, then `ID : name` lines.

@@ -164,7 +164,13 @@ impl Mediator {
         self.write(&device, &tdir.join("create"), &format!("{uuid}\n"))?;
         let mut made = None;
         let bound = self.wait(&uuid.to_string(), "binding its vendor driver", || {
-            made = read_mdev(&self.sys, &uuid).filter(|m| m.driver.is_some());
+            made = Some(host::read_known(
+                &self.sys,
+                &uuid,
+                parent.into(),
+                type_id.into(),
+            ))
+            .filter(|m| m.driver.is_some());
             made.is_some()
         });
         if let Err(e) = bound {

@@ -478,23 +478,19 @@ impl Core {
             if free.len() == req.count as usize {
                 break;
             }
-            let pf = pfs
-                .entry(pf.clone())
-                .or_insert_with(|| PciFunction::read_ids(&self.sys, &pf.parse().ok()?));
-            let Some(pf) = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf)) else {
-                continue;
-            };
-            // Claimed first, checked after: whoever claims a device second skips it.
+            // Claimed first, checked after: whoever claims a device second skips it
+            // (and reads nothing for it).
             if !claim.try_add(addr) {
                 continue;
             }
-            let f = addr
-                .parse()
-                .ok()
-                .and_then(|a| PciFunction::read_brief(&self.sys, &a));
-            match f.filter(|f| self.why_not(pf, f, false).is_none()) {
-                Some(f) => free.push(f),
-                None => claim.remove_last(),
+            let pf = pfs
+                .entry(pf.clone())
+                .or_insert_with(|| PciFunction::read_ids(&self.sys, &pf.parse().ok()?));
+            let pf = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf));
+            let f = pf.and_then(|_| PciFunction::read_brief(&self.sys, &addr.parse().ok()?));
+            match (pf, f) {
+                (Some(pf), Some(f)) if self.why_not(pf, &f, false).is_none() => free.push(f),
+                _ => claim.remove_last(),
             }
         }
         let n = candidates.len();
