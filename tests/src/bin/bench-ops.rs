@@ -1,7 +1,9 @@
 //! Each provisioning operation done by the project beside the bare sysfs writes
 //! that do the same thing, in one process on one host, alternating, and the ratio.
 //! Runs in the emulated host (`make bench-real-kernel`) or on a fake host.
-//! Usage: bench-ops ROOT [ITERATIONS]   (uses the igb PF at 0000:01:00.0)
+//! Usage: bench-ops ROOT [ITERATIONS] [vfs|mdev]   (uses the igb PF at 0000:01:00.0;
+//! both parts unless one is named: the emulated host runs the VF part before it
+//! starts the daemon, whose uevent-driven re-reads would run beside the timings)
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -56,10 +58,21 @@ fn main() {
     let n: usize = std::env::args()
         .nth(2)
         .map_or(10, |s| s.parse().expect("iterations"));
+    let part = std::env::args().nth(3).unwrap_or_default();
     let sys = Sysfs::open(&root).expect("sysfs root");
+    if part != "mdev" {
+        vf_bench(&sys, n);
+    }
+    if part != "vfs" {
+        mdev_bench(&sys, n);
+    }
+}
+
+/// Enable, disable, bind and unbind on the igb PF's VFs, beside the bare writes.
+fn vf_bench(sys: &Sysfs, n: usize) {
     let cfg = DeviceConfig::parse(integration_tests::CONFIG, Path::new("bench")).unwrap();
     let p = Provisioner::new(sys.clone(), DeviceFilter::new(&cfg));
-    let raw = Raw { sys: &sys };
+    let raw = Raw { sys };
     let pf = addr(IGB);
     let vf = pf.offset_by(128).unwrap();
     let (mut en, mut en_raw, mut dis, mut dis_raw) = (vec![], vec![], vec![], vec![]);
@@ -97,7 +110,6 @@ fn main() {
     report("disable VFs", &dis, &dis_raw);
     report("bind VF to vfio-pci", &bind, &bind_raw);
     report("unbind VF to igbvf", &unbind, &unbind_raw);
-    mdev_bench(&sys, n);
 }
 
 /// mdev create/remove on mtty: the library beside the bare writes; `vfctl` beside
