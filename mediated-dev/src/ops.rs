@@ -137,8 +137,9 @@ impl Mediator {
                 "pick another UUID, or leave it out to get a fresh one",
             ));
         }
-        // Past capacity the vendor driver's probe fails and the kernel refuses the
-        // write (REAL-KERNEL rule 11); checked first to name the cause and the fix.
+        // Past capacity the create write succeeds but the vendor driver's probe fails
+        // and the mdev stays unbound (REAL-KERNEL rule 11): checked first, to refuse
+        // with the cause and the fix instead.
         if free == 0 {
             let in_use = sysfs::dir_names(&tdir.join("devices")).len();
             let room: Vec<String> = host::read_parent(&self.sys, parent.into())
