@@ -104,7 +104,7 @@ pub fn type_dir(sys: &Sysfs, parent: &str, type_id: &str) -> PathBuf {
 }
 
 /// Reads one type's directory; `None` if there is none.
-pub(crate) fn read_type(dir: &Path, id: String) -> Option<MdevType> {
+fn read_type(dir: &Path, id: String) -> Option<MdevType> {
     let attr = |a: &str| read_opt(&dir.join(a)).unwrap_or_default();
     let available_instances = read_dec(&dir.join("available_instances"))?;
     Some(MdevType {

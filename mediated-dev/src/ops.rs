@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
-use vf_provisioner::sysfs::{self, read_dec};
+use vf_provisioner::sysfs::read_dec;
 use vf_provisioner::{holders, PciAddress, Sysfs};
 
 use crate::error::{Error, Result};
@@ -141,8 +141,9 @@ impl Mediator {
         // and the mdev stays unbound (REAL-KERNEL rule 11): checked first, to refuse
         // with the cause and the fix instead.
         if free == 0 {
-            let in_use = sysfs::dir_names(&tdir.join("devices")).len();
-            let room: Vec<String> = host::read_parent(&self.sys, parent.into())
+            let p = host::read_parent(&self.sys, parent.into());
+            let in_use = p.find_type(type_id).map_or(0, |t| t.devices.len());
+            let room: Vec<String> = p
                 .types
                 .iter()
                 .filter(|o| o.available_instances > 0)
