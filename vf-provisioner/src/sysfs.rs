@@ -71,6 +71,11 @@ impl Sysfs {
         &self.root
     }
 
+    /// The kernel this host's writes go to (a bench wraps it to time each write).
+    pub fn kernel(&self) -> Arc<dyn KernelWrite> {
+        self.kernel.clone()
+    }
+
     pub fn pci_devices(&self) -> PathBuf {
         self.root.join("sys/bus/pci/devices")
     }

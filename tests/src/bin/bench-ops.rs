@@ -1,9 +1,14 @@
 //! Each provisioning operation done by the project beside the bare sysfs writes
 //! that do the same thing, in one process on one host, alternating, and the ratio.
 //! Runs in the emulated host (`make bench-real-kernel`) or on a fake host.
-//! Usage: bench-ops ROOT [ITERATIONS] [vfs|mdev]   (uses the igb PF at 0000:01:00.0;
-//! both parts unless one is named: the emulated host runs the VF part before it
-//! starts the daemon, whose uevent-driven re-reads would run beside the timings)
+//! Usage: bench-ops ROOT [ITERATIONS] [vfs|mdev|dbus]   (uses the igb PF at
+//! 0000:01:00.0; every part unless one is named: the emulated host runs the VF and
+//! mdev parts before it starts the daemon, whose uevent-driven re-reads would run
+//! beside the timings, and the D-Bus part after)
+//!
+//! Each pair is timed in both orders, alternating from one iteration to the next,
+//! and every timed operation starts after the same pause, so that neither side
+//! inherits the other's aftermath (a driver's deferred work, a uevent's handlers).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -11,6 +16,9 @@ use std::time::{Duration, Instant};
 use integration_tests::{addr, IGB};
 use mediated_dev::Mediator;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use vf_provisioner::sysfs::KernelWrite;
 use vf_provisioner::{DeviceConfig, DeviceFilter, PciAddress, Provisioner, Sysfs};
 
 struct Raw<'a> {
@@ -35,7 +43,12 @@ impl Raw<'_> {
     }
 }
 
+/// The pause before each timed operation: the kernel's deferred work from the one
+/// before (runtime PM, uevent handlers) ends before the clock starts.
+const SETTLE: Duration = Duration::from_millis(20);
+
 fn timed(f: impl FnOnce()) -> Duration {
+    std::thread::sleep(SETTLE);
     let t = Instant::now();
     f();
     t.elapsed()
@@ -60,11 +73,27 @@ fn main() {
         .map_or(10, |s| s.parse().expect("iterations"));
     let part = std::env::args().nth(3).unwrap_or_default();
     let sys = Sysfs::open(&root).expect("sysfs root");
-    if part != "mdev" {
+    let run = |name: &str| part.is_empty() || part == name;
+    if run("vfs") {
         vf_bench(&sys, n);
     }
-    if part != "vfs" {
+    if run("mdev") {
         mdev_bench(&sys, n);
+    }
+    if run("dbus") {
+        daemon_bench(&sys, n);
+    }
+}
+
+/// Runs the two sides of a pair, ours first on even iterations and the bare
+/// writes first on odd ones.
+fn pair(i: usize, ours: impl FnOnce(), bare: impl FnOnce()) {
+    if i.is_multiple_of(2) {
+        ours();
+        bare();
+    } else {
+        bare();
+        ours();
     }
 }
 
@@ -77,32 +106,47 @@ fn vf_bench(sys: &Sysfs, n: usize) {
     let vf = pf.offset_by(128).unwrap();
     let (mut en, mut en_raw, mut dis, mut dis_raw) = (vec![], vec![], vec![], vec![]);
     let (mut bind, mut bind_raw, mut unbind, mut unbind_raw) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..n {
-        en.push(timed(|| drop(p.enable_vfs(&pf, Some(4)).unwrap())));
-        dis.push(timed(|| p.disable_vfs(&pf).unwrap()));
-        en_raw.push(timed(|| {
-            raw.w(&pf, "sriov_drivers_autoprobe", "0");
-            raw.w(&pf, "sriov_numvfs", "4");
-            raw.w(&pf, "sriov_drivers_autoprobe", "1");
-        }));
-        dis_raw.push(timed(|| raw.w(&pf, "sriov_numvfs", "0")));
+    for i in 0..n {
+        pair(
+            i,
+            || {
+                en.push(timed(|| drop(p.enable_vfs(&pf, Some(4)).unwrap())));
+                dis.push(timed(|| p.disable_vfs(&pf).unwrap()));
+            },
+            || {
+                en_raw.push(timed(|| {
+                    raw.w(&pf, "sriov_drivers_autoprobe", "0");
+                    raw.w(&pf, "sriov_numvfs", "4");
+                    raw.w(&pf, "sriov_drivers_autoprobe", "1");
+                }));
+                dis_raw.push(timed(|| raw.w(&pf, "sriov_numvfs", "0")));
+            },
+        );
     }
     // VF moves between its host driver (igbvf) and vfio-pci.
     p.enable_vfs(&pf, Some(1)).unwrap();
     p.unbind(&vf, false, None).unwrap();
-    for _ in 0..n {
-        bind.push(timed(|| drop(p.bind_vfio(&vf, false).unwrap())));
-        unbind.push(timed(|| drop(p.unbind(&vf, false, None).unwrap())));
-        bind_raw.push(timed(|| {
-            raw.w(&vf, "driver_override", "vfio-pci");
-            raw.drv(&vf, "igbvf", "unbind");
-            raw.probe(&vf);
-        }));
-        unbind_raw.push(timed(|| {
-            raw.w(&vf, "driver_override", "\n");
-            raw.drv(&vf, "vfio-pci", "unbind");
-            raw.probe(&vf);
-        }));
+    vf_timelines(sys, DeviceFilter::new(&cfg), &vf, n);
+    for i in 0..n {
+        pair(
+            i,
+            || {
+                bind.push(timed(|| drop(p.bind_vfio(&vf, false).unwrap())));
+                unbind.push(timed(|| drop(p.unbind(&vf, false, None).unwrap())));
+            },
+            || {
+                bind_raw.push(timed(|| {
+                    raw.w(&vf, "driver_override", "vfio-pci");
+                    raw.drv(&vf, "igbvf", "unbind");
+                    raw.probe(&vf);
+                }));
+                unbind_raw.push(timed(|| {
+                    raw.w(&vf, "driver_override", "\n");
+                    raw.drv(&vf, "vfio-pci", "unbind");
+                    raw.probe(&vf);
+                }));
+            },
+        );
     }
     p.disable_vfs(&pf).unwrap();
     println!("operation              vf-provisioner  bare sysfs   ratio   (median of {n})");
@@ -110,6 +154,105 @@ fn vf_bench(sys: &Sysfs, n: usize) {
     report("disable VFs", &dis, &dis_raw);
     report("bind VF to vfio-pci", &bind, &bind_raw);
     report("unbind VF to igbvf", &unbind, &unbind_raw);
+}
+
+/// A kernel that records when each write starts and ends, so that an operation's
+/// time splits into its writes (the kernel's work, as in the bare version) and
+/// what runs before, between and after them (our reads and checks).
+struct Traced {
+    inner: Arc<dyn KernelWrite>,
+    writes: Mutex<Vec<(String, Instant, Instant)>>,
+}
+
+impl KernelWrite for Traced {
+    fn write(&self, path: &Path, data: &str) -> std::io::Result<()> {
+        let start = Instant::now();
+        let r = self.inner.write(path, data);
+        let name = path
+            .file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        self.writes
+            .lock()
+            .unwrap()
+            .push((name, start, Instant::now()));
+        r
+    }
+}
+
+/// Where the time of one operation goes, as the median of `n` runs: the
+/// segments before, between and after its kernel writes, and each write.
+struct Timeline {
+    name: &'static str,
+    runs: Vec<Vec<(String, Duration)>>,
+}
+
+impl Timeline {
+    fn new(name: &'static str) -> Self {
+        Timeline {
+            name,
+            runs: Vec::new(),
+        }
+    }
+
+    /// Runs `op` once on `kernel`, recording its segments.
+    fn record(&mut self, kernel: &Traced, op: impl FnOnce()) {
+        kernel.writes.lock().unwrap().clear();
+        std::thread::sleep(SETTLE);
+        let start = Instant::now();
+        op();
+        let end = Instant::now();
+        let mut segs = Vec::new();
+        let mut last = start;
+        for (name, s, e) in kernel.writes.lock().unwrap().drain(..) {
+            segs.push(("(reads)".to_string(), s - last));
+            segs.push((format!("write {name}"), e - s));
+            last = e;
+        }
+        segs.push(("(reads)".to_string(), end - last));
+        self.runs.push(segs);
+    }
+
+    fn print(&self) {
+        let Some(first) = self.runs.first() else {
+            return;
+        };
+        // Runs that wrote the same attributes in the same order.
+        let alike: Vec<_> = self
+            .runs
+            .iter()
+            .filter(|r| r.iter().map(|s| &s.0).eq(first.iter().map(|s| &s.0)))
+            .collect();
+        println!(
+            "where the time of our {} goes (median of {}):",
+            self.name,
+            alike.len()
+        );
+        for (i, (label, _)) in first.iter().enumerate() {
+            let t = median(&alike.iter().map(|r| r[i].1).collect::<Vec<_>>());
+            println!("  {label:<38} {t:>10.2?}");
+        }
+    }
+}
+
+fn traced(sys: &Sysfs) -> (Sysfs, Arc<Traced>) {
+    let kernel = Arc::new(Traced {
+        inner: sys.kernel(),
+        writes: Mutex::new(Vec::new()),
+    });
+    (Sysfs::with_kernel(sys.root(), kernel.clone()), kernel)
+}
+
+/// Our bind and unbind of `vf` (on its host driver), traced.
+fn vf_timelines(sys: &Sysfs, filter: DeviceFilter, vf: &PciAddress, n: usize) {
+    let (tsys, k) = traced(sys);
+    let p = Provisioner::new(tsys, filter);
+    let (mut bind, mut unbind) = (Timeline::new("bind"), Timeline::new("unbind"));
+    for _ in 0..n {
+        bind.record(&k, || drop(p.bind_vfio(vf, false).unwrap()));
+        unbind.record(&k, || drop(p.unbind(vf, false, None).unwrap()));
+    }
+    bind.print();
+    unbind.print();
 }
 
 /// mdev create/remove on mtty: the library beside the bare writes; `vfctl` beside
@@ -121,27 +264,23 @@ fn mdev_bench(sys: &Sysfs, n: usize) {
         println!("mdev: skipped (no mtty parent on this host)");
         return;
     }
-    let tdir = sys
-        .root()
-        .join("sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2");
-    let bus = sys.root().join("sys/bus/mdev/devices");
+    let bare = BareMdev::new(sys);
     let (mut c, mut c_raw, mut r, mut r_raw) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..n {
-        let u = uuid::Uuid::new_v4();
-        c.push(timed(|| drop(m.create("mtty", "mtty-2", Some(u)).unwrap())));
-        r.push(timed(|| m.remove(&u).unwrap()));
-        let u = uuid::Uuid::new_v4().to_string();
-        c_raw.push(timed(|| sys.write_attr(&tdir.join("create"), &u).unwrap()));
-        r_raw.push(timed(|| {
-            sys.write_attr(&bus.join(&u).join("remove"), "1").unwrap()
-        }));
+    for i in 0..n {
+        pair(
+            i,
+            || {
+                let u = uuid::Uuid::new_v4();
+                c.push(timed(|| drop(m.create("mtty", "mtty-2", Some(u)).unwrap())));
+                r.push(timed(|| m.remove(&u).unwrap()));
+            },
+            || bare.create_remove(&mut c_raw, &mut r_raw),
+        );
     }
     println!("operation              mediated-dev  bare sysfs   ratio   (median of {n})");
     report("mdev create (mtty-2)", &c, &c_raw);
     report("mdev remove", &r, &r_raw);
-    if std::env::var_os("DBUS_SYSTEM_BUS_ADDRESS").is_some() {
-        daemon_bench(&c_raw, &r_raw, n);
-    }
+    mdev_timelines(sys, n);
     let tools = Path::new("/tmp");
     let mdevctl = tools.join("mdevctl/mdevctl");
     if !mdevctl.exists() || !tools.join("vfctl").exists() {
@@ -169,21 +308,28 @@ fn mdev_bench(sys: &Sysfs, n: usize) {
         c
     };
     let (mut ours, mut theirs, mut exec) = (vec![], vec![], vec![]);
-    for _ in 0..n {
-        let u = uuid::Uuid::new_v4().to_string();
-        ours.push(timed(|| {
-            run(&mut vfctl(&[
-                "create", "--parent", "mtty", "--type", "mtty-2", "--uuid", &u,
-            ]));
-            run(&mut vfctl(&["remove", &u]));
-        }));
-        let u = uuid::Uuid::new_v4().to_string();
-        theirs.push(timed(|| {
-            run(&mut mdevctl_cmd(&[
-                "start", "-p", "mtty", "-t", "mtty-2", "-u", &u,
-            ]));
-            run(&mut mdevctl_cmd(&["stop", "-u", &u]));
-        }));
+    for i in 0..n {
+        pair(
+            i,
+            || {
+                let u = uuid::Uuid::new_v4().to_string();
+                ours.push(timed(|| {
+                    run(&mut vfctl(&[
+                        "create", "--parent", "mtty", "--type", "mtty-2", "--uuid", &u,
+                    ]));
+                    run(&mut vfctl(&["remove", &u]));
+                }));
+            },
+            || {
+                let u = uuid::Uuid::new_v4().to_string();
+                theirs.push(timed(|| {
+                    run(&mut mdevctl_cmd(&[
+                        "start", "-p", "mtty", "-t", "mtty-2", "-u", &u,
+                    ]));
+                    run(&mut mdevctl_cmd(&["stop", "-u", &u]));
+                }));
+            },
+        );
         exec.push(timed(|| run(&mut Command::new("/bin/true"))));
     }
     println!("operation              vfctl        mdevctl      ratio   (median of {n}; exec of /bin/true: {:.2?})", median(&exec));
@@ -191,9 +337,51 @@ fn mdev_bench(sys: &Sysfs, n: usize) {
     migrate_bench(sys, &m, n);
 }
 
+/// Our mdev create and remove, traced.
+fn mdev_timelines(sys: &Sysfs, n: usize) {
+    let (tsys, k) = traced(sys);
+    let m = Mediator::new(tsys);
+    let (mut create, mut remove) = (Timeline::new("mdev create"), Timeline::new("mdev remove"));
+    for _ in 0..n {
+        let u = uuid::Uuid::new_v4();
+        create.record(&k, || drop(m.create("mtty", "mtty-2", Some(u)).unwrap()));
+        remove.record(&k, || m.remove(&u).unwrap());
+    }
+    create.print();
+    remove.print();
+}
+
+/// The bare writes that create and remove an mtty-2 mdev.
+struct BareMdev<'a> {
+    sys: &'a Sysfs,
+    create: std::path::PathBuf,
+    devices: std::path::PathBuf,
+}
+
+impl<'a> BareMdev<'a> {
+    fn new(sys: &'a Sysfs) -> Self {
+        BareMdev {
+            sys,
+            create: sys
+                .root()
+                .join("sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create"),
+            devices: sys.root().join("sys/bus/mdev/devices"),
+        }
+    }
+
+    /// Times one create and one remove of a new mdev.
+    fn create_remove(&self, created: &mut Vec<Duration>, removed: &mut Vec<Duration>) {
+        let u = uuid::Uuid::new_v4().to_string();
+        created.push(timed(|| self.sys.write_attr(&self.create, &u).unwrap()));
+        let remove = self.devices.join(&u).join("remove");
+        removed.push(timed(|| self.sys.write_attr(&remove, "1").unwrap()));
+    }
+}
+
 /// CreateMdev and RemoveMdev through vfio-managerd on a real dbus-daemon, beside
-/// the bare writes plus one bus round trip (Peer.Ping) measured in the same loop.
-fn daemon_bench(c_raw: &[Duration], r_raw: &[Duration], n: usize) {
+/// the bare writes plus one bus round trip (Peer.Ping), all in the same loop with
+/// the daemon running.
+fn daemon_bench(sys: &Sysfs, n: usize) {
     let c = match vfio_manager::cli::client::Client::connect() {
         Ok(c) => c,
         Err(e) => {
@@ -201,14 +389,22 @@ fn daemon_bench(c_raw: &[Duration], r_raw: &[Duration], n: usize) {
             return;
         }
     };
+    let bare = BareMdev::new(sys);
     let (mut create, mut remove, mut ping) = (vec![], vec![], vec![]);
-    for _ in 0..n {
-        let u = uuid::Uuid::new_v4().to_string();
+    let (mut c_raw, mut r_raw) = (vec![], vec![]);
+    for i in 0..n {
         ping.push(timed(|| c.ping().unwrap()));
-        create.push(timed(|| {
-            drop(c.create_mdev("mtty", "mtty-2", &u, "").unwrap())
-        }));
-        remove.push(timed(|| c.remove_mdev(&u, false).unwrap()));
+        pair(
+            i,
+            || {
+                let u = uuid::Uuid::new_v4().to_string();
+                create.push(timed(|| {
+                    drop(c.create_mdev("mtty", "mtty-2", &u, "").unwrap())
+                }));
+                remove.push(timed(|| c.remove_mdev(&u, false).unwrap()));
+            },
+            || bare.create_remove(&mut c_raw, &mut r_raw),
+        );
     }
     let plus_ping = |raw: &[Duration]| -> Vec<Duration> {
         raw.iter().zip(&ping).map(|(r, p)| *r + *p).collect()
@@ -217,8 +413,8 @@ fn daemon_bench(c_raw: &[Duration], r_raw: &[Duration], n: usize) {
         "operation              D-Bus         bare + ping  ratio   (median of {n}; Ping: {:.2?})",
         median(&ping)
     );
-    report("mdev create over D-Bus", &create, &plus_ping(c_raw));
-    report("mdev remove over D-Bus", &remove, &plus_ping(r_raw));
+    report("mdev create over D-Bus", &create, &plus_ping(&c_raw));
+    report("mdev remove over D-Bus", &remove, &plus_ping(&r_raw));
 }
 
 /// One mtty-2 state moved between two mdevs in this process: total and the time
