@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
-use vf_provisioner::sysfs::read_dec;
+use vf_provisioner::sysfs::{self, read_dec};
 use vf_provisioner::{holders, PciAddress, Sysfs};
 
 use crate::error::{Error, Result};
@@ -127,16 +127,6 @@ impl Mediator {
             }));
         };
         let device = format!("{parent} type {type_id}");
-        if let Some(m) = uuid.and_then(|u| read_mdev(&self.sys, &u)) {
-            return Err(Error::refused(
-                &device,
-                format!(
-                    "UUID {} is in use by an mdev of type {} on {}",
-                    m.uuid, m.type_id, m.parent
-                ),
-                "pick another UUID, or leave it out to get a fresh one",
-            ));
-        }
         // Past capacity the create write succeeds but the vendor driver's probe fails
         // and the mdev stays unbound (REAL-KERNEL rule 11): checked first, to refuse
         // with the cause and the fix instead.
@@ -163,7 +153,21 @@ impl Mediator {
             ));
         }
         let uuid = uuid.unwrap_or_else(Uuid::new_v4);
-        self.write(&device, &tdir.join("create"), &format!("{uuid}\n"))?;
+        // A UUID in use is the kernel's to refuse (EEXIST, nothing changed); it is
+        // looked up only then, to name the mdev that has it.
+        if let Err(e) = self.write(&device, &tdir.join("create"), &format!("{uuid}\n")) {
+            return Err(match read_mdev(&self.sys, &uuid) {
+                Some(m) => Error::refused(
+                    &device,
+                    format!(
+                        "UUID {} is in use by an mdev of type {} on {}",
+                        m.uuid, m.type_id, m.parent
+                    ),
+                    "pick another UUID, or leave it out to get a fresh one",
+                ),
+                None => e,
+            });
+        }
         let mut made = None;
         let bound = self.wait(&uuid.to_string(), "binding its vendor driver", || {
             made = Some(host::read_known(
@@ -188,14 +192,17 @@ impl Mediator {
 
     /// Removes an mdev, refusing while a process (a VMM) holds its VFIO group.
     pub fn remove(&self, uuid: &Uuid) -> Result<()> {
-        let m = read_mdev(&self.sys, uuid).ok_or(Error::NoMdev(*uuid))?;
-        if let Some(who) = held_by(&self.sys, m.iommu_group) {
+        // Only its group is read (who may hold it): without the link it has no
+        // driver, so nothing holds it, or it does not exist.
+        let dir = host::mdev_devices(&self.sys).join(uuid.to_string());
+        let group = sysfs::link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok());
+        if group.is_none() && !dir.exists() {
+            return Err(Error::NoMdev(*uuid));
+        }
+        if let Some(who) = held_by(&self.sys, group) {
             return Err(Error::refused(
                 uuid,
-                format!(
-                    "its VFIO group {} is open by {who}",
-                    m.iommu_group.unwrap_or(0)
-                ),
+                format!("its VFIO group {} is open by {who}", group.unwrap_or(0)),
                 "stop or detach it from the VM first; removing it would block until then",
             ));
         }

@@ -75,6 +75,30 @@ fn a_full_type_is_refused_and_a_raw_create_past_capacity_fails_and_leaves_nothin
 }
 
 #[test]
+fn a_uuid_in_use_is_refused_naming_its_mdev_and_an_unknown_one_is_not_found() {
+    let env = Env::new();
+    let _c = Clean(&env);
+    let m = Mediator::new(env.sys());
+    let d = m.create("mtty", "mtty-2", None).unwrap();
+    let before = available(&m, "mtty-1");
+    let e = m.create("mtty", "mtty-1", Some(d.uuid)).unwrap_err();
+    assert_eq!(e.kind(), Kind::Refused, "{e}");
+    assert!(
+        e.to_string()
+            .contains("in use by an mdev of type mtty-2 on mtty"),
+        "{e}"
+    );
+    assert_eq!(available(&m, "mtty-1"), before, "nothing taken");
+    assert_eq!(m.scan().mdevs.len(), 1);
+    m.remove(&d.uuid).unwrap();
+    let e = m.remove(&d.uuid).unwrap_err();
+    assert!(
+        matches!(e, mediated_dev::Error::NoMdev(u) if u == d.uuid),
+        "{e}"
+    );
+}
+
+#[test]
 fn an_unbound_mdev_cannot_be_bound_again() {
     let env = Env::new();
     let _c = Clean(&env);
