@@ -49,6 +49,54 @@ fn discovery_agrees_with_the_kernel_links_groups_and_ids() {
     );
 }
 
+/// `uevent` as the kernel writes it for `addr`: its DRIVER line and its identity
+/// lines, beside the `driver` link and the `vendor`, `device` and `class` files.
+fn uevent_agrees(env: &Env, addr: &str) {
+    let dir = env.root.join("sys/bus/pci/devices").join(addr);
+    let read = |a: &str| std::fs::read_to_string(dir.join(a)).unwrap();
+    let hex = |a: &str| u32::from_str_radix(read(a).trim().trim_start_matches("0x"), 16).unwrap();
+    let uevent = read("uevent");
+    let line = |key: &str| {
+        uevent
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::to_string)
+    };
+    assert_eq!(line("DRIVER="), env.driver(addr), "{addr}: {uevent}");
+    assert_eq!(
+        line("PCI_ID="),
+        Some(format!("{:04X}:{:04X}", hex("vendor"), hex("device"))),
+        "{addr}"
+    );
+    assert_eq!(
+        line("PCI_CLASS="),
+        Some(format!("{:04X}", hex("class"))),
+        "{addr}"
+    );
+    assert_eq!(line("PCI_SLOT_NAME=").as_deref(), Some(addr));
+    let f = env.func(addr);
+    assert_eq!(
+        (f.vendor_id as u32, f.device_id as u32, f.class),
+        (hex("vendor"), hex("device"), hex("class"))
+    );
+}
+
+#[test]
+fn uevent_names_the_identity_and_follows_the_driver_link() {
+    let env = Env::new();
+    let _r = Restore(&env);
+    let p = env.provisioner();
+    for f in [IGB, NVME, MF0] {
+        uevent_agrees(&env, f);
+    }
+    let vf = p.enable_vfs(&addr(IGB), Some(1)).unwrap()[0].to_string();
+    uevent_agrees(&env, &vf);
+    p.unbind(&addr(&vf), false, None).unwrap();
+    uevent_agrees(&env, &vf);
+    p.bind_vfio(&addr(&vf), false).unwrap();
+    uevent_agrees(&env, &vf);
+}
+
 #[test]
 fn enables_four_vfs_on_igb_and_three_on_nvme() {
     let env = Env::new();

@@ -80,9 +80,7 @@ impl PciFunction {
     /// Reads only the identity: ids and class, what decides whether a function (a
     /// VF's PF) is ours to manage. Every other field is left empty.
     pub fn read_ids(sys: &Sysfs, addr: &PciAddress) -> Option<PciFunction> {
-        let dir = sys.device_dir(addr);
-        let vendor_id = sysfs::read_hex(&dir.join("vendor"))? as u16;
-        let device_id = sysfs::read_hex(&dir.join("device")).unwrap_or(0) as u16;
+        let (vendor_id, device_id, class) = read_identity(&sys.device_dir(addr))?;
         let (vendor_name, device_name) = names::lookup(vendor_id, device_id);
         Some(PciFunction {
             address: *addr,
@@ -91,7 +89,7 @@ impl PciFunction {
             device_id,
             vendor_name,
             device_name,
-            class: sysfs::read_hex(&dir.join("class")).unwrap_or(0),
+            class,
             driver: None,
             driver_override: None,
             numa_node: None,
@@ -137,6 +135,29 @@ fn class_hex<S: serde::Serializer>(class: &u32, s: S) -> Result<S::Ok, S::Error>
 }
 
 /// The reset methods the kernel offers (`reset_method`), in its order.
+/// Vendor, device and class from the function's `uevent` (`PCI_ID=8086:10CA`,
+/// `PCI_CLASS=20000`, as the kernel's `pci_uevent` writes them): one read instead of
+/// three (`vendor`, `device`, `class`), and the identity is what every decision on a
+/// function starts with. The driver is not taken from it: the `driver` link is what
+/// the kernel and every other reader go by.
+fn read_identity(dir: &std::path::Path) -> Option<(u16, u16, u32)> {
+    let text = sysfs::read_opt(&dir.join("uevent"))?;
+    let (mut id, mut class) = (None, None);
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("PCI_ID=") {
+            let (vendor, device) = v.split_once(':')?;
+            id = Some((
+                u16::from_str_radix(vendor, 16).ok()?,
+                u16::from_str_radix(device, 16).ok()?,
+            ));
+        } else if let Some(c) = line.strip_prefix("PCI_CLASS=") {
+            class = u32::from_str_radix(c, 16).ok();
+        }
+    }
+    let (vendor, device) = id?;
+    Some((vendor, device, class?))
+}
+
 pub fn read_reset_methods(dir: &std::path::Path) -> Vec<String> {
     sysfs::read_opt(&dir.join("reset_method"))
         .map(|s| s.split_whitespace().map(str::to_string).collect())

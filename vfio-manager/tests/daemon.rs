@@ -532,7 +532,14 @@ fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let get = || -> std::io::Result<String> {
         let mut s = std::net::TcpStream::connect(addr)?;
-        write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+        // In two segments, as a request may come: the daemon must read up to the
+        // blank line before it answers.
+        s.set_nodelay(true)?;
+        let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+        let (first, rest) = request.split_at(8);
+        s.write_all(first.as_bytes())?;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        s.write_all(rest.as_bytes())?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)

@@ -35,10 +35,9 @@ fn main() {
             "address".into(),
             d.file_name().unwrap().to_string_lossy().into(),
         );
+        // The identity (ids and class) from `uevent`, one read, as vfctl reads it.
         for attr in [
-            "vendor",
-            "device",
-            "class",
+            "uevent",
             "driver_override",
             "numa_node",
             "reset_method",

@@ -108,6 +108,20 @@ pub(crate) fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
+/// A function's `uevent` as the kernel's `pci_uevent` writes it (no DRIVER line:
+/// `attach` adds it): class and ids in upper-case hex, the class without leading
+/// zeros (`%04X` of the 24-bit class).
+fn uevent(f: &FakeFunction, vendor: &str, device: &str) -> io::Result<String> {
+    let class =
+        u32::from_str_radix(&f.class, 16).map_err(|_| err(ErrorKind::InvalidData, "bad class"))?;
+    Ok(format!(
+        "PCI_CLASS={class:04X}\nPCI_ID={}:{}\nPCI_SLOT_NAME={}\n",
+        vendor.to_uppercase(),
+        device.to_uppercase(),
+        f.address
+    ))
+}
+
 pub(crate) fn write_file(path: &Path, data: &str) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
@@ -302,6 +316,7 @@ impl FakeKernel {
         write_file(&dir.join("vendor"), &format!("0x{vendor}\n"))?;
         write_file(&dir.join("device"), &format!("0x{device}\n"))?;
         write_file(&dir.join("class"), &format!("0x{}\n", f.class))?;
+        write_file(&dir.join("uevent"), &uevent(f, &vendor, &device)?)?;
         write_file(&dir.join("numa_node"), &format!("{}\n", f.numa_node))?;
         write_file(&dir.join("driver_override"), "(null)\n")?;
         if !f.reset_methods.is_empty() {
@@ -373,7 +388,26 @@ impl FakeKernel {
         symlink(
             format!("../../../bus/pci/drivers/{driver}"),
             self.real_dev(a).join("driver"),
-        )
+        )?;
+        self.set_uevent_driver(a, Some(driver))
+    }
+
+    /// Keeps `uevent`'s DRIVER line in step with the `driver` link, as the kernel's
+    /// `dev_uevent` does (it puts the line first, when there is a driver).
+    fn set_uevent_driver(&self, a: &PciAddress, driver: Option<&str>) -> io::Result<()> {
+        let path = self.real_dev(a).join("uevent");
+        let old = fs::read_to_string(&path)?;
+        let rest = old.lines().filter(|l| !l.starts_with("DRIVER="));
+        let mut text: String = driver.map_or(String::new(), |d| format!("DRIVER={d}\n"));
+        for l in rest {
+            text.push_str(l);
+            text.push('\n');
+        }
+        // Replaced whole (the kernel's read is atomic; a reader must never see it
+        // half written), from beside the tree where no listing shows it.
+        let tmp = self.root.join(".fake-tmp").join(format!("uevent-{a}"));
+        write_file(&tmp, &text)?;
+        fs::rename(tmp, path)
     }
 
     fn detach(&self, a: &PciAddress) -> io::Result<()> {
@@ -394,6 +428,7 @@ impl FakeKernel {
         }
         // The device's link goes first (see `attach`); the driver's may be gone already.
         fs::remove_file(self.real_dev(a).join("driver"))?;
+        self.set_uevent_driver(a, None)?;
         match fs::remove_file(self.driver_dir(&driver).join(a.to_string())) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
             _ => {}

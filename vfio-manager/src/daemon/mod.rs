@@ -222,9 +222,7 @@ async fn serve_metrics(core: Arc<Core>, listener: tokio::net::TcpListener) {
     while let Ok((mut sock, _)) = listener.accept().await {
         let core = core.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
-            let head = String::from_utf8_lossy(&buf[..n]);
+            let head = read_request_head(&mut sock).await;
             let ok = head.starts_with("GET /metrics ");
             let body = if ok {
                 let c = core.clone();
@@ -242,6 +240,24 @@ async fn serve_metrics(core: Arc<Core>, listener: tokio::net::TcpListener) {
             let _ = sock.write_all(reply.as_bytes()).await;
         });
     }
+}
+
+/// The request line and headers, up to the blank line that ends them (a request
+/// may come in several segments; replying to the first and closing with the rest
+/// unread would reset the scraper's connection), at most 8 KiB, within 5 s.
+async fn read_request_head(sock: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8 << 10 {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read_all).await;
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// Rewrites the textfile (atomically: temp file and rename) every few seconds.
