@@ -92,20 +92,23 @@ pub fn of_group(sys: &Sysfs, group: u32) -> Vec<Holder> {
 /// once; a VMM that opens the group in that instant gets EBUSY, so only checks
 /// before taking a device from every VMM (unbind, reset, remove, release) ask.
 /// None where the node is not a character device (a fake host) or cannot be
-/// opened for another reason.
+/// opened for another reason. Opened first and checked after (an EBUSY comes only
+/// from a device node; an open one is checked through its fd): one path walk.
 fn opened_by_anyone(sys: &Sysfs, group: u32) -> Option<bool> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let node = sys.dev_vfio().join(group.to_string());
-    if !fs::metadata(&node).ok()?.file_type().is_char_device() {
-        return None;
-    }
     match fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(&node)
     {
-        Ok(_) => Some(false),
+        Ok(f) => f
+            .metadata()
+            .ok()?
+            .file_type()
+            .is_char_device()
+            .then_some(false),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Some(true),
         Err(_) => None,
     }
