@@ -215,11 +215,16 @@ impl FakeKernel {
             Path::new("../mdev_supported_types").join(type_id),
             self.root.join(&dev).join("mdev_type"),
         )?;
+        // The kernel's write is one step a killed writer cannot cut; the fake's
+        // are many, and the daemon that runs it may be killed between two. The bus
+        // link, what every reader finds an mdev by, comes first: a device cut off
+        // after it is an unbound mdev (as rule 11 leaves one) that `remove` takes
+        // away; one cut off before it is invisible.
+        self.link(&bus, &dev)?;
         symlink(
             Path::new("../../..").join(uuid),
             tdir.join("devices").join(uuid),
         )?;
-        self.link(&bus, &dev)?;
         let group = self.new_group(&dev, uuid)?;
         let driver = sysfs::read_opt(&pdir.join(".fake_mdev_driver")).unwrap_or_default();
         let drv = PathBuf::from("sys/bus/mdev/drivers").join(&driver);
@@ -266,7 +271,11 @@ impl FakeKernel {
         self.mdev_unbind(dev)?;
         let uuid = dev.file_name().unwrap_or_default().to_owned();
         let tdir = fs::canonicalize(dev.join("mdev_type"))?;
-        fs::remove_file(tdir.join("devices").join(&uuid))?;
+        // Missing where a create was cut off before it (see `mdev_create`).
+        match fs::remove_file(tdir.join("devices").join(&uuid)) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         fs::remove_file(self.root.join("sys/bus/mdev/devices").join(&uuid))?;
         if let Some(g) = self.mdev_group(dev) {
             fs::remove_dir_all(

@@ -22,7 +22,7 @@ pub use mediated::{is_mediated, Incoming};
 
 use super::audit::Audit;
 use super::metrics::Metrics;
-use super::store::{now, LeaseRow, Store};
+use super::store::{now, Guards, LeaseRow, Store};
 use crate::api::{ApiError, DeviceInfo, Lease, LeasedDevice, Request};
 use crate::config::Config;
 
@@ -397,7 +397,7 @@ impl Core {
         .expect("serializes");
         let intent = self
             .store()
-            .begin_intent("provision", &lease_id, &body)
+            .begin_intent("provision", &lease_id, &body, Guards::Kernel)
             .map_err(failed)?;
         for i in 0..steps {
             if let Err(e) = step(i) {
@@ -647,7 +647,7 @@ impl Core {
         let view = self.lease_view(&row);
         let intent = self
             .store()
-            .begin_intent("release", &row.id, "{}")
+            .begin_intent("release", &row.id, "{}", Guards::Kernel)
             .map_err(failed)?;
         self.return_all(&row);
         let drivers = self.drivers_now(&addrs_of(&row));
@@ -771,7 +771,7 @@ impl Core {
             let _alone = self.exclusive();
             let intent = self
                 .store()
-                .begin_intent(op, "", &dev.to_string())
+                .begin_intent(op, "", &dev.to_string(), Guards::Kernel)
                 .map_err(failed)?;
             let r = f();
             let _ = self.store().end_intent(intent);

@@ -1,5 +1,5 @@
 //! Where state is written: the daemon's table in SQLite (WAL). Every write method
-//! returns only once its transaction is on disk, so a committed transaction survives
+//! but the intents' returns only once its transaction is on disk, so a committed transaction survives
 //! a crash or power loss. SQLite runs with synchronous=NORMAL (a commit is a write
 //! to the log, no fsync) and the log is then synced through [`GroupSync`]: concurrent
 //! commits share one fsync instead of queueing one each behind the table's lock.
@@ -8,6 +8,12 @@
 //! Crash protocol: an *intent* row is committed before the kernel is touched, and
 //! removed in the same transaction that records the result. An intent found at
 //! start-up is an operation that was cut off; `Core::recover` settles it.
+//! An intent that guards only kernel state (bindings, VFs, mdevs) is committed to
+//! the log but not synced: that state outlives a daemon crash, as does the log in
+//! the page cache, but not a host crash or power loss, after which the devices come
+//! up fresh and there is nothing left to settle. One that guards files which
+//! outlive the host (mdevctl definitions) is synced first. The result's commit is
+//! synced, and its sync covers the intent written before it.
 //! A device is never in two leases: `lease_devices.address` is the primary key.
 
 use std::collections::BTreeSet;
@@ -70,6 +76,16 @@ pub struct LeaseRow {
     pub request: Request,
     pub devices: Vec<(String, String)>,
     pub created_at: u64,
+}
+
+/// What an operation's intent guards, which decides whether the intent must be on
+/// disk before the operation starts (see the module's note).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guards {
+    /// Kernel state only: gone after a host crash, so the intent may be too.
+    Kernel,
+    /// Files that outlive the host as well (mdevctl definitions).
+    Files,
 }
 
 /// An operation that was started and not recorded as finished.
@@ -182,30 +198,44 @@ impl Store {
 
     /// Runs `f` in one transaction, commits, and returns once the commit is on disk.
     fn write<T>(&self, f: impl FnOnce(&Transaction) -> rusqlite::Result<T>) -> Result<T> {
-        let r = {
-            let mut conn = self.conn();
-            let tx = conn.transaction().map_err(self.err())?;
-            let r = f(&tx).map_err(self.err())?;
-            tx.commit().map_err(self.err())?;
-            r
-        };
+        let r = self.commit(f)?;
         self.synced()?;
         Ok(r)
     }
 
-    /// Records that `op` on `lease_id` is about to touch the kernel.
-    pub fn begin_intent(&self, op: &str, lease_id: &str, body: &str) -> Result<i64> {
-        self.write(|tx| {
+    /// Runs `f` in one transaction and commits it to the log, not synced: it
+    /// survives the daemon, not the host (intents; see the module's note).
+    fn commit<T>(&self, f: impl FnOnce(&Transaction) -> rusqlite::Result<T>) -> Result<T> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err())?;
+        let r = f(&tx).map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(r)
+    }
+
+    /// Records that `op` on `lease_id` is about to touch what `guards` names.
+    pub fn begin_intent(
+        &self,
+        op: &str,
+        lease_id: &str,
+        body: &str,
+        guards: Guards,
+    ) -> Result<i64> {
+        let id = self.commit(|tx| {
             tx.prepare_cached(
                 "INSERT INTO intents (op, lease_id, body, started_at) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![op, lease_id, body, now() as i64])?;
             Ok(tx.last_insert_rowid())
-        })
+        })?;
+        if guards == Guards::Files {
+            self.synced()?;
+        }
+        Ok(id)
     }
 
     pub fn end_intent(&self, id: i64) -> Result<()> {
-        self.write(|tx| end_intent(tx, id))
+        self.commit(|tx| end_intent(tx, id))
     }
 
     pub fn intents(&self) -> Result<Vec<Intent>> {

@@ -18,7 +18,7 @@ use vf_provisioner::PciAddress;
 
 use super::{failed, Core};
 use crate::api::{ApiError, LeasedDevice, MdevInfo, MigrationInfo, MigrationStats, Request};
-use crate::daemon::store::LeaseRow;
+use crate::daemon::store::{Guards, LeaseRow};
 
 /// In a lease's device list: the lease created this mdev; its release removes it.
 pub(super) const MADE_MDEV: &str = "@mdev";
@@ -168,7 +168,15 @@ impl Core {
         let body = serde_json::to_string(&undo).expect("serializes");
         let r = self.timed(op, || {
             let _one = self.mediating();
-            let intent = self.store().begin_intent(op, "", &body).map_err(failed)?;
+            let guards = if undo.remove_definition {
+                Guards::Files
+            } else {
+                Guards::Kernel
+            };
+            let intent = self
+                .store()
+                .begin_intent(op, "", &body, guards)
+                .map_err(failed)?;
             let r = f();
             let _ = self.store().end_intent(intent);
             r
@@ -497,7 +505,7 @@ impl Core {
         .expect("serializes");
         let intent = self
             .store()
-            .begin_intent("mdev-incoming", "", &body)
+            .begin_intent("mdev-incoming", "", &body, Guards::Kernel)
             .map_err(failed)?;
         self.audit.record(
             uid,
