@@ -316,7 +316,7 @@ impl FakeKernel {
         write_file(&dir.join("vendor"), &format!("0x{vendor}\n"))?;
         write_file(&dir.join("device"), &format!("0x{device}\n"))?;
         write_file(&dir.join("class"), &format!("0x{}\n", f.class))?;
-        write_file(&dir.join("uevent"), &uevent(f, &vendor, &device)?)?;
+        write_file(&dir.join("uevent"), &uevent(f, vendor, device)?)?;
         write_file(&dir.join("numa_node"), &format!("{}\n", f.numa_node))?;
         write_file(&dir.join("driver_override"), "(null)\n")?;
         if !f.reset_methods.is_empty() {
