@@ -134,7 +134,6 @@ fn class_hex<S: serde::Serializer>(class: &u32, s: S) -> Result<S::Ok, S::Error>
     s.collect_str(&format_args!("{class:06x}"))
 }
 
-/// The reset methods the kernel offers (`reset_method`), in its order.
 /// Vendor, device and class from the function's `uevent` (`PCI_ID=8086:10CA`,
 /// `PCI_CLASS=20000`, as the kernel's `pci_uevent` writes them): one read instead of
 /// three (`vendor`, `device`, `class`), and the identity is what every decision on a
@@ -158,6 +157,7 @@ fn read_identity(dir: &std::path::Path) -> Option<(u16, u16, u32)> {
     Some((vendor, device, class?))
 }
 
+/// The reset methods the kernel offers (`reset_method`), in its order.
 pub fn read_reset_methods(dir: &std::path::Path) -> Vec<String> {
     sysfs::read_opt(&dir.join("reset_method"))
         .map(|s| s.split_whitespace().map(str::to_string).collect())
