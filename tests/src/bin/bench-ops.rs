@@ -54,13 +54,21 @@ fn timed(f: impl FnOnce()) -> Duration {
     t.elapsed()
 }
 
+/// Each side's median and the median of the pairs' ratios (iteration i of one
+/// side beside iteration i of the other, timed next to each other): the machine's
+/// drift between iterations, which moves both sides of a pair alike, cancels.
 fn report(name: &str, ours: &[Duration], raw: &[Duration]) {
-    let (o, r) = (median(ours), median(raw));
+    let mut ratios: Vec<f64> = ours
+        .iter()
+        .zip(raw)
+        .map(|(o, r)| o.as_secs_f64() / r.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
     println!(
         "{name:<22} {:>10.2?} {:>10.2?} {:>7.2}x",
-        o,
-        r,
-        o.as_secs_f64() / r.as_secs_f64()
+        median(ours),
+        median(raw),
+        ratios[ratios.len() / 2]
     );
 }
 
@@ -149,7 +157,7 @@ fn vf_bench(sys: &Sysfs, n: usize) {
         );
     }
     p.disable_vfs(&pf).unwrap();
-    println!("operation              vf-provisioner  bare sysfs   ratio   (median of {n})");
+    println!("operation              vf-provisioner  bare sysfs   ratio   (medians of {n}, ratio of the median pair)");
     report("enable 4 VFs", &en, &en_raw);
     report("disable VFs", &dis, &dis_raw);
     report("bind VF to vfio-pci", &bind, &bind_raw);
@@ -277,7 +285,7 @@ fn mdev_bench(sys: &Sysfs, n: usize) {
             || bare.create_remove(&mut c_raw, &mut r_raw),
         );
     }
-    println!("operation              mediated-dev  bare sysfs   ratio   (median of {n})");
+    println!("operation              mediated-dev  bare sysfs   ratio   (medians of {n}, ratio of the median pair)");
     report("mdev create (mtty-2)", &c, &c_raw);
     report("mdev remove", &r, &r_raw);
     mdev_timelines(sys, n);
@@ -332,7 +340,7 @@ fn mdev_bench(sys: &Sysfs, n: usize) {
         );
         exec.push(timed(|| run(&mut Command::new("/bin/true"))));
     }
-    println!("operation              vfctl        mdevctl      ratio   (median of {n}; exec of /bin/true: {:.2?})", median(&exec));
+    println!("operation              vfctl        mdevctl      ratio   (medians of {n}, ratio of the median pair; exec of /bin/true: {:.2?})", median(&exec));
     report("create+remove (exec)", &ours, &theirs);
     migrate_bench(sys, &m, n);
 }
@@ -410,7 +418,7 @@ fn daemon_bench(sys: &Sysfs, n: usize) {
         raw.iter().zip(&ping).map(|(r, p)| *r + *p).collect()
     };
     println!(
-        "operation              D-Bus         bare + ping  ratio   (median of {n}; Ping: {:.2?})",
+        "operation              D-Bus         bare + ping  ratio   (medians of {n}, ratio of the median pair; Ping: {:.2?})",
         median(&ping)
     );
     report("mdev create over D-Bus", &create, &plus_ping(&c_raw));
