@@ -97,7 +97,10 @@ fn a_create_that_loses_a_race_for_capacity_leaves_nothing() {
     std::fs::write(tdir.join("available_instances"), "1\n").unwrap();
     let m = m.with_timeout(std::time::Duration::from_millis(50));
     let e = m.create("mtty", "mtty-2", None).unwrap_err();
-    assert!(e.to_string().contains("no instance of this type fits"), "{e}");
+    assert!(
+        e.to_string().contains("no instance of this type fits"),
+        "{e}"
+    );
     assert!(m.scan().mdevs.is_empty(), "nothing left behind");
 }
 

@@ -147,6 +147,26 @@ fn binds_a_vf_to_vfio_pci_and_returns_it_to_its_host_driver() {
 }
 
 #[test]
+fn returns_a_vf_to_its_host_driver_while_its_pf_has_autoprobe_off() {
+    let env = Env::new();
+    let _r = Restore(&env);
+    let p = env.provisioner();
+    let sys = env.sys();
+    let vf = p.enable_vfs(&addr(IGB), Some(1)).unwrap()[0];
+    p.bind_vfio(&vf, false).unwrap();
+    let autoprobe = sys.device_attr(&addr(IGB), "sriov_drivers_autoprobe");
+    sys.write(&addr(IGB), &autoprobe, "0").unwrap();
+    // The kernel does not probe a VF of such a PF without an override (rule 3).
+    p.unbind(&vf, false, None).unwrap();
+    assert_eq!(env.driver(&vf.to_string()).as_deref(), Some("igbvf"));
+    assert!(
+        !env.func(IGB).sriov.unwrap().drivers_autoprobe,
+        "the PF's autoprobe is left as it was"
+    );
+    sys.write(&addr(IGB), &autoprobe, "1").unwrap();
+}
+
+#[test]
 fn refuses_a_bind_that_leaves_the_group_non_viable_and_binds_the_whole_group_on_request() {
     let env = Env::new();
     let _r = Restore(&env);

@@ -164,14 +164,16 @@ fn explain_errno(path: &Path, e: &io::Error) -> String {
 }
 
 /// Reads a sysfs attribute as trimmed text; `None` if it does not exist.
-///
+pub fn read_opt(path: &Path) -> Option<String> {
+    read_file(fs::File::open(path).ok()?)
+}
+
 /// open, one read, close: the kernel hands over an attribute (at most a page) in one
 /// read, and a short read of a regular file is its end, so this skips the `statx` and
 /// the second read that `fs::read_to_string` spends on every file. Attributes are
 /// read a dozen times per device per operation, so this is most of a lease's syscalls.
-pub fn read_opt(path: &Path) -> Option<String> {
+fn read_file(mut f: fs::File) -> Option<String> {
     use std::io::Read;
-    let mut f = fs::File::open(path).ok()?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 4096];
     loop {
@@ -187,6 +189,40 @@ pub fn read_opt(path: &Path) -> Option<String> {
     }
     let s = String::from_utf8(buf).ok()?;
     Some(s.trim_end().to_string())
+}
+
+/// A directory held open (`O_PATH`), whose entries are then read by name relative to
+/// it. A path like `/sys/bus/pci/devices/ADDR/attr` is a walk of a dozen components
+/// through the bus's symlink on every open or readlink; through the held directory
+/// each read walks one name. Reading the five attributes a bind decides on this way
+/// costs a third less (measured on this host; more under emulation, where every
+/// kernel instruction counts).
+pub struct Dir(std::os::fd::OwnedFd);
+
+impl Dir {
+    pub fn open(path: &Path) -> Option<Dir> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        rustix::fs::open(path, flags, Mode::empty()).ok().map(Dir)
+    }
+
+    /// Like [`read_opt`], for the entry `name`.
+    pub fn read(&self, name: &str) -> Option<String> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.0, name, flags, Mode::empty()).ok()?;
+        read_file(fs::File::from(fd))
+    }
+
+    /// Like [`link_name`], for the entry `name`.
+    pub fn link_name(&self, name: &str) -> Option<String> {
+        let target = rustix::fs::readlinkat(&self.0, name, Vec::new()).ok()?;
+        let target = target.to_str().ok()?;
+        Path::new(target)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+    }
 }
 
 /// Reads a hex attribute such as `vendor` (`0x8086`).

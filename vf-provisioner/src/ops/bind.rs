@@ -210,27 +210,18 @@ impl Provisioner {
         )
     }
 
-    /// `drivers_probe` and wait for the driver link. With no override a VF whose PF
-    /// has autoprobe off cannot probe, so autoprobe is turned on around the probe.
+    /// `drivers_probe` and wait for the driver link.
     fn probe(&self, f: &PciFunction, target: Target) -> Option<String> {
         let a = f.address;
-        let pf_autoprobe = match (target, f.physfn) {
-            (Target::HostMatch, Some(pf)) => {
-                let path = self.sys.device_attr(&pf, "sriov_drivers_autoprobe");
-                (crate::sysfs::read_opt(&path).as_deref() == Some("0")).then_some((pf, path))
-            }
-            _ => None,
-        };
-        if let Some((pf, path)) = &pf_autoprobe {
-            let _ = self.sys.write(pf, path, "1");
-        }
+        let link = || crate::sysfs::link_name(&self.sys.device_attr(&a, "driver"));
         let _ = self
             .sys
             .write(&a, &self.sys.drivers_probe(), &a.to_string());
-        if let Some((pf, path)) = &pf_autoprobe {
-            let _ = self.sys.write(pf, path, "0");
+        let mut now = link();
+        if now.is_none() && matches!(target, Target::HostMatch) {
+            self.probe_past_autoprobe(f);
+            now = link();
         }
-        let link = || crate::sysfs::link_name(&self.sys.device_attr(&a, "driver"));
         // Drivers with asynchronous probe (nvme) bind a little after the write returns.
         let timeout = match target {
             Target::Driver(_) => self.timeouts.bind,
@@ -240,12 +231,31 @@ impl Provisioner {
             Target::Driver(d) => l.as_deref() == Some(d),
             _ => l.is_some(),
         };
-        let mut now = None;
-        wait_until(timeout, || {
-            now = link();
-            wanted(&now)
-        });
+        if !wanted(&now) {
+            wait_until(timeout, || {
+                now = link();
+                wanted(&now)
+            });
+        }
         now
+    }
+
+    /// With no override a VF whose PF has autoprobe off cannot probe: autoprobe is
+    /// turned on around a second probe. Read only after a probe found no driver, as
+    /// autoprobe is on but while VFs are being enabled.
+    fn probe_past_autoprobe(&self, f: &PciFunction) {
+        let Some(pf) = f.physfn else { return };
+        let path = self.sys.device_attr(&pf, "sriov_drivers_autoprobe");
+        if crate::sysfs::read_opt(&path).as_deref() != Some("0") {
+            return;
+        }
+        let _ = self.sys.write(&pf, &path, "1");
+        let _ = self.sys.write(
+            &f.address,
+            &self.sys.drivers_probe(),
+            &f.address.to_string(),
+        );
+        let _ = self.sys.write(&pf, &path, "0");
     }
 }
 
