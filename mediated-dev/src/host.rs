@@ -96,6 +96,15 @@ pub fn mdev_devices(sys: &Sysfs) -> PathBuf {
     sys.root().join("sys/bus/mdev/devices")
 }
 
+/// Whether an mdev with this UUID exists: one `lstat` of its bus entry, where
+/// [`read_mdev`] reads two links.
+pub fn mdev_exists(sys: &Sysfs, uuid: &Uuid) -> bool {
+    mdev_devices(sys)
+        .join(uuid.to_string())
+        .symlink_metadata()
+        .is_ok()
+}
+
 pub fn type_dir(sys: &Sysfs, parent: &str, type_id: &str) -> PathBuf {
     mdev_bus(sys)
         .join(parent)

@@ -10,6 +10,7 @@
 //! and every timed operation starts after the same pause, so that neither side
 //! inherits the other's aftermath (a driver's deferred work, a uevent's handlers).
 
+use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,7 @@ fn main() {
     let sys = Sysfs::open(&root).expect("sysfs root");
     let run = |name: &str| part.is_empty() || part == name;
     if run("vfs") {
+        syscall_costs(&sys);
         vf_bench(&sys, n);
     }
     if run("mdev") {
@@ -91,6 +93,45 @@ fn main() {
     if run("dbus") {
         daemon_bench(&sys, n);
     }
+}
+
+/// What one syscall costs on this host, and what walking a long sysfs path adds to
+/// it: the unit that the "(reads)" lines of the timelines below are made of.
+fn syscall_costs(sys: &Sysfs) {
+    const N: u32 = 200;
+    let each = |f: &dyn Fn()| {
+        let t = Instant::now();
+        for _ in 0..N {
+            f();
+        }
+        t.elapsed() / N
+    };
+    let dev = sys.device_dir(&addr(IGB));
+    let dir = vf_provisioner::sysfs::Dir::open(&dev).expect("the igb PF");
+    let (uevent, link) = (dev.join("uevent"), dev.join("driver"));
+    println!(
+        "one syscall here: getppid {:.1?}; readlink of a device's link by path {:.1?}, \
+         through a dir fd {:.1?}; attribute open+read+close by path {:.1?}, through a \
+         dir fd {:.1?}; dir fd open+close {:.1?}",
+        each(&|| {
+            black_box(std::os::unix::process::parent_id());
+        }),
+        each(&|| {
+            black_box(vf_provisioner::sysfs::link_name(&link));
+        }),
+        each(&|| {
+            black_box(dir.link_name("driver"));
+        }),
+        each(&|| {
+            black_box(vf_provisioner::sysfs::read_opt(&uevent));
+        }),
+        each(&|| {
+            black_box(dir.read("uevent"));
+        }),
+        each(&|| {
+            black_box(vf_provisioner::sysfs::Dir::open(&dev));
+        }),
+    );
 }
 
 /// Runs the two sides of a pair, ours first on even iterations and the bare

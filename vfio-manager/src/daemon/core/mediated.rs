@@ -7,7 +7,7 @@
 use std::net::TcpListener;
 use std::sync::MutexGuard;
 
-use mediated_dev::host::{read_mdev, read_vgpu};
+use mediated_dev::host::{mdev_exists, read_mdev, read_vgpu};
 use mediated_dev::migration::{self as mig, net, VfioMigration};
 use mediated_dev::plan::Target;
 use mediated_dev::{parse_uuid, Definition, Mdev, MdevHost, Mediator, Start, Store, Want};
@@ -87,10 +87,10 @@ impl Core {
         define: &str,
         uid: u32,
     ) -> Result<MdevInfo, ApiError> {
-        let uuid = if uuid.is_empty() {
-            Uuid::new_v4()
+        let (uuid, fresh) = if uuid.is_empty() {
+            (Uuid::new_v4(), true)
         } else {
-            uuid_arg(uuid)?
+            (uuid_arg(uuid)?, false)
         };
         let start = match define {
             "" => None,
@@ -111,10 +111,10 @@ impl Core {
                 attrs: vec![],
             },
         });
-        // An mdev already there is not this create's to undo.
+        // An mdev already there is not this create's to undo (a fresh UUID is not).
         let undo = MdevIntent {
             uuid,
-            remove_mdev: read_mdev(&self.sys, &uuid).is_none(),
+            remove_mdev: fresh || !mdev_exists(&self.sys, &uuid),
             remove_definition: def.is_some(),
         };
         self.mdev_op("mdev-create", undo, uid, || {
@@ -145,8 +145,9 @@ impl Core {
             remove_definition: undefine,
         };
         self.mdev_op("mdev-remove", undo, uid, || {
-            let active = read_mdev(&self.sys, &uuid).is_some();
-            if active || !undefine {
+            // Without `undefine` the kernel's answer says whether it existed.
+            let active = !undefine || mdev_exists(&self.sys, &uuid);
+            if active {
                 self.mediator().remove(&uuid)?;
             }
             if undefine && !self.definitions().remove(&uuid)? && !active {
