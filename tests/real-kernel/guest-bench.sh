@@ -7,7 +7,7 @@ cp -r /mnt/host/mdevctl /tmp/mdevctl
 # mdevctl needs its script directories.
 mkdir -p /etc/mdevctl.d/scripts.d/callouts /etc/mdevctl.d/scripts.d/notifiers
 # The VF and mdev rows first, with nothing else running: the daemon re-reads sysfs
-# on the uevents each bind, unbind, create and remove raises, which would land
+# on the uevents each bind and unbind raises, which would land
 # inside the next timing.
 /tmp/bench-ops / 10 vfs || echo "GUEST-FAIL bench-ops vfs"
 /tmp/bench-ops / 10 mdev || echo "GUEST-FAIL bench-ops mdev"

@@ -177,8 +177,8 @@ async fn run(opts: Options) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads uevents on a thread; a burst (enabling 4 VFs is ~20 events) is settled
-/// with one re-read of sysfs.
+/// Reads uevents on a thread; a burst (enabling 4 VFs is ~20 events) with a PCI
+/// event in it is settled with one re-read of sysfs.
 fn follow_uevents(core: Arc<Core>, conn: Connection) {
     let listener = match uevent::Listener::open() {
         Ok(l) => l,
@@ -196,9 +196,18 @@ fn follow_uevents(core: Arc<Core>, conn: Connection) {
         }
     });
     tokio::spawn(async move {
-        while rx.recv().await.is_some() {
+        while let Some(first) = rx.recv().await {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            while rx.try_recv().is_ok() {}
+            let mut pci = first.subsystem == "pci";
+            while let Ok(ev) = rx.try_recv() {
+                pci |= ev.subsystem == "pci";
+            }
+            // The table holds PCI functions: an mdev's events (and its VFIO
+            // group's) change no row, and a re-read costs a read of every
+            // function's attributes (tens of milliseconds under emulation).
+            if !pci {
+                continue;
+            }
             let c = core.clone();
             let changes = tokio::task::spawn_blocking(move || {
                 let _ = c.refresh();
