@@ -194,9 +194,10 @@ fn read_file(mut f: fs::File) -> Option<String> {
 /// A directory held open (`O_PATH`), whose entries are then read by name relative to
 /// it. A path like `/sys/bus/pci/devices/ADDR/attr` is a walk of a dozen components
 /// through the bus's symlink on every open or readlink; through the held directory
-/// each read walks one name. Reading the five attributes a bind decides on this way
-/// costs a third less (measured on this host; more under emulation, where every
-/// kernel instruction counts).
+/// each read walks one name. Measured in the emulated host (`make bench-real-kernel`
+/// prints it): a readlink 143 -> 74 µs, an attribute read 289 -> 193 µs, for one
+/// open of the directory (96 µs with its close); a bind's five reads of one
+/// function cost ~0.3 ms less.
 pub struct Dir(std::os::fd::OwnedFd);
 
 impl Dir {
