@@ -120,7 +120,7 @@ impl Mediator {
         let create = host::type_dir(&self.sys, parent, type_id).join("create");
         let device = format!("{parent} type {type_id}");
         if let Err(e) = self.write(&device, &create, &format!("{uuid}\n")) {
-            return Err(self.why_not_created(parent, type_id, &uuid, e));
+            return Err(self.why_not_created(&device, parent, type_id, &uuid, e));
         }
         let mut made = None;
         let bound = self.wait(&uuid.to_string(), "binding its vendor driver", || {
@@ -144,13 +144,20 @@ impl Mediator {
         made.ok_or(Error::NoMdev(uuid))
     }
 
-    /// The refusal a failed create write stands for, named from what is there now.
-    fn why_not_created(&self, parent: &str, type_id: &str, uuid: &Uuid, e: Error) -> Error {
+    /// The refusal a failed create write of `device` (`parent type type_id`)
+    /// stands for, named from what is there now.
+    fn why_not_created(
+        &self,
+        device: &str,
+        parent: &str,
+        type_id: &str,
+        uuid: &Uuid,
+        e: Error,
+    ) -> Error {
         let errno = match &e {
             Error::KernelWrite { source, .. } => source.raw_os_error(),
             _ => None,
         };
-        let device = format!("{parent} type {type_id}");
         match errno {
             Some(libc::ENOENT) if !host::mdev_bus(&self.sys).join(parent).exists() => {
                 Error::NoParent(parent.into())
@@ -161,7 +168,7 @@ impl Mediator {
             }
             Some(libc::EEXIST) => match read_mdev(&self.sys, uuid) {
                 Some(m) => Error::refused(
-                    &device,
+                    device,
                     format!(
                         "UUID {} is in use by an mdev of type {} on {}",
                         m.uuid, m.type_id, m.parent
@@ -170,13 +177,13 @@ impl Mediator {
                 ),
                 None => e,
             },
-            Some(libc::ENOSPC | libc::EUSERS) => self.full(parent, type_id),
+            Some(libc::ENOSPC | libc::EUSERS) => self.full(device, parent, type_id),
             _ => e,
         }
     }
 
     /// Why a type has no room, with the types of the parent that do.
-    fn full(&self, parent: &str, type_id: &str) -> Error {
+    fn full(&self, device: &str, parent: &str, type_id: &str) -> Error {
         let p = host::read_parent(&self.sys, parent.into());
         let in_use = p.find_type(type_id).map_or(0, |t| t.devices.len());
         let room: Vec<String> = p
@@ -186,7 +193,7 @@ impl Mediator {
             .map(|o| format!("{} ({} free)", o.id, o.available_instances))
             .collect();
         Error::refused(
-            format!("{parent} type {type_id}"),
+            device,
             format!("no instance of this type fits ({in_use} in use)"),
             if room.is_empty() {
                 format!("remove an mdev from {parent} (`vfctl mdev list`)")
