@@ -218,11 +218,7 @@ impl Dir {
     /// Like [`link_name`], for the entry `name`.
     pub fn link_name(&self, name: &str) -> Option<String> {
         let target = rustix::fs::readlinkat(&self.0, name, Vec::new()).ok()?;
-        let target = target.to_str().ok()?;
-        Path::new(target)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_string)
+        last_name(Path::new(target.to_str().ok()?))
     }
 }
 
@@ -238,11 +234,11 @@ pub fn read_dec<T: std::str::FromStr>(path: &Path) -> Option<T> {
 
 /// The last component of a symlink's target (`driver` -> `../../bus/pci/drivers/igb`).
 pub fn link_name(path: &Path) -> Option<String> {
-    let target = fs::read_link(path).ok()?;
-    target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_string)
+    last_name(&fs::read_link(path).ok()?)
+}
+
+fn last_name(target: &Path) -> Option<String> {
+    target.file_name()?.to_str().map(str::to_string)
 }
 
 /// Names of a directory's entries, sorted; empty if it cannot be read.

@@ -214,9 +214,7 @@ impl Provisioner {
     fn probe(&self, f: &PciFunction, target: Target) -> Option<String> {
         let a = f.address;
         let link = || crate::sysfs::link_name(&self.sys.device_attr(&a, "driver"));
-        let _ = self
-            .sys
-            .write(&a, &self.sys.drivers_probe(), &a.to_string());
+        self.drivers_probe(&a);
         let mut now = link();
         if now.is_none() && matches!(target, Target::HostMatch) {
             self.probe_past_autoprobe(f);
@@ -241,8 +239,8 @@ impl Provisioner {
     }
 
     /// With no override a VF whose PF has autoprobe off cannot probe: autoprobe is
-    /// turned on around a second probe. Read only after a probe found no driver, as
-    /// autoprobe is on but while VFs are being enabled.
+    /// turned on around a second probe. It is read only after a probe found no
+    /// driver: it is off only while VFs are being enabled.
     fn probe_past_autoprobe(&self, f: &PciFunction) {
         let Some(pf) = f.physfn else { return };
         let path = self.sys.device_attr(&pf, "sriov_drivers_autoprobe");
@@ -250,12 +248,13 @@ impl Provisioner {
             return;
         }
         let _ = self.sys.write(&pf, &path, "1");
-        let _ = self.sys.write(
-            &f.address,
-            &self.sys.drivers_probe(),
-            &f.address.to_string(),
-        );
+        self.drivers_probe(&f.address);
         let _ = self.sys.write(&pf, &path, "0");
+    }
+
+    /// Asks the kernel to probe `a`; whether a driver took it is read from its link.
+    fn drivers_probe(&self, a: &PciAddress) {
+        let _ = self.sys.write(a, &self.sys.drivers_probe(), &a.to_string());
     }
 }
 
