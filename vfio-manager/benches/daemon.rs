@@ -8,7 +8,7 @@
 //! Then, one client, CreateMdev + RemoveMdev on the fake mtty beside Ping: the
 //! daemon's own cost per mdev operation, which the emulated host's `make
 //! bench-real-kernel` measures against the bare sysfs writes under TCG.
-//! Usage: cargo bench -p vfio-manager --bench daemon [-- ROUNDS]   (default 20 per client;
+//! Usage: cargo bench -p vfio-manager --bench daemon [-- ROUNDS]   (default 50 per client;
 //! CLIENTS=N for another concurrency)
 
 #[path = "../tests/common/mod.rs"]
@@ -105,7 +105,7 @@ fn main() {
     let rounds: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(50);
     let clients = *CLIENTS;
     let bus = Arc::new(common::Bus::open());
     // 16 PFs x 4 VFs: every client can hold one while the others do.
@@ -141,7 +141,8 @@ fn main() {
         ("Peer.Ping (bus round trip, after)", &pings2, None),
     ] {
         let c = c.map_or(String::new(), |c| {
-            format!("             {:>8.0?} {:>8.0?} {:>8.0?}", c[0], c[1], c[2])
+            let [d, b, k] = c.map(|t| format!("{}µs", t.as_micros()));
+            format!("             {d:>8} {b:>8} {k:>8}")
         });
         println!(
             "{name:<44} {:>10.2?} {:>10.2?}{c}",
@@ -149,12 +150,17 @@ fn main() {
             pct(v, 0.99)
         );
     }
-    let ping_p99 = pct(&pings, 0.99).max(pct(&pings2, 0.99));
-    println!(
-        "ratio p99 round trip / p99 Ping: {:.2}x (target <= 3x per call: {:.2}x per call)",
-        pct(&trips, 0.99).as_secs_f64() / ping_p99.as_secs_f64(),
-        pct(&trips, 0.99).as_secs_f64() / 2.0 / ping_p99.as_secs_f64()
-    );
+    // Ping's tail on a busy 2-core machine swings by 3x between phases: its p99 is
+    // taken over both phases' samples together, not the larger of the two.
+    let mut all_pings = [pings, pings2].concat();
+    all_pings.sort();
+    for (name, p, target) in [("p99", 0.99, " (target <= 3x per call)"), ("p50", 0.5, "")] {
+        let r = pct(&trips, p).as_secs_f64() / pct(&all_pings, p).as_secs_f64();
+        println!(
+            "ratio {name} round trip / {name} Ping (both Ping phases): {r:.2}x, {:.2}x per call{target}",
+            r / 2.0
+        );
+    }
     drop(d);
     mdev_phase(&bus, 300);
 }

@@ -511,18 +511,30 @@ impl FakeKernel {
     }
 
     /// device_attach(): first matching driver wins. Returns whether one bound.
+    /// With an override only that driver can match, so only it is tried.
     fn probe(&self, a: &PciAddress) -> io::Result<bool> {
         if !self.can_probe(a) {
             return Ok(false);
         }
-        for d in self.all_drivers() {
-            if self.matches(a, &d) {
-                if d == VFIO_PCI && self.group_of(a).is_none() {
-                    continue; // vfio-pci probe fails with -EINVAL without an IOMMU group
-                }
-                self.attach(a, &d)?;
-                return Ok(true);
+        let candidates = match self.override_of(a) {
+            // An override naming no loaded driver matches nothing.
+            Some(o) => vec![o]
+                .into_iter()
+                .filter(|d| self.driver_dir(d).is_dir())
+                .collect(),
+            None => {
+                let id = self.id_of(a);
+                let mut all = self.all_drivers();
+                all.retain(|d| self.driver_ids(d).contains(&id));
+                all
             }
+        };
+        for d in candidates {
+            if d == VFIO_PCI && self.group_of(a).is_none() {
+                continue; // vfio-pci probe fails with -EINVAL without an IOMMU group
+            }
+            self.attach(a, &d)?;
+            return Ok(true);
         }
         Ok(false)
     }

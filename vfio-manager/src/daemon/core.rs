@@ -5,7 +5,6 @@
 //! it); operations that change which functions exist run alone (`ops` lock).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -47,8 +46,6 @@ pub struct Core {
     mediating: Mutex<()>,
     /// Devices that failed since the bus layer last looked, with why.
     failures: Mutex<Vec<(String, String)>>,
-    /// VFs may have appeared or vanished since the table was last re-read.
-    topology_changed: AtomicBool,
     /// Functions that appeared and vanished, not yet published.
     changes: Mutex<(Vec<String>, Vec<String>)>,
     config: Config,
@@ -165,7 +162,6 @@ impl Core {
             enabling: Mutex::new(()),
             mediating: Mutex::new(()),
             failures: Mutex::new(Vec::new()),
-            topology_changed: AtomicBool::new(false),
             changes: Mutex::new((Vec::new(), Vec::new())),
             config,
             audit,
@@ -270,14 +266,9 @@ impl Core {
             .collect()
     }
 
-    /// The functions that appeared and vanished since the last call, re-reading the
-    /// table first if an operation may have changed which functions exist.
+    /// The functions that appeared and vanished since the last call (a lock and a
+    /// swap: the bus's threads call it).
     pub fn take_changes(&self) -> (Vec<String>, Vec<String>) {
-        if self.topology_changed.swap(false, Ordering::SeqCst) {
-            if let Err(e) = self.refresh() {
-                eprintln!("vfio-manager: cannot re-read the table: {e}");
-            }
-        }
         std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -775,9 +766,12 @@ impl Core {
                 .map_err(failed)?;
             let r = f();
             let _ = self.store().end_intent(intent);
-            self.topology_changed.store(true, Ordering::SeqCst);
             r
         });
+        // It may have changed which functions exist (VFs enabled or disabled).
+        if let Err(e) = self.refresh() {
+            eprintln!("vfio-manager: cannot re-read the table: {e}");
+        }
         let outcome = r
             .as_ref()
             .map_or_else(ToString::to_string, |_| "ok".to_string());

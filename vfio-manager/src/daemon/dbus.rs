@@ -90,10 +90,8 @@ impl Manager {
         for (addr, why) in self.core.take_failures() {
             let _ = Manager::device_failed(emitter, &addr, &why).await;
         }
-        let core = self.core.clone();
-        if let Ok((added, removed)) = blocking(move || Ok(core.take_changes())).await {
-            publish(&self.core, conn, &added, &removed).await;
-        }
+        let (added, removed) = self.core.take_changes();
+        publish(&self.core, conn, &added, &removed).await;
     }
 
     /// A direct request (enable, disable, bind, unbind): check the caller, run `op`
