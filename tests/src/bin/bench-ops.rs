@@ -302,6 +302,45 @@ fn vf_timelines(sys: &Sysfs, filter: DeviceFilter, vf: &PciAddress, n: usize) {
     }
     bind.print();
     unbind.print();
+    bind_checks(sys, &p, vf, n);
+}
+
+/// The reads before a bind's first write, one by one, each time right after the
+/// VF came back to its host driver (as in the bind timed above): which check
+/// costs what when the kernel's sysfs nodes for the VF are fresh.
+fn bind_checks(sys: &Sysfs, p: &Provisioner, vf: &PciAddress, n: usize) {
+    use vf_provisioner::host::group_members;
+    use vf_provisioner::PciFunction;
+    let names = [
+        "the VF's brief (uevent, links, override)",
+        "its PF's ids",
+        "host-critical (net interface up?)",
+        "its IOMMU group's members",
+    ];
+    let mut runs: Vec<[Duration; 4]> = Vec::new();
+    for _ in 0..n {
+        drop(p.bind_vfio(vf, false).unwrap());
+        std::thread::sleep(SETTLE);
+        drop(p.unbind(vf, false, None).unwrap());
+        std::thread::sleep(SETTLE);
+        let t = Instant::now();
+        let f = PciFunction::read_brief(sys, vf).expect("the VF");
+        let t1 = Instant::now();
+        black_box(PciFunction::read_ids(sys, &f.physfn.expect("a VF")));
+        let t2 = Instant::now();
+        black_box(vf_provisioner::ops::host_critical(sys, &f));
+        let t3 = Instant::now();
+        black_box(group_members(sys, f.iommu_group.expect("a group")));
+        let t4 = Instant::now();
+        runs.push([t1 - t, t2 - t1, t3 - t2, t4 - t3]);
+    }
+    println!(
+        "where the reads before our bind's first write go (median of {n}, fresh after a probe):"
+    );
+    for (i, name) in names.iter().enumerate() {
+        let t = median(&runs.iter().map(|r| r[i]).collect::<Vec<_>>());
+        println!("  {name:<38} {t:>10.2?}");
+    }
 }
 
 /// mdev create/remove on mtty: the library beside the bare writes; `vfctl` beside
