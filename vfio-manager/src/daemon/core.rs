@@ -301,6 +301,13 @@ impl Core {
         Ok(())
     }
 
+    /// [`Core::refresh`], logging a failure (the table then stays as it was).
+    pub fn refresh_or_log(&self) {
+        if let Err(e) = self.refresh() {
+            eprintln!("vfio-manager: cannot re-read the table: {e}");
+        }
+    }
+
     // ---- leases --------------------------------------------------------------
 
     pub fn provision(&self, req: Request, uid: u32) -> Result<(Lease, bool), ApiError> {
@@ -586,9 +593,7 @@ impl Core {
                 }
             }
         }
-        if let Err(e) = self.refresh() {
-            eprintln!("vfio-manager: cannot re-read the table: {e}");
-        }
+        self.refresh_or_log();
     }
 
     /// Releases a lease (by lease id or request id). `Ok(None)`: it was already released.
@@ -768,10 +773,6 @@ impl Core {
             let _ = self.store().end_intent(intent);
             r
         });
-        // It may have changed which functions exist (VFs enabled or disabled).
-        if let Err(e) = self.refresh() {
-            eprintln!("vfio-manager: cannot re-read the table: {e}");
-        }
         let outcome = r
             .as_ref()
             .map_or_else(ToString::to_string, |_| "ok".to_string());

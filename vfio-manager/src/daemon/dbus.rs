@@ -106,7 +106,13 @@ impl Manager {
     ) -> Result<Vec<String>, ApiError> {
         let uid = self.authorize(hdr, what).await?;
         let core = self.core.clone();
-        let r = blocking(move || op(&core, uid)).await;
+        let r = blocking(move || {
+            let r = op(&core, uid);
+            // It may have changed which functions exist (VFs enabled or disabled).
+            core.refresh_or_log();
+            r
+        })
+        .await;
         self.after(conn, emitter).await;
         r
     }
