@@ -10,30 +10,37 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{driver, vfctl, Bus, Daemon};
 use serde_json::{json, Value};
 use vf_provisioner::layouts;
 
-/// The VM's devices (id -> path), as the API server holds them.
-type Devices = Arc<Mutex<BTreeMap<String, String>>>;
+/// The VM as the API server holds it.
+#[derive(Default)]
+struct Vm {
+    /// Its devices (id -> path).
+    devices: Mutex<BTreeMap<String, String>>,
+    /// Set: the VMM exits on the next vm.info, unanswered (its socket goes).
+    exit_on_info: AtomicBool,
+}
 
 /// Serves cloud-hypervisor's API on `socket` until the socket file is removed.
 /// Adding a device whose path contains `fail_path` answers HTTP 500.
-fn api_server(socket: &Path, fail_path: Option<&str>) -> Devices {
+fn api_server(socket: &Path, fail_path: Option<&str>) -> Arc<Vm> {
     let listener = UnixListener::bind(socket).unwrap();
-    let devices: Devices = Arc::default();
-    let (d, fail) = (devices.clone(), fail_path.map(str::to_string));
+    let vm: Arc<Vm> = Arc::default();
+    let (v, fail, path) = (vm.clone(), fail_path.map(str::to_string), socket.to_owned());
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
-            serve(s, &d, fail.as_deref());
+            serve(s, &v, fail.as_deref(), &path);
         }
     });
-    devices
+    vm
 }
 
-fn serve(s: UnixStream, devices: &Devices, fail: Option<&str>) {
+fn serve(s: UnixStream, vm: &Vm, fail: Option<&str>, socket: &Path) {
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
@@ -52,7 +59,11 @@ fn serve(s: UnixStream, devices: &Devices, fail: Option<&str>) {
     let mut body = vec![0; len];
     r.read_exact(&mut body).unwrap();
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let mut devs = devices.lock().unwrap();
+    if path == "/api/v1/vm.info" && vm.exit_on_info.load(Ordering::SeqCst) {
+        std::fs::remove_file(socket).unwrap();
+        return;
+    }
+    let mut devs = vm.devices.lock().unwrap();
     let (status, answer) = match path.as_str() {
         "/api/v1/vm.add-device" => {
             let p = req["path"].as_str().unwrap().to_string();
@@ -125,7 +136,7 @@ fn attach_hot_adds_leased_devices_and_detach_removes_and_releases() {
         .collect();
     assert_eq!(leased.len(), 2);
     {
-        let devs = vm.lock().unwrap();
+        let devs = vm.devices.lock().unwrap();
         for a in &leased {
             let id = vfio_manager::ch::device_id(a);
             assert_eq!(
@@ -138,7 +149,7 @@ fn attach_hot_adds_leased_devices_and_detach_removes_and_releases() {
     }
     let (code, _, err) = vfctl(&bus, &["detach", "--ch-socket", s, "--vm", "ch1"]);
     assert_eq!(code, 0, "{err}");
-    assert!(vm.lock().unwrap().is_empty(), "removed from the VM");
+    assert!(vm.devices.lock().unwrap().is_empty(), "removed from the VM");
     assert!(bus.client().leases().unwrap().is_empty(), "released");
     for a in &leased {
         assert_ne!(driver(&d.root, a).as_deref(), Some("vfio-pci"));
@@ -170,7 +181,7 @@ fn a_failed_hot_add_removes_what_was_added_and_releases() {
         "{err}"
     );
     assert!(
-        vm.lock().unwrap().is_empty(),
+        vm.devices.lock().unwrap().is_empty(),
         "the first device was removed again"
     );
     assert!(
@@ -195,10 +206,20 @@ fn a_failed_hot_add_removes_what_was_added_and_releases() {
 
 #[test]
 fn watch_releases_when_the_vm_exits() {
+    watch_until_exit(false);
+}
+
+/// The VMM exits between the watch's liveness check and its device query.
+#[test]
+fn watch_releases_when_the_vm_exits_while_answering() {
+    watch_until_exit(true);
+}
+
+fn watch_until_exit(while_answering: bool) {
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::large(2, 2), "", &[]);
     let sock = socket(&d);
-    let _vm = api_server(&sock, None);
+    let vm = api_server(&sock, None);
     let mut child = std::process::Command::new(&*common::VFCTL)
         .args([
             "attach",
@@ -217,8 +238,12 @@ fn watch_releases_when_the_vm_exits() {
         assert!(t.elapsed().as_secs() < 20, "never attached");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    // The VMM exits: its API socket goes away.
-    std::fs::remove_file(&sock).unwrap();
+    if while_answering {
+        vm.exit_on_info.store(true, Ordering::SeqCst);
+    } else {
+        // The VMM exits: its API socket goes away.
+        std::fs::remove_file(&sock).unwrap();
+    }
     let st = child.wait().unwrap();
     assert!(st.success(), "vfctl attach --watch: {st}");
     assert!(

@@ -66,7 +66,12 @@ pub fn watch(c: &Client, ch: &ChClient, lease: &Lease) -> Result<(), CliError> {
         if !ch.alive() {
             break;
         }
-        let has = ch.devices()?;
+        let has = match ch.devices() {
+            Ok(has) => has,
+            // It exited between the two calls.
+            Err(_) if !ch.alive() => break,
+            Err(e) => return Err(e.into()),
+        };
         if !has.iter().any(|d| ids.contains(&d.id)) {
             break;
         }
