@@ -14,6 +14,7 @@
 //! metrics_listen = "127.0.0.1:9477" # Prometheus text on HTTP; or metrics_textfile
 //! audit_log = "/var/log/vfio-manager/audit.log"
 //! state_dir = "/var/lib/vfio-manager"
+//! released_retention_days = 90     # a released request id is refused this long; 0: for ever
 //! ```
 
 use std::net::SocketAddr;
@@ -54,6 +55,7 @@ struct RawDaemon {
     metrics_textfile: Option<PathBuf>,
     audit_log: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    released_retention_days: Option<u32>,
 }
 
 /// The validated configuration.
@@ -75,6 +77,10 @@ pub struct DaemonConfig {
     pub metrics_textfile: Option<PathBuf>,
     pub audit_log: PathBuf,
     pub state_dir: PathBuf,
+    /// How long a released lease's request id is remembered, and refused if sent
+    /// again (idempotency); after that the table forgets it and it may name a new
+    /// lease. 0 remembers every one (the table then grows with every lease).
+    pub released_retention_days: u32,
 }
 
 impl Default for DaemonConfig {
@@ -86,6 +92,7 @@ impl Default for DaemonConfig {
             metrics_textfile: None,
             audit_log: "/var/log/vfio-manager/audit.log".into(),
             state_dir: "/var/lib/vfio-manager".into(),
+            released_retention_days: 90,
         }
     }
 }
@@ -200,6 +207,10 @@ impl Config {
                 metrics_textfile: raw.daemon.metrics_textfile,
                 audit_log: raw.daemon.audit_log.unwrap_or(d.audit_log),
                 state_dir: raw.daemon.state_dir.unwrap_or(d.state_dir),
+                released_retention_days: raw
+                    .daemon
+                    .released_retention_days
+                    .unwrap_or(d.released_retention_days),
             },
         })
     }
@@ -245,6 +256,7 @@ mod tests {
             "[[pf]]\naddress = \"01:00.0\"\nvfs = 1\n[[pf]]\naddress = \"0000:01:00.0\"\nvfs = 2\n"
         )
         .starts_with("c.toml:5:11: PF 0000:01:00.0 is listed twice"));
+        assert!(err("[daemon]\nreleased_retention_days = -1\n").starts_with("c.toml:2:27: "));
     }
 
     #[test]
@@ -259,5 +271,11 @@ mod tests {
         assert_eq!(c.bind[1].to_string(), "0000:01:10.2");
         assert_eq!(c.daemon.allowed_uids, vec![1000]);
         assert_eq!(c.devices.manage, vec!["8086:10c9".to_string()]);
+        assert_eq!(c.daemon.released_retention_days, 90, "the default");
+        let kept = Config::parse(
+            "[daemon]\nreleased_retention_days = 0\n",
+            Path::new("c.toml"),
+        );
+        assert_eq!(kept.unwrap().daemon.released_retention_days, 0);
     }
 }

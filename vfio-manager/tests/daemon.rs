@@ -91,6 +91,47 @@ fn a_lease_is_idempotent_and_its_release_returns_the_devices() {
     );
 }
 
+/// A released request id is refused for `released_retention_days` (90 by default),
+/// then forgotten at the next start (or hourly prune) and free to name a new lease.
+#[test]
+fn released_request_ids_are_forgotten_after_their_retention() {
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    for id in ["old", "recent"] {
+        let l = c.provision(&req(id, "vm-r", 1)).unwrap();
+        assert!(c.release(&l.id).unwrap());
+    }
+    d.stop();
+    // Age one of them past the window while the daemon is down.
+    let db = rusqlite::Connection::open(d.state.join("state.db")).unwrap();
+    let aged = db
+        .execute(
+            "UPDATE released SET released_at = released_at - 91 * 86400 WHERE request_id = 'old'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(aged, 1);
+    drop(db);
+    d.restart();
+    assert!(
+        d.log_text()
+            .contains("forgot 1 request ids released over 90 days ago"),
+        "{}",
+        d.log_text()
+    );
+    let again = c.provision(&req("old", "vm-r", 1)).unwrap();
+    assert_eq!(
+        again.request_id, "old",
+        "a new lease under the forgotten id"
+    );
+    assert_eq!(
+        error_name(&c.provision(&req("recent", "vm-r", 1)).unwrap_err()),
+        "BadInput",
+        "the recent one is still refused"
+    );
+}
+
 #[test]
 fn bad_requests_get_typed_errors_and_change_nothing() {
     let bus = Bus::open();

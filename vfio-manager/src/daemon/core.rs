@@ -596,6 +596,24 @@ impl Core {
         self.refresh_or_log();
     }
 
+    /// Forgets the request ids released longer ago than `released_retention_days`
+    /// (none where that is 0), so that the table does not grow with every lease for
+    /// ever. Returns a line for the log when it forgot some or failed.
+    pub fn forget_released(&self) -> Option<String> {
+        let days = self.config().daemon.released_retention_days;
+        if days == 0 {
+            return None;
+        }
+        let before = now().saturating_sub(u64::from(days) * 86_400);
+        match self.store().forget_released(before) {
+            Ok(0) => None,
+            Ok(n) => Some(format!(
+                "forgot {n} request ids released over {days} days ago (released_retention_days); they may name new leases"
+            )),
+            Err(e) => Some(format!("cannot forget old released request ids: {e}")),
+        }
+    }
+
     /// Releases a lease (by lease id or request id). `Ok(None)`: it was already released.
     pub fn release(&self, id: &str, uid: u32) -> Result<Option<Lease>, ApiError> {
         let r = self.timed("release", || {

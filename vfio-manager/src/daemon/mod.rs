@@ -118,6 +118,7 @@ async fn run(opts: Options) -> Result<(), String> {
     let c = core.clone();
     let startup = tokio::task::spawn_blocking(move || {
         let mut log = c.recover().map_err(|e| e.to_string())?;
+        log.extend(c.forget_released());
         log.extend(c.restore_desired());
         Ok::<_, String>(log)
     });
@@ -145,6 +146,7 @@ async fn run(opts: Options) -> Result<(), String> {
     if !opts.no_uevents {
         follow_uevents(core.clone(), conn.clone());
     }
+    tokio::spawn(forget_released_hourly(core.clone()));
     if let Some(addr) = core.config().daemon.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -175,6 +177,20 @@ async fn run(opts: Options) -> Result<(), String> {
     notify::notify("STOPPING=1");
     eprintln!("vfio-manager: stopping");
     Ok(())
+}
+
+/// Prunes the released request ids past their retention every hour (a daemon
+/// that runs for months must not keep them all).
+async fn forget_released_hourly(core: Arc<Core>) {
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    hourly.tick().await; // the first tick is now; start-up has pruned already
+    loop {
+        hourly.tick().await;
+        let c = core.clone();
+        if let Ok(Some(line)) = tokio::task::spawn_blocking(move || c.forget_released()).await {
+            eprintln!("vfio-manager: {line}");
+        }
+    }
 }
 
 /// Reads uevents on a thread; a burst (enabling 4 VFs is ~20 events) with a PCI

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS lease_devices (
 CREATE TABLE IF NOT EXISTS released (
     request_id TEXT PRIMARY KEY, lease_id TEXT NOT NULL, released_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS released_by_lease ON released(lease_id);
+CREATE INDEX IF NOT EXISTS released_by_age ON released(released_at);
 -- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
 -- AUTOINCREMENT's sequence table would cost a page write per intent.
 CREATE TABLE IF NOT EXISTS intents (
@@ -49,6 +50,8 @@ CREATE TABLE IF NOT EXISTS intents (
 
 /// A released lease by request id or lease id.
 const RELEASED: &str = "SELECT lease_id FROM released WHERE request_id = ?1 OR lease_id = ?1";
+/// Released request ids older than the retention window.
+const FORGET_RELEASED: &str = "DELETE FROM released WHERE released_at < ?1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -378,6 +381,12 @@ impl Store {
             .map_err(self.err())
     }
 
+    /// Forgets the request ids released before `before` (seconds since the epoch):
+    /// they may name a new lease again. Returns how many were forgotten.
+    pub fn forget_released(&self, before: u64) -> Result<usize> {
+        self.write(|tx| tx.prepare_cached(FORGET_RELEASED)?.execute([before as i64]))
+    }
+
     /// The lease holding `address`, with its VM name.
     pub fn holder(&self, address: &str) -> Result<Option<(String, String)>> {
         self.conn()
@@ -504,24 +513,64 @@ impl Store {
 mod tests {
     use super::*;
 
-    /// `released` keeps every request id ever released, so its lookup (run by
-    /// every provision) must stay an index search, never a scan of the table.
-    #[test]
-    fn released_lookups_search_indexes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
-        let conn = store.conn();
-        let plan: Vec<String> = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {RELEASED}"))
+    fn plan(store: &Store, sql: &str) -> Vec<String> {
+        store
+            .conn()
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
             .unwrap()
-            .query_map(["x"], |r| r.get::<_, String>(3))
+            .query_map([0], |r| r.get::<_, String>(3))
             .unwrap()
             .collect::<rusqlite::Result<_>>()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `released` keeps the request ids released within the retention window (days
+    /// to months of them), so its lookup (run by every provision) and its pruning
+    /// must stay index searches, never scans of the table.
+    #[test]
+    fn released_lookups_and_pruning_search_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let lookup = plan(&store, RELEASED);
         assert!(
-            plan.iter().all(|p| !p.starts_with("SCAN")),
-            "query plan: {plan:?}"
+            lookup.iter().all(|p| !p.starts_with("SCAN")),
+            "query plan: {lookup:?}"
         );
-        assert_eq!(plan.iter().filter(|p| p.starts_with("SEARCH")).count(), 2);
+        assert_eq!(lookup.iter().filter(|p| p.starts_with("SEARCH")).count(), 2);
+        let prune = plan(&store, FORGET_RELEASED);
+        assert!(
+            prune.iter().any(|p| p.contains("released_by_age")),
+            "query plan: {prune:?}"
+        );
+    }
+
+    #[test]
+    fn forgetting_released_ids_keeps_the_recent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let row = |id: &str, at: u64| LeaseRow {
+            id: format!("lease-{id}"),
+            request: Request {
+                request_id: id.into(),
+                ..Request::default()
+            },
+            devices: vec![],
+            created_at: at,
+        };
+        for id in ["old", "new"] {
+            store.commit_release(&row(id, 0), None, &[]).unwrap();
+        }
+        store
+            .conn()
+            .execute(
+                "UPDATE released SET released_at = 1000 WHERE request_id = 'old'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(store.forget_released(2000).unwrap(), 1);
+        assert_eq!(store.released("old").unwrap(), None);
+        assert_eq!(store.released("lease-old").unwrap(), None);
+        assert_eq!(store.released("new").unwrap().as_deref(), Some("lease-new"));
+        assert_eq!(store.forget_released(2000).unwrap(), 0);
     }
 }
