@@ -8,6 +8,34 @@ expect() { # expect NAME WANTED-EXIT COMMAND...
     if [ "$got" = "$want" ]; then pass "$name"; else fail "$name (exit $got, wanted $want)"; cat /tmp/out; fi
 }
 
+# watched SECONDS COMMAND...: runs COMMAND; if it still runs after SECONDS, prints
+# where each of its threads waits in the kernel, and the kernel's blocked tasks,
+# before the host's timeout ends the boot. A scenario has been seen blocked in the
+# kernel once (hung-task reports, no stacks on the quiet console): the kept log of
+# such a boot then says where.
+watched() {
+    limit=$1; shift
+    "$@" &
+    pid=$!
+    (
+        sleep "$limit"
+        [ -d "/proc/$pid" ] || exit 0
+        echo "GUEST-HUNG $* still runs after ${limit}s; its threads' kernel stacks:"
+        for t in /proc/$pid/task/*; do
+            echo "thread $(cat "$t/comm") $(grep '^State:' "$t/status")"
+            cat "$t/stack"
+        done
+        echo w > /proc/sysrq-trigger
+        echo "the kernel's log, blocked tasks last:"
+        dmesg | tail -n 120
+    ) &
+    dog=$!
+    wait $pid
+    rc=$?
+    kill $dog 2>/dev/null
+    return $rc
+}
+
 # nested_sees LOG WHAT: the nested VM's report in LOG (images/nested-init) lists the
 # igb VF bound to igbvf.
 nested_sees() {

@@ -56,8 +56,9 @@ echo 1 > /sys/bus/pci/devices/0000:01:00.0/sriov_numvfs
 echo 0 > /sys/bus/pci/devices/0000:01:00.0/sriov_numvfs
 
 echo "GUEST-INFO lspci-equivalent: $(ls /sys/bus/pci/devices | tr '\n' ' ')"
-VFM_REAL_KERNEL=1 ./kernel_scenarios --test-threads=1 2>&1 || fail "kernel_scenarios exited non-zero"
-VFM_REAL_KERNEL=1 ./mdev_scenarios --test-threads=1 2>&1 || fail "mdev_scenarios exited non-zero"
+# Each takes well under a minute in a healthy boot.
+VFM_REAL_KERNEL=1 watched 150 ./kernel_scenarios --test-threads=1 2>&1 || fail "kernel_scenarios exited non-zero"
+VFM_REAL_KERNEL=1 watched 150 ./mdev_scenarios --test-threads=1 2>&1 || fail "mdev_scenarios exited non-zero"
 
 # vfctl on the real kernel, as an operator would run it.
 printf 'manage = ["8086:10c9", "1b36:0010", "0000:03:00.0"]\n' > /tmp/config.toml

@@ -102,7 +102,7 @@ boot
 # before its job ends is booted once more, and the hang is reported, not hidden.
 if ! grep -q '^GUEST-DONE' "$log"; then
     cp "$log" "$OUT/console-hung.log"
-    echo "real-kernel: WARNING: the emulated host hung before finishing (kernel: $(grep -m1 -E 'rcu|BUG|Oops|hung' "$log" || echo 'no message')); booting it once more, first log kept in $OUT/console-hung.log" >&2
+    echo "real-kernel: WARNING: the emulated host hung before finishing ($(grep -m1 -E 'GUEST-HUNG|rcu|BUG|Oops|hung' "$log" || echo 'no message')); booting it once more, first log kept in $OUT/console-hung.log" >&2
     rm -rf "$SHARE/out"
     boot
 fi
