@@ -18,7 +18,11 @@ watched() {
     "$@" &
     pid=$!
     (
-        sleep "$limit"
+        # Its own sleep dies with it, and holds no pipe COMMAND's output goes to.
+        sleep "$limit" > /dev/null 2>&1 &
+        s=$!
+        trap 'kill $s 2>/dev/null; exit 0' TERM
+        wait $s
         [ -d "/proc/$pid" ] || exit 0
         echo "GUEST-HUNG $* still runs after ${limit}s; its threads' kernel stacks:"
         for t in /proc/$pid/task/*; do
