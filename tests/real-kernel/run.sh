@@ -83,7 +83,7 @@ TESTS=$([ "$MODE" = --test ] || [ "$MODE" = --libvirt ] && echo 1 || true)
 # functions that share an IOMMU group (igb there would hide function 1 behind ARI).
 boot() {
     echo "real-kernel: booting the emulated host (kernel $(cat build/images/KVER)); console log in $log" >&2
-    timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -machine q35,kernel-irqchip=split -accel tcg,thread=multi -cpu max -m 2G -smp 2 \
+    timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -machine q35,kernel-irqchip=split -accel tcg,thread=${TCG_THREAD:-multi} -cpu max -m 2G -smp 2 \
         -nodefaults -nographic -serial mon:stdio -no-reboot \
         -kernel build/images/vmlinuz -initrd build/images/initramfs.cpio.gz \
         -virtfs local,path="$SHARE",mount_tag=hostshare,security_model=none,id=hs \
@@ -97,9 +97,14 @@ boot() {
         | { if [ "$MODE" = --bench ]; then grep -E '^(one syscall|operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|where|  |GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
 }
 boot
-# Under TCG on a loaded 2-core machine the guest has been seen to hang once (an RCU
-# stall, then nothing) where the same run passes otherwise. A guest that hangs
-# before its job ends is booted once more, and the hang is reported, not hidden.
+# Under TCG on a loaded 2-core machine the guest has been seen to hang (about one
+# boot in twenty; once in ~320 enable/bind/open/disable cycles in a soak): the
+# scenario watchdog's stacks show a task in sriov_disable's msleep that never
+# wakes, and RCU reports "timer handling issue on cpu=0": vCPU 0 halted and its
+# timer interrupt never came, an emulator fault, not the kernel's or ours. A guest
+# that hangs before its job ends is booted once more, and the hang is reported, not
+# hidden. TCG_THREAD=single runs both vCPUs on one host thread (no slower for
+# these scenarios; 150 cycles without a hang, as were 150 with the default).
 if ! grep -q '^GUEST-DONE' "$log"; then
     cp "$log" "$OUT/console-hung.log"
     echo "real-kernel: WARNING: the emulated host hung before finishing ($(grep -m1 -E 'GUEST-HUNG|rcu|BUG|Oops|hung' "$log" || echo 'no message')); booting it once more, first log kept in $OUT/console-hung.log" >&2
