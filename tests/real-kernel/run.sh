@@ -97,8 +97,8 @@ boot() {
         | { if [ "$MODE" = --bench ]; then grep -E '^(one syscall|operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|where|  |GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
 }
 boot
-# Under TCG on a loaded 2-core machine the guest has been seen to hang (about one
-# boot in twenty; once in ~320 enable/bind/open/disable cycles in a soak): the
+# Under TCG on a loaded 2-core machine the guest has been seen to hang (rarely: once
+# in a full run, once in ~320 enable/bind/open/disable cycles in a soak): the
 # scenario watchdog's stacks show a task in sriov_disable's msleep that never
 # wakes, and RCU reports "timer handling issue on cpu=0": vCPU 0 halted and its
 # timer interrupt never came, an emulator fault, not the kernel's or ours. A guest
