@@ -161,6 +161,16 @@ fn main() {
             r / 2.0
         );
     }
+    // With every client queued on the machine's cores, latency follows the CPU each
+    // call costs all three processes. The bus's and the clients' share is a floor no
+    // daemon can go under: what a call would measure against Ping if the daemon's
+    // own work cost nothing.
+    let total = |c: [Duration; 3]| c.iter().sum::<Duration>().as_secs_f64();
+    let floor = (trip_cpu[1] + trip_cpu[2]).as_secs_f64() / 2.0 / total(ping_cpu);
+    println!(
+        "CPU per call / Ping's: {:.2}x; the bus and clients alone: {floor:.2}x (the floor for a daemon costing nothing)",
+        total(trip_cpu) / 2.0 / total(ping_cpu)
+    );
     drop(d);
     mdev_phase(&bus, 300);
 }

@@ -123,10 +123,16 @@ fn uevent(f: &FakeFunction, vendor: &str, device: &str) -> io::Result<String> {
 }
 
 pub(crate) fn write_file(path: &Path, data: &str) -> io::Result<()> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent)?;
+    match fs::write(path, data) {
+        // Almost every write lands in a directory that exists: make it only when not.
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::write(path, data)
+        }
+        r => r,
     }
-    fs::write(path, data)
 }
 
 impl Layout {
@@ -396,7 +402,7 @@ impl FakeKernel {
     /// `dev_uevent` does (it puts the line first, when there is a driver).
     fn set_uevent_driver(&self, a: &PciAddress, driver: Option<&str>) -> io::Result<()> {
         let path = self.real_dev(a).join("uevent");
-        let old = fs::read_to_string(&path)?;
+        let old = sysfs::read_opt(&path).ok_or_else(|| errno(libc::ENOENT))?;
         let rest = old.lines().filter(|l| !l.starts_with("DRIVER="));
         let mut text: String = driver.map_or(String::new(), |d| format!("DRIVER={d}\n"));
         for l in rest {
@@ -411,9 +417,14 @@ impl FakeKernel {
     }
 
     fn detach(&self, a: &PciAddress) -> io::Result<()> {
-        let Some(driver) = self.driver_of(a) else {
-            return Ok(());
-        };
+        match self.driver_of(a) {
+            Some(driver) => self.detach_from(a, &driver),
+            None => Ok(()),
+        }
+    }
+
+    /// Unbinds `a` from `driver`, the one its link names.
+    fn detach_from(&self, a: &PciAddress, driver: &str) -> io::Result<()> {
         if driver == VFIO_PCI {
             if let Some(g) = self.group_of(a) {
                 if self.group_held(g) {
@@ -429,7 +440,7 @@ impl FakeKernel {
         // The device's link goes first (see `attach`); the driver's may be gone already.
         fs::remove_file(self.real_dev(a).join("driver"))?;
         self.set_uevent_driver(a, None)?;
-        match fs::remove_file(self.driver_dir(&driver).join(a.to_string())) {
+        match fs::remove_file(self.driver_dir(driver).join(a.to_string())) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
             _ => {}
         }
@@ -719,7 +730,7 @@ impl FakeKernel {
                 if self.driver_of(&a).as_deref() != Some(driver) {
                     return Err(errno(libc::ENODEV));
                 }
-                self.detach(&a)
+                self.detach_from(&a, driver)
             }
             "new_id" => {
                 // "vvvv dddd": adds the id and probes every unbound device with it,

@@ -91,14 +91,26 @@ impl Provisioner {
     /// cleared: how a released device returns to where it was before its lease.
     /// Refused while its VFIO group is open or it is leased.
     pub fn return_to(&self, addr: &PciAddress, driver: Option<&str>) -> Result<Vec<Moved>> {
-        let f = self.brief(addr)?;
-        self.refuse_if_busy(&f, "return it to its driver")?;
+        self.return_function(&self.brief(addr)?, driver)
+    }
+
+    /// [`Provisioner::return_to`] of `f` as its caller has just read it.
+    pub fn return_function(&self, f: &PciFunction, driver: Option<&str>) -> Result<Vec<Moved>> {
+        self.refuse_if_busy(f, "return it to its driver")?;
         let target = driver.map_or(Target::NoDriver, Target::Driver);
-        let moved = self.move_all(&[f], target)?;
+        let moved = self.move_all(std::slice::from_ref(f), target)?;
         if driver != Some(VFIO_PCI) {
-            self.write_override(addr, None)?;
+            self.write_override(&f.address, None)?;
         }
         Ok(moved)
+    }
+
+    /// Binds `f`, as its caller has just read it, to vfio-pci without `bind_vfio`'s
+    /// checks: for a caller whose own checks are a superset (the daemon's candidate
+    /// check: managed, not needed by the host, alone in its IOMMU group, not held
+    /// open) and who holds `f` against every other change it makes.
+    pub fn bind_checked(&self, f: &PciFunction) -> Result<Vec<Moved>> {
+        self.move_all(std::slice::from_ref(f), Target::Driver(VFIO_PCI))
     }
 
     fn refuse_critical(&self, f: &PciFunction) -> Result<()> {

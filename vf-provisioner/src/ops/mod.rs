@@ -7,8 +7,9 @@ mod check;
 mod group;
 mod reset;
 mod sriov;
+mod writers;
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,7 @@ pub struct Provisioner {
     filter: DeviceFilter,
     timeouts: Timeouts,
     leases: Option<Arc<dyn LeaseCheck>>,
+    writers: Arc<writers::Writers>,
 }
 
 impl Provisioner {
@@ -60,6 +62,7 @@ impl Provisioner {
             filter,
             timeouts: Timeouts::default(),
             leases: None,
+            writers: Arc::default(),
         }
     }
 
@@ -146,15 +149,14 @@ impl Provisioner {
         timeout: Duration,
         hint: &str,
     ) -> Result<()> {
-        let (tx, rx) = mpsc::channel();
         let sys = self.sys.clone();
         let (dev2, path, data2) = (*dev, self.sys.device_attr(dev, attr), data.to_string());
-        thread::spawn(move || {
-            let _ = tx.send(sys.write(&dev2, &path, &data2));
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
+        match self
+            .writers
+            .run(timeout, move || sys.write(&dev2, &path, &data2))
+        {
+            Some(r) => r,
+            None => Err(Error::Timeout {
                 device: *dev,
                 what: format!("writing {data:?} to {attr}"),
                 timeout,

@@ -3,15 +3,20 @@
 use super::Provisioner;
 use crate::address::PciAddress;
 use crate::error::{Error, Result};
-use crate::host::read_reset_methods;
+use crate::host::{read_reset_methods, PciFunction};
 
 impl Provisioner {
     /// Resets `addr` with the methods the kernel offers (`reset_method`). Refused when
     /// there is none, and while a process holds its VFIO group or it is leased: a reset
     /// under a running VM destroys the guest's device state.
     pub fn reset(&self, addr: &PciAddress) -> Result<()> {
-        let f = self.brief(addr)?;
-        self.require_managed(&f)?;
+        self.reset_function(&self.brief(addr)?)
+    }
+
+    /// [`Provisioner::reset`] of `f` as its caller has just read it.
+    pub fn reset_function(&self, f: &PciFunction) -> Result<()> {
+        let addr = &f.address;
+        self.require_managed(f)?;
         if read_reset_methods(&self.sys.device_dir(addr)).is_empty() {
             return Err(Error::refused(
                 *addr,
@@ -19,7 +24,7 @@ impl Provisioner {
                 "reset its parent bus or power-cycle the slot",
             ));
         }
-        self.refuse_if_busy(&f, "reset it")?;
+        self.refuse_if_busy(f, "reset it")?;
         self.write_bounded(
             addr,
             "reset",

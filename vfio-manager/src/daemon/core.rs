@@ -367,10 +367,11 @@ impl Core {
             .iter()
             .map(|f| (f.address.to_string(), f.driver.clone().unwrap_or_default()))
             .collect();
+        // `choose` has just read and checked each one (`why_not`), and holds it.
         let row = self.new_lease(req, planned, chosen.len(), |i| {
-            let f = &chosen[i].address;
-            self.raw.bind_vfio(f, false).map(|_| ()).map_err(|e| {
-                self.mark_failed(&f.to_string(), &e.to_string());
+            let f = &chosen[i];
+            self.raw.bind_checked(f).map(|_| ()).map_err(|e| {
+                self.mark_failed(&f.address.to_string(), &e.to_string());
                 e.into()
             })
         })?;
@@ -685,15 +686,19 @@ impl Core {
             let Ok(a) = addr.parse::<PciAddress>() else {
                 continue;
             };
-            if !self.sys.device_dir(&a).exists() {
-                continue;
-            }
-            if let Err(e) = self.raw.reset(&a) {
+            let Some(f) = PciFunction::read_brief(&self.sys, &a) else {
+                if self.sys.device_dir(&a).exists() {
+                    self.mark_failed(addr, "its sysfs entry cannot be read");
+                }
+                continue; // gone: reconcile marks it missing
+            };
+            if let Err(e) = self.raw.reset_function(&f) {
                 if !matches!(e, vf_provisioner::Error::Refused { .. }) {
                     eprintln!("vfio-manager: {addr}: reset on release failed: {e}");
                 }
             }
-            if let Err(e) = self.return_device(addr, before) {
+            let driver = (!before.is_empty()).then_some(before.as_str());
+            if let Err(e) = self.raw.return_function(&f, driver) {
                 eprintln!("vfio-manager: {addr}: could not return it to {before:?}: {e}");
                 self.mark_failed(addr, &e.to_string());
             }
@@ -1039,10 +1044,8 @@ fn is_uuid(s: &str) -> bool {
 
 /// A lease id: 16 hex digits from the kernel's random source.
 pub fn new_id() -> String {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    let n = u64::from_le_bytes(b) ^ (now() << 20) ^ u64::from(std::process::id());
+    // A v4 UUID's first 8 bytes are random (getrandom, no file to open).
+    let b = uuid::Uuid::new_v4().into_bytes();
+    let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
     format!("{n:016x}")
 }

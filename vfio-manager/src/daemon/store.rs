@@ -27,18 +27,23 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use super::durable::GroupSync;
 use crate::api::{DeviceInfo, Request};
 
+// Tables keyed by text are WITHOUT ROWID: the key's index is the table, one B-tree
+// (one log page per commit) fewer each. A table made before keeps its rowid and
+// works the same.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
     address TEXT PRIMARY KEY, id TEXT NOT NULL, pf TEXT NOT NULL, driver TEXT NOT NULL,
     iommu_group INTEGER NOT NULL, numa_node INTEGER NOT NULL, health TEXT NOT NULL,
-    provisions INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0);
+    provisions INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, vm_name TEXT NOT NULL,
-    vm_uuid TEXT NOT NULL, profile TEXT NOT NULL, request TEXT NOT NULL, created_at INTEGER NOT NULL);
+    vm_uuid TEXT NOT NULL, profile TEXT NOT NULL, request TEXT NOT NULL, created_at INTEGER NOT NULL)
+    WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lease_devices (
-    address TEXT PRIMARY KEY, lease_id TEXT NOT NULL REFERENCES leases(id), driver_before TEXT NOT NULL);
+    address TEXT PRIMARY KEY, lease_id TEXT NOT NULL REFERENCES leases(id), driver_before TEXT NOT NULL)
+    WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS released (
-    request_id TEXT PRIMARY KEY, lease_id TEXT NOT NULL, released_at INTEGER NOT NULL);
+    request_id TEXT PRIMARY KEY, lease_id TEXT NOT NULL, released_at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS released_by_lease ON released(lease_id);
 CREATE INDEX IF NOT EXISTS released_by_age ON released(released_at);
 -- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
