@@ -10,10 +10,13 @@ nested_vms() {
     cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz /tmp/
     [ -c /dev/kvm ] || { fail "nested KVM: no /dev/kvm in the emulated host"; return; }
     ./vfctl provision --vm nested --profile 8086:10c9 --request-id n1 --format qemu > /tmp/n1.args 2>&1
+    t0=$(date +%s)
     timeout 240 /tmp/qemu/lib/ld-linux-x86-64.so.2 --library-path /tmp/qemu/lib /tmp/qemu/qemu-system-x86_64 \
         -L /tmp/qemu/share -machine q35 -accel kvm -cpu host -m 256M -smp 1 -nodefaults -display none \
         -serial stdio -no-reboot $NESTED_KERNEL -append 'console=ttyS0 panic=-1 quiet' \
         $(cat /tmp/n1.args) < /dev/null > /tmp/nested.log 2>&1
+    # Shown with the log if the check fails (it once failed with an empty log).
+    echo "NESTED-EXIT status $? after $(($(date +%s) - t0)) s" >> /tmp/nested.log
     nested_sees /tmp/nested.log "a nested QEMU/KVM VM given the lease's $(cat /tmp/n1.args) sees the VF and binds igbvf"
     expect "the nested VM's lease is released" 0 ./vfctl release n1
     if [ -x /mnt/host/ch/cloud-hypervisor ]; then
@@ -32,7 +35,9 @@ nested_ch() {
     [ -e /tmp/ch/ld-linux-x86-64.so.2 ] && CH="/tmp/ch/ld-linux-x86-64.so.2 --library-path /tmp/ch /tmp/ch/cloud-hypervisor"
     CH="$CH --kernel /tmp/vmlinuz --initramfs /tmp/nested-initramfs.cpio.gz --cpus boot=1 --memory size=256M --serial tty --console off"
     ./vfctl provision --vm chvm --profile 8086:10c9 --request-id c1 --format cloud-hypervisor > /tmp/c1.args 2>&1
+    t0=$(date +%s)
     timeout 240 $CH --cmdline 'console=ttyS0 panic=-1 quiet' $(cat /tmp/c1.args) < /dev/null > /tmp/ch-cold.log 2>&1
+    echo "NESTED-EXIT status $? after $(($(date +%s) - t0)) s" >> /tmp/ch-cold.log
     nested_sees /tmp/ch-cold.log "a nested cloud-hypervisor VM given the lease's $(cat /tmp/c1.args) sees the VF"
     expect "the cloud-hypervisor VM's lease is released" 0 ./vfctl release c1
     rm -f /tmp/ch.sock
