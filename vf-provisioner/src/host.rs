@@ -73,9 +73,12 @@ impl PciFunction {
             .read("driver_override")
             .filter(|s| s != "(null)" && !s.is_empty());
         f.iommu_group = dir.link_name("iommu_group").and_then(|g| g.parse().ok());
-        // The kernel has the attribute on display devices only.
-        f.boot_vga = f.class_base() == 0x03 && dir.read("boot_vga").as_deref() == Some("1");
         f.physfn = dir.link_name("physfn").and_then(|s| s.parse().ok());
+        // The kernel has the attribute on VGA functions only (`pci_is_vga`). A VF is
+        // never the boot display: firmware chose that before any VF existed.
+        f.boot_vga = f.class >> 8 == 0x0300
+            && !f.is_vf()
+            && dir.read("boot_vga").as_deref() == Some("1");
         Some(f)
     }
 

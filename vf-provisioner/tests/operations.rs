@@ -181,6 +181,22 @@ fn bind_never_takes_host_critical_functions() {
     assert_refused(p.bind_vfio(&a("0000:01:00.0"), false), "eth0");
 }
 
+#[test]
+fn bind_never_takes_the_boot_display() {
+    let mut layout = layouts::domestic_gpu();
+    let console: fake::FakeFunction = serde_json::from_str(
+        r#"{"address": "0000:65:00.0", "id": "1ed5:0323", "class": "030000", "driver": "mtgpu",
+            "numa_node": 0, "iommu_group": 30, "reset_methods": [], "boot_vga": true, "sriov": null}"#,
+    )
+    .unwrap();
+    layout.functions.push(console);
+    let t = build(layout);
+    let p = provisioner(t.path());
+    let before = snapshot(t.path());
+    assert_refused(p.bind_vfio(&a("0000:65:00.0"), false), "boot display");
+    assert_eq!(snapshot(t.path()), before);
+}
+
 /// The fake kernel, failing writes to paths that end with `fail_suffix`.
 struct Faulty {
     inner: fake::FakeKernel,

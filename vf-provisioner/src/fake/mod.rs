@@ -332,7 +332,7 @@ impl FakeKernel {
             )?;
             write_file(&dir.join("reset"), "")?;
         }
-        if f.class.starts_with("03") {
+        if f.class.starts_with("0300") {
             write_file(
                 &dir.join("boot_vga"),
                 if f.boot_vga { "1\n" } else { "0\n" },
