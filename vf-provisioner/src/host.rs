@@ -76,9 +76,8 @@ impl PciFunction {
         f.physfn = dir.link_name("physfn").and_then(|s| s.parse().ok());
         // The kernel has the attribute on VGA functions only (`pci_is_vga`). A VF is
         // never the boot display: firmware chose that before any VF existed.
-        f.boot_vga = f.class >> 8 == 0x0300
-            && !f.is_vf()
-            && dir.read("boot_vga").as_deref() == Some("1");
+        f.boot_vga =
+            f.class >> 8 == 0x0300 && !f.is_vf() && dir.read("boot_vga").as_deref() == Some("1");
         Some(f)
     }
 

@@ -336,21 +336,24 @@ impl Store {
     }
 
     pub fn leases(&self) -> Result<Vec<LeaseRow>> {
-        self.lease_query("", [])
+        self.lease_query("ORDER BY created_at, id", [])
     }
 
-    /// The lease with this lease id or request id.
+    /// The lease with this lease id, else the one with this request id: two index
+    /// searches at most, no sort.
     pub fn lease(&self, id: &str) -> Result<Option<LeaseRow>> {
-        Ok(self
-            .lease_query("WHERE id = ?1 OR request_id = ?1", [id])?
-            .pop())
+        let mut found = self.lease_query("WHERE id = ?1", [id])?;
+        if found.is_empty() {
+            found = self.lease_query("WHERE request_id = ?1", [id])?;
+        }
+        Ok(found.pop())
     }
 
     fn lease_query<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<LeaseRow>> {
         let conn = self.conn();
         let mut st = conn
             .prepare_cached(&format!(
-                "SELECT id, request, created_at FROM leases {filter} ORDER BY created_at, id"
+                "SELECT id, request, created_at FROM leases {filter}"
             ))
             .map_err(self.err())?;
         let heads: Vec<(String, String, i64)> = st
