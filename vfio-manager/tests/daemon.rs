@@ -297,8 +297,10 @@ fn a_non_privileged_caller_is_refused_by_the_daemon_and_by_the_bus_policy() {
     let (code, err, _) = run_as_nobody(&bus, &["provision", "--vm", "intruder"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("the system bus refused the call"), "{err}");
-    let (code, err, _) = run_as_nobody(&bus, &["leases"]);
-    assert_eq!(code, 0, "{err}");
+    for reading in [&["leases"][..], &["list"], &["mdev", "list"]] {
+        let (code, err, _) = run_as_nobody(&bus, reading);
+        assert_eq!(code, 0, "{reading:?}: {err}");
+    }
     let (code, err, _) = vfctl(&bus, &["provision", "--vm", "root-vm"]);
     assert_eq!(code, 0, "root may: {err}");
 }
@@ -678,16 +680,34 @@ fn the_api_is_introspectable_with_busctl() {
     };
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for m in [
-        ".Provision",
-        ".Release",
-        ".ListDevices",
-        ".LeaseCreated",
-        ".DeviceAdded",
-        ".Version",
-    ] {
-        assert!(text.contains(m), "{m} missing from:\n{text}");
+    let device = busctl_introspect(&bus, "/org/vfiomanager/VfioManager1/device/0000_10_00_1");
+    // docs/dbus-api.md lists every member of our two interfaces with its signature.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/dbus-api.md"))
+        .unwrap();
+    let members = [&*text, &*device]
+        .into_iter()
+        .flat_map(our_members)
+        .collect::<Vec<_>>();
+    assert!(members.len() > 25, "{members:?}");
+    for (name, kind, sig, out) in members {
+        let row = match kind.as_str() {
+            "method" => format!("| `{name}` | `{sig}` | `{out}` |"),
+            _ => format!("| `{name}` | `{sig}` |"),
+        };
+        assert!(
+            doc.contains(&row),
+            "docs/dbus-api.md lacks the {kind} row {row}"
+        );
     }
+    // State properties announce no change (a caching proxy must not cache them).
+    let flags = |name: &str| {
+        device
+            .lines()
+            .find(|l| l.starts_with(&format!(".{name} ")))
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
+    };
+    assert_eq!(flags("Driver").as_deref(), Some("-"), "{device}");
+    assert_eq!(flags("Address").as_deref(), Some("const"), "{device}");
     let o = std::process::Command::new("busctl")
         .args([
             &format!("--address={}", bus.address),
@@ -700,6 +720,41 @@ fn the_api_is_introspectable_with_busctl() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "s \"mtgpu\"");
+}
+
+fn busctl_introspect(bus: &Bus, path: &str) -> String {
+    let o = std::process::Command::new("busctl")
+        .args([
+            &format!("--address={}", bus.address),
+            "introspect",
+            "org.vfiomanager.VfioManager1",
+            path,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// (name, kind, signature, result) of each member of our interfaces in busctl's
+/// introspect table.
+fn our_members(table: &str) -> Vec<(String, String, String, String)> {
+    let mut ours = false;
+    let mut out = Vec::new();
+    for line in table.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            [iface, "interface", ..] => ours = iface.starts_with("org.vfiomanager."),
+            [name, kind, sig, result, ..] if ours && name.starts_with('.') => out.push((
+                name[1..].to_string(),
+                kind.to_string(),
+                sig.to_string(),
+                result.to_string(),
+            )),
+            _ => {}
+        }
+    }
+    out
 }
 
 #[test]

@@ -182,7 +182,7 @@ fn decode_request(vm: String, opts: HashMap<String, OwnedValue>) -> Result<Reque
 #[interface(name = "org.vfiomanager.VfioManager1.Manager")]
 impl Manager {
     /// The daemon's version.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()
     }
@@ -198,9 +198,10 @@ impl Manager {
         blocking(move || core.leases()).await
     }
 
-    /// Leases devices to VM `vm` and binds them to vfio-pci. `request` keys:
-    /// request_id (s, idempotency key), vm_uuid (s), profile (s: `vf` or `vvvv:dddd`),
-    /// count (u), numa_node (i), pfs (as: preferred PFs).
+    /// Leases devices to VM `vm` and binds them to vfio-pci (or creates its mdevs).
+    /// `request` keys: request_id (s, idempotency key), vm_uuid (s), profile (s:
+    /// `vf`, `vvvv:dddd`, an mdev type or vGPU type), count (u), numa_node (i), pfs
+    /// (as: preferred PFs), devices (as: exactly these functions), adopt (b).
     async fn provision(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -450,41 +451,45 @@ impl DeviceObject {
     }
 }
 
+/// Identity properties are constant for the object's life. State properties are
+/// read fresh on every Get and announce no change themselves (EmitsChangedSignal
+/// false: a caching client must not cache them); the Manager's signals say when
+/// to read again (LeaseCreated, LeaseReleased, DeviceFailed, DeviceAdded/Removed).
 #[interface(name = "org.vfiomanager.VfioManager1.Device")]
 impl DeviceObject {
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn address(&self) -> String {
         self.address.clone()
     }
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn id(&self) -> fdo::Result<String> {
         Ok(self.info()?.id)
     }
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn physical_function(&self) -> fdo::Result<String> {
         Ok(self.info()?.pf)
     }
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn driver(&self) -> fdo::Result<String> {
         Ok(self.info()?.driver)
     }
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn iommu_group(&self) -> fdo::Result<i32> {
         Ok(self.info()?.iommu_group)
     }
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn numa_node(&self) -> fdo::Result<i32> {
         Ok(self.info()?.numa_node)
     }
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn health(&self) -> fdo::Result<String> {
         Ok(self.info()?.health)
     }
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn lease_id(&self) -> fdo::Result<String> {
         Ok(self.info()?.lease_id)
     }
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn vm_name(&self) -> fdo::Result<String> {
         Ok(self.info()?.vm_name)
     }
