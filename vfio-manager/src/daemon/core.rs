@@ -697,8 +697,7 @@ impl Core {
                     eprintln!("vfio-manager: {addr}: reset on release failed: {e}");
                 }
             }
-            let driver = (!before.is_empty()).then_some(before.as_str());
-            if let Err(e) = self.raw.return_function(&f, driver) {
+            if let Err(e) = self.raw.return_function(&f, driver_before(before)) {
                 eprintln!("vfio-manager: {addr}: could not return it to {before:?}: {e}");
                 self.mark_failed(addr, &e.to_string());
             }
@@ -707,8 +706,7 @@ impl Core {
 
     fn return_device(&self, addr: &str, before: &str) -> Result<(), vf_provisioner::Error> {
         let a: PciAddress = addr.parse()?;
-        let driver = (!before.is_empty()).then_some(before);
-        self.raw.return_to(&a, driver).map(|_| ())
+        self.raw.return_to(&a, driver_before(before)).map(|_| ())
     }
 
     fn held_open(&self, addr: &str) -> Option<String> {
@@ -949,6 +947,11 @@ fn outcome<T, E: std::fmt::Display>(r: &Result<T, E>) -> String {
 
 fn moved(m: Vec<vf_provisioner::ops::bind::Moved>) -> Vec<String> {
     m.iter().map(|m| m.address.to_string()).collect()
+}
+
+/// The driver a device had before its lease, as the table records it ("": none).
+fn driver_before(before: &str) -> Option<&str> {
+    (!before.is_empty()).then_some(before)
 }
 
 fn addrs_of(row: &LeaseRow) -> Vec<String> {
