@@ -10,13 +10,14 @@ nested_vms() {
     cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz /tmp/
     [ -c /dev/kvm ] || { fail "nested KVM: no /dev/kvm in the emulated host"; return; }
     ./vfctl provision --vm nested --profile 8086:10c9 --request-id n1 --format qemu > /tmp/n1.args 2>&1
-    t0=$(date +%s)
-    timeout 240 /tmp/qemu/lib/ld-linux-x86-64.so.2 --library-path /tmp/qemu/lib /tmp/qemu/qemu-system-x86_64 \
-        -L /tmp/qemu/share -machine q35 -accel kvm -cpu host -m 256M -smp 1 -nodefaults -display none \
-        -serial stdio -no-reboot $NESTED_KERNEL -append 'console=ttyS0 panic=-1 quiet' \
-        $(cat /tmp/n1.args) < /dev/null > /tmp/nested.log 2>&1
-    # Shown with the log if the check fails (it once failed with an empty log).
-    echo "NESTED-EXIT status $? after $(($(date +%s) - t0)) s" >> /tmp/nested.log
+    nested_qemu
+    # Once seen: QEMU printed nothing at all, not even an error (the nested guest
+    # died before its console; an emulator fault under TCG). One more boot then;
+    # any output at all (an error, a guest without the VF) is judged as it is.
+    if [ "$(grep -vc '^NESTED-EXIT' /tmp/nested.log)" = 0 ]; then
+        echo "GUEST-INFO the nested VM printed nothing ($(cat /tmp/nested.log)); booting it once more"
+        nested_qemu
+    fi
     nested_sees /tmp/nested.log "a nested QEMU/KVM VM given the lease's $(cat /tmp/n1.args) sees the VF and binds igbvf"
     expect "the nested VM's lease is released" 0 ./vfctl release n1
     if [ -x /mnt/host/ch/cloud-hypervisor ]; then
@@ -24,6 +25,15 @@ nested_vms() {
     else
         echo "GUEST-SKIP cloud-hypervisor nested VM: CLOUD_HYPERVISOR was not set to a cloud-hypervisor binary (none is packaged; see docs/cloud-hypervisor.md)"
     fi
+}
+# The nested VM with the lease's arguments; its log ends with QEMU's exit status.
+nested_qemu() {
+    t0=$(date +%s)
+    timeout 240 /tmp/qemu/lib/ld-linux-x86-64.so.2 --library-path /tmp/qemu/lib /tmp/qemu/qemu-system-x86_64 \
+        -L /tmp/qemu/share -machine q35 -accel kvm -cpu host -m 256M -smp 1 -nodefaults -display none \
+        -serial stdio -no-reboot $NESTED_KERNEL -append 'console=ttyS0 panic=-1 quiet' \
+        $(cat /tmp/n1.args) < /dev/null > /tmp/nested.log 2>&1
+    echo "NESTED-EXIT status $? after $(($(date +%s) - t0)) s" >> /tmp/nested.log
 }
 # cloud-hypervisor: cold boot with the lease's --device arguments, then a VM that
 # waits for a device hot-added by `vfctl attach`, whose lease ends with the VM.
