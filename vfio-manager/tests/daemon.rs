@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use vf_provisioner::layouts;
-use vfio_manager::api::{Lease, Request};
+use vfio_manager::api::{self, Lease, Request};
 
 fn req(id: &str, vm: &str, count: u32) -> Request {
     Request {
@@ -666,21 +666,12 @@ fn vfctl_talks_to_the_daemon_and_says_how_to_start_it_when_absent() {
 fn the_api_is_introspectable_with_busctl() {
     let bus = Bus::open();
     let _d = Daemon::start(&bus, layouts::large(1, 1), "", &[]);
-    let o = std::process::Command::new("busctl")
-        .args([
-            &format!("--address={}", bus.address),
-            "introspect",
-            "org.vfiomanager.VfioManager1",
-            "/org/vfiomanager/VfioManager1",
-        ])
-        .output();
-    let Ok(o) = o else {
+    const DEVICE: &str = "/org/vfiomanager/VfioManager1/device/0000_10_00_1";
+    let Some(text) = busctl(&bus, &["introspect", api::BUS_NAME, api::MANAGER_PATH]) else {
         eprintln!("SKIPPED: busctl (Debian package systemd) is not installed");
         return;
     };
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let device = busctl_introspect(&bus, "/org/vfiomanager/VfioManager1/device/0000_10_00_1");
+    let device = busctl(&bus, &["introspect", api::BUS_NAME, DEVICE]).unwrap();
     // docs/dbus-api.md lists every member of our two interfaces with its signature.
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/dbus-api.md"))
         .unwrap();
@@ -708,32 +699,32 @@ fn the_api_is_introspectable_with_busctl() {
     };
     assert_eq!(flags("Driver").as_deref(), Some("-"), "{device}");
     assert_eq!(flags("Address").as_deref(), Some("const"), "{device}");
-    let o = std::process::Command::new("busctl")
-        .args([
-            &format!("--address={}", bus.address),
+    let driver = busctl(
+        &bus,
+        &[
             "get-property",
-            "org.vfiomanager.VfioManager1",
-            "/org/vfiomanager/VfioManager1/device/0000_10_00_1",
-            "org.vfiomanager.VfioManager1.Device",
+            api::BUS_NAME,
+            DEVICE,
+            api::DEVICE_IFACE,
             "Driver",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "s \"mtgpu\"");
+        ],
+    );
+    assert_eq!(driver.unwrap().trim(), "s \"mtgpu\"");
 }
 
-fn busctl_introspect(bus: &Bus, path: &str) -> String {
+/// busctl's output for `args` on `bus`; None if busctl is not installed.
+fn busctl(bus: &Bus, args: &[&str]) -> Option<String> {
     let o = std::process::Command::new("busctl")
-        .args([
-            &format!("--address={}", bus.address),
-            "introspect",
-            "org.vfiomanager.VfioManager1",
-            path,
-        ])
+        .arg(format!("--address={}", bus.address))
+        .args(args)
         .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
+        .ok()?;
+    assert!(
+        o.status.success(),
+        "busctl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Some(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 /// (name, kind, signature, result) of each member of our interfaces in busctl's
