@@ -92,6 +92,78 @@ fn save_and_load_carry_the_state_and_the_source_waits_for_commit() {
 }
 
 #[test]
+fn a_stop_copy_only_state_of_uneven_size_arrives_whole() {
+    // Several batches of reads per send, the last one short, the last read short.
+    let size = (5 << 19) + 7;
+    let src = MemoryDevice::new("src", STOP_COPY, pattern(size, 3));
+    let dst = MemoryDevice::new("dst", STOP_COPY, pattern(size, 4));
+    let mut stream = Vec::new();
+    let (out, stats) = mig::save(&src, &header("mtty-2"), &mut stream).unwrap();
+    assert_eq!((stats.bytes, stats.precopy_bytes), (size as u64, 0));
+    mig::load(&dst, &header("mtty-2"), &stream[..]).unwrap();
+    assert_eq!(dst.data(), src.data());
+    out.commit();
+}
+
+/// A device whose data fd fails after `reads` reads in STOP_COPY.
+struct FailingRead {
+    inner: MemoryDevice,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl MigrationDevice for FailingRead {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn flags(&self) -> std::io::Result<Option<u64>> {
+        self.inner.flags()
+    }
+    fn state(&self) -> std::io::Result<MigState> {
+        self.inner.state()
+    }
+    fn set_state(&self, to: MigState) -> std::io::Result<()> {
+        self.inner.set_state(to)
+    }
+    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .reads
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read(buf)
+    }
+    fn write(&self, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write(data)
+    }
+    fn precopy_info(&self) -> std::io::Result<(u64, u64)> {
+        self.inner.precopy_info()
+    }
+    fn reset(&self) -> std::io::Result<()> {
+        self.inner.reset()
+    }
+}
+
+#[test]
+fn a_device_read_failing_mid_state_returns_the_source_to_running() {
+    let src = FailingRead {
+        inner: MemoryDevice::new("src", STOP_COPY, pattern(3 << 20, 1)),
+        reads: 6.into(),
+    };
+    let e = mig::save(&src, &header("mtty-2"), Vec::new())
+        .err()
+        .unwrap();
+    let text = e.to_string();
+    assert!(
+        text.contains("src") && text.contains("reading STOP_COPY data"),
+        "{text}"
+    );
+    assert_eq!(src.state().unwrap(), MigState::Running);
+}
+
+#[test]
 fn an_uncommitted_source_runs_again() {
     let src = MemoryDevice::mtty_like("src", pattern(1000, 1));
     let (out, _) = mig::save(&src, &header("mtty-2"), Vec::new()).unwrap();

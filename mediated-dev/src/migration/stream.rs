@@ -6,15 +6,18 @@
 //! trailer  0xFF | total bytes u64 | chunk count u32 | xxh3 of the chunks' hashes u64
 //! ```
 //! Integers are little-endian; the checksums are XXH3-64 (one pass over each byte,
-//! several times faster than CRC32 here, so the stream keeps up with the network).
+//! several times faster than CRC32 here, so the stream keeps up with the network;
+//! AVX2 where the CPU has it, chosen at run time).
 //! The trailer's hash over the chunks' hashes catches a lost or reordered chunk. The header names what produced the state (device
 //! kind, mdev type or vendor profile, driver, driver version, size) so the
 //! destination can refuse an incompatible state before it touches its device.
 
 use std::io::{self, Read, Write};
 
+use std::hash::Hasher as _;
+
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use twox_hash::XxHash3_64;
 
 pub const MAGIC: &[u8; 8] = b"VFMSTATE";
 pub const VERSION: u16 = 2;
@@ -70,7 +73,7 @@ pub struct StreamWriter<W: Write> {
     out: W,
     total: u64,
     chunks: u32,
-    hashes: Xxh3,
+    hashes: XxHash3_64,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -82,28 +85,52 @@ impl<W: Write> StreamWriter<W> {
         head.extend_from_slice(&(json.len() as u32).to_le_bytes());
         head.extend_from_slice(&json);
         out.write_all(&head)?;
-        out.write_all(&xxh3_64(&head).to_le_bytes())?;
+        out.write_all(&checksum(&head).to_le_bytes())?;
         Ok(StreamWriter {
             out,
             total: 0,
             chunks: 0,
-            hashes: Xxh3::new(),
+            hashes: XxHash3_64::new(),
         })
     }
 
     pub fn chunk(&mut self, data: &[u8]) -> io::Result<()> {
-        for part in data.chunks(MAX_CHUNK) {
-            let hash = xxh3_64(part).to_le_bytes();
-            let mut head = [0u8; 13];
-            head[0] = CHUNK;
-            head[1..5].copy_from_slice(&(part.len() as u32).to_le_bytes());
-            head[5..13].copy_from_slice(&hash);
-            write_both(&mut self.out, &head, part)?;
-            self.hashes.update(&hash);
-            self.total += part.len() as u64;
-            self.chunks += 1;
+        self.chunks(&data.chunks(MAX_CHUNK).collect::<Vec<_>>())
+    }
+
+    /// One chunk per part (each at most [`MAX_CHUNK`]), all in one `writev` where
+    /// the sink passes it through (a `BufWriter` smaller than the parts does): no
+    /// copy of the data in user space, one system call for several chunks.
+    pub fn chunks(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let heads: Vec<[u8; 13]> = parts.iter().map(|part| self.record(part)).collect();
+        let mut iov: Vec<io::IoSlice> = heads
+            .iter()
+            .zip(parts)
+            .flat_map(|(head, part)| [io::IoSlice::new(head), io::IoSlice::new(part)])
+            .collect();
+        let mut iov = &mut iov[..];
+        while !iov.is_empty() {
+            let n = self.out.write_vectored(iov)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            io::IoSlice::advance_slices(&mut iov, n);
         }
         Ok(())
+    }
+
+    /// Counts `part` into the trailer and returns its record header.
+    fn record(&mut self, part: &[u8]) -> [u8; 13] {
+        assert!(part.len() <= MAX_CHUNK, "a chunk of {} bytes", part.len());
+        let hash = checksum(part).to_le_bytes();
+        let mut head = [0u8; 13];
+        head[0] = CHUNK;
+        head[1..5].copy_from_slice(&(part.len() as u32).to_le_bytes());
+        head[5..13].copy_from_slice(&hash);
+        self.hashes.write(&hash);
+        self.total += part.len() as u64;
+        self.chunks += 1;
+        head
     }
 
     /// Writes the trailer and returns the sink and the bytes of state sent.
@@ -112,38 +139,23 @@ impl<W: Write> StreamWriter<W> {
         t[0] = TRAILER;
         t[1..9].copy_from_slice(&self.total.to_le_bytes());
         t[9..13].copy_from_slice(&self.chunks.to_le_bytes());
-        t[13..21].copy_from_slice(&self.hashes.digest().to_le_bytes());
+        t[13..21].copy_from_slice(&self.hashes.finish().to_le_bytes());
         self.out.write_all(&t)?;
         self.out.flush()?;
         Ok((self.out, self.total))
     }
 }
 
-/// Writes a record header and its data in one `writev` where the sink passes it
-/// through (a `BufWriter` smaller than the chunk does): no copy of the chunk in
-/// user space.
-fn write_both(out: &mut impl Write, head: &[u8], data: &[u8]) -> io::Result<()> {
-    let mut done = 0;
-    let total = head.len() + data.len();
-    while done < total {
-        let n = if done < head.len() {
-            out.write_vectored(&[io::IoSlice::new(&head[done..]), io::IoSlice::new(data)])?
-        } else {
-            out.write(&data[done - head.len()..])?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        done += n;
-    }
-    Ok(())
+/// A chunk's (or the header's) checksum.
+fn checksum(data: &[u8]) -> u64 {
+    XxHash3_64::oneshot(data)
 }
 
 pub struct StreamReader<R: Read> {
     input: R,
     total: u64,
     chunks: u32,
-    hashes: Xxh3,
+    hashes: XxHash3_64,
     done: bool,
 }
 
@@ -175,10 +187,10 @@ impl<R: Read> StreamReader<R> {
         }
         let mut rest = vec![0u8; len + 8];
         input.read_exact(&mut rest)?;
-        let mut h = Xxh3::new();
-        h.update(&fixed);
-        h.update(&rest[..len]);
-        if h.digest() != u64_at(&rest, len) {
+        let mut h = XxHash3_64::new();
+        h.write(&fixed);
+        h.write(&rest[..len]);
+        if h.finish() != u64_at(&rest, len) {
             return Err(StreamError::Corrupt("header checksum mismatch".into()));
         }
         let header: Header = serde_json::from_slice(&rest[..len])
@@ -187,7 +199,7 @@ impl<R: Read> StreamReader<R> {
             input,
             total: 0,
             chunks: 0,
-            hashes: Xxh3::new(),
+            hashes: XxHash3_64::new(),
             done: false,
         };
         Ok((reader, header))
@@ -213,13 +225,13 @@ impl<R: Read> StreamReader<R> {
                 }
                 buf.resize(len, 0);
                 self.input.read_exact(buf)?;
-                if xxh3_64(buf) != u64_at(&h, 5) {
+                if checksum(buf) != u64_at(&h, 5) {
                     return Err(StreamError::Corrupt(format!(
                         "chunk {} checksum mismatch",
                         self.chunks
                     )));
                 }
-                self.hashes.update(&h[5..13]);
+                self.hashes.write(&h[5..13]);
                 self.total += len as u64;
                 self.chunks += 1;
                 Ok(true)
@@ -230,7 +242,7 @@ impl<R: Read> StreamReader<R> {
                 self.input.read_exact(&mut t[13..])?;
                 let ok = u64_at(&t, 1) == self.total
                     && u32_at(&t, 9) == self.chunks
-                    && u64_at(&t, 13) == self.hashes.digest();
+                    && u64_at(&t, 13) == self.hashes.finish();
                 if !ok {
                     return Err(StreamError::Corrupt(
                         "the trailer does not match the chunks received".into(),
