@@ -34,7 +34,7 @@ const BUF: usize = 256 << 10;
 /// STOP_COPY reads per send: one `writev` of four 256 KiB chunks, each
 /// checksummed right after its read while it is in cache, costs the socket less
 /// than four sends (the 256 MiB benchmark, three runs alternating: 0.61-0.70x of
-/// bare loopback TCP with one chunk per send, 0.67-0.77x with four; 0.81-0.82x
+/// bare loopback TCP with one chunk per send, 0.67-0.77x with four; 0.81-0.84x
 /// with four and the AVX2 checksum). A second thread for the device side was
 /// slower on two cores (0.47-0.66x): its hand-offs cost more than they overlap.
 const BATCH: usize = 4;
