@@ -173,9 +173,8 @@ pub fn read_opt(path: &Path) -> Option<String> {
 /// the second read that `fs::read_to_string` spends on every file. Attributes are
 /// read a dozen times per device per operation, so this is most of a lease's syscalls.
 fn read_file(f: fs::File) -> Option<String> {
-    // Read straight into the string's buffer: a zeroed bounce buffer of a page per
-    // read was a tenth of the daemon's instructions on the fake host. An attribute
-    // is one page at most and comes in one read; a short read is its end.
+    // Straight into the string's buffer: a zeroed bounce buffer of a page per read
+    // was a tenth of the daemon's instructions on the fake host.
     let mut buf = Vec::with_capacity(4096);
     loop {
         let room = buf.capacity() - buf.len();
