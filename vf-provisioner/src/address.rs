@@ -99,13 +99,34 @@ impl FromStr for PciAddress {
     }
 }
 
+/// Written by hand rather than with `write!`: an address is formatted into nearly
+/// every sysfs path, and padded hex through `fmt` cost a tenth of the daemon's
+/// instructions per provision. Same text as `{:04x}:{:02x}:{:02x}.{}`.
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{}",
-            self.domain, self.bus, self.device, self.function
-        )
+        if self.function > 9 {
+            // Not a real function number (the parser takes 0-7); kept exact anyway.
+            let (d, b, s, n) = (self.domain, self.bus, self.device, self.function);
+            return f.pad(&format!("{d:04x}:{b:02x}:{s:02x}.{n}"));
+        }
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let nibble = |v: u16, shift: u16| HEX[usize::from((v >> shift) & 0xf)];
+        let (d, b, s) = (self.domain, u16::from(self.bus), u16::from(self.device));
+        let text = [
+            nibble(d, 12),
+            nibble(d, 8),
+            nibble(d, 4),
+            nibble(d, 0),
+            b':',
+            nibble(b, 4),
+            nibble(b, 0),
+            b':',
+            nibble(s, 4),
+            nibble(s, 0),
+            b'.',
+            b'0' + self.function,
+        ];
+        f.pad(std::str::from_utf8(&text).expect("ASCII"))
     }
 }
 
@@ -140,6 +161,20 @@ mod tests {
             "0000:3B:00.0".parse::<PciAddress>().unwrap().to_string(),
             "0000:3b:00.0"
         );
+    }
+
+    #[test]
+    fn prints_like_padded_hex_with_width_honoured() {
+        for (d, b, s, n) in [
+            (0, 0, 0, 0),
+            (0xabcd, 0xef, 0x1f, 7),
+            (0x10, 0x3b, 0x02, 1),
+            (1, 2, 3, 12),
+        ] {
+            let a = PciAddress::new(d, b, s, n);
+            assert_eq!(a.to_string(), format!("{d:04x}:{b:02x}:{s:02x}.{n}"));
+            assert_eq!(format!("[{a:>16}]"), format!("[{:>16}]", a.to_string()));
+        }
     }
 
     #[test]
