@@ -132,6 +132,59 @@ fn released_request_ids_are_forgotten_after_their_retention() {
     );
 }
 
+/// Preferred PFs are taken first, in the order given; NUMA narrows the choice;
+/// the table's candidates come in pages, and a page whose every VF is refused
+/// (here held open by a VMM) does not end the search.
+#[test]
+fn preferences_numa_and_refusals_pick_the_devices() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(6, 4), "", &[]);
+    let c = bus.client();
+    // More than a page of the table's candidates.
+    let held = (0x10..=0x13)
+        .flat_map(|b| (1..=4).map(move |f| format!("0000:{b:02x}:00.{f}")))
+        .chain(["0000:14:00.1".to_string()]);
+    for (pid, a) in (5000..).zip(held) {
+        c.bind(&a, false).unwrap();
+        let group = std::fs::read_link(
+            d.root
+                .join("sys/bus/pci/devices")
+                .join(&a)
+                .join("iommu_group"),
+        )
+        .unwrap();
+        let group = group
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        vf_provisioner::fake::hold_group(&d.root, pid, "qemu-system-x86", group).unwrap();
+    }
+    let first = c.provision(&req("p1", "vm-a", 1)).unwrap();
+    assert_eq!(addrs(&first), ["0000:14:00.2"], "past 17 refused ones");
+    let mut preferring = req("p2", "vm-b", 4);
+    preferring.pfs = vec!["15:00.0".into(), "0000:14:00.0".into()];
+    let l = c.provision(&preferring).unwrap();
+    assert_eq!(
+        addrs(&l),
+        [
+            "0000:15:00.1",
+            "0000:15:00.2",
+            "0000:15:00.3",
+            "0000:15:00.4"
+        ]
+    );
+    let mut near = req("p3", "vm-c", 1);
+    near.pfs = vec!["15:00.0".into()];
+    near.numa_node = 0;
+    assert_eq!(addrs(&c.provision(&near).unwrap()), ["0000:14:00.3"]);
+    let e = c.provision(&req("p4", "vm-d", 2)).unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "{e}");
+    drop(d);
+}
+
 #[test]
 fn bad_requests_get_typed_errors_and_change_nothing() {
     let bus = Bus::open();

@@ -21,7 +21,7 @@ pub use mediated::{is_mediated, Incoming};
 
 use super::audit::Audit;
 use super::metrics::Metrics;
-use super::store::{now, Guards, LeaseRow, Store};
+use super::store::{self, now, Guards, LeaseRow, Store};
 use crate::api::{ApiError, DeviceInfo, Lease, LeasedDevice, Request};
 use crate::config::Config;
 
@@ -108,6 +108,14 @@ impl Claim<'_> {
             self.claims.freed.notify_all();
         }
     }
+}
+
+/// What `Core::free_for` has found so far: the VFs taken (and claimed), and the
+/// PFs read on the way.
+struct Picker<'a> {
+    pfs: BTreeMap<String, Option<PciFunction>>,
+    free: Vec<PciFunction>,
+    claim: Claim<'a>,
 }
 
 impl Drop for Claim<'_> {
@@ -460,40 +468,64 @@ impl Core {
     /// in their IOMMU group and not needed by the host; preferred PFs first. The
     /// table names the candidates (kept true by uevents and after every change);
     /// each chosen one is claimed, then checked against sysfs itself. Also returns how
-    /// many candidates the table had.
+    /// many candidates it looked at: every one the table has when it found too few.
     fn free_for(&self, req: &Request) -> Result<(Vec<PciFunction>, usize, Claim<'_>), ApiError> {
-        let rank = |pf: &str| {
-            req.pfs
-                .iter()
-                .position(|p| normalize(p) == pf)
-                .unwrap_or(usize::MAX)
-        };
-        let mut candidates = self.store().unleased_vfs(req.numa_node).map_err(failed)?;
-        candidates.sort_by_key(|(addr, pf)| (rank(pf), addr.clone()));
-        let mut pfs: BTreeMap<String, Option<PciFunction>> = BTreeMap::new();
-        let mut free = Vec::new();
-        let mut claim = self.claims.none();
-        for (addr, pf) in &candidates {
-            if free.len() == req.count as usize {
-                break;
-            }
-            // Claimed first, checked after: whoever claims a device second skips it
-            // (and reads nothing for it).
-            if !claim.try_add(addr) {
-                continue;
-            }
-            let pf = pfs
-                .entry(pf.clone())
-                .or_insert_with(|| PciFunction::read_ids(&self.sys, &pf.parse().ok()?));
-            let pf = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf));
-            let f = pf.and_then(|_| PciFunction::read_brief(&self.sys, &addr.parse().ok()?));
-            match (pf, f) {
-                (Some(pf), Some(f)) if self.why_not(pf, &f, false).is_none() => free.push(f),
-                _ => claim.remove_last(),
+        let mut preferred: Vec<String> = Vec::new();
+        for p in req.pfs.iter().map(|p| normalize(p)) {
+            if !preferred.contains(&p) {
+                preferred.push(p);
             }
         }
-        let n = candidates.len();
-        Ok((free, n, claim))
+        let want = req.count as usize;
+        let mut pick = Picker {
+            pfs: BTreeMap::new(),
+            free: Vec::new(),
+            claim: self.claims.none(),
+        };
+        let mut seen = 0;
+        // Each preferred PF's VFs, then everyone else's.
+        for pass in preferred.iter().map(Some).chain([None]) {
+            let mut after = String::new();
+            while pick.free.len() < want {
+                let rows = self
+                    .store()
+                    .unleased_vfs(req.numa_node, pass.map(String::as_str), &after)
+                    .map_err(failed)?;
+                for (addr, pf) in &rows {
+                    if pass.is_none() && preferred.contains(pf) {
+                        continue;
+                    }
+                    seen += 1;
+                    if pick.free.len() < want {
+                        self.pick(req, addr, pf, &mut pick);
+                    }
+                }
+                match rows.last() {
+                    Some((last, _)) if rows.len() == store::PAGE => after = last.clone(),
+                    _ => break,
+                }
+            }
+        }
+        Ok((pick.free, seen, pick.claim))
+    }
+
+    /// Takes VF `addr` of `pf` into `pick` if it is free for `req`. Claimed first,
+    /// checked after: whoever claims a device second skips it (and reads nothing
+    /// for it).
+    fn pick<'a>(&self, req: &Request, addr: &str, pf: &str, pick: &mut Picker<'a>) {
+        if !pick.claim.try_add(addr) {
+            return;
+        }
+        let pf = pick
+            .pfs
+            .entry(pf.to_string())
+            .or_insert_with(|| PciFunction::read_ids(&self.sys, &pf.parse().ok()?));
+        let pf = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf));
+        let f = pf.and_then(|_| PciFunction::read_brief(&self.sys, &addr.parse().ok()?));
+        match (pf, f) {
+            (Some(pf), Some(f)) if self.why_not(pf, &f, false).is_none() => pick.free.push(f),
+            _ => pick.claim.remove_last(),
+        }
     }
 
     /// Why a lease may not take `f` (of `pf`, itself for a whole function), or None:

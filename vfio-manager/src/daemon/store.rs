@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS intents (
 
 /// A released lease by request id or lease id.
 const RELEASED: &str = "SELECT lease_id FROM released WHERE request_id = ?1 OR lease_id = ?1";
+/// How many VFs `Store::unleased_vfs` lists at a time.
+pub const PAGE: usize = 16;
 /// Released request ids older than the retention window.
 const FORGET_RELEASED: &str = "DELETE FROM released WHERE released_at < ?1";
 
@@ -468,20 +470,31 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// VFs present and not leased, on NUMA node `numa` (any if negative), as
-    /// (address, PF), in address order: a provision's candidates.
-    pub fn unleased_vfs(&self, numa: i32) -> Result<Vec<(String, String)>> {
+    /// A provision's candidates, as (address, PF): up to [`PAGE`] VFs that no lease holds, by address from after `after` (""
+    /// for the start), on NUMA node `numa` (any if negative), of PF `pf` (any if
+    /// None). Paged, in the primary key's order: a provision usually takes the
+    /// first few, and reading and sorting every row cost it more than all its
+    /// other queries together.
+    pub fn unleased_vfs(
+        &self,
+        numa: i32,
+        pf: Option<&str>,
+        after: &str,
+    ) -> Result<Vec<(String, String)>> {
         let conn = self.conn();
+        // The page size is written into the statement: SQLite re-prepares one
+        // with a bound LIMIT at every step (that was a third of its time here).
         let mut st = conn
-            .prepare_cached(
-                "SELECT address, pf FROM devices
-                 WHERE pf != '' AND health != 'missing' AND (?1 < 0 OR numa_node = ?1)
-                   AND address NOT IN (SELECT address FROM lease_devices)
-                 ORDER BY address",
-            )
+            .prepare_cached(&format!(
+                "SELECT address, pf FROM devices d
+                 WHERE address > ?3 AND pf != '' AND (?2 IS NULL OR pf = ?2)
+                   AND health != 'missing' AND (?1 < 0 OR numa_node = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM lease_devices l WHERE l.address = d.address)
+                 ORDER BY address LIMIT {PAGE}"
+            ))
             .map_err(self.err())?;
         let rows = st
-            .query_map([numa], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map(params![numa, pf, after], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(self.err())?;
         rows.collect::<rusqlite::Result<_>>().map_err(self.err())
     }
@@ -580,5 +593,69 @@ mod tests {
         assert_eq!(store.released("lease-old").unwrap(), None);
         assert_eq!(store.released("new").unwrap().as_deref(), Some("lease-new"));
         assert_eq!(store.forget_released(2000).unwrap(), 0);
+    }
+
+    /// Pages of unleased VFs, walked with each page's last address, list every
+    /// free VF once, by address; PF and NUMA filters and leases honoured.
+    #[test]
+    fn unleased_vfs_pages_list_each_free_vf_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let dev = |address: &str, pf: &str, numa_node: i32| DeviceInfo {
+            address: address.into(),
+            id: "1ed5:0324".into(),
+            pf: pf.into(),
+            driver: String::new(),
+            iommu_group: -1,
+            numa_node,
+            health: "ok".into(),
+            lease_id: String::new(),
+            vm_name: String::new(),
+            provisions: 0,
+            errors: 0,
+        };
+        let (a, b, c) = ("0000:01:00.0", "0000:02:00.0", "0000:03:00.0");
+        let mut seen = vec![dev(a, "", 0), dev(b, "", 0), dev(c, "", 1)];
+        // More than a page in all.
+        for (pf, bus) in [(a, 1), (b, 2), (c, 3)] {
+            for f in 1..=7 {
+                seen.push(dev(&format!("0000:0{bus}:00.{f}"), pf, (bus == 3) as i32));
+            }
+        }
+        store.sync_devices(&seen).unwrap();
+        let lease = LeaseRow {
+            id: "lease-1".into(),
+            request: Request {
+                request_id: "r1".into(),
+                ..Request::default()
+            },
+            devices: vec![("0000:03:00.2".into(), String::new())],
+            created_at: 0,
+        };
+        let intent = store
+            .begin_intent("provision", "lease-1", "{}", Guards::Kernel)
+            .unwrap();
+        store.commit_lease(&lease, intent, &[]).unwrap();
+        let walk = |numa: i32, pf: Option<&str>| {
+            let (mut all, mut after) = (Vec::<String>::new(), String::new());
+            loop {
+                let page = store.unleased_vfs(numa, pf, &after).unwrap();
+                all.extend(page.iter().map(|(a, _)| a.clone()));
+                match page.last() {
+                    Some((a, _)) if page.len() == PAGE => after = a.clone(),
+                    _ => return all,
+                }
+            }
+        };
+        let vfs = |bus: &[u8]| -> Vec<String> {
+            let all = bus
+                .iter()
+                .flat_map(|b| (1..=7).map(move |f| format!("0000:0{b}:00.{f}")));
+            all.filter(|a| a != "0000:03:00.2").collect()
+        };
+        assert_eq!(walk(-1, None), vfs(&[1, 2, 3]));
+        assert_eq!(walk(1, None), vfs(&[3]));
+        assert_eq!(walk(-1, Some(b)), vfs(&[2]));
+        assert_eq!(walk(1, Some(b)), Vec::<String>::new());
     }
 }
