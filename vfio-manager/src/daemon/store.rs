@@ -470,11 +470,11 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// A provision's candidates, as (address, PF): up to [`PAGE`] VFs that no lease holds, by address from after `after` (""
-    /// for the start), on NUMA node `numa` (any if negative), of PF `pf` (any if
-    /// None). Paged, in the primary key's order: a provision usually takes the
-    /// first few, and reading and sorting every row cost it more than all its
-    /// other queries together.
+    /// A provision's candidates, as (address, PF): up to [`PAGE`] VFs that no
+    /// lease holds, by address from after `after` ("" for the start), on NUMA
+    /// node `numa` (any if negative), of PF `pf` (any if None). Paged, in the
+    /// primary key's order: a provision usually takes the first few, and reading
+    /// and sorting every row cost it more than all its other queries together.
     pub fn unleased_vfs(
         &self,
         numa: i32,
