@@ -452,13 +452,17 @@ impl Core {
             (free, n, claim) = self.free_for(req)?;
         }
         if free.len() < req.count as usize {
+            let unfit = match n - free.len() {
+                0 => String::new(),
+                k => format!(" ({k} more unleased, but held open, sharing an IOMMU group, needed by the host or of another profile)"),
+            };
             return Err(ApiError::NoDevice(format!(
-                "no free device for VM {}: {} wanted with profile {:?}{}, {} free; release a lease (`vfctl leases`), enable more VFs (`vfctl enable PF --vfs N`) or manage another PF in the configuration",
+                "no free device for VM {}: {} wanted with profile {:?}{}, {} free{unfit}; release a lease (`vfctl leases`), enable more VFs (`vfctl enable PF --vfs N`) or manage another PF in the configuration",
                 req.vm_name,
                 req.count,
                 req.profile,
                 if req.numa_node >= 0 { format!(" on NUMA node {}", req.numa_node) } else { String::new() },
-                n
+                free.len()
             )));
         }
         Ok((free, claim))
