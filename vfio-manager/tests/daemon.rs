@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use vf_provisioner::layouts;
+use vf_provisioner::sysfs::link_name;
 use vfio_manager::api::{self, Lease, Request};
 
 fn req(id: &str, vm: &str, count: u32) -> Request {
@@ -146,20 +147,12 @@ fn preferences_numa_and_refusals_pick_the_devices() {
         .chain(["0000:14:00.1".to_string()]);
     for (pid, a) in (5000..).zip(held) {
         c.bind(&a, false).unwrap();
-        let group = std::fs::read_link(
-            d.root
-                .join("sys/bus/pci/devices")
-                .join(&a)
-                .join("iommu_group"),
-        )
-        .unwrap();
-        let group = group
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let link = d
+            .root
+            .join("sys/bus/pci/devices")
+            .join(&a)
+            .join("iommu_group");
+        let group = link_name(&link).unwrap().parse().unwrap();
         vf_provisioner::fake::hold_group(&d.root, pid, "qemu-system-x86", group).unwrap();
     }
     let first = c.provision(&req("p1", "vm-a", 1)).unwrap();
