@@ -176,7 +176,10 @@ fn preferences_numa_and_refusals_pick_the_devices() {
     let e = c.provision(&req("p4", "vm-d", 2)).unwrap_err();
     assert_eq!(error_name(&e), "NoDevice", "{e}");
     let e = e.to_string();
-    assert!(e.contains("1 free (17 more unleased, but held open"), "{e}");
+    assert!(
+        e.contains("1 free (17 more unleased but unfit: held open"),
+        "{e}"
+    );
     drop(d);
 }
 

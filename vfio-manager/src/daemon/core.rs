@@ -452,9 +452,9 @@ impl Core {
             (free, n, claim) = self.free_for(req)?;
         }
         if free.len() < req.count as usize {
-            let unfit = match n - free.len() {
+            let unfit = match n.saturating_sub(free.len()) {
                 0 => String::new(),
-                k => format!(" ({k} more unleased, but held open, sharing an IOMMU group, needed by the host or of another profile)"),
+                k => format!(" ({k} more unleased but unfit: held open, in a shared IOMMU group, needed by the host, of another profile or taken by a concurrent request)"),
             };
             return Err(ApiError::NoDevice(format!(
                 "no free device for VM {}: {} wanted with profile {:?}{}, {} free{unfit}; release a lease (`vfctl leases`), enable more VFs (`vfctl enable PF --vfs N`) or manage another PF in the configuration",
