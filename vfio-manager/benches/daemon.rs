@@ -131,22 +131,23 @@ fn main() {
         "VFs on their host driver: each lease binds and returns",
         "",
     );
+    // large(16, 4)'s VFs: PFs on buses 0x10-0x1f, VFs at functions 1-4.
     let vfs: Vec<String> = (0x10..0x20u8)
         .flat_map(|b| (1..=4).map(move |f| format!("\"0000:{b:02x}:00.{f}\"")))
         .collect();
-    let pool = format!("bind = [{}]\n", vfs.join(", "));
+    let kept = format!("bind = [{}]\n", vfs.join(", "));
     scenario(
         &bus,
         rounds,
         "VFs kept on vfio-pci by the config (the usual GPU host)",
-        &pool,
+        &kept,
     );
     mdev_phase(&bus, 300);
 }
 
 /// One daemon on the 16 x 4 fake host with `config`: Ping, provision/release
 /// round trips, provisions of a request id again, Ping; the table and ratios.
-fn scenario(bus: &Arc<common::Bus>, rounds: usize, pool: &str, config: &str) {
+fn scenario(bus: &Arc<common::Bus>, rounds: usize, title: &str, config: &str) {
     let clients = *CLIENTS;
     let d = common::Daemon::start(bus, layouts::large(16, 4), config, &[]);
     let pids = [
@@ -168,7 +169,7 @@ fn scenario(bus: &Arc<common::Bus>, rounds: usize, pool: &str, config: &str) {
     let (agains, again_cpu) = phase(provision_again);
     let (pings2, _) = phase(ping);
     println!("vfio-managerd over a real dbus-daemon, fake host (16 PFs x 4 VFs), {clients} concurrent clients, {rounds} rounds each");
-    println!("{pool}");
+    println!("{title}");
     println!(
         "{:<44} {:>10} {:>10}   CPU per op: {:>8} {:>8} {:>8}",
         "operation", "p50", "p99", "daemon", "bus", "clients"
