@@ -107,7 +107,7 @@ fn auto_definitions_are_started_when_the_daemon_starts() {
 #[test]
 fn a_lease_of_an_mdev_profile_creates_them_and_its_release_removes_them() {
     let bus = Bus::open();
-    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let mut d = Daemon::start(&bus, layouts::emulated(), "", &[]);
     let c = bus.client();
     let before = free(&d, MTTY_2);
     let lease = c.provision(&req("m1", MTTY_2, 3)).unwrap();
@@ -144,6 +144,27 @@ fn a_lease_of_an_mdev_profile_creates_them_and_its_release_removes_them() {
     // The same request id again: the same lease, nothing new made.
     assert_eq!(c.provision(&req("m1", MTTY_2, 3)).unwrap(), lease);
     assert_eq!(free(&d, MTTY_2), before - 3);
+    // A restart finds the leased mdevs where they are; one removed behind the
+    // daemon's back is reported gone, by its UUID.
+    d.restart();
+    assert!(
+        !d.log_text().contains("gone from sysfs"),
+        "{}",
+        d.log_text()
+    );
+    d.kill();
+    let gone = &lease.devices[2].address;
+    let remove = format!("sys/bus/mdev/devices/{gone}/remove");
+    Sysfs::open(&d.root)
+        .unwrap()
+        .write_attr(&d.root.join(remove), "1")
+        .unwrap();
+    d.restart();
+    assert!(
+        d.log_text().contains(&format!("drift: {gone} of lease")),
+        "{}",
+        d.log_text()
+    );
 
     assert!(c.release("m1").unwrap());
     assert_eq!(free(&d, MTTY_2), before);

@@ -110,14 +110,6 @@ impl Claim<'_> {
     }
 }
 
-/// What `Core::free_for` has found so far: the VFs taken (and claimed), and the
-/// PFs read on the way.
-struct Picker<'a> {
-    pfs: BTreeMap<String, Option<PciFunction>>,
-    free: Vec<PciFunction>,
-    claim: Claim<'a>,
-}
-
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut held = self.claims.held();
@@ -126,6 +118,14 @@ impl Drop for Claim<'_> {
         }
         self.claims.freed.notify_all();
     }
+}
+
+/// What `Core::free_for` has found so far: the VFs taken (and claimed), and the
+/// PFs read on the way.
+struct Picker<'a> {
+    pfs: BTreeMap<String, Option<PciFunction>>,
+    free: Vec<PciFunction>,
+    claim: Claim<'a>,
 }
 
 /// What a provision intent was about to do, for recovery.
@@ -496,13 +496,14 @@ impl Core {
                     .unleased_vfs(req.numa_node, pass.map(String::as_str), &after)
                     .map_err(failed)?;
                 for (addr, pf) in &rows {
+                    if pick.free.len() == want {
+                        break;
+                    }
                     if pass.is_none() && preferred.contains(pf) {
                         continue;
                     }
                     seen += 1;
-                    if pick.free.len() < want {
-                        self.pick(req, addr, pf, &mut pick);
-                    }
+                    self.pick(req, addr, pf, &mut pick);
                 }
                 match rows.last() {
                     Some((last, _)) if rows.len() == store::PAGE => after = last.clone(),
@@ -516,7 +517,7 @@ impl Core {
     /// Takes VF `addr` of `pf` into `pick` if it is free for `req`. Claimed first,
     /// checked after: whoever claims a device second skips it (and reads nothing
     /// for it).
-    fn pick<'a>(&self, req: &Request, addr: &str, pf: &str, pick: &mut Picker<'a>) {
+    fn pick(&self, req: &Request, addr: &str, pf: &str, pick: &mut Picker<'_>) {
         if !pick.claim.try_add(addr) {
             return;
         }
@@ -908,15 +909,25 @@ impl Core {
         self.refresh()?;
         for row in self.store().leases().map_err(failed)? {
             for (addr, _) in &row.devices {
+                let gone = || {
+                    format!(
+                        "drift: {addr} of lease {} (VM {}) is gone from sysfs; marked missing",
+                        row.id, row.request.vm_name
+                    )
+                };
+                // An mdev is there or gone: it cannot be rebound (REAL-KERNEL rule 6).
+                if let Ok(uuid) = addr.parse::<uuid::Uuid>() {
+                    if !mediated_dev::host::mdev_exists(&self.sys, &uuid) {
+                        log.push(gone());
+                    }
+                    continue;
+                }
                 let f = addr
                     .parse()
                     .ok()
                     .and_then(|a| PciFunction::read(&self.sys, &a));
                 match f {
-                    None => log.push(format!(
-                        "drift: {addr} of lease {} (VM {}) is gone from sysfs; marked missing",
-                        row.id, row.request.vm_name
-                    )),
+                    None => log.push(gone()),
                     Some(f) if !f.on_vfio() => {
                         let r = self.raw.bind_vfio(&f.address, false).map(|_| ());
                         if let Err(e) = &r {
