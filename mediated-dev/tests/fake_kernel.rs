@@ -190,3 +190,18 @@ fn nvidia_vgpu17_creatable_types_shrink_as_vfs_take_types() {
     write(r, &format!("{}/current_vgpu_type", vf(0)), "0").unwrap();
     assert!(read(r, &format!("{}/creatable_vgpu_types", vf(2))).contains("A100D-40C"));
 }
+
+/// The fake runs inside the daemon, so a SIGKILL can cut its create in two; a
+/// create cut off before the device reached the bus left nothing that a second
+/// create of the same UUID trips over (the kernel's write cannot be cut).
+#[test]
+fn a_create_cut_off_before_the_bus_leaves_nothing_behind() {
+    let t = build(layouts::emulated());
+    let r = t.path();
+    let dev = r.join("sys/devices/virtual/mtty/mtty").join(U1);
+    std::fs::create_dir_all(&dev).unwrap();
+    std::os::unix::fs::symlink("../mdev_supported_types/mtty-1", dev.join("mdev_type")).unwrap();
+    write(r, &format!("{MTTY1}/create"), U1).unwrap();
+    let bus = r.join("sys/bus/mdev/devices").join(U1);
+    assert!(bus.join("driver").exists() && bus.join("iommu_group").exists());
+}

@@ -391,6 +391,7 @@ fn sigkill_at_random_points_loses_and_doubles_nothing() {
             (r.request_id.clone(), Some(r))
         };
         // Retry the same request until the daemon gives a definite answer.
+        let mut restarts = 0;
         loop {
             let answer = match &request {
                 Some(r) => c.provision(r).map(Some),
@@ -414,9 +415,16 @@ fn sigkill_at_random_points_loses_and_doubles_nothing() {
                 {
                     panic!("op {op}: unexpected refusal {e}; log:\n{}", d.log_text())
                 }
-                Err(_) => {
+                Err(e) => {
+                    // A failure that outlives restarts is a bug, not a crash.
+                    assert!(
+                        restarts < 10,
+                        "op {op}: {e} after {restarts} restarts; log:\n{}",
+                        d.log_text()
+                    );
                     d.restart_after(killer.as_ref());
                     kills += 1;
+                    restarts += 1;
                 }
             }
         }

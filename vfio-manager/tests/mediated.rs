@@ -329,7 +329,7 @@ fn sigkill_during_mediated_operations_loses_doubles_and_leaks_nothing() {
         };
         let killer =
             (rng.below(3) == 0).then(|| d.kill_after(Duration::from_micros(rng.below(6000))));
-        let mut retried = false;
+        let (mut retried, mut restarts) = (false, 0);
         loop {
             let answer = match &step {
                 Step::Provision(r) => c.provision(r).map(|l| {
@@ -367,8 +367,15 @@ fn sigkill_during_mediated_operations_loses_doubles_and_leaks_nothing() {
                     )
                 }
                 _ => {
+                    // A failure that outlives restarts is a bug, not a crash.
+                    assert!(
+                        restarts < 10,
+                        "op {op}: {e} after {restarts} restarts (seed {seed}); log:\n{}",
+                        d.log_text()
+                    );
                     d.restart_after(killer.as_ref());
                     kills += 1;
+                    restarts += 1;
                     retried = true;
                 }
             }

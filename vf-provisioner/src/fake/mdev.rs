@@ -209,6 +209,12 @@ impl FakeKernel {
             .and_then(|n| n.to_str())
             .unwrap_or_default();
         let dev = self.rel(pdir)?.join(uuid);
+        // A create cut off before its bus link (below) left a directory that no
+        // reader sees; for the kernel, whose write is not cut, it never existed.
+        match fs::remove_dir_all(self.root.join(&dev)) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         fs::create_dir_all(self.root.join(&dev))?;
         write_file(&self.root.join(&dev).join("remove"), "")?;
         symlink(
