@@ -144,10 +144,13 @@ impl Session<'_> {
             } else {
                 addresses(self.d.lease_slots().iter().map(|h| h.address))
             };
+            if !req.devices.is_empty() {
+                req.count = req.devices.len() as u32;
+            }
         } else {
+            // No metadata: exactly the hostdevs we manage, and none is no lease
+            // (a domain that names none of ours is not ours).
             req.devices = self.managed_hostdevs()?;
-        }
-        if !req.devices.is_empty() {
             req.count = req.devices.len() as u32;
         }
         Ok((req.count > 0).then_some(req))

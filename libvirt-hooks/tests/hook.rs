@@ -101,6 +101,29 @@ fn hostdevs_of_managed_devices_are_leased_exactly() {
 }
 
 #[test]
+fn a_domain_whose_unmanaged_hostdevs_are_none_of_ours_gets_no_lease() {
+    let (bus, d) = start();
+    let before = common::vfctl(&bus, &["--output", "json", "list"]);
+    // managed='no', but a function the daemon does not manage (and one that is absent).
+    let xml = format!(
+        "<domain type='qemu'><name>vm1</name><uuid>{UUID}</uuid><devices>{}{}</devices></domain>",
+        hostdev("0000:00:02.0"),
+        hostdev("0000:7f:1f.7")
+    );
+    for (op, sub) in [
+        ("prepare", "begin"),
+        ("started", "begin"),
+        ("migrate", "begin"),
+    ] {
+        let r = hook(&bus.address, op, sub, &xml);
+        assert_eq!((r.code, r.stdout.as_str()), (0, ""), "{op}: {}", r.stderr);
+    }
+    assert!(bus.client().leases().unwrap().is_empty(), "nothing leased");
+    assert_eq!(common::vfctl(&bus, &["--output", "json", "list"]), before);
+    drop(d);
+}
+
+#[test]
 fn domains_without_our_devices_pass_untouched_without_the_daemon() {
     let plain = "<domain type='kvm'><name>vm1</name><devices><hostdev mode='subsystem' type='pci' managed='yes'>\
                  <source><address domain='0x0000' bus='0x05' slot='0x00' function='0x0'/></source></hostdev></devices></domain>";
@@ -237,8 +260,12 @@ fn a_mediated_profile_makes_the_domains_mdevs_with_their_uuids() {
         "0f2c1d1e-aaaa-4bbb-8ccc-00000000000a",
         "0f2c1d1e-aaaa-4bbb-8ccc-00000000000b",
     );
-    m.create("mtty", "mtty-2", Some(kept.parse().unwrap()))
-        .unwrap();
+    m.create(
+        &"mtty".parse().unwrap(),
+        &"mtty-2".parse().unwrap(),
+        Some(kept.parse().unwrap()),
+    )
+    .unwrap();
     let mdev = |u: &str| {
         format!("<hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='{u}'/></source></hostdev>")
     };

@@ -11,11 +11,12 @@ use vf_provisioner::sysfs::{self, read_dec, read_opt};
 use vf_provisioner::{PciAddress, Sysfs};
 
 use crate::error::{Error, Result};
+use crate::ids::{MdevParent, MdevTypeId};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MdevType {
     /// Directory name, e.g. `mtty-2` or `nvidia-223`.
-    pub id: String,
+    pub id: MdevTypeId,
     pub name: String,
     pub description: String,
     pub device_api: String,
@@ -28,7 +29,7 @@ pub struct MdevType {
 #[derive(Debug, Clone, Serialize)]
 pub struct Parent {
     /// A PCI address or a virtual device name (`mtty`).
-    pub name: String,
+    pub name: MdevParent,
     pub types: Vec<MdevType>,
 }
 
@@ -36,9 +37,9 @@ impl Parent {
     pub fn find_type(&self, id: &str) -> Result<&MdevType> {
         self.types
             .iter()
-            .find(|t| t.id == id)
+            .find(|t| t.id == *id)
             .ok_or_else(|| Error::NoType {
-                parent: self.name.clone(),
+                parent: self.name.to_string(),
                 type_id: id.into(),
                 known: self
                     .types
@@ -53,8 +54,8 @@ impl Parent {
 #[derive(Debug, Clone, Serialize)]
 pub struct Mdev {
     pub uuid: Uuid,
-    pub parent: String,
-    pub type_id: String,
+    pub parent: MdevParent,
+    pub type_id: MdevTypeId,
     /// The vendor driver bound to it; `None` if its probe failed (no capacity).
     pub driver: Option<String>,
     pub iommu_group: Option<u32>,
@@ -105,7 +106,7 @@ pub fn mdev_exists(sys: &Sysfs, uuid: &Uuid) -> bool {
         .is_ok()
 }
 
-pub fn type_dir(sys: &Sysfs, parent: &str, type_id: &str) -> PathBuf {
+pub fn type_dir(sys: &Sysfs, parent: &MdevParent, type_id: &MdevTypeId) -> PathBuf {
     mdev_bus(sys)
         .join(parent)
         .join("mdev_supported_types")
@@ -113,7 +114,7 @@ pub fn type_dir(sys: &Sysfs, parent: &str, type_id: &str) -> PathBuf {
 }
 
 /// Reads one type's directory; `None` if there is none.
-fn read_type(dir: &Path, id: String) -> Option<MdevType> {
+fn read_type(dir: &Path, id: MdevTypeId) -> Option<MdevType> {
     let attr = |a: &str| read_opt(&dir.join(a)).unwrap_or_default();
     let available_instances = read_dec(&dir.join("available_instances"))?;
     Some(MdevType {
@@ -130,11 +131,11 @@ fn read_type(dir: &Path, id: String) -> Option<MdevType> {
 }
 
 /// Reads one parent and its types (whether it exists is the caller's check).
-pub fn read_parent(sys: &Sysfs, name: String) -> Parent {
+pub fn read_parent(sys: &Sysfs, name: MdevParent) -> Parent {
     let tdir = mdev_bus(sys).join(&name).join("mdev_supported_types");
     let types = sysfs::dir_names(&tdir)
         .into_iter()
-        .filter_map(|id| read_type(&tdir.join(&id), id))
+        .filter_map(|id| read_type(&tdir.join(&id), MdevTypeId::try_from(id).ok()?))
         .collect();
     Parent { name, types }
 }
@@ -142,18 +143,23 @@ pub fn read_parent(sys: &Sysfs, name: String) -> Parent {
 /// Reads one mdev; `None` if it does not exist.
 pub fn read_mdev(sys: &Sysfs, uuid: &Uuid) -> Option<Mdev> {
     let path = mdev_devices(sys).join(uuid.to_string());
-    let type_id = sysfs::link_name(&path.join("mdev_type"))?;
+    let type_id = MdevTypeId::try_from(sysfs::link_name(&path.join("mdev_type"))?).ok()?;
     // The bus entry links to the device under its parent (`.../<parent>/<uuid>`), and
     // the parent's name is its mdev_bus entry: a PCI address or the device's name.
     // One readlink; resolving the whole path would stat every component.
     let target = fs::read_link(&path).ok()?;
-    let parent = target.parent()?.file_name()?.to_str()?.to_string();
+    let parent = MdevParent::new(target.parent()?.file_name()?.to_str()?).ok()?;
     Some(read_known(sys, uuid, parent, type_id))
 }
 
 /// An mdev whose parent and type the caller knows (it has just created it): only
 /// what the kernel decided, its driver and IOMMU group, is read.
-pub(crate) fn read_known(sys: &Sysfs, uuid: &Uuid, parent: String, type_id: String) -> Mdev {
+pub(crate) fn read_known(
+    sys: &Sysfs,
+    uuid: &Uuid,
+    parent: MdevParent,
+    type_id: MdevTypeId,
+) -> Mdev {
     let path = mdev_devices(sys).join(uuid.to_string());
     Mdev {
         uuid: *uuid,
@@ -198,7 +204,7 @@ impl MdevHost {
     pub fn scan(sys: &Sysfs) -> MdevHost {
         let parents = sysfs::dir_names(&mdev_bus(sys))
             .into_iter()
-            .map(|n| read_parent(sys, n))
+            .filter_map(|n| Some(read_parent(sys, MdevParent::try_from(n).ok()?)))
             .collect();
         let mdevs = sysfs::dir_names(&mdev_devices(sys))
             .iter()
@@ -218,7 +224,7 @@ impl MdevHost {
     pub fn parent(&self, name: &str) -> Result<&Parent> {
         self.parents
             .iter()
-            .find(|p| p.name == name)
+            .find(|p| p.name == *name)
             .ok_or_else(|| Error::NoParent(name.into()))
     }
 

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::ids::{MdevParent, MdevTypeId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,7 +25,7 @@ pub enum Start {
 /// What mdevctl keeps in one file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
-    pub mdev_type: String,
+    pub mdev_type: MdevTypeId,
     pub start: Start,
     /// Vendor attributes written after creation, in order: `[{"name": "value"}]`.
     #[serde(default)]
@@ -34,7 +35,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Definition {
     pub uuid: Uuid,
-    pub parent: String,
+    pub parent: MdevParent,
     #[serde(flatten)]
     pub config: Config,
 }
@@ -92,7 +93,7 @@ impl Store {
         &self.dir
     }
 
-    fn path(&self, parent: &str, uuid: &Uuid) -> PathBuf {
+    fn path(&self, parent: &MdevParent, uuid: &Uuid) -> PathBuf {
         self.dir.join(parent).join(uuid.to_string())
     }
 
@@ -127,13 +128,14 @@ impl Store {
     }
 
     fn read(file: &Path, name: &str, parent: &str) -> std::result::Result<Definition, String> {
+        let parent = MdevParent::new(parent).map_err(|e| e.to_string())?;
         let uuid = parse_uuid(name).map_err(|e| e.to_string())?;
         let text = fs::read_to_string(file).map_err(|e| e.to_string())?;
         let config: Config =
             serde_json::from_str(&text).map_err(|e| format!("not mdevctl JSON: {e}"))?;
         Ok(Definition {
             uuid,
-            parent: parent.into(),
+            parent,
             config,
         })
     }
@@ -188,7 +190,7 @@ pub fn dump_json(defs: &[Definition]) -> Value {
     for d in defs {
         let entry = serde_json::json!({ d.uuid.to_string(): d.config });
         by_parent
-            .entry(d.parent.clone())
+            .entry(d.parent.to_string())
             .or_insert_with(|| Value::Array(vec![]))
             .as_array_mut()
             .expect("array")

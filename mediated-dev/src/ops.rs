@@ -14,6 +14,7 @@ use vf_provisioner::{holders, PciAddress, Sysfs};
 
 use crate::error::{Error, Result};
 use crate::host::{self, read_mdev, read_vgpu, Mdev, MdevHost, VgpuSlot, VgpuType};
+use crate::ids::{MdevParent, MdevTypeId};
 
 pub struct Mediator {
     sys: Sysfs,
@@ -109,7 +110,12 @@ impl Mediator {
 
     /// Creates an mdev of `type_id` on `parent` (a fresh UUID unless given) and
     /// waits until its vendor driver has bound it.
-    pub fn create(&self, parent: &str, type_id: &str, uuid: Option<Uuid>) -> Result<Mdev> {
+    pub fn create(
+        &self,
+        parent: &MdevParent,
+        type_id: &MdevTypeId,
+        uuid: Option<Uuid>,
+    ) -> Result<Mdev> {
         let uuid = uuid.unwrap_or_else(Uuid::new_v4);
         // Nothing is read first: the kernel refuses a missing parent or type
         // (ENOENT), a UUID in use (EEXIST) and a full type (the vendor's probe fails
@@ -127,8 +133,8 @@ impl Mediator {
             made = Some(host::read_known(
                 &self.sys,
                 &uuid,
-                parent.into(),
-                type_id.into(),
+                parent.clone(),
+                type_id.clone(),
             ))
             .filter(|m| m.driver.is_some());
             made.is_some()
@@ -149,8 +155,8 @@ impl Mediator {
     fn why_not_created(
         &self,
         device: &str,
-        parent: &str,
-        type_id: &str,
+        parent: &MdevParent,
+        type_id: &MdevTypeId,
         uuid: &Uuid,
         e: Error,
     ) -> Error {
@@ -160,11 +166,11 @@ impl Mediator {
         };
         match errno {
             Some(libc::ENOENT) if !host::mdev_bus(&self.sys).join(parent).exists() => {
-                Error::NoParent(parent.into())
+                Error::NoParent(parent.to_string())
             }
             Some(libc::ENOENT) => {
-                let p = host::read_parent(&self.sys, parent.into());
-                p.find_type(type_id).err().unwrap_or(e)
+                let p = host::read_parent(&self.sys, parent.clone());
+                p.find_type(type_id.as_str()).err().unwrap_or(e)
             }
             Some(libc::EEXIST) => match read_mdev(&self.sys, uuid) {
                 Some(m) => Error::refused(
@@ -183,9 +189,9 @@ impl Mediator {
     }
 
     /// Why a type has no room, with the types of the parent that do.
-    fn full(&self, device: &str, parent: &str, type_id: &str) -> Error {
-        let p = host::read_parent(&self.sys, parent.into());
-        let in_use = p.find_type(type_id).map_or(0, |t| t.devices.len());
+    fn full(&self, device: &str, parent: &MdevParent, type_id: &MdevTypeId) -> Error {
+        let p = host::read_parent(&self.sys, parent.clone());
+        let in_use = p.find_type(type_id.as_str()).map_or(0, |t| t.devices.len());
         let room: Vec<String> = p
             .types
             .iter()
@@ -334,6 +340,11 @@ impl Mediator {
         let m = self.create(&def.parent, &def.config.mdev_type, Some(def.uuid))?;
         let dir = host::mdev_devices(&self.sys).join(m.uuid.to_string());
         for (name, value) in def.config.attrs.iter().flatten() {
+            // A name from a file becomes a path under the new mdev: one component only.
+            if let Err(e) = crate::ids::check_attr(name) {
+                let _ = self.remove_unchecked(&m.uuid);
+                return Err(e);
+            }
             let value = value
                 .as_str()
                 .map_or_else(|| value.to_string(), str::to_string);

@@ -20,6 +20,7 @@ use serde::Serialize;
 use vf_provisioner::PciAddress;
 
 use crate::host::{MdevHost, VgpuSlot};
+use crate::ids::{MdevParent, MdevTypeId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Want {
@@ -56,7 +57,10 @@ impl std::str::FromStr for Want {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Target {
     /// Create an mdev of `type_id` on `parent`.
-    Mdev { parent: String, type_id: String },
+    Mdev {
+        parent: MdevParent,
+        type_id: MdevTypeId,
+    },
     /// Set vGPU type `type_id` on a VF (NVIDIA vGPU 17+).
     Vgpu { vf: PciAddress, type_id: u32 },
 }
@@ -106,10 +110,10 @@ pub fn framebuffer_mib(name: &str, description: &str) -> Option<u64> {
 
 /// One mdev parent's remaining capacity, in units of its cheapest type.
 struct MdevPool {
-    parent: String,
+    parent: MdevParent,
     free: u32,
     /// type id -> (name, cost, framebuffer group)
-    types: BTreeMap<String, (String, u32, Option<u64>)>,
+    types: BTreeMap<MdevTypeId, (String, u32, Option<u64>)>,
     size: Option<u64>,
 }
 

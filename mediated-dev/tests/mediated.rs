@@ -19,7 +19,7 @@ fn def(uuid: &str, parent: &str, ty: &str, start: Start) -> Definition {
     }))
     .map(|config| Definition {
         uuid: uuid.parse().unwrap(),
-        parent: parent.into(),
+        parent: parent.parse().unwrap(),
         config,
     })
     .unwrap()
@@ -45,7 +45,9 @@ fn available(m: &Mediator, ty: &str) -> u32 {
 #[test]
 fn create_and_remove_an_mtty_mdev() {
     let (_t, m) = host(layouts::emulated());
-    let d = m.create("mtty", "mtty-2", None).unwrap();
+    let d = m
+        .create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+        .unwrap();
     assert_eq!(d.driver.as_deref(), Some("mtty"));
     assert!(d.iommu_group.is_some());
     assert_eq!(available(&m, "mtty-2"), 11);
@@ -57,14 +59,21 @@ fn create_and_remove_an_mtty_mdev() {
 #[test]
 fn refusals_name_the_device_and_change_nothing() {
     let (t, m) = host(layouts::emulated());
-    let e = m.create("nope", "mtty-2", None).unwrap_err();
+    let e = m
+        .create(&"nope".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+        .unwrap_err();
     assert_eq!(e.kind(), Kind::BadInput);
-    let e = m.create("mtty", "mtty-9", None).unwrap_err();
+    let e = m
+        .create(&"mtty".parse().unwrap(), &"mtty-9".parse().unwrap(), None)
+        .unwrap_err();
     assert!(e.to_string().contains("mtty-1, mtty-2"), "{e}");
     for _ in 0..12 {
-        m.create("mtty", "mtty-2", None).unwrap();
+        m.create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+            .unwrap();
     }
-    let e = m.create("mtty", "mtty-2", None).unwrap_err();
+    let e = m
+        .create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+        .unwrap_err();
     assert_eq!(e.kind(), Kind::Refused);
     assert!(
         e.to_string()
@@ -77,7 +86,13 @@ fn refusals_name_the_device_and_change_nothing() {
     fake::hold_group(t.path(), 77, "qemu-system-x86", d.iommu_group.unwrap()).unwrap();
     let e = m.remove(&d.uuid).unwrap_err();
     assert!(e.to_string().contains("qemu-system-x86 (pid 77)"), "{e}");
-    let e = m.create("mtty", "mtty-1", Some(d.uuid)).unwrap_err();
+    let e = m
+        .create(
+            &"mtty".parse().unwrap(),
+            &"mtty-1".parse().unwrap(),
+            Some(d.uuid),
+        )
+        .unwrap_err();
     assert!(
         matches!(e, Error::Refused { .. }) && e.to_string().contains("in use"),
         "{e}"
@@ -96,7 +111,9 @@ fn a_create_that_loses_a_race_for_capacity_leaves_nothing() {
     std::fs::write(tdir.join(".fake_units"), "100\n").unwrap();
     std::fs::write(tdir.join("available_instances"), "1\n").unwrap();
     let m = m.with_timeout(std::time::Duration::from_millis(50));
-    let e = m.create("mtty", "mtty-2", None).unwrap_err();
+    let e = m
+        .create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+        .unwrap_err();
     assert!(
         e.to_string().contains("no instance of this type fits"),
         "{e}"
@@ -145,6 +162,39 @@ fn definitions_are_mdevctl_files_and_start_at_boot() {
         .is_err());
     assert!(store.remove(&u1.parse().unwrap()).unwrap());
     assert!(!Path::new(&t.path().join("etc/mdevctl.d/mtty").join(u1)).exists());
+}
+
+#[test]
+fn hostile_definition_files_are_problems_and_write_nothing_outside_the_mdev() {
+    let (t, m) = host(layouts::emulated());
+    let store = Store::new(t.path());
+    let dir = t.path().join("etc/mdevctl.d/mtty");
+    std::fs::create_dir_all(&dir).unwrap();
+    let u1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+    let u2 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002";
+    // A type that climbs out of mdev_supported_types is not a definition.
+    std::fs::write(
+        dir.join(u1),
+        r#"{"mdev_type": "../../../../tmp", "start": "auto"}"#,
+    )
+    .unwrap();
+    // An attribute name that climbs out of the new mdev's directory.
+    std::fs::write(
+        dir.join(u2),
+        r#"{"mdev_type": "mtty-2", "start": "auto", "attrs": [{"../../../../../../escaped": "1"}]}"#,
+    )
+    .unwrap();
+    let (defs, problems) = store.list();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].reason.contains("mdev type"), "{problems:?}");
+    let started = m.start_auto(&store);
+    assert_eq!(started.len(), 1);
+    let e = started[0].1.as_ref().unwrap_err();
+    assert_eq!(e.kind(), Kind::BadInput, "{e}");
+    assert!(e.to_string().contains("mdev attribute"), "{e}");
+    assert!(m.scan().mdevs.is_empty(), "the new mdev was removed again");
+    assert!(!t.path().join("escaped").exists());
+    assert_eq!(defs.len(), 1);
 }
 
 #[test]

@@ -42,7 +42,9 @@ fn create_and_remove_take_and_return_mtty_capacity() {
     let _c = Clean(&env);
     let m = Mediator::new(env.sys());
     assert_eq!((available(&m, "mtty-1"), available(&m, "mtty-2")), (24, 12));
-    let d = m.create("mtty", "mtty-2", None).unwrap();
+    let d = m
+        .create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+        .unwrap();
     assert_eq!(d.driver.as_deref(), Some("mtty"));
     let g = d.iommu_group.expect("an mdev has its own group");
     assert!(env.root.join("dev/vfio").join(g.to_string()).exists());
@@ -61,9 +63,12 @@ fn a_full_type_is_refused_and_a_raw_create_past_capacity_fails_and_leaves_nothin
     let _c = Clean(&env);
     let m = Mediator::new(env.sys());
     for _ in 0..12 {
-        m.create("mtty", "mtty-2", None).unwrap();
+        m.create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+            .unwrap();
     }
-    let e = m.create("mtty", "mtty-1", None).unwrap_err();
+    let e = m
+        .create(&"mtty".parse().unwrap(), &"mtty-1".parse().unwrap(), None)
+        .unwrap_err();
     assert_eq!(e.kind(), Kind::Refused, "{e}");
     assert_eq!(m.scan().mdevs.len(), 12, "nothing created");
     // REAL-KERNEL rule 11, as 6.12 does it: mtty's probe fails with ENOSPC, the
@@ -79,9 +84,17 @@ fn a_uuid_in_use_is_refused_naming_its_mdev_and_an_unknown_one_is_not_found() {
     let env = Env::new();
     let _c = Clean(&env);
     let m = Mediator::new(env.sys());
-    let d = m.create("mtty", "mtty-2", None).unwrap();
+    let d = m
+        .create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+        .unwrap();
     let before = available(&m, "mtty-1");
-    let e = m.create("mtty", "mtty-1", Some(d.uuid)).unwrap_err();
+    let e = m
+        .create(
+            &"mtty".parse().unwrap(),
+            &"mtty-1".parse().unwrap(),
+            Some(d.uuid),
+        )
+        .unwrap_err();
     assert_eq!(e.kind(), Kind::Refused, "{e}");
     assert!(
         e.to_string()
@@ -103,7 +116,9 @@ fn an_unbound_mdev_cannot_be_bound_again() {
     let env = Env::new();
     let _c = Clean(&env);
     let m = Mediator::new(env.sys());
-    let d = m.create("mtty", "mtty-1", None).unwrap();
+    let d = m
+        .create(&"mtty".parse().unwrap(), &"mtty-1".parse().unwrap(), None)
+        .unwrap();
     raw(
         &env,
         "sys/bus/mdev/drivers/mtty/unbind",
@@ -119,7 +134,9 @@ fn an_mdev_a_vmm_holds_is_not_removed() {
     let env = Env::new();
     let _c = Clean(&env);
     let m = Mediator::new(env.sys());
-    let d = m.create("mtty", "mtty-2", None).unwrap();
+    let d = m
+        .create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+        .unwrap();
     {
         let _held = env.hold(d.iommu_group.unwrap());
         let e = m.remove(&d.uuid).unwrap_err();
@@ -137,7 +154,7 @@ fn auto_definitions_start_with_their_uuid_and_type() {
     let store = Store::new(&env.root);
     let def: Definition = Definition {
         uuid: "83b8f4f2-509f-382f-3c1e-e6bfe0fa0042".parse().unwrap(),
-        parent: "mtty".into(),
+        parent: "mtty".parse().unwrap(),
         config: serde_json::from_str(r#"{"mdev_type": "mtty-2", "start": "auto", "attrs": []}"#)
             .unwrap(),
     };
@@ -217,9 +234,12 @@ fn mtty_state_moves_between_two_mdevs_over_tcp_and_faults_leave_both_running() {
         .unwrap()
     };
     let (a, b, c) = (
-        m.create("mtty", "mtty-2", None).unwrap(),
-        m.create("mtty", "mtty-2", None).unwrap(),
-        m.create("mtty", "mtty-1", None).unwrap(),
+        m.create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+            .unwrap(),
+        m.create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+            .unwrap(),
+        m.create(&"mtty".parse().unwrap(), &"mtty-1".parse().unwrap(), None)
+            .unwrap(),
     );
     let (src, dst, other) = (open(&a), open(&b), open(&c));
     assert_eq!(mig::check(&src).unwrap() & 1, 1, "mtty offers STOP_COPY");

@@ -180,8 +180,8 @@ impl MdevInfo {
         def: Option<&mediated_dev::Definition>,
     ) -> Option<MdevInfo> {
         let (uuid, parent, type_id) = match (m, def) {
-            (Some(m), _) => (m.uuid, m.parent.clone(), m.type_id.clone()),
-            (None, Some(d)) => (d.uuid, d.parent.clone(), d.config.mdev_type.clone()),
+            (Some(m), _) => (m.uuid, m.parent.to_string(), m.type_id.to_string()),
+            (None, Some(d)) => (d.uuid, d.parent.to_string(), d.config.mdev_type.to_string()),
             (None, None) => return None,
         };
         Some(MdevInfo {

@@ -225,7 +225,7 @@ fn a_mediated_provision_cut_off_by_a_crash_is_undone_at_start() {
     // the intent row, and the mdev on the host.
     let u = uuid::Uuid::new_v4();
     Mediator::new(Sysfs::open(&d.root).unwrap())
-        .create("mtty", MTTY_2, Some(u))
+        .create(&"mtty".parse().unwrap(), &MTTY_2.parse().unwrap(), Some(u))
         .unwrap();
     let db = rusqlite::Connection::open(d.state.join("state.db")).unwrap();
     db.execute(
@@ -236,7 +236,11 @@ fn a_mediated_provision_cut_off_by_a_crash_is_undone_at_start() {
     // And a direct create cut off after its write.
     let v = uuid::Uuid::new_v4();
     Mediator::new(Sysfs::open(&d.root).unwrap())
-        .create("mtty", "mtty-1", Some(v))
+        .create(
+            &"mtty".parse().unwrap(),
+            &"mtty-1".parse().unwrap(),
+            Some(v),
+        )
         .unwrap();
     db.execute(
         "INSERT INTO intents (op, lease_id, body, started_at) VALUES ('mdev-create', '', ?1, 0)",
@@ -411,7 +415,7 @@ fn sigkill_during_mediated_operations_loses_doubles_and_leaks_nothing() {
     let on_host: BTreeMap<String, String> = host(&d)
         .mdevs
         .iter()
-        .map(|m| (m.uuid.to_string(), m.type_id.clone()))
+        .map(|m| (m.uuid.to_string(), m.type_id.to_string()))
         .collect();
     let mut want: BTreeMap<String, String> = made
         .iter()

@@ -218,7 +218,7 @@ pub fn mdev_header(sys: &vf_provisioner::Sysfs, m: &crate::Mdev) -> Header {
         .unwrap_or_default();
     Header {
         device_kind: "mdev".into(),
-        profile: m.type_id.clone(),
+        profile: m.type_id.to_string(),
         driver,
         driver_version: version,
         flags: 0,

@@ -359,7 +359,16 @@ fn mdev_bench(sys: &Sysfs, n: usize) {
             i,
             || {
                 let u = uuid::Uuid::new_v4();
-                c.push(timed(|| drop(m.create("mtty", "mtty-2", Some(u)).unwrap())));
+                c.push(timed(|| {
+                    drop(
+                        m.create(
+                            &"mtty".parse().unwrap(),
+                            &"mtty-2".parse().unwrap(),
+                            Some(u),
+                        )
+                        .unwrap(),
+                    )
+                }));
                 r.push(timed(|| m.remove(&u).unwrap()));
             },
             || bare.create_remove(&mut c_raw, &mut r_raw),
@@ -432,7 +441,16 @@ fn mdev_timelines(sys: &Sysfs, n: usize) {
     let (mut create, mut remove) = (Timeline::new("mdev create"), Timeline::new("mdev remove"));
     for _ in 0..n {
         let u = uuid::Uuid::new_v4();
-        create.record(&k, || drop(m.create("mtty", "mtty-2", Some(u)).unwrap()));
+        create.record(&k, || {
+            drop(
+                m.create(
+                    &"mtty".parse().unwrap(),
+                    &"mtty-2".parse().unwrap(),
+                    Some(u),
+                )
+                .unwrap(),
+            )
+        });
         remove.record(&k, || m.remove(&u).unwrap());
     }
     create.print();
@@ -510,8 +528,10 @@ fn daemon_bench(sys: &Sysfs, n: usize) {
 fn migrate_bench(sys: &Sysfs, m: &Mediator, n: usize) {
     use mediated_dev::migration::{self as mig, MigState, MigrationDevice, VfioMigration};
     let (a, b) = (
-        m.create("mtty", "mtty-2", None).unwrap(),
-        m.create("mtty", "mtty-2", None).unwrap(),
+        m.create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+            .unwrap(),
+        m.create(&"mtty".parse().unwrap(), &"mtty-2".parse().unwrap(), None)
+            .unwrap(),
     );
     let open = |d: &mediated_dev::Mdev| {
         VfioMigration::open(&bus_path(sys, d), &d.uuid.to_string()).unwrap()

@@ -4,7 +4,7 @@
 use clap::Subcommand;
 use mediated_dev::mdevctl::{self, Config};
 use mediated_dev::plan::Target;
-use mediated_dev::{parse_uuid, Definition, Mediator, Start, Store, Want};
+use mediated_dev::{parse_uuid, Definition, MdevParent, MdevTypeId, Mediator, Start, Store, Want};
 use serde_json::json;
 use vf_provisioner::PciAddress;
 
@@ -18,9 +18,9 @@ use crate::api::MdevInfo;
 pub struct Spec {
     /// A PCI address or a device name such as `mtty`.
     #[arg(long)]
-    parent: String,
+    parent: MdevParent,
     #[arg(long = "type")]
-    type_id: String,
+    type_id: MdevTypeId,
     /// Defaults to a fresh random UUID.
     #[arg(long)]
     uuid: Option<String>,
@@ -136,8 +136,8 @@ pub fn mdev(m: &Mediator, cmd: &MdevCommand, mut r: Renderer) -> Res {
         MdevCommand::Define { spec, auto } => {
             let def = spec.definition(*auto)?;
             m.scan()
-                .parent(&def.parent)?
-                .find_type(&def.config.mdev_type)?;
+                .parent(def.parent.as_str())?
+                .find_type(def.config.mdev_type.as_str())?;
             store.write(&def)?;
             r.line(&def.uuid.to_string())
         }
@@ -279,7 +279,7 @@ pub fn mdev_daemon(c: &Client, cmd: &MdevCommand, mut r: Renderer) -> Res {
                 (true, true) => "auto",
             };
             let uuid = uuid.map(|u| u.to_string()).unwrap_or_default();
-            let d = c.create_mdev(&spec.parent, &spec.type_id, &uuid, define)?;
+            let d = c.create_mdev(spec.parent.as_str(), spec.type_id.as_str(), &uuid, define)?;
             if r.format == Output::Json {
                 return r.json(&d);
             }

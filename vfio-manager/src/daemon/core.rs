@@ -253,7 +253,7 @@ impl Core {
         let filter = self.raw.filter();
         let ours = |f: &PciFunction| {
             let pf = f.physfn.and_then(|p| host.get(&p)).unwrap_or(f);
-            !filter.is_excluded(f) && (filter.is_managed(pf) || filter.is_gpu(f))
+            config_refuses(filter, pf, f).is_none()
         };
         host.functions
             .values()
@@ -537,17 +537,10 @@ impl Core {
     /// it must be managed, not leased, alone in its IOMMU group, not held open
     /// (unless adopted), not needed by the host.
     fn why_not(&self, pf: &PciFunction, f: &PciFunction, adopt: bool) -> Option<String> {
-        let filter = self.raw.filter();
+        if let Some(why) = config_refuses(self.raw.filter(), pf, f) {
+            return Some(why);
+        }
         let addr = f.address.to_string();
-        if !filter.is_managed(pf) && !filter.is_gpu(f) {
-            return Some(format!(
-                "it is not managed (add its PF {} to `manage` in the configuration)",
-                pf.address
-            ));
-        }
-        if filter.is_excluded(f) {
-            return Some("it is excluded in the configuration".into());
-        }
         if let Ok(Some((lease, vm))) = self.store().holder(&addr) {
             return Some(format!("it is leased to VM {vm} (lease {lease})"));
         }
@@ -751,6 +744,17 @@ impl Core {
             Ok(a) => self.group_held_open(&PciFunction::read_brief(&self.sys, &a)?),
             Err(_) => self.mdev_held_open(addr),
         }
+    }
+
+    /// Whether the configuration keeps us off PCI function `a`, read now (its PF
+    /// too): for mdev parents and vGPU VFs, which the pool's table does not list.
+    fn function_refused(&self, a: &PciAddress) -> Option<String> {
+        let f = PciFunction::read_brief(&self.sys, a)?;
+        let pf = match f.physfn {
+            Some(p) => PciFunction::read_ids(&self.sys, &p)?,
+            None => f.clone(),
+        };
+        config_refuses(self.raw.filter(), &pf, &f)
     }
 
     fn group_held_open(&self, f: &PciFunction) -> Option<String> {
@@ -1012,6 +1016,29 @@ fn addresses(l: &Lease) -> Vec<String> {
 fn normalize(s: &str) -> String {
     s.parse::<PciAddress>()
         .map_or_else(|_| s.to_string(), |a| a.to_string())
+}
+
+/// The configuration's verdict on function `f` of `pf` (itself for a PF): an
+/// excluded PF covers its VFs and every mdev on them; otherwise it must be a GPU
+/// or managed. Every path that takes a device for a VM or changes one asks this.
+fn config_refuses(filter: &DeviceFilter, pf: &PciFunction, f: &PciFunction) -> Option<String> {
+    if filter.is_excluded(pf) || filter.is_excluded(f) {
+        return Some(if pf.address == f.address {
+            "it is excluded in the configuration".into()
+        } else {
+            format!(
+                "its PF {} or itself is excluded in the configuration",
+                pf.address
+            )
+        });
+    }
+    if !filter.is_managed(pf) && !filter.is_gpu(f) {
+        return Some(format!(
+            "it is not managed (add its PF {} to `manage` in the configuration)",
+            pf.address
+        ));
+    }
+    None
 }
 
 fn profile_matches(profile: &str, pf: &PciFunction) -> bool {

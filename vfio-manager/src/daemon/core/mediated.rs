@@ -10,7 +10,9 @@ use std::sync::MutexGuard;
 use mediated_dev::host::{mdev_exists, read_mdev, read_vgpu};
 use mediated_dev::migration::{self as mig, net, VfioMigration};
 use mediated_dev::plan::Target;
-use mediated_dev::{parse_uuid, Definition, Mdev, MdevHost, Mediator, Start, Store, Want};
+use mediated_dev::{
+    parse_uuid, Definition, Mdev, MdevHost, MdevParent, MdevTypeId, Mediator, Start, Store, Want,
+};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -61,6 +63,23 @@ impl Core {
         self.mediating.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Why the configuration keeps us off mdev parent `p`: a PCI function that is
+    /// excluded (or whose PF is) or not managed. Named parents (`mtty`) are ours.
+    fn parent_refused(&self, p: &MdevParent) -> Option<String> {
+        self.function_refused(&p.as_str().parse().ok()?)
+    }
+
+    /// The mediated host as this daemon may use it: parents and vGPU VFs that the
+    /// configuration refuses are left out, so no plan places a device on them.
+    fn scan_ours(&self) -> MdevHost {
+        let mut host = self.mediator().scan();
+        host.parents
+            .retain(|p| self.parent_refused(&p.name).is_none());
+        host.vgpus
+            .retain(|v| self.function_refused(&v.vf).is_none());
+        host
+    }
+
     /// Who leases it, filled in.
     fn leased(&self, mut info: MdevInfo) -> MdevInfo {
         if let Ok(Some((lease, vm))) = self.store().holder(&info.uuid) {
@@ -87,11 +106,18 @@ impl Core {
         define: &str,
         uid: u32,
     ) -> Result<MdevInfo, ApiError> {
+        let parent = MdevParent::new(parent)?;
+        let type_id = MdevTypeId::new(type_id)?;
         let (uuid, fresh) = if uuid.is_empty() {
             (Uuid::new_v4(), true)
         } else {
             (uuid_arg(uuid)?, false)
         };
+        if let Some(why) = self.parent_refused(&parent) {
+            return Err(ApiError::Refused(format!(
+                "mdev parent {parent}: {why}; it is not ours to make mdevs on"
+            )));
+        }
         let start = match define {
             "" => None,
             "manual" => Some(Start::Manual),
@@ -104,9 +130,9 @@ impl Core {
         };
         let def = start.map(|start| Definition {
             uuid,
-            parent: parent.into(),
+            parent: parent.clone(),
             config: mediated_dev::mdevctl::Config {
-                mdev_type: type_id.into(),
+                mdev_type: type_id.clone(),
                 start,
                 attrs: vec![],
             },
@@ -121,7 +147,7 @@ impl Core {
             if let Some(d) = &def {
                 self.definitions().write(d)?;
             }
-            let made = self.mediator().create(parent, type_id, Some(uuid));
+            let made = self.mediator().create(&parent, &type_id, Some(uuid));
             if made.is_err() && def.is_some() {
                 let _ = self.definitions().remove(&uuid);
             }
@@ -228,7 +254,7 @@ impl Core {
     /// a failure undoes what was made.
     pub(super) fn provision_mediated(&self, req: &Request) -> Result<LeaseRow, ApiError> {
         let _one = self.mediating();
-        let host = self.mediator().scan();
+        let host = self.scan_ours();
         let kept = self.named_mdevs(req, &host)?;
         let want = Want {
             profile: req.profile.clone(),
@@ -284,9 +310,9 @@ impl Core {
             let u = uuid_arg(d)?;
             let Some(m) = host.mdev(&u) else { continue };
             let name = host
-                .parent(&m.parent)
+                .parent(m.parent.as_str())
                 .ok()
-                .and_then(|p| p.find_type(&m.type_id).ok())
+                .and_then(|p| p.find_type(m.type_id.as_str()).ok())
                 .map(|t| t.name.clone())
                 .unwrap_or_default();
             let refuse = |why: String| {
@@ -295,7 +321,7 @@ impl Core {
                     req.vm_name
                 ))
             };
-            if m.type_id != req.profile && name != req.profile {
+            if m.type_id != req.profile.as_str() && name != req.profile {
                 return Err(refuse(format!(
                     "it is a {} ({name}), not {:?}; remove it or name another UUID",
                     m.type_id, req.profile
@@ -351,7 +377,9 @@ impl Core {
                 let m = read_mdev(&self.sys, &uuid_arg(name).ok()?);
                 Some(LeasedDevice::mdev(
                     name,
-                    m.as_ref().map(|m| m.type_id.clone()).unwrap_or_default(),
+                    m.as_ref()
+                        .map(|m| m.type_id.to_string())
+                        .unwrap_or_default(),
                     m.and_then(|m| m.iommu_group),
                 ))
             }
@@ -389,6 +417,12 @@ impl Core {
     fn migratable(&self, uuid: &str) -> Result<(Mdev, VfioMigration, mig::Header), ApiError> {
         let u = uuid_arg(uuid)?;
         let m = read_mdev(&self.sys, &u).ok_or(mediated_dev::Error::NoMdev(u))?;
+        if let Some(why) = self.parent_refused(&m.parent) {
+            return Err(ApiError::Refused(format!(
+                "mdev {u}: its parent {}: {why}; it is not ours to migrate",
+                m.parent
+            )));
+        }
         if let Some(why) = self.mdev_held_open(uuid) {
             return Err(ApiError::Refused(format!(
                 "mdev {u}: {why}; the VMM holding it drives its migration (QEMU: VFIO migration), the daemon migrates devices no VMM holds"
@@ -409,7 +443,7 @@ impl Core {
         let flags = mig::check(&dev)?;
         Ok(MigrationInfo {
             uuid: m.uuid.to_string(),
-            type_id: m.type_id,
+            type_id: m.type_id.to_string(),
             driver: header.driver,
             driver_version: header.driver_version,
             flags,
@@ -532,7 +566,7 @@ impl Core {
     fn create_for_incoming(&self, uuid: Uuid, type_id: &str) -> Result<(), ApiError> {
         let _one = self.mediating();
         let plan = mediated_dev::plan(
-            &self.mediator().scan(),
+            &self.scan_ours(),
             &[Want {
                 profile: type_id.into(),
                 count: 1,

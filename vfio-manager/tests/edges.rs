@@ -1,0 +1,132 @@
+//! The daemon's edges tried as an attacker would: names that would become paths
+//! outside their directory, devices the configuration excludes, one VM's lease
+//! reached through another's ids. Each try gets a typed refusal and leaves the host
+//! and the table as they were. Real dbus-daemon, real vfio-managerd, fake kernel.
+
+mod common;
+
+use common::*;
+use vf_provisioner::fake::Layout;
+use vf_provisioner::{layouts, Sysfs};
+use vfio_manager::api::Request;
+
+fn capture(d: &Daemon) -> String {
+    serde_json::to_string(&Layout::capture(&Sysfs::open(&d.root).unwrap(), "x")).unwrap()
+}
+
+fn req(id: &str, vm: &str, profile: &str, count: u32) -> Request {
+    Request {
+        request_id: id.into(),
+        vm_name: vm.into(),
+        profile: profile.into(),
+        count,
+        ..Request::default()
+    }
+}
+
+#[test]
+fn mdev_names_that_would_leave_their_directory_are_bad_input_and_change_nothing() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let before = capture(&d);
+    let escapes = [
+        ("../../../../../../tmp/escaped", "mtty-2"),
+        ("mtty/..", "mtty-2"),
+        ("..", "mtty-2"),
+        ("mtty", "../../../../../../../tmp/escaped"),
+        ("mtty", "mtty-2/../mtty-1"),
+        ("mtty", "mtty-2\n"),
+        ("0000:00:03.0/../../../../..", "x"),
+    ];
+    for (parent, ty) in escapes {
+        let e = c.create_mdev(parent, ty, "", "auto").unwrap_err();
+        assert_eq!(error_name(&e), "BadInput", "{parent:?} {ty:?}: {e}");
+        let (code, _, err) = vfctl(&bus, &["mdev", "create", "--parent", parent, "--type", ty]);
+        assert_eq!(code, 2, "vfctl {parent:?} {ty:?}: {err}");
+    }
+    let huge = "m".repeat(1 << 20);
+    let e = c.create_mdev(&huge, "mtty-2", "", "").unwrap_err();
+    assert_eq!(error_name(&e), "BadInput");
+    assert!(
+        e.to_string().len() < 1000,
+        "the refusal quotes a bounded part"
+    );
+    assert_eq!(capture(&d), before, "a refused create changed the host");
+    assert!(!d.root.join("tmp/escaped").exists());
+    assert!(
+        !d.root.join("etc/mdevctl.d").exists()
+            || std::fs::read_dir(d.root.join("etc/mdevctl.d"))
+                .unwrap()
+                .count()
+                == 0,
+        "no definition was written"
+    );
+    assert!(c.mdevs().unwrap().is_empty());
+}
+
+#[test]
+fn an_excluded_pf_covers_its_vfs_for_leases_and_listings() {
+    let bus = Bus::open();
+    let excluded = "0000:10:00.0";
+    let d = Daemon::start(
+        &bus,
+        layouts::large(2, 2),
+        &format!("exclude = [\"{excluded}\"]\n"),
+        &[],
+    );
+    let c = bus.client();
+    let listed: Vec<String> = c
+        .devices()
+        .unwrap()
+        .into_iter()
+        .map(|d| d.address)
+        .collect();
+    assert!(
+        listed.iter().all(|a| !a.starts_with("0000:10:")),
+        "the excluded PF and its VFs are not ours: {listed:?}"
+    );
+    let before = capture(&d);
+    // Named: refused, with the reason.
+    let mut named = req("n1", "vm1", "vf", 1);
+    named.devices = vec!["0000:10:00.1".into()];
+    let e = c.provision(&named).unwrap_err();
+    assert_eq!(error_name(&e), "Refused", "{e}");
+    assert!(e.to_string().contains("excluded"), "{e}");
+    // From the pool: the other PF's two VFs only.
+    let e = c.provision(&req("p1", "vm1", "vf", 3)).unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "{e}");
+    assert_eq!(capture(&d), before, "a refused lease changed the host");
+    let l = c.provision(&req("p2", "vm1", "vf", 2)).unwrap();
+    assert!(
+        l.devices.iter().all(|d| d.address.starts_with("0000:11:")),
+        "{l:?}"
+    );
+    // Direct operations refuse it too.
+    let e = c.bind("0000:10:00.2", false).unwrap_err();
+    assert_eq!(error_name(&e), "Refused", "{e}");
+}
+
+#[test]
+fn an_excluded_mdev_parent_gets_no_mdev_from_any_path() {
+    let bus = Bus::open();
+    let parent = "0000:af:00.0";
+    let d = Daemon::start(
+        &bus,
+        layouts::nvidia_mdev(),
+        &format!("exclude = [\"{parent}\"]\n"),
+        &[],
+    );
+    let c = bus.client();
+    let before = capture(&d);
+    let e = c.create_mdev(parent, "nvidia-222", "", "").unwrap_err();
+    assert_eq!(error_name(&e), "Refused", "{e}");
+    assert!(
+        e.to_string().contains(parent) && e.to_string().contains("excluded"),
+        "{e}"
+    );
+    let e = c.provision(&req("m1", "vm1", "nvidia-222", 1)).unwrap_err();
+    assert_eq!(error_name(&e), "BadInput", "{e}");
+    assert_eq!(capture(&d), before, "a refused request changed the host");
+    assert!(c.mdevs().unwrap().is_empty());
+}
