@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use vf_provisioner::PciAddress;
+use vfio_manager_api::ids::PciAddress;
 
 /// The namespace of our metadata element:
 /// `<vfm:lease xmlns:vfm="http://vfio-manager.org/xmlns/lease/1" profile="vf" count="2"/>`.

@@ -13,11 +13,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use vf_provisioner::PciAddress;
-use vfio_manager::api::{Lease, Request};
-use vfio_manager::cli::client::Client;
-use vfio_manager::cli::CliError;
-use vfio_manager::daemon::core::is_mediated;
+use vfio_manager_api::client::{Client, ClientError};
+use vfio_manager_api::codec::is_mediated;
+use vfio_manager_api::ids::PciAddress;
+use vfio_manager_api::{Lease, Request};
 
 use crate::domain::{rewrite, Domain, DomainError};
 
@@ -30,7 +29,7 @@ pub enum HookError {
         domain: String,
         what: &'static str,
         #[source]
-        source: Box<CliError>,
+        source: Box<ClientError>,
     },
     #[error("domain {domain}: {what}")]
     Refused { domain: String, what: String },
@@ -46,7 +45,7 @@ pub fn run(
     op: &str,
     sub: &str,
     xml: &str,
-    connect: impl FnOnce() -> Result<Client, CliError>,
+    connect: impl FnOnce() -> Result<Client, ClientError>,
 ) -> Result<Output, HookError> {
     let wanted = matches!(
         (op, sub),
@@ -82,7 +81,7 @@ pub fn run(
     }
 }
 
-fn daemon(d: &Domain, what: &'static str, source: CliError) -> HookError {
+fn daemon(d: &Domain, what: &'static str, source: ClientError) -> HookError {
     HookError::Daemon {
         domain: d.name.clone(),
         what,

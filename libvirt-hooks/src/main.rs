@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use vfio_manager::cli::client::Client;
+use vfio_manager_api::client::Client;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

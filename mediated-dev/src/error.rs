@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use vf_provisioner::Kind;
+use vfio_manager_api::ids::{Classify, IdError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,6 +16,10 @@ pub enum Error {
         input: String,
         reason: String,
     },
+
+    /// A malformed identity (an mdev UUID, parent, type or attribute name).
+    #[error(transparent)]
+    Id(#[from] IdError),
 
     #[error("{0}: no such mdev parent; `vfctl mdev types` lists the parents on this host")]
     NoParent(String),
@@ -85,6 +90,7 @@ impl Error {
     pub fn kind(&self) -> Kind {
         match self {
             Error::InvalidInput { .. }
+            | Error::Id(_)
             | Error::NoParent(_)
             | Error::NoType { .. }
             | Error::NoMdev(_)
@@ -116,3 +122,12 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Classify for Error {
+    fn kind(&self) -> Kind {
+        Error::kind(self)
+    }
+    fn not_found(&self) -> bool {
+        matches!(self, Error::NoMdev(_))
+    }
+}

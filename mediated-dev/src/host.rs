@@ -11,7 +11,7 @@ use vf_provisioner::sysfs::{self, read_dec, read_opt};
 use vf_provisioner::{PciAddress, Sysfs};
 
 use crate::error::{Error, Result};
-use crate::ids::{MdevParent, MdevTypeId};
+use vfio_manager_api::ids::{MdevParent, MdevTypeId};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MdevType {

@@ -15,7 +15,6 @@
 
 pub mod error;
 pub mod host;
-pub mod ids;
 pub mod mdevctl;
 pub mod migration;
 pub mod ops;
@@ -23,7 +22,7 @@ pub mod plan;
 
 pub use error::{Error, Kind, Result};
 pub use host::{Mdev, MdevHost, MdevType, Parent, VgpuSlot, VgpuType};
-pub use ids::{MdevParent, MdevTypeId};
-pub use mdevctl::{parse_uuid, Definition, Start, Store};
+pub use mdevctl::{Definition, Start, Store};
 pub use ops::Mediator;
 pub use plan::{plan, Plan, Want};
+pub use vfio_manager_api::ids::{parse_uuid, MdevParent, MdevTypeId};

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::ids::{MdevParent, MdevTypeId};
+use vfio_manager_api::ids::{parse_uuid, MdevParent, MdevTypeId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,25 +54,6 @@ pub struct Store {
 
 /// mdevctl keeps its callout and notifier scripts beside the parents.
 const NOT_PARENTS: &[&str] = &["scripts.d"];
-
-/// A UUID in the one form the kernel and mdevctl write (lowercase, hyphenated).
-pub fn parse_uuid(s: &str) -> Result<Uuid> {
-    let bad = |reason: &str| Error::InvalidInput {
-        what: "mdev UUID",
-        input: s.into(),
-        reason: reason.into(),
-    };
-    if s.len() != 36 || s.chars().filter(|c| *c == '-').count() != 4 {
-        return Err(bad(
-            "expected the form 8-4-4-4-12 hex digits, e.g. 83b8f4f2-509f-382f-3c1e-e6bfe0fa1001",
-        ));
-    }
-    let u = Uuid::parse_str(s).map_err(|e| bad(&e.to_string()))?;
-    if u.to_string() != s.to_ascii_lowercase() {
-        return Err(bad("not a hyphenated UUID"));
-    }
-    Ok(u)
-}
 
 fn entries(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)

@@ -14,7 +14,7 @@ use vf_provisioner::{holders, PciAddress, Sysfs};
 
 use crate::error::{Error, Result};
 use crate::host::{self, read_mdev, read_vgpu, Mdev, MdevHost, VgpuSlot, VgpuType};
-use crate::ids::{MdevParent, MdevTypeId};
+use vfio_manager_api::ids::{MdevParent, MdevTypeId};
 
 pub struct Mediator {
     sys: Sysfs,
@@ -341,7 +341,7 @@ impl Mediator {
         let dir = host::mdev_devices(&self.sys).join(m.uuid.to_string());
         for (name, value) in def.config.attrs.iter().flatten() {
             // A name from a file becomes a path under the new mdev: one component only.
-            if let Err(e) = crate::ids::check_attr(name) {
+            if let Err(e) = vfio_manager_api::ids::check_mdev_attribute(name).map_err(Error::from) {
                 let _ = self.remove_unchecked(&m.uuid);
                 return Err(e);
             }

@@ -20,7 +20,7 @@ use serde::Serialize;
 use vf_provisioner::PciAddress;
 
 use crate::host::{MdevHost, VgpuSlot};
-use crate::ids::{MdevParent, MdevTypeId};
+use vfio_manager_api::ids::{MdevParent, MdevTypeId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Want {

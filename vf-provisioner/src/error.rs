@@ -6,11 +6,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::address::PciAddress;
+pub use vfio_manager_api::ids::Kind;
+use vfio_manager_api::ids::{Classify, IdError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid PCI address {input:?}: {reason}; expected dddd:bb:dd.f or bb:dd.f, e.g. 0000:3b:00.0")]
-    InvalidAddress { input: String, reason: &'static str },
+    /// A malformed identity (a PCI address, a name): see `vfio_manager_api::ids`.
+    #[error(transparent)]
+    Id(#[from] IdError),
 
     #[error("invalid {what} {input:?}: {reason}")]
     InvalidInput {
@@ -77,21 +80,10 @@ pub enum Error {
     },
 }
 
-/// How a caller should classify an error (the CLI maps these to exit codes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// The input was malformed; nothing was attempted.
-    BadInput,
-    /// The request was understood and refused by policy; nothing was changed.
-    Refused,
-    /// Something failed while carrying the request out.
-    Failed,
-}
-
 impl Error {
     pub fn kind(&self) -> Kind {
         match self {
-            Error::InvalidAddress { .. }
+            Error::Id(_)
             | Error::InvalidInput { .. }
             | Error::NotSysfs { .. }
             | Error::NoSuchDevice(_) => Kind::BadInput,
@@ -114,3 +106,12 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Classify for Error {
+    fn kind(&self) -> Kind {
+        Error::kind(self)
+    }
+    fn not_found(&self) -> bool {
+        matches!(self, Error::NoSuchDevice(_))
+    }
+}

@@ -1,298 +1,51 @@
-//! The D-Bus contract shared by the daemon and its clients (`vfctl`, the hooks):
-//! names, the types that cross the bus, and the typed errors a client branches on.
-//!
-//! Bus name `org.vfiomanager.VfioManager1` (the `1` is the API version; an
-//! incompatible change gets a new name). Objects:
-//! - `/org/vfiomanager/VfioManager1`: interface `org.vfiomanager.VfioManager1.Manager`;
-//! - `/org/vfiomanager/VfioManager1/device/<dddd_bb_dd_f>`: interface
-//!   `org.vfiomanager.VfioManager1.Device`, one per managed function.
+//! The D-Bus contract, from its own crate (`vfio-manager-api`), and what the daemon
+//! and `vfctl --direct` add to it: an mdev's info made from what the kernel and
+//! mdevctl's files say.
 
-use serde::{Deserialize, Serialize};
-use zbus::zvariant::{OwnedObjectPath, Type};
+pub use vfio_manager_api::*;
 
-pub const BUS_NAME: &str = "org.vfiomanager.VfioManager1";
-pub const MANAGER_PATH: &str = "/org/vfiomanager/VfioManager1";
-pub const MANAGER_IFACE: &str = "org.vfiomanager.VfioManager1.Manager";
-pub const DEVICE_IFACE: &str = "org.vfiomanager.VfioManager1.Device";
-pub const ERROR_PREFIX: &str = "org.vfiomanager.VfioManager1.Error";
-
-/// The object path of a device: `0000:3b:00.1` -> `.../device/0000_3b_00_1`.
-pub fn device_path(address: &str) -> OwnedObjectPath {
-    let tail: String = address
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    OwnedObjectPath::try_from(format!("{MANAGER_PATH}/device/{tail}"))
-        .expect("an address mapped to [0-9a-z_] is a valid path element")
+/// An mdev as the kernel shows it (`m`) and as its definition has it; `None` if
+/// neither. Not leased: the daemon fills that in.
+pub fn mdev_info(
+    m: Option<&mediated_dev::Mdev>,
+    def: Option<&mediated_dev::Definition>,
+) -> Option<MdevInfo> {
+    let (uuid, parent, type_id) = match (m, def) {
+        (Some(m), _) => (m.uuid, m.parent.to_string(), m.type_id.to_string()),
+        (None, Some(d)) => (d.uuid, d.parent.to_string(), d.config.mdev_type.to_string()),
+        (None, None) => return None,
+    };
+    Some(MdevInfo {
+        uuid: uuid.to_string(),
+        parent,
+        type_id,
+        driver: m.and_then(|m| m.driver.clone()).unwrap_or_default(),
+        iommu_group: m.and_then(|m| m.iommu_group).map_or(-1, |g| g as i32),
+        active: m.is_some(),
+        defined: def
+            .map_or("", |d| match d.config.start {
+                mediated_dev::Start::Auto => "auto",
+                mediated_dev::Start::Manual => "manual",
+            })
+            .into(),
+        lease_id: String::new(),
+        vm_name: String::new(),
+    })
 }
 
-/// What a VM asks for. Sent as the `a{sv}` of `Provision` (keys: `request_id`,
-/// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`, `devices`, `adopt`), so that
-/// fields can be added without a new API version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Request {
-    /// Idempotency key: the same id returns the same lease.
-    pub request_id: String,
-    pub vm_name: String,
-    pub vm_uuid: String,
-    /// `vf` (any whole VF we manage), a PF model `vvvv:dddd` (a VF of such a PF),
-    /// or a mediated profile: an mdev type id or name, or a vGPU type name or id.
-    pub profile: String,
-    pub count: u32,
-    /// Only devices on this NUMA node (-1: any).
-    pub numa_node: i32,
-    /// Preferred PFs, tried first in this order.
-    pub pfs: Vec<String>,
-    /// Exactly these functions (a domain's `<hostdev>` addresses); `count` is their number.
-    pub devices: Vec<String>,
-    /// Take the devices even if their VFIO group is already open: a running VM whose
-    /// lease was lost (libvirt's `reconnect` after the table was wiped).
-    pub adopt: bool,
-}
-
-impl Default for Request {
-    fn default() -> Request {
-        Request {
-            request_id: String::new(),
-            vm_name: String::new(),
-            vm_uuid: String::new(),
-            profile: "vf".into(),
-            count: 1,
-            numa_node: -1,
-            pfs: Vec::new(),
-            devices: Vec::new(),
-            adopt: false,
-        }
-    }
-}
-
-/// One device of a lease, with what each VMM needs to use it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct LeasedDevice {
-    pub address: String,
-    pub id: String,
-    /// `/sys/bus/pci/devices/<address>/`: cloud-hypervisor's `--device path=`.
-    pub sysfs_path: String,
-    /// `/dev/vfio/<group>` now (group numbers change across boots: never persist it).
-    pub vfio_path: String,
-    /// A libvirt `<hostdev>` for the domain XML (`managed='no'`: the daemon binds it).
-    pub libvirt_hostdev: String,
-    /// cloud-hypervisor's `--device` argument.
-    pub ch_device: String,
-}
-
-impl LeasedDevice {
-    /// A mediated device of a lease: libvirt and cloud-hypervisor take it by its
-    /// sysfs path and UUID, not by a PCI address.
-    pub fn mdev(uuid: &str, type_id: String, group: Option<u32>) -> LeasedDevice {
-        let sysfs_path = format!("/sys/bus/mdev/devices/{uuid}/");
-        LeasedDevice {
-            address: uuid.to_string(),
-            id: type_id,
-            ch_device: format!("path={sysfs_path}"),
-            sysfs_path,
-            vfio_path: group.map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
-            libvirt_hostdev: format!(
-                "<hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='{uuid}'/></source></hostdev>"
-            ),
-        }
-    }
-
-    pub fn new(address: &str, id: String, group: Option<u32>) -> LeasedDevice {
-        let sysfs_path = format!("/sys/bus/pci/devices/{address}/");
-        let libvirt_hostdev = match address.parse::<vf_provisioner::PciAddress>() {
-            Ok(a) => format!(
-                "<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/></source></hostdev>",
-                a.domain, a.bus, a.device, a.function
-            ),
-            Err(_) => String::new(),
-        };
-        LeasedDevice {
-            address: address.to_string(),
-            id,
-            ch_device: format!("path={sysfs_path}"),
-            sysfs_path,
-            vfio_path: group.map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
-            libvirt_hostdev,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct Lease {
-    pub id: String,
-    pub request_id: String,
-    pub vm_name: String,
-    pub vm_uuid: String,
-    pub profile: String,
-    pub devices: Vec<LeasedDevice>,
-    /// Seconds since the epoch.
-    pub created_at: u64,
-}
-
-/// One managed function as the daemon's table has it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct DeviceInfo {
-    pub address: String,
-    pub id: String,
-    /// The PF of a VF; empty for a PF.
-    pub pf: String,
-    /// The bound driver; empty for none.
-    pub driver: String,
-    /// -1: no IOMMU group.
-    pub iommu_group: i32,
-    /// -1: unknown.
-    pub numa_node: i32,
-    /// `ok`, `missing` (gone from sysfs), `failed` (an operation on it failed).
-    pub health: String,
-    /// The lease holding it; empty when free.
-    pub lease_id: String,
-    pub vm_name: String,
-    pub provisions: u64,
-    pub errors: u64,
-}
-
-/// One mediated device: active on the mdev bus, defined in mdevctl's files, or both.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct MdevInfo {
-    pub uuid: String,
-    /// A PCI address or a device name (`mtty`).
-    pub parent: String,
-    pub type_id: String,
-    /// The vendor driver bound to it; empty when inactive or unbound.
-    pub driver: String,
-    /// -1: inactive (or no group).
-    pub iommu_group: i32,
-    pub active: bool,
-    /// `auto`, `manual`, or empty when not defined.
-    pub defined: String,
-    /// The lease holding it; empty when free.
-    pub lease_id: String,
-    pub vm_name: String,
-}
-
-impl MdevInfo {
-    /// An mdev as the kernel shows it (`m`) and as its definition has it; `None`
-    /// if neither. Not leased: the daemon fills that in.
-    pub fn of(
-        m: Option<&mediated_dev::Mdev>,
-        def: Option<&mediated_dev::Definition>,
-    ) -> Option<MdevInfo> {
-        let (uuid, parent, type_id) = match (m, def) {
-            (Some(m), _) => (m.uuid, m.parent.to_string(), m.type_id.to_string()),
-            (None, Some(d)) => (d.uuid, d.parent.to_string(), d.config.mdev_type.to_string()),
-            (None, None) => return None,
-        };
-        Some(MdevInfo {
-            uuid: uuid.to_string(),
-            parent,
-            type_id,
-            driver: m.and_then(|m| m.driver.clone()).unwrap_or_default(),
-            iommu_group: m.and_then(|m| m.iommu_group).map_or(-1, |g| g as i32),
-            active: m.is_some(),
-            defined: def
-                .map_or("", |d| match d.config.start {
-                    mediated_dev::Start::Auto => "auto",
-                    mediated_dev::Start::Manual => "manual",
-                })
-                .into(),
-            lease_id: String::new(),
-            vm_name: String::new(),
-        })
-    }
-
-    /// Active mdevs, then defined ones that are not active.
-    pub fn all(host: &mediated_dev::MdevHost, defs: &[mediated_dev::Definition]) -> Vec<MdevInfo> {
-        let def = |u: uuid::Uuid| defs.iter().find(|d| d.uuid == u);
-        host.mdevs
-            .iter()
-            .filter_map(|m| MdevInfo::of(Some(m), def(m.uuid)))
-            .chain(
-                defs.iter()
-                    .filter(|d| host.mdev(&d.uuid).is_none())
-                    .filter_map(|d| MdevInfo::of(None, Some(d))),
-            )
-            .collect()
-    }
-}
-
-/// Whether, and as what, a mediated device can migrate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct MigrationInfo {
-    pub uuid: String,
-    pub type_id: String,
-    pub driver: String,
-    pub driver_version: String,
-    /// `VFIO_MIGRATION_*` flags the driver offers.
-    pub flags: u64,
-    /// The same flags by name (`STOP_COPY P2P PRE_COPY`).
-    pub features: String,
-}
-
-/// What a finished outgoing migration measured.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct MigrationStats {
-    pub bytes: u64,
-    pub precopy_bytes: u64,
-    /// From the source's STOP_COPY to the destination's verdict, in microseconds.
-    pub downtime_us: u64,
-    /// The states the source walked through.
-    pub history: String,
-}
-
-/// Typed errors: clients branch on the D-Bus error name, people read the message
-/// (which names the device, the cause and the fix).
-#[derive(Debug, zbus::DBusError)]
-#[zbus(prefix = "org.vfiomanager.VfioManager1.Error")]
-pub enum ApiError {
-    #[zbus(error)]
-    ZBus(zbus::Error),
-    /// Malformed request or argument; nothing was attempted.
-    BadInput(String),
-    /// Understood and refused by policy; nothing was changed.
-    Refused(String),
-    /// No such device or lease.
-    NotFound(String),
-    /// No free device matches the request.
-    NoDevice(String),
-    /// The caller may not change the host.
-    PermissionDenied(String),
-    /// The operation started and failed (kernel error, timeout).
-    Failed(String),
-}
-
-impl ApiError {
-    /// The short name after the prefix (`Refused`, ...), for exit codes and logs.
-    pub fn short_name(name: &str) -> &str {
-        name.strip_prefix(ERROR_PREFIX)
-            .map(|s| s.trim_start_matches('.'))
-            .unwrap_or(name)
-    }
-}
-
-impl From<mediated_dev::Error> for ApiError {
-    fn from(e: mediated_dev::Error) -> Self {
-        use mediated_dev::Kind;
-        let text = crate::error_chain(&e);
-        match (e.kind(), &e) {
-            (_, mediated_dev::Error::NoMdev(_)) => ApiError::NotFound(text),
-            (Kind::BadInput, _) => ApiError::BadInput(text),
-            (Kind::Refused, _) => ApiError::Refused(text),
-            (Kind::Failed, _) => ApiError::Failed(text),
-        }
-    }
-}
-
-impl From<vf_provisioner::Error> for ApiError {
-    fn from(e: vf_provisioner::Error) -> Self {
-        use vf_provisioner::Kind;
-        let text = crate::error_chain(&e);
-        match (e.kind(), &e) {
-            (_, vf_provisioner::Error::NoSuchDevice(_)) => ApiError::NotFound(text),
-            (Kind::BadInput, _) => ApiError::BadInput(text),
-            (Kind::Refused, _) => ApiError::Refused(text),
-            (Kind::Failed, _) => ApiError::Failed(text),
-        }
-    }
+/// Active mdevs, then defined ones that are not active.
+pub fn mdev_infos(
+    host: &mediated_dev::MdevHost,
+    defs: &[mediated_dev::Definition],
+) -> Vec<MdevInfo> {
+    let def = |u: uuid::Uuid| defs.iter().find(|d| d.uuid == u);
+    host.mdevs
+        .iter()
+        .filter_map(|m| mdev_info(Some(m), def(m.uuid)))
+        .chain(
+            defs.iter()
+                .filter(|d| host.mdev(&d.uuid).is_none())
+                .filter_map(|d| mdev_info(None, Some(d))),
+        )
+        .collect()
 }

@@ -14,13 +14,4 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 
-/// An error and its causes in one line, for messages that cross the bus.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(&format!(" (caused by: {c})"));
-        source = c.source();
-    }
-    s
-}
+pub use vfio_manager_api::error_chain;

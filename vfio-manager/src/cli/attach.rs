@@ -83,8 +83,11 @@ pub fn watch(c: &Client, ch: &ChClient, lease: &Lease) -> Result<(), CliError> {
 fn release_when_closed(c: &Client, lease: &str) -> Result<(), CliError> {
     let mut tries = 0;
     loop {
-        match c.release(lease) {
-            Err(CliError::Daemon { name, .. }) if name == "Refused" && tries < 30 => {
+        match c.release(lease).map_err(CliError::from) {
+            Err(CliError::Daemon {
+                name: crate::api::ErrorName::Refused,
+                ..
+            }) if tries < 30 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_secs(1));
             }

@@ -98,9 +98,10 @@ pub enum VgpuCommand {
 }
 
 fn uuid_or_new(s: &Option<String>) -> mediated_dev::Result<uuid::Uuid> {
-    s.as_deref()
+    Ok(s.as_deref()
         .map(parse_uuid)
-        .unwrap_or_else(|| Ok(uuid::Uuid::new_v4()))
+        .transpose()?
+        .unwrap_or_else(uuid::Uuid::new_v4))
 }
 
 fn vf(s: &str) -> Result<PciAddress, super::CliError> {
@@ -204,7 +205,7 @@ fn list(m: &Mediator, store: &Store, defined: bool, r: Renderer) -> Res {
         let mut r = r;
         return r.json(&mdevctl::dump_json(&defs));
     }
-    let infos = MdevInfo::all(&m.scan(), &defs);
+    let infos = crate::api::mdev_infos(&m.scan(), &defs);
     let warnings: Vec<String> = problems
         .iter()
         .map(|p| format!("warning: {}: {}", p.path.display(), p.reason))

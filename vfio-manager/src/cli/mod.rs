@@ -261,9 +261,14 @@ enum ConfigCommand {
 pub enum CliError {
     #[error(transparent)]
     Op(#[from] vf_provisioner::Error),
-    /// A typed error from the daemon (`name` is the D-Bus error's short name).
+    #[error(transparent)]
+    Id(#[from] crate::api::ids::IdError),
+    /// A typed error from the daemon, its name decoded.
     #[error("{message}")]
-    Daemon { name: String, message: String },
+    Daemon {
+        name: crate::api::ErrorName,
+        message: String,
+    },
     #[error("{0}")]
     Unreachable(String),
     #[error(transparent)]
@@ -310,18 +315,19 @@ pub fn main(
             ExitCode::from(exit::FAILED)
         }
         Err(CliError::Daemon { name, message }) => {
+            use crate::api::ErrorName as N;
             let _ = writeln!(err, "vfctl: {message}");
-            ExitCode::from(match name.as_str() {
-                "BadInput" | "NotFound" => exit::BAD_INPUT,
-                "Refused" | "NoDevice" | "PermissionDenied" => exit::REFUSED,
-                _ => exit::FAILED,
+            ExitCode::from(match name {
+                N::BadInput | N::NotFound => exit::BAD_INPUT,
+                N::Refused | N::NoDevice | N::PermissionDenied => exit::REFUSED,
+                N::Failed | N::Other(_) => exit::FAILED,
             })
         }
         Err(e @ (CliError::Unreachable(_) | CliError::Vmm(_))) => {
             let _ = writeln!(err, "vfctl: {e}");
             ExitCode::from(exit::FAILED)
         }
-        Err(e @ CliError::Config(_)) => {
+        Err(e @ (CliError::Config(_) | CliError::Id(_))) => {
             let _ = writeln!(err, "vfctl: {e}");
             ExitCode::from(exit::BAD_INPUT)
         }
@@ -346,7 +352,7 @@ fn report(err: &mut dyn Write, e: &dyn std::error::Error, kind: Kind) -> ExitCod
 }
 
 fn addr(s: &str) -> vf_provisioner::Result<PciAddress> {
-    s.parse()
+    Ok(s.parse()?)
 }
 
 fn count(s: &str) -> vf_provisioner::Result<u32> {

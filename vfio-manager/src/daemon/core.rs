@@ -26,8 +26,7 @@ use crate::api::{ApiError, DeviceInfo, Lease, LeasedDevice, Request};
 use crate::config::Config;
 
 const VFIO_PCI: &str = "vfio-pci";
-/// The most devices one request may ask for.
-pub const MAX_COUNT: u32 = 64;
+pub use crate::api::codec::MAX_COUNT;
 
 pub struct Core {
     sys: Sysfs,
@@ -319,7 +318,7 @@ impl Core {
     // ---- leases --------------------------------------------------------------
 
     pub fn provision(&self, req: Request, uid: u32) -> Result<(Lease, bool), ApiError> {
-        validate(&req)?;
+        crate::api::codec::check(&req)?;
         let r = self.timed("provision", || {
             let _shared = self.shared();
             // The same request id twice at once: the second waits and gets the first's lease.
@@ -1043,80 +1042,6 @@ fn config_refuses(filter: &DeviceFilter, pf: &PciFunction, f: &PciFunction) -> O
 
 fn profile_matches(profile: &str, pf: &PciFunction) -> bool {
     profile == "vf" || profile == pf.id
-}
-
-fn validate(r: &Request) -> Result<(), ApiError> {
-    let bad = |m: String| Err(ApiError::BadInput(m));
-    if r.vm_name.is_empty() || r.vm_name.len() > 256 || r.vm_name.chars().any(char::is_control) {
-        return bad(format!(
-            "VM name {:?}: give 1-256 printable characters",
-            r.vm_name
-        ));
-    }
-    if r.request_id.is_empty() || r.request_id.len() > 128 {
-        return bad(format!(
-            "request id {:?}: give 1-128 characters",
-            r.request_id
-        ));
-    }
-    if r.count == 0 || r.count > MAX_COUNT {
-        return bad(format!(
-            "count {} for VM {}: ask for 1 to {MAX_COUNT} devices",
-            r.count, r.vm_name
-        ));
-    }
-    if r.profile.is_empty() || r.profile.len() > 64 || r.profile.chars().any(char::is_control) {
-        return bad(format!(
-            "profile {:?} for VM {}: use `vf`, a PF model id vvvv:dddd, or an mdev or vGPU type (1-64 printable characters)",
-            r.profile, r.vm_name
-        ));
-    }
-    if !r.vm_uuid.is_empty() && !is_uuid(&r.vm_uuid) {
-        return bad(format!(
-            "VM UUID {:?} for VM {}: expected 8-4-4-4-12 hex digits",
-            r.vm_uuid, r.vm_name
-        ));
-    }
-    for p in &r.pfs {
-        p.parse::<PciAddress>().map_err(ApiError::from)?;
-    }
-    for d in &r.devices {
-        // A mediated profile names mdevs by UUID (a domain's `<hostdev type='mdev'>`).
-        if is_mediated(&r.profile) {
-            mediated_dev::parse_uuid(d).map_err(ApiError::from)?;
-        } else {
-            d.parse::<PciAddress>().map_err(ApiError::from)?;
-        }
-    }
-    let named: BTreeSet<String> = r.devices.iter().map(|d| normalize(d)).collect();
-    if named.len() != r.devices.len() {
-        return bad(format!(
-            "VM {}: a device is named twice in {:?}",
-            r.vm_name, r.devices
-        ));
-    }
-    if !r.devices.is_empty() && r.devices.len() != r.count as usize {
-        return bad(format!(
-            "VM {}: {} devices named but count is {}",
-            r.vm_name,
-            r.devices.len(),
-            r.count
-        ));
-    }
-    Ok(())
-}
-
-/// A PCI model id `vvvv:dddd`.
-fn is_model_id(s: &str) -> bool {
-    s.len() == 9 && s.as_bytes()[4] == b':' && s.chars().all(|c| c == ':' || c.is_ascii_hexdigit())
-}
-
-fn is_uuid(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
-        && parts
-            .iter()
-            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// A lease id: 16 hex digits from the kernel's random source.

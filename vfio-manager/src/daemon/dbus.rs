@@ -12,9 +12,7 @@ use zbus::zvariant::OwnedValue;
 use zbus::{fdo, interface, Connection};
 
 use super::core::Core;
-use crate::api::{
-    self, ApiError, DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request,
-};
+use crate::api::{self, ApiError, DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats};
 
 /// Runs blocking policy code (sysfs writes, SQLite) off the bus's async threads.
 async fn blocking<T: Send + 'static>(
@@ -146,39 +144,6 @@ pub async fn publish(core: &Arc<Core>, conn: &Connection, added: &[String], remo
     }
 }
 
-fn decode_request(vm: String, opts: HashMap<String, OwnedValue>) -> Result<Request, ApiError> {
-    let mut r = Request {
-        vm_name: vm,
-        ..Request::default()
-    };
-    for (k, v) in opts {
-        let bad = |e: zbus::zvariant::Error| ApiError::BadInput(format!("request key {k:?}: {e}"));
-        match k.as_str() {
-            "request_id" => r.request_id = String::try_from(v).map_err(bad)?,
-            "vm_uuid" => r.vm_uuid = String::try_from(v).map_err(bad)?,
-            "profile" => r.profile = String::try_from(v).map_err(bad)?,
-            "count" => r.count = u32::try_from(v).map_err(bad)?,
-            "numa_node" => r.numa_node = i32::try_from(v).map_err(bad)?,
-            "pfs" => r.pfs = Vec::<String>::try_from(v).map_err(bad)?,
-            "devices" => r.devices = Vec::<String>::try_from(v).map_err(bad)?,
-            "adopt" => r.adopt = bool::try_from(v).map_err(bad)?,
-            _ => {
-                return Err(ApiError::BadInput(format!(
-                    "unknown request key {k:?}; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt"
-                )))
-            }
-        }
-    }
-    if !r.devices.is_empty() {
-        r.count = r.devices.len() as u32;
-    }
-    if r.request_id.is_empty() {
-        // No key given: the request is not idempotent, and gets an id of its own.
-        r.request_id = format!("anonymous-{}", super::core::new_id());
-    }
-    Ok(r)
-}
-
 #[interface(name = "org.vfiomanager.VfioManager1.Manager")]
 impl Manager {
     /// The daemon's version.
@@ -211,7 +176,7 @@ impl Manager {
         request: HashMap<String, OwnedValue>,
     ) -> Result<Lease, ApiError> {
         let uid = self.authorize(&hdr, "provision devices").await?;
-        let req = decode_request(vm, request)?;
+        let req = api::codec::decode(vm, request, super::core::new_id)?;
         let core = self.core.clone();
         let r = blocking(move || core.provision(req, uid)).await;
         if let Ok((lease, true)) = &r {

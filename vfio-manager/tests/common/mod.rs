@@ -10,8 +10,7 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use vf_provisioner::fake::Layout;
-use vfio_manager::cli::client::Client;
-use vfio_manager::cli::CliError;
+use vfio_manager_api::client::{Client, ClientError};
 
 pub static DAEMON: LazyLock<PathBuf> =
     LazyLock::new(|| bin("vfio-managerd", option_env!("CARGO_BIN_EXE_vfio-managerd")));
@@ -309,10 +308,11 @@ impl Drop for Daemon {
 }
 
 /// The D-Bus error name of a failed call (`Refused`, `NoDevice`, ...).
-pub fn error_name(e: &CliError) -> String {
-    match e {
-        CliError::Daemon { name, .. } => name.clone(),
-        other => format!("{other:?}"),
+/// The daemon's error name (`Refused`), or the whole error when it gave none.
+pub fn error_name(e: &ClientError) -> String {
+    match e.name() {
+        Some(n) => n.to_string(),
+        None => format!("{e:?}"),
     }
 }
 

@@ -29,11 +29,7 @@ pub(super) const KEPT_MDEV: &str = "@mdev-kept";
 /// The lease gave this VF its vGPU type; its release clears it.
 pub(super) const MADE_VGPU: &str = "@vgpu";
 
-/// Whether a lease profile asks for a mediated device (an mdev type id or name, or
-/// a vGPU type) rather than a whole VF (`vf`, `vvvv:dddd`).
-pub fn is_mediated(profile: &str) -> bool {
-    profile != "vf" && !super::is_model_id(profile)
-}
+pub use crate::api::codec::is_mediated;
 
 /// What an mdev intent records: what recovery does if the operation is cut off.
 #[derive(Serialize, Deserialize)]
@@ -91,7 +87,7 @@ impl Core {
     /// Active mdevs, then defined ones that are not active.
     pub fn mdevs(&self) -> Result<Vec<MdevInfo>, ApiError> {
         let (defs, _) = self.definitions().list();
-        let all = MdevInfo::all(&self.mediator().scan(), &defs);
+        let all = crate::api::mdev_infos(&self.mediator().scan(), &defs);
         Ok(all.into_iter().map(|i| self.leased(i)).collect())
     }
 
@@ -151,7 +147,7 @@ impl Core {
             if made.is_err() && def.is_some() {
                 let _ = self.definitions().remove(&uuid);
             }
-            let info = MdevInfo::of(Some(&made?), def.as_ref());
+            let info = crate::api::mdev_info(Some(&made?), def.as_ref());
             Ok(info.expect("an active mdev has an info"))
         })
     }

@@ -1,0 +1,209 @@
+//! The daemon's client: a zbus proxy of `org.vfiomanager.VfioManager1.Manager`,
+//! driven from blocking code (`vfctl`, the hook, tests). Each method is one D-Bus
+//! call; the daemon's errors come back as [`ClientError::Daemon`] with the name
+//! decoded.
+
+use std::collections::HashMap;
+
+use zbus::zvariant::Value;
+
+use crate::error::ErrorName;
+use crate::{DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request, BUS_NAME};
+
+#[zbus::proxy(
+    interface = "org.vfiomanager.VfioManager1.Manager",
+    default_service = "org.vfiomanager.VfioManager1",
+    default_path = "/org/vfiomanager/VfioManager1",
+    gen_blocking = false
+)]
+pub trait Manager {
+    fn list_devices(&self) -> zbus::Result<Vec<DeviceInfo>>;
+    fn list_leases(&self) -> zbus::Result<Vec<Lease>>;
+    fn provision(&self, vm: &str, request: HashMap<&str, Value<'_>>) -> zbus::Result<Lease>;
+    fn release(&self, lease: &str) -> zbus::Result<bool>;
+    fn enable_vfs(&self, pf: &str, count: u32) -> zbus::Result<Vec<String>>;
+    fn disable_vfs(&self, pf: &str) -> zbus::Result<Vec<String>>;
+    fn bind(&self, address: &str, whole_group: bool) -> zbus::Result<Vec<String>>;
+    fn unbind(&self, address: &str, whole_group: bool) -> zbus::Result<Vec<String>>;
+    fn list_mdevs(&self) -> zbus::Result<Vec<MdevInfo>>;
+    fn create_mdev(
+        &self,
+        parent: &str,
+        type_id: &str,
+        uuid: &str,
+        define: &str,
+    ) -> zbus::Result<MdevInfo>;
+    fn remove_mdev(&self, uuid: &str, undefine: bool) -> zbus::Result<()>;
+    fn migration_check(&self, uuid: &str) -> zbus::Result<MigrationInfo>;
+    fn prepare_incoming(&self, uuid: &str, type_id: &str, listen: &str) -> zbus::Result<String>;
+    fn migrate_out(&self, uuid: &str, endpoint: &str) -> zbus::Result<MigrationStats>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A typed error from the daemon.
+    #[error("{message}")]
+    Daemon { name: ErrorName, message: String },
+    /// No daemon, no bus, or a reply that does not decode.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl ClientError {
+    /// The daemon's error name, if it answered with one.
+    pub fn name(&self) -> Option<&ErrorName> {
+        match self {
+            ClientError::Daemon { name, .. } => Some(name),
+            ClientError::Unreachable(_) => None,
+        }
+    }
+}
+
+const HOW_TO_START: &str = "start it with `systemctl start vfio-manager`, or run `vfctl --direct ...` to work on the host without it";
+
+pub struct Client {
+    rt: tokio::runtime::Runtime,
+    conn: zbus::Connection,
+    proxy: ManagerProxy<'static>,
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+impl Client {
+    /// Connects to the system bus (or `DBUS_SYSTEM_BUS_ADDRESS`).
+    pub fn connect() -> Result<Client> {
+        Client::connect_to(None)
+    }
+
+    /// Connects to the bus at `address`, or the system bus.
+    pub fn connect_to(address: Option<&str>) -> Result<Client> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Unreachable(format!("cannot start: {e}")))?;
+        let (conn, proxy) = rt
+            .block_on(async {
+                let conn = match address {
+                    Some(a) => zbus::connection::Builder::address(a)?.build().await?,
+                    None => zbus::Connection::system().await?,
+                };
+                let proxy = ManagerProxy::builder(&conn)
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await?;
+                Ok::<_, zbus::Error>((conn, proxy))
+            })
+            .map_err(|e| {
+                ClientError::Unreachable(format!(
+                    "cannot connect to the D-Bus system bus ({e}); {HOW_TO_START}"
+                ))
+            })?;
+        Ok(Client { rt, conn, proxy })
+    }
+
+    fn run<T>(&self, call: impl std::future::Future<Output = zbus::Result<T>>) -> Result<T> {
+        self.rt.block_on(call).map_err(from_bus)
+    }
+
+    /// `org.freedesktop.DBus.Peer.Ping` to the daemon: one bus round trip, the floor
+    /// that the benchmark compares every method with.
+    pub fn ping(&self) -> Result<()> {
+        let call = self.conn.call_method(
+            Some(BUS_NAME),
+            crate::MANAGER_PATH,
+            Some("org.freedesktop.DBus.Peer"),
+            "Ping",
+            &(),
+        );
+        self.run(async { call.await.map(|_| ()) })
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        self.run(self.proxy.list_devices())
+    }
+
+    pub fn leases(&self) -> Result<Vec<Lease>> {
+        self.run(self.proxy.list_leases())
+    }
+
+    pub fn provision(&self, r: &Request) -> Result<Lease> {
+        self.run(self.proxy.provision(&r.vm_name, crate::codec::encode(r)))
+    }
+
+    /// Releases a lease by its lease id.
+    pub fn release(&self, lease: &str) -> Result<bool> {
+        self.run(self.proxy.release(lease))
+    }
+
+    pub fn enable(&self, pf: &str, count: u32) -> Result<Vec<String>> {
+        self.run(self.proxy.enable_vfs(pf, count))
+    }
+
+    pub fn disable(&self, pf: &str) -> Result<Vec<String>> {
+        self.run(self.proxy.disable_vfs(pf))
+    }
+
+    pub fn bind(&self, addr: &str, whole_group: bool) -> Result<Vec<String>> {
+        self.run(self.proxy.bind(addr, whole_group))
+    }
+
+    pub fn unbind(&self, addr: &str, whole_group: bool) -> Result<Vec<String>> {
+        self.run(self.proxy.unbind(addr, whole_group))
+    }
+
+    pub fn mdevs(&self) -> Result<Vec<MdevInfo>> {
+        self.run(self.proxy.list_mdevs())
+    }
+
+    /// `define`: empty, `manual` or `auto`.
+    pub fn create_mdev(
+        &self,
+        parent: &str,
+        type_id: &str,
+        uuid: &str,
+        define: &str,
+    ) -> Result<MdevInfo> {
+        self.run(self.proxy.create_mdev(parent, type_id, uuid, define))
+    }
+
+    pub fn remove_mdev(&self, uuid: &str, undefine: bool) -> Result<()> {
+        self.run(self.proxy.remove_mdev(uuid, undefine))
+    }
+
+    pub fn migration_check(&self, uuid: &str) -> Result<MigrationInfo> {
+        self.run(self.proxy.migration_check(uuid))
+    }
+
+    pub fn prepare_incoming(&self, uuid: &str, type_id: &str, listen: &str) -> Result<String> {
+        self.run(self.proxy.prepare_incoming(uuid, type_id, listen))
+    }
+
+    pub fn migrate_out(&self, uuid: &str, endpoint: &str) -> Result<MigrationStats> {
+        self.run(self.proxy.migrate_out(uuid, endpoint))
+    }
+}
+
+/// Bus errors in one line: the daemon's typed errors keep their name; a missing
+/// daemon and a refusal by the bus policy say what to do.
+fn from_bus(e: zbus::Error) -> ClientError {
+    match e {
+        zbus::Error::MethodError(name, desc, _) => {
+            let message = desc.unwrap_or_default();
+            match name.as_str() {
+                "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
+                    ClientError::Unreachable(format!("vfio-managerd is not running on the system bus ({BUS_NAME}); {HOW_TO_START}"))
+                }
+                "org.freedesktop.DBus.Error.AccessDenied" => ClientError::Daemon {
+                    name: ErrorName::PermissionDenied,
+                    message: format!("the system bus refused the call ({message}); run as root or as a member of group vfio-manager"),
+                },
+                n => ClientError::Daemon { name: ErrorName::decode(n), message },
+            }
+        }
+        zbus::Error::Variant(e) => ClientError::Daemon {
+            name: ErrorName::Other("BadReply".into()),
+            message: format!("the daemon's reply does not decode: {e}; are vfctl and vfio-managerd the same version?"),
+        },
+        e => ClientError::Unreachable(format!("lost the daemon: {e}; {HOW_TO_START}")),
+    }
+}

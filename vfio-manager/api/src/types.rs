@@ -1,0 +1,196 @@
+//! The types that cross the bus.
+//!
+//! Bus name `org.vfiomanager.VfioManager1` (the `1` is the API version; an
+//! incompatible change gets a new name). Objects:
+//! - `/org/vfiomanager/VfioManager1`: interface `org.vfiomanager.VfioManager1.Manager`;
+//! - `/org/vfiomanager/VfioManager1/device/<dddd_bb_dd_f>`: interface
+//!   `org.vfiomanager.VfioManager1.Device`, one per managed function.
+
+use serde::{Deserialize, Serialize};
+use zbus::zvariant::{OwnedObjectPath, Type};
+
+pub const BUS_NAME: &str = "org.vfiomanager.VfioManager1";
+pub const MANAGER_PATH: &str = "/org/vfiomanager/VfioManager1";
+pub const MANAGER_IFACE: &str = "org.vfiomanager.VfioManager1.Manager";
+pub const DEVICE_IFACE: &str = "org.vfiomanager.VfioManager1.Device";
+pub const ERROR_PREFIX: &str = "org.vfiomanager.VfioManager1.Error";
+
+/// The object path of a device: `0000:3b:00.1` -> `.../device/0000_3b_00_1`.
+pub fn device_path(address: &str) -> OwnedObjectPath {
+    let tail: String = address
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    OwnedObjectPath::try_from(format!("{MANAGER_PATH}/device/{tail}"))
+        .expect("an address mapped to [0-9a-z_] is a valid path element")
+}
+
+/// What a VM asks for. Sent as the `a{sv}` of `Provision` (keys: `request_id`,
+/// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`, `devices`, `adopt`), so that
+/// fields can be added without a new API version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Request {
+    /// Idempotency key: the same id returns the same lease.
+    pub request_id: String,
+    pub vm_name: String,
+    pub vm_uuid: String,
+    /// `vf` (any whole VF we manage), a PF model `vvvv:dddd` (a VF of such a PF),
+    /// or a mediated profile: an mdev type id or name, or a vGPU type name or id.
+    pub profile: String,
+    pub count: u32,
+    /// Only devices on this NUMA node (-1: any).
+    pub numa_node: i32,
+    /// Preferred PFs, tried first in this order.
+    pub pfs: Vec<String>,
+    /// Exactly these functions (a domain's `<hostdev>` addresses); `count` is their number.
+    pub devices: Vec<String>,
+    /// Take the devices even if their VFIO group is already open: a running VM whose
+    /// lease was lost (libvirt's `reconnect` after the table was wiped).
+    pub adopt: bool,
+}
+
+impl Default for Request {
+    fn default() -> Request {
+        Request {
+            request_id: String::new(),
+            vm_name: String::new(),
+            vm_uuid: String::new(),
+            profile: "vf".into(),
+            count: 1,
+            numa_node: -1,
+            pfs: Vec::new(),
+            devices: Vec::new(),
+            adopt: false,
+        }
+    }
+}
+
+/// One device of a lease, with what each VMM needs to use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct LeasedDevice {
+    pub address: String,
+    pub id: String,
+    /// `/sys/bus/pci/devices/<address>/`: cloud-hypervisor's `--device path=`.
+    pub sysfs_path: String,
+    /// `/dev/vfio/<group>` now (group numbers change across boots: never persist it).
+    pub vfio_path: String,
+    /// A libvirt `<hostdev>` for the domain XML (`managed='no'`: the daemon binds it).
+    pub libvirt_hostdev: String,
+    /// cloud-hypervisor's `--device` argument.
+    pub ch_device: String,
+}
+
+impl LeasedDevice {
+    /// A mediated device of a lease: libvirt and cloud-hypervisor take it by its
+    /// sysfs path and UUID, not by a PCI address.
+    pub fn mdev(uuid: &str, type_id: String, group: Option<u32>) -> LeasedDevice {
+        let sysfs_path = format!("/sys/bus/mdev/devices/{uuid}/");
+        LeasedDevice {
+            address: uuid.to_string(),
+            id: type_id,
+            ch_device: format!("path={sysfs_path}"),
+            sysfs_path,
+            vfio_path: group.map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
+            libvirt_hostdev: format!(
+                "<hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='{uuid}'/></source></hostdev>"
+            ),
+        }
+    }
+
+    pub fn new(address: &str, id: String, group: Option<u32>) -> LeasedDevice {
+        let sysfs_path = format!("/sys/bus/pci/devices/{address}/");
+        let libvirt_hostdev = match address.parse::<crate::ids::PciAddress>() {
+            Ok(a) => format!(
+                "<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/></source></hostdev>",
+                a.domain, a.bus, a.device, a.function
+            ),
+            Err(_) => String::new(),
+        };
+        LeasedDevice {
+            address: address.to_string(),
+            id,
+            ch_device: format!("path={sysfs_path}"),
+            sysfs_path,
+            vfio_path: group.map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
+            libvirt_hostdev,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct Lease {
+    pub id: String,
+    pub request_id: String,
+    pub vm_name: String,
+    pub vm_uuid: String,
+    pub profile: String,
+    pub devices: Vec<LeasedDevice>,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
+/// One managed function as the daemon's table has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct DeviceInfo {
+    pub address: String,
+    pub id: String,
+    /// The PF of a VF; empty for a PF.
+    pub pf: String,
+    /// The bound driver; empty for none.
+    pub driver: String,
+    /// -1: no IOMMU group.
+    pub iommu_group: i32,
+    /// -1: unknown.
+    pub numa_node: i32,
+    /// `ok`, `missing` (gone from sysfs), `failed` (an operation on it failed).
+    pub health: String,
+    /// The lease holding it; empty when free.
+    pub lease_id: String,
+    pub vm_name: String,
+    pub provisions: u64,
+    pub errors: u64,
+}
+
+/// One mediated device: active on the mdev bus, defined in mdevctl's files, or both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct MdevInfo {
+    pub uuid: String,
+    /// A PCI address or a device name (`mtty`).
+    pub parent: String,
+    pub type_id: String,
+    /// The vendor driver bound to it; empty when inactive or unbound.
+    pub driver: String,
+    /// -1: inactive (or no group).
+    pub iommu_group: i32,
+    pub active: bool,
+    /// `auto`, `manual`, or empty when not defined.
+    pub defined: String,
+    /// The lease holding it; empty when free.
+    pub lease_id: String,
+    pub vm_name: String,
+}
+
+/// Whether, and as what, a mediated device can migrate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct MigrationInfo {
+    pub uuid: String,
+    pub type_id: String,
+    pub driver: String,
+    pub driver_version: String,
+    /// `VFIO_MIGRATION_*` flags the driver offers.
+    pub flags: u64,
+    /// The same flags by name (`STOP_COPY P2P PRE_COPY`).
+    pub features: String,
+}
+
+/// What a finished outgoing migration measured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct MigrationStats {
+    pub bytes: u64,
+    pub precopy_bytes: u64,
+    /// From the source's STOP_COPY to the destination's verdict, in microseconds.
+    pub downtime_us: u64,
+    /// The states the source walked through.
+    pub history: String,
+}
