@@ -19,7 +19,7 @@ nested_vms() {
         nested_qemu
     fi
     nested_sees /tmp/nested.log "a nested QEMU/KVM VM given the lease's $(cat /tmp/n1.args) sees the VF and binds igbvf"
-    expect "the nested VM's lease is released" 0 ./vfctl release n1
+    expect "the nested VM's lease is released" 0 ./vfctl release --request-id n1
     if [ -x /mnt/host/ch/cloud-hypervisor ]; then
         nested_ch
     else
@@ -49,7 +49,7 @@ nested_ch() {
     timeout 240 $CH --cmdline 'console=ttyS0 panic=-1 quiet' $(cat /tmp/c1.args) < /dev/null > /tmp/ch-cold.log 2>&1
     echo "NESTED-EXIT status $? after $(($(date +%s) - t0)) s" >> /tmp/ch-cold.log
     nested_sees /tmp/ch-cold.log "a nested cloud-hypervisor VM given the lease's $(cat /tmp/c1.args) sees the VF"
-    expect "the cloud-hypervisor VM's lease is released" 0 ./vfctl release c1
+    expect "the cloud-hypervisor VM's lease is released" 0 ./vfctl release --request-id c1
     rm -f /tmp/ch.sock
     $CH --api-socket /tmp/ch.sock --cmdline 'console=ttyS0 panic=-1 quiet want=igbvf wait=120' < /dev/null > /tmp/ch-hot.log 2>&1 &
     ch=$!
@@ -114,7 +114,7 @@ n=0; for v in $vfs; do [ "$(basename "$(readlink /sys/bus/pci/devices/$v/driver)
 ./vfctl provision --vm nested-1 --profile 8086:10c9 --count 2 --request-id r1 -o json > /tmp/lease2.json 2>&1
 cmp -s /tmp/lease.json /tmp/lease2.json && pass "the same request id returns the same lease" || fail "idempotent provision"
 expect "daemon refuses unbinding a leased VF" 3 ./vfctl unbind $(echo $vfs | cut -d' ' -f1)
-expect "daemon releases the lease" 0 ./vfctl release r1
+expect "daemon releases the lease" 0 ./vfctl release --request-id r1
 n=0; for v in $vfs; do [ "$(basename "$(readlink /sys/bus/pci/devices/$v/driver 2>/dev/null)")" != vfio-pci ] && n=$((n+1)); done
 [ $n = 2 ] && pass "released VFs are off vfio-pci" || fail "released VFs are off vfio-pci"
 # Named devices, and libvirt's hook, on the real kernel.
@@ -122,7 +122,7 @@ v1=$(echo $vfs | cut -d' ' -f1)
 expect "daemon leases a named VF" 0 ./vfctl provision --vm named --device $v1 --request-id r2
 out=$(./vfctl provision --vm other --device $v1 --request-id r3 2>&1)
 [ $? = 3 ] && echo "$out" | grep -q "leased to VM named" && pass "a named VF another VM holds is refused by name" || fail "named VF refusal: $out"
-expect "the named VF's lease is released" 0 ./vfctl release r2
+expect "the named VF's lease is released" 0 ./vfctl release --request-id r2
 dom="<domain type='kvm'><name>hooked</name><uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid><devices><hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x$(echo $v1 | cut -c6-7)' slot='0x$(echo $v1 | cut -c9-10)' function='0x$(echo $v1 | cut -c12)'/></source></hostdev></devices></domain>"
 echo "$dom" | ./vfio-manager-hook hooked prepare begin - && [ "$(basename "$(readlink /sys/bus/pci/devices/$v1/driver)")" = vfio-pci ] \
     && pass "libvirt hook: prepare leases the domain's hostdev $v1 on vfio-pci" || { fail "hook prepare"; cat /tmp/daemon.log; }
@@ -181,7 +181,7 @@ expect "daemon B removes the destination mdev" 0 $B mdev remove $dst
 $A provision --vm mvm --profile mtty-1 --count 2 --request-id m1 --format libvirt > /tmp/mlease.xml 2>&1
 n=$(grep -o "type='mdev'" /tmp/mlease.xml | wc -l); u1=$(grep -o "uuid='[^']*'" /tmp/mlease.xml | head -1 | cut -d"'" -f2)
 [ "$n" = 2 ] && [ -e /sys/bus/mdev/devices/$u1/driver ] && pass "a lease of profile mtty-1 creates 2 bound mdevs as libvirt mdev hostdevs" || { fail "mdev lease"; cat /tmp/mlease.xml; }
-expect "releasing it" 0 $A release m1
+expect "releasing it" 0 $A release --request-id m1
 gone $u1 && pass "its release removes the mdevs" || fail "mdev lease release"
 # A domain naming its own mdev: the hook leases exactly that UUID (made here).
 mu=5a5a0000-0000-4000-8000-0000000000d1

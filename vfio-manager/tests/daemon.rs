@@ -75,15 +75,22 @@ fn a_lease_is_idempotent_and_its_release_returns_the_devices() {
         );
     }
     // Releasing again is not an error; the request id cannot come back.
-    assert!(!c.release("r1").unwrap());
+    assert!(!c.release_request("r1").unwrap());
+    assert!(!c.release(&l.id).unwrap());
     assert_eq!(
         error_name(&c.provision(&req("r1", "web-1", 2)).unwrap_err()),
         "BadInput"
     );
     assert_eq!(
-        error_name(&c.release("no-such-lease").unwrap_err()),
+        error_name(&c.release("0123456789abcdef").unwrap_err()),
         "NotFound"
     );
+    assert_eq!(
+        error_name(&c.release_request("no-such-request").unwrap_err()),
+        "NotFound"
+    );
+    // A request id is not a lease id.
+    assert_eq!(error_name(&c.release("r1").unwrap_err()), "BadInput");
     assert!(c.leases().unwrap().is_empty());
     let audit = d.audit_text();
     assert!(
@@ -293,40 +300,15 @@ fn sixty_four_concurrent_clients_never_share_a_device() {
     assert_eq!(bus.client().leases().unwrap().len(), 48);
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid(2) has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn a_non_privileged_caller_is_refused_by_the_daemon_and_by_the_bus_policy() {
     if !is_root() {
         eprintln!("SKIPPED: running a caller as another uid needs root (run the tests as root)");
         return;
     }
-    // A copy nobody can reach: the checkout may sit under a directory only root enters.
-    let bin_dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        bin_dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let vfctl_copy = bin_dir.path().join("vfctl");
-    std::fs::copy(&*VFCTL, &vfctl_copy).unwrap();
     let run_as_nobody = |bus: &Bus, args: &[&str]| {
-        use std::os::unix::process::CommandExt;
-        let o = std::process::Command::new(&vfctl_copy)
-            .args(args)
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-        )
+        let (code, out, err) = vfctl_as(bus, 65534, args);
+        (code, err, out)
     };
     // A permissive bus: the daemon's own check refuses.
     let bus = Bus::open();
@@ -395,7 +377,7 @@ fn sigkill_at_random_points_loses_and_doubles_nothing() {
         loop {
             let answer = match &request {
                 Some(r) => c.provision(r).map(Some),
-                None => c.release(&key).map(|_| None),
+                None => c.release_request(&key).map(|_| None),
             };
             match answer {
                 Ok(Some(l)) => {

@@ -130,3 +130,75 @@ fn an_excluded_mdev_parent_gets_no_mdev_from_any_path() {
     assert_eq!(capture(&d), before, "a refused request changed the host");
     assert!(c.mdevs().unwrap().is_empty());
 }
+
+#[test]
+fn lease_ids_and_request_ids_are_separate_namespaces() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 4), "", &[]);
+    let c = bus.client();
+    let a = c.provision(&req("a1", "vm-a", "vf", 1)).unwrap();
+    // Another VM uses A's lease id as its request id: it gets a lease of its own.
+    let b = c.provision(&req(&a.id, "vm-b", "vf", 1)).unwrap();
+    assert_ne!(b.id, a.id);
+    assert_ne!(b.devices[0].address, a.devices[0].address);
+    // Its retry returns its own lease, never A's.
+    assert_eq!(c.provision(&req(&a.id, "vm-b", "vf", 1)).unwrap(), b);
+    // Releasing by request id ends B's lease only; by lease id, A's only.
+    assert!(c.release_request(&a.id).unwrap());
+    let left: Vec<String> = c.leases().unwrap().into_iter().map(|l| l.id).collect();
+    assert_eq!(left, [a.id.clone()]);
+    assert_eq!(
+        driver(&d.root, &a.devices[0].address).as_deref(),
+        Some("vfio-pci")
+    );
+    assert!(c.release(&a.id).unwrap());
+    assert!(c.leases().unwrap().is_empty());
+    // A request id where a lease id belongs is malformed, not a lookup.
+    assert_eq!(error_name(&c.release("a1").unwrap_err()), "BadInput");
+}
+
+#[test]
+fn only_the_uid_that_made_a_lease_or_root_releases_it() {
+    if !is_root() {
+        eprintln!("SKIPPED: running callers as other uids needs root (run the tests as root)");
+        return;
+    }
+    let bus = Bus::open();
+    let config = "[daemon]\nallowed_uids = [65534, 1]\n";
+    let d = Daemon::start(&bus, layouts::large(1, 2), config, &[]);
+    let (code, _, err) = vfctl_as(
+        &bus,
+        65534,
+        &["provision", "--vm", "mine", "--request-id", "n1"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lease = bus.client().leases().unwrap().remove(0);
+    // Another allowed user can neither release it nor reach it through its request id.
+    for args in [
+        &["release", lease.id.as_str()][..],
+        &["release", "--request-id", "n1"],
+        &["provision", "--vm", "mine", "--request-id", "n1"],
+    ] {
+        let (code, _, err) = vfctl_as(&bus, 1, args);
+        assert_eq!(code, 3, "{args:?}: {err}");
+        assert!(err.contains("uid 65534"), "{args:?}: {err}");
+    }
+    assert_eq!(bus.client().leases().unwrap(), [lease.clone()]);
+    assert_eq!(
+        driver(&d.root, &lease.devices[0].address).as_deref(),
+        Some("vfio-pci")
+    );
+    // Its maker may; so may root.
+    let (code, _, err) = vfctl_as(&bus, 65534, &["release", "--request-id", "n1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = vfctl_as(
+        &bus,
+        65534,
+        &["provision", "--vm", "other", "--request-id", "n2"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        bus.client().release_request("n2").unwrap(),
+        "root releases any lease"
+    );
+}

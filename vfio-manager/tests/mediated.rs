@@ -166,7 +166,7 @@ fn a_lease_of_an_mdev_profile_creates_them_and_its_release_removes_them() {
         d.log_text()
     );
 
-    assert!(c.release("m1").unwrap());
+    assert!(c.release_request("m1").unwrap());
     assert_eq!(free(&d, MTTY_2), before);
     assert!(host(&d).mdevs.is_empty());
 }
@@ -207,7 +207,7 @@ fn a_lease_of_a_vgpu_profile_sets_vf_types_and_its_release_clears_them() {
     // 2 x 20 GiB of 80: two more 20C fit, a 40C does not mix with 20C.
     let e = c.provision(&req("g2", "NVIDIA A100D-40C", 1)).unwrap_err();
     assert_eq!(error_name(&e), "NoDevice", "{e}");
-    assert!(c.release("g1").unwrap());
+    assert!(c.release_request("g1").unwrap());
     assert!(
         host(&d).vgpus.iter().all(|s| s.current.is_none()),
         "types cleared"
@@ -340,7 +340,7 @@ fn sigkill_during_mediated_operations_loses_doubles_and_leaks_nothing() {
                     let devs = l.devices.iter().map(|x| x.address.clone()).collect();
                     held.insert(l.request_id, devs);
                 }),
-                Step::Release(k) => c.release(k).map(|_| {
+                Step::Release(k) => c.release_request(k).map(|_| {
                     held.remove(k);
                 }),
                 Step::Create(u) => c.create_mdev("mtty", "mtty-1", u, "").map(|_| {

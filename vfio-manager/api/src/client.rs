@@ -21,6 +21,7 @@ pub trait Manager {
     fn list_leases(&self) -> zbus::Result<Vec<Lease>>;
     fn provision(&self, vm: &str, request: HashMap<&str, Value<'_>>) -> zbus::Result<Lease>;
     fn release(&self, lease: &str) -> zbus::Result<bool>;
+    fn release_request(&self, request_id: &str) -> zbus::Result<bool>;
     fn enable_vfs(&self, pf: &str, count: u32) -> zbus::Result<Vec<String>>;
     fn disable_vfs(&self, pf: &str) -> zbus::Result<Vec<String>>;
     fn bind(&self, address: &str, whole_group: bool) -> zbus::Result<Vec<String>>;
@@ -133,6 +134,11 @@ impl Client {
     /// Releases a lease by its lease id.
     pub fn release(&self, lease: &str) -> Result<bool> {
         self.run(self.proxy.release(lease))
+    }
+
+    /// Releases the lease that a request id made.
+    pub fn release_request(&self, request_id: &str) -> Result<bool> {
+        self.run(self.proxy.release_request(request_id))
     }
 
     pub fn enable(&self, pf: &str, count: u32) -> Result<Vec<String>> {

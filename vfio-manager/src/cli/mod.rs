@@ -187,10 +187,16 @@ enum Command {
         #[arg(long)]
         vm: String,
     },
-    /// Release a lease by lease id or request id (daemon only). Changes the host:
+    /// Release a lease by its lease id, or with --request-id by the request id that
+    /// made it (daemon only; root or the user who made it). Changes the host:
     /// resets the devices and returns them to their drivers before the lease.
     /// Refused while a VM holds a device open.
-    Release { lease: String },
+    Release {
+        #[arg(required_unless_present = "request_id", conflicts_with = "request_id")]
+        lease: Option<String>,
+        #[arg(long)]
+        request_id: Option<String>,
+    },
     /// List leases (daemon only; changes nothing).
     Leases,
     /// Configuration file commands (change nothing).
@@ -570,12 +576,19 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 released.join(" ")
             ))
         }
-        Command::Release { lease } => {
-            let released = c.release(lease)?;
+        Command::Release { lease, request_id } => {
+            let (released, what) = match (lease, request_id) {
+                (Some(l), _) => (c.release(l)?, format!("lease {l}")),
+                (None, Some(r)) => (
+                    c.release_request(r)?,
+                    format!("the lease of request id {r}"),
+                ),
+                (None, None) => unreachable!("clap requires one"),
+            };
             r.done(&if released {
-                format!("lease {lease} released")
+                format!("{what} released")
             } else {
-                format!("lease {lease} was already released")
+                format!("{what} was already released")
             })
         }
         Command::Enable { pf, vfs } => {

@@ -22,6 +22,7 @@ pub use mediated::{is_mediated, Incoming};
 use super::audit::Audit;
 use super::metrics::Metrics;
 use super::store::{self, now, Guards, LeaseRow, Store};
+use crate::api::ids::{LeaseId, RequestId};
 use crate::api::{ApiError, DeviceInfo, Lease, LeasedDevice, Request};
 use crate::config::Config;
 
@@ -119,6 +120,23 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// How a release names its lease: two namespaces, never mixed.
+#[derive(Debug, Clone)]
+pub enum LeaseRef {
+    Lease(LeaseId),
+    /// The lease a request id made.
+    Request(RequestId),
+}
+
+impl std::fmt::Display for LeaseRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseRef::Lease(id) => write!(f, "lease {id}"),
+            LeaseRef::Request(id) => write!(f, "lease of request id {id}"),
+        }
+    }
+}
+
 /// What `Core::free_for` has found so far: the VFs taken (and claimed), and the
 /// PFs read on the way.
 struct Picker<'a> {
@@ -185,7 +203,7 @@ impl Core {
     }
 
     fn lease_row(&self, id: &str) -> Result<Option<LeaseRow>, ApiError> {
-        self.store().lease(id).map_err(failed)
+        self.store().lease(&LeaseId::new(id)?).map_err(failed)
     }
 
     /// For operations that may change which functions exist or bypass the leases.
@@ -325,7 +343,7 @@ impl Core {
             let _same = self
                 .claims
                 .wait(vec![format!("request {}", req.request_id)]);
-            self.provision_claimed(&req)
+            self.provision_claimed(&req, uid)
         });
         match &r {
             Ok((lease, true)) => self.audit.record(
@@ -345,20 +363,24 @@ impl Core {
     }
 
     /// Returns the lease and whether it is new (false: the request id's earlier lease).
-    fn provision_claimed(&self, req: &Request) -> Result<(Lease, bool), ApiError> {
-        let earlier = self.store().lease(&req.request_id).map_err(failed)?;
-        if let Some(old) = earlier {
-            if old.request.request_id == req.request_id {
-                if old.request != *req {
-                    return Err(ApiError::BadInput(format!(
-                        "request id {:?} already names lease {} for VM {} with other parameters; use a new request id",
-                        req.request_id, old.id, old.request.vm_name
-                    )));
-                }
-                return Ok((self.lease_view(&old), false));
+    fn provision_claimed(&self, req: &Request, uid: u32) -> Result<(Lease, bool), ApiError> {
+        let rid = RequestId::new(&req.request_id)?;
+        if let Some(old) = self.store().lease_of_request(&rid).map_err(failed)? {
+            if uid != 0 && uid != old.owner {
+                return Err(ApiError::PermissionDenied(format!(
+                    "request id {rid} names a lease of another user (uid {}); use a request id of your own",
+                    old.owner
+                )));
             }
+            if old.request != *req {
+                return Err(ApiError::BadInput(format!(
+                    "request id {rid} already names lease {} for VM {} with other parameters; use a new request id",
+                    old.id, old.request.vm_name
+                )));
+            }
+            return Ok((self.lease_view(&old), false));
         }
-        let released = self.store().released(&req.request_id).map_err(failed)?;
+        let released = self.store().released_request(&rid).map_err(failed)?;
         if let Some(lease) = released {
             return Err(ApiError::BadInput(format!(
                 "request id {:?} was used by lease {lease}, which has been released; use a new request id",
@@ -366,7 +388,7 @@ impl Core {
             )));
         }
         if is_mediated(&req.profile) {
-            let row = self.provision_mediated(req)?;
+            let row = self.provision_mediated(req, uid)?;
             return Ok((self.lease_view(&row), true));
         }
         let (chosen, _claim) = self.choose(req)?;
@@ -375,7 +397,7 @@ impl Core {
             .map(|f| (f.address.to_string(), f.driver.clone().unwrap_or_default()))
             .collect();
         // `choose` has just read and checked each one (`why_not`), and holds it.
-        let row = self.new_lease(req, planned, chosen.len(), |i| {
+        let row = self.new_lease(req, uid, planned, chosen.len(), |i| {
             let f = &chosen[i];
             self.raw.bind_checked(f).map(|_| ()).map_err(|e| {
                 self.mark_failed(&f.address.to_string(), &e.to_string());
@@ -392,6 +414,7 @@ impl Core {
     fn new_lease(
         &self,
         req: &Request,
+        owner: u32,
         devices: Vec<(String, String)>,
         steps: usize,
         mut step: impl FnMut(usize) -> Result<(), ApiError>,
@@ -416,6 +439,7 @@ impl Core {
         }
         let mut row = LeaseRow {
             id: lease_id,
+            owner,
             request: req.clone(),
             devices,
             created_at: now(),
@@ -644,12 +668,15 @@ impl Core {
         }
     }
 
-    /// Releases a lease (by lease id or request id). `Ok(None)`: it was already released.
-    pub fn release(&self, id: &str, uid: u32) -> Result<Option<Lease>, ApiError> {
+    /// Releases a lease, if `uid` is root or made it. `Ok(None)`: it was already
+    /// released.
+    pub fn release(&self, which: &LeaseRef, uid: u32) -> Result<Option<Lease>, ApiError> {
         let r = self.timed("release", || {
             let _shared = self.shared();
-            self.release_shared(id)
+            self.release_shared(which, uid)
         });
+        let id = which.to_string();
+        let id = id.as_str();
         match &r {
             Ok(Some(l)) => {
                 self.audit
@@ -663,23 +690,37 @@ impl Core {
         r
     }
 
-    fn release_shared(&self, id: &str) -> Result<Option<Lease>, ApiError> {
-        let row = self.store().lease(id).map_err(failed)?;
+    fn release_shared(&self, which: &LeaseRef, uid: u32) -> Result<Option<Lease>, ApiError> {
+        let find = || match which {
+            LeaseRef::Lease(id) => self.store().lease(id),
+            LeaseRef::Request(id) => self.store().lease_of_request(id),
+        };
+        let row = find().map_err(failed)?;
         // Another release of the same lease may be in flight: wait for its devices,
         // then look again.
         let _claim = row.as_ref().map(|r| self.claims.wait(addrs_of(r)));
         let row = match row {
-            Some(_) => self.store().lease(id).map_err(failed)?,
+            Some(_) => find().map_err(failed)?,
             None => None,
         };
         let Some(row) = row else {
-            if self.store().released(id).map_err(failed)?.is_some() {
+            let released = match which {
+                LeaseRef::Lease(id) => self.store().released_lease(id),
+                LeaseRef::Request(id) => self.store().released_request(id).map(|l| l.is_some()),
+            };
+            if released.map_err(failed)? {
                 return Ok(None);
             }
             return Err(ApiError::NotFound(format!(
-                "no lease {id:?} (neither a lease id nor a request id); `vfctl leases` lists them"
+                "no {which}; `vfctl leases` lists them"
             )));
         };
+        if uid != 0 && uid != row.owner {
+            return Err(ApiError::PermissionDenied(format!(
+                "lease {} of VM {} was made by uid {}; only that user or root may release it",
+                row.id, row.request.vm_name, row.owner
+            )));
+        }
         for (addr, _) in &row.devices {
             if let Some(why) = self.held_open(addr) {
                 return Err(ApiError::Refused(format!(

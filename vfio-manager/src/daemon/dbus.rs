@@ -11,7 +11,8 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedValue;
 use zbus::{fdo, interface, Connection};
 
-use super::core::Core;
+use super::core::{Core, LeaseRef};
+use crate::api::ids::{IdError, LeaseId, RequestId};
 use crate::api::{self, ApiError, DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats};
 
 /// Runs blocking policy code (sysfs writes, SQLite) off the bus's async threads.
@@ -116,6 +117,26 @@ impl Manager {
     }
 }
 
+impl Manager {
+    async fn release_lease(
+        &self,
+        hdr: &Header<'_>,
+        conn: &Connection,
+        emitter: &SignalEmitter<'_>,
+        which: Result<LeaseRef, IdError>,
+    ) -> Result<bool, ApiError> {
+        let uid = self.authorize(hdr, "release leases").await?;
+        let which = which?;
+        let core = self.core.clone();
+        let r = blocking(move || core.release(&which, uid)).await;
+        if let Ok(Some(l)) = &r {
+            let _ = Manager::lease_released(emitter, &l.id, &l.vm_name).await;
+        }
+        self.after(conn, emitter).await;
+        r.map(|l| l.is_some())
+    }
+}
+
 fn verdict<T>(r: &Result<T, ApiError>) -> String {
     r.as_ref().map_or_else(ToString::to_string, |_| "ok".into())
 }
@@ -187,8 +208,9 @@ impl Manager {
         r.map(|(lease, _)| lease)
     }
 
-    /// Releases a lease (by lease id or request id): resets its devices and returns
-    /// them to their drivers before the lease. Returns false if it was already released.
+    /// Releases a lease by its lease id: resets its devices and returns them to
+    /// their drivers before the lease. Returns false if it was already released.
+    /// Only root and the uid that made the lease may release it.
     async fn release(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -196,14 +218,20 @@ impl Manager {
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
         lease: String,
     ) -> Result<bool, ApiError> {
-        let uid = self.authorize(&hdr, "release leases").await?;
-        let core = self.core.clone();
-        let r = blocking(move || core.release(&lease, uid)).await;
-        if let Ok(Some(l)) = &r {
-            let _ = Manager::lease_released(&emitter, &l.id, &l.vm_name).await;
-        }
-        self.after(conn, &emitter).await;
-        r.map(|l| l.is_some())
+        let which = LeaseId::new(&lease).map(LeaseRef::Lease);
+        self.release_lease(&hdr, conn, &emitter, which).await
+    }
+
+    /// Releases the lease that request id `request_id` made, as `Release` does.
+    async fn release_request(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        request_id: String,
+    ) -> Result<bool, ApiError> {
+        let which = RequestId::new(&request_id).map(LeaseRef::Request);
+        self.release_lease(&hdr, conn, &emitter, which).await
     }
 
     /// Enables `count` VFs on `pf` (0: the vendor's default). Returns the VFs.

@@ -25,6 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::durable::GroupSync;
+use crate::api::ids::{LeaseId, RequestId};
 use crate::api::{DeviceInfo, Request};
 
 // Tables keyed by text are WITHOUT ROWID: the key's index is the table, one B-tree
@@ -53,8 +54,11 @@ CREATE TABLE IF NOT EXISTS intents (
     body TEXT NOT NULL, started_at INTEGER NOT NULL);
 ";
 
-/// A released lease by request id or lease id.
-const RELEASED: &str = "SELECT lease_id FROM released WHERE request_id = ?1 OR lease_id = ?1";
+/// A released lease by its request id. Request ids and lease ids are separate
+/// namespaces: each is looked up only as what it is.
+const RELEASED_REQUEST: &str = "SELECT lease_id FROM released WHERE request_id = ?1";
+/// A released lease by its lease id.
+const RELEASED_LEASE: &str = "SELECT lease_id FROM released WHERE lease_id = ?1";
 /// How many VFs `Store::unleased_vfs` lists at a time.
 pub const PAGE: usize = 16;
 /// Released request ids older than the retention window.
@@ -83,6 +87,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRow {
     pub id: String,
+    /// The uid that made it: only it and root may release it.
+    pub owner: u32,
     pub request: Request,
     pub devices: Vec<(String, String)>,
     pub created_at: u64,
@@ -171,6 +177,16 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // Tables made before leases had owners: theirs are root's.
+        if conn
+            .prepare("SELECT owner_uid FROM leases LIMIT 0")
+            .is_err()
+        {
+            conn.execute_batch(
+                "ALTER TABLE leases ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(err)?;
+        }
         // The log exists from the first transaction on and stays (same file, reused
         // from its start after each checkpoint) while the connection is open. Its
         // directory entry is synced once, so that the log is found after a power loss.
@@ -286,8 +302,8 @@ impl Store {
         let request = serde_json::to_string(r).expect("a request serializes");
         self.write(|tx| {
             tx.prepare_cached(
-                "INSERT INTO leases (id, request_id, vm_name, vm_uuid, profile, request, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO leases (id, request_id, vm_name, vm_uuid, profile, request, created_at, owner_uid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 lease.id,
@@ -296,7 +312,8 @@ impl Store {
                 r.vm_uuid,
                 r.profile,
                 request,
-                lease.created_at as i64
+                lease.created_at as i64,
+                lease.owner
             ])?;
             for (addr, before) in &lease.devices {
                 tx.prepare_cached(
@@ -341,25 +358,27 @@ impl Store {
         self.lease_query("ORDER BY created_at, id", [])
     }
 
-    /// The lease with this lease id, else the one with this request id: two index
-    /// searches at most, no sort.
-    pub fn lease(&self, id: &str) -> Result<Option<LeaseRow>> {
-        let mut found = self.lease_query("WHERE id = ?1", [id])?;
-        if found.is_empty() {
-            found = self.lease_query("WHERE request_id = ?1", [id])?;
-        }
-        Ok(found.pop())
+    /// The lease with this lease id (an index search).
+    pub fn lease(&self, id: &LeaseId) -> Result<Option<LeaseRow>> {
+        Ok(self.lease_query("WHERE id = ?1", [id.as_str()])?.pop())
+    }
+
+    /// The lease with this request id (an index search).
+    pub fn lease_of_request(&self, id: &RequestId) -> Result<Option<LeaseRow>> {
+        Ok(self
+            .lease_query("WHERE request_id = ?1", [id.as_str()])?
+            .pop())
     }
 
     fn lease_query<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<LeaseRow>> {
         let conn = self.conn();
         let mut st = conn
             .prepare_cached(&format!(
-                "SELECT id, request, created_at FROM leases {filter}"
+                "SELECT id, request, created_at, owner_uid FROM leases {filter}"
             ))
             .map_err(self.err())?;
-        let heads: Vec<(String, String, i64)> = st
-            .query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        let heads: Vec<(String, String, i64, u32)> = st
+            .query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .map_err(self.err())?
             .collect::<rusqlite::Result<_>>()
             .map_err(self.err())?;
@@ -368,13 +387,14 @@ impl Store {
             .map_err(self.err())?;
         heads
             .into_iter()
-            .map(|(id, req, created)| {
+            .map(|(id, req, created, owner)| {
                 let devices = dev
                     .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
                     .map_err(self.err())?;
                 Ok(LeaseRow {
                     id,
+                    owner,
                     request: serde_json::from_str(&req).unwrap_or_default(),
                     devices,
                     created_at: created as u64,
@@ -383,10 +403,19 @@ impl Store {
             .collect()
     }
 
-    /// The released lease with this request id or lease id, if any.
-    pub fn released(&self, id: &str) -> Result<Option<String>> {
+    /// The released lease whose request id this was, if any.
+    pub fn released_request(&self, id: &RequestId) -> Result<Option<String>> {
+        self.released(RELEASED_REQUEST, id.as_str())
+    }
+
+    /// Whether lease `id` was released (and is remembered).
+    pub fn released_lease(&self, id: &LeaseId) -> Result<bool> {
+        Ok(self.released(RELEASED_LEASE, id.as_str())?.is_some())
+    }
+
+    fn released(&self, sql: &str, id: &str) -> Result<Option<String>> {
         self.conn()
-            .prepare_cached(RELEASED)
+            .prepare_cached(sql)
             .and_then(|mut st| st.query_row([id], |r| r.get(0)).optional())
             .map_err(self.err())
     }
@@ -552,12 +581,14 @@ mod tests {
     fn released_lookups_and_pruning_search_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).unwrap();
-        let lookup = plan(&store, RELEASED);
-        assert!(
-            lookup.iter().all(|p| !p.starts_with("SCAN")),
-            "query plan: {lookup:?}"
-        );
-        assert_eq!(lookup.iter().filter(|p| p.starts_with("SEARCH")).count(), 2);
+        for sql in [RELEASED_REQUEST, RELEASED_LEASE] {
+            let lookup = plan(&store, sql);
+            assert!(
+                lookup.iter().all(|p| !p.starts_with("SCAN")),
+                "query plan: {lookup:?}"
+            );
+            assert_eq!(lookup.iter().filter(|p| p.starts_with("SEARCH")).count(), 1);
+        }
         let prune = plan(&store, FORGET_RELEASED);
         assert!(
             prune.iter().any(|p| p.contains("released_by_age")),
@@ -570,7 +601,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).unwrap();
         let row = |id: &str, at: u64| LeaseRow {
-            id: format!("lease-{id}"),
+            id: format!("{:016x}", id.as_bytes()[0] as u64 + at),
+            owner: 0,
             request: Request {
                 request_id: id.into(),
                 ..Request::default()
@@ -588,10 +620,23 @@ mod tests {
                 [],
             )
             .unwrap();
+        let (rid, lid) = (
+            |s: &str| RequestId::new(s).unwrap(),
+            |s: &str| LeaseId::new(s).unwrap(),
+        );
         assert_eq!(store.forget_released(2000).unwrap(), 1);
-        assert_eq!(store.released("old").unwrap(), None);
-        assert_eq!(store.released("lease-old").unwrap(), None);
-        assert_eq!(store.released("new").unwrap().as_deref(), Some("lease-new"));
+        assert_eq!(store.released_request(&rid("old")).unwrap(), None);
+        assert!(!store
+            .released_lease(&lid(&format!("{:016x}", b'o')))
+            .unwrap());
+        let new = format!("{:016x}", b'n');
+        assert_eq!(
+            store.released_request(&rid("new")).unwrap(),
+            Some(new.clone())
+        );
+        assert!(store.released_lease(&lid(&new)).unwrap());
+        // Separate namespaces: a lease id is not a request id, nor the reverse.
+        assert_eq!(store.released_request(&rid(&new)).unwrap(), None);
         assert_eq!(store.forget_released(2000).unwrap(), 0);
     }
 
@@ -625,6 +670,7 @@ mod tests {
         store.sync_devices(&seen).unwrap();
         let lease = LeaseRow {
             id: "lease-1".into(),
+            owner: 0,
             request: Request {
                 request_id: "r1".into(),
                 ..Request::default()

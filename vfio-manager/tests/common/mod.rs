@@ -335,6 +335,38 @@ pub fn vfctl(bus: &Bus, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A copy of vfctl that any uid can run: the checkout may sit under a directory
+/// only root enters.
+static VFCTL_FOR_ALL: LazyLock<(tempfile::TempDir, PathBuf)> = LazyLock::new(|| {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.path().join("vfctl");
+    std::fs::copy(&*VFCTL, &copy).unwrap();
+    (dir, copy)
+});
+
+/// `vfctl ARGS` as `uid` (and the same gid): (exit code, stdout, stderr). Needs root.
+pub fn vfctl_as(bus: &Bus, uid: u32, args: &[&str]) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    let o = Command::new(&VFCTL_FOR_ALL.1)
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// xorshift64*: a reproducible sequence from the printed seed.
 pub struct Rng(pub u64);
 

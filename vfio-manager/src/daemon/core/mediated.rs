@@ -248,7 +248,11 @@ impl Core {
     /// A new lease of `req.count` devices of a mediated profile: planned on the
     /// whole host first (nothing is changed unless all fit), then made one by one;
     /// a failure undoes what was made.
-    pub(super) fn provision_mediated(&self, req: &Request) -> Result<LeaseRow, ApiError> {
+    pub(super) fn provision_mediated(
+        &self,
+        req: &Request,
+        owner: u32,
+    ) -> Result<LeaseRow, ApiError> {
         let _one = self.mediating();
         let host = self.scan_ours();
         let kept = self.named_mdevs(req, &host)?;
@@ -293,7 +297,7 @@ impl Core {
             )));
         }
         planned.extend(kept.iter().map(|u| (u.clone(), KEPT_MDEV.to_string())));
-        self.new_lease(req, planned.clone(), plan.placements.len(), |i| {
+        self.new_lease(req, owner, planned.clone(), plan.placements.len(), |i| {
             self.make(&plan.placements[i].target, &planned[i].0)
         })
     }
