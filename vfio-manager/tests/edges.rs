@@ -146,7 +146,7 @@ fn lease_ids_and_request_ids_are_separate_namespaces() {
     // Releasing by request id ends B's lease only; by lease id, A's only.
     assert!(c.release_request(&a.id).unwrap());
     let left: Vec<String> = c.leases().unwrap().into_iter().map(|l| l.id).collect();
-    assert_eq!(left, [a.id.clone()]);
+    assert_eq!(left, std::slice::from_ref(&a.id));
     assert_eq!(
         driver(&d.root, &a.devices[0].address).as_deref(),
         Some("vfio-pci")
@@ -183,7 +183,7 @@ fn only_the_uid_that_made_a_lease_or_root_releases_it() {
         assert_eq!(code, 3, "{args:?}: {err}");
         assert!(err.contains("uid 65534"), "{args:?}: {err}");
     }
-    assert_eq!(bus.client().leases().unwrap(), [lease.clone()]);
+    assert_eq!(bus.client().leases().unwrap(), std::slice::from_ref(&lease));
     assert_eq!(
         driver(&d.root, &lease.devices[0].address).as_deref(),
         Some("vfio-pci")
