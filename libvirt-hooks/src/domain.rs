@@ -132,13 +132,8 @@ pub fn rewrite(xml: &str, slots: &[&Hostdev], to: &[PciAddress]) -> String {
     out
 }
 
-/// libvirt's `<address>` for a PCI function.
-pub fn address_element(a: PciAddress) -> String {
-    format!(
-        "<address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/>",
-        a.domain, a.bus, a.device, a.function
-    )
-}
+/// libvirt's `<address>` for a PCI function, from the contract's XML writer.
+pub use vfio_manager_api::xml::pci_address as address_element;
 
 fn pci_address(n: &roxmltree::Node) -> Result<PciAddress, String> {
     let field = |name: &str, max: u32| -> Result<u32, String> {

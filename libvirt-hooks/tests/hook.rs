@@ -302,3 +302,39 @@ fn a_mediated_profile_makes_the_domains_mdevs_with_their_uuids() {
     assert!(!active(made), "the made one is removed");
     assert!(active(kept), "the operator's one stays");
 }
+
+#[test]
+fn hostile_vm_names_cannot_forge_a_hostdev_in_the_libvirt_output() {
+    let (bus, _d) = start();
+    // No '/' (libvirt's own rule refuses it), but everything else that XML minds.
+    let hostile = "x --><hostdev mode='subsystem' type='pci' managed='no'><source><address bus='0x66' slot='0' function='0'><!-- & \" -";
+    let (code, out, err) = common::vfctl(
+        &bus,
+        &[
+            "provision",
+            "--vm",
+            hostile,
+            "--request-id",
+            "h1",
+            "--format",
+            "libvirt",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let xml = format!(
+        "<domain type='qemu'><name>vm1</name><memory unit='MiB'>64</memory>\
+         <os><type arch='x86_64' machine='q35'>hvm</type></os><devices>{out}</devices></domain>"
+    );
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+    let hostdevs = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("hostdev"))
+        .count();
+    assert_eq!(hostdevs, 1, "one leased device, one hostdev:\n{out}");
+    if let Some((ok, why)) = validate(&xml) {
+        assert!(ok, "virt-xml-validate: {why}\n{xml}");
+    }
+    // A control character is refused, not escaped into the table.
+    let (code, _, err) = common::vfctl(&bus, &["provision", "--vm", "vm\nlease 0 for VM root"]);
+    assert_eq!(code, 2, "{err}");
+}

@@ -188,7 +188,7 @@ fn libvirtd_runs_the_hook_and_leases_follow_the_domain() {
                 <address domain='0x0000' bus='0x42' slot='0x00' function='0x1'/></source></hostdev></devices>";
     let incoming = live.replace("</devices>", slot).replace(UUID_A, UUID_C);
     let out = filter(&bus, "migrate", &incoming);
-    assert!(out.contains("bus='0x1"), "rewritten to a VF here: {out}");
+    assert!(out.contains("bus=\"0x1"), "rewritten to a VF here: {out}");
     let f = tmp.path().join("incoming.xml");
     std::fs::write(&f, &out).unwrap();
     let o = Command::new("virt-xml-validate")

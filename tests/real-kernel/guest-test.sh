@@ -179,7 +179,7 @@ fi
 expect "daemon A removes the source mdev" 0 $A mdev remove $src
 expect "daemon B removes the destination mdev" 0 $B mdev remove $dst
 $A provision --vm mvm --profile mtty-1 --count 2 --request-id m1 --format libvirt > /tmp/mlease.xml 2>&1
-n=$(grep -o "type='mdev'" /tmp/mlease.xml | wc -l); u1=$(grep -o "uuid='[^']*'" /tmp/mlease.xml | head -1 | cut -d"'" -f2)
+n=$(grep -o 'type="mdev"' /tmp/mlease.xml | wc -l); u1=$(grep -o 'uuid="[^"]*"' /tmp/mlease.xml | head -1 | cut -d'"' -f2)
 [ "$n" = 2 ] && [ -e /sys/bus/mdev/devices/$u1/driver ] && pass "a lease of profile mtty-1 creates 2 bound mdevs as libvirt mdev hostdevs" || { fail "mdev lease"; cat /tmp/mlease.xml; }
 expect "releasing it" 0 $A release --request-id m1
 gone $u1 && pass "its release removes the mdevs" || fail "mdev lease release"

@@ -50,7 +50,7 @@ fn a_lease_is_idempotent_and_its_release_returns_the_devices() {
     let a: vf_provisioner::PciAddress = l.devices[0].address.parse().unwrap();
     assert_eq!(
         l.devices[0].libvirt_hostdev,
-        format!("<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x{:02x}' slot='0x00' function='0x{:x}'/></source></hostdev>", a.bus, a.function)
+        format!("<hostdev mode=\"subsystem\" type=\"pci\" managed=\"no\"><source><address domain=\"0x0000\" bus=\"0x{:02x}\" slot=\"0x00\" function=\"0x{:x}\"/></source></hostdev>", a.bus, a.function)
     );
     // The same request id: the same lease, nothing new bound.
     assert_eq!(c.provision(&req("r1", "web-1", 2)).unwrap(), l);

@@ -120,7 +120,7 @@ fn a_lease_of_an_mdev_profile_creates_them_and_its_release_removes_them() {
             .expect("an active mdev");
         assert_eq!(m.type_id, MTTY_2);
         assert!(
-            dev.libvirt_hostdev.contains("type='mdev'")
+            dev.libvirt_hostdev.contains("type=\"mdev\"")
                 && dev.libvirt_hostdev.contains(&dev.address),
             "{}",
             dev.libvirt_hostdev
@@ -202,7 +202,10 @@ fn a_lease_of_a_vgpu_profile_sets_vf_types_and_its_release_clears_them() {
             .find(|s| s.vf.to_string() == dev.address)
             .expect("a VF with vGPU attributes");
         assert!(slot.current.is_some(), "{} has its type", dev.address);
-        assert!(dev.libvirt_hostdev.contains("type='pci'"), "the VF itself");
+        assert!(
+            dev.libvirt_hostdev.contains("type=\"pci\""),
+            "the VF itself"
+        );
     }
     // 2 x 20 GiB of 80: two more 20C fit, a 40C does not mix with 20C.
     let e = c.provision(&req("g2", "NVIDIA A100D-40C", 1)).unwrap_err();

@@ -20,6 +20,8 @@ pub mod codec;
 mod error;
 #[cfg(feature = "dbus")]
 mod types;
+#[cfg(feature = "dbus")]
+pub mod xml;
 
 #[cfg(feature = "dbus")]
 pub use error::{error_chain, ApiError, ErrorName};

@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 use zbus::zvariant::{OwnedObjectPath, Type};
 
+use crate::ids::PciAddress;
+
 pub const BUS_NAME: &str = "org.vfiomanager.VfioManager1";
 pub const MANAGER_PATH: &str = "/org/vfiomanager/VfioManager1";
 pub const MANAGER_IFACE: &str = "org.vfiomanager.VfioManager1.Manager";
@@ -84,7 +86,7 @@ pub struct LeasedDevice {
 impl LeasedDevice {
     /// A mediated device of a lease: libvirt and cloud-hypervisor take it by its
     /// sysfs path and UUID, not by a PCI address.
-    pub fn mdev(uuid: &str, type_id: String, group: Option<u32>) -> LeasedDevice {
+    pub fn mdev(uuid: &uuid::Uuid, type_id: String, group: Option<u32>) -> LeasedDevice {
         let sysfs_path = format!("/sys/bus/mdev/devices/{uuid}/");
         LeasedDevice {
             address: uuid.to_string(),
@@ -92,28 +94,19 @@ impl LeasedDevice {
             ch_device: format!("path={sysfs_path}"),
             sysfs_path,
             vfio_path: group.map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
-            libvirt_hostdev: format!(
-                "<hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='{uuid}'/></source></hostdev>"
-            ),
+            libvirt_hostdev: crate::xml::mdev_hostdev(uuid),
         }
     }
 
-    pub fn new(address: &str, id: String, group: Option<u32>) -> LeasedDevice {
+    pub fn new(address: PciAddress, id: String, group: Option<u32>) -> LeasedDevice {
         let sysfs_path = format!("/sys/bus/pci/devices/{address}/");
-        let libvirt_hostdev = match address.parse::<crate::ids::PciAddress>() {
-            Ok(a) => format!(
-                "<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/></source></hostdev>",
-                a.domain, a.bus, a.device, a.function
-            ),
-            Err(_) => String::new(),
-        };
         LeasedDevice {
             address: address.to_string(),
             id,
             ch_device: format!("path={sysfs_path}"),
             sysfs_path,
             vfio_path: group.map_or_else(String::new, |g| format!("/dev/vfio/{g}")),
-            libvirt_hostdev,
+            libvirt_hostdev: crate::xml::pci_hostdev(address),
         }
     }
 }

@@ -53,8 +53,9 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    /// One line of text output; control characters in it are shown escaped.
     pub(super) fn line(&mut self, s: &str) -> Res {
-        writeln!(self.out, "{s}").map_err(io)?;
+        writeln!(self.out, "{}", printable(s)).map_err(io)?;
         Ok(exit::OK)
     }
 
@@ -263,10 +264,10 @@ impl Renderer<'_> {
 
     /// The lease's devices as `<hostdev>` elements for a libvirt domain's `<devices>`.
     pub fn libvirt_hostdevs(mut self, lease: &Lease) -> Res {
-        self.line(&format!(
-            "<!-- vfio-manager lease {} for VM {} -->",
+        self.line(&crate::api::xml::comment(&format!(
+            "vfio-manager lease {} for VM {}",
             lease.id, lease.vm_name
-        ))?;
+        )))?;
         for d in &lease.devices {
             self.line(&d.libvirt_hostdev)?;
         }
@@ -377,8 +378,28 @@ fn row(e: &Entry, indent: &str) -> Vec<String> {
     ]
 }
 
-/// Left-aligned columns, two spaces apart; the last column is not padded.
+/// Text for a terminal: a control character (which could move the cursor, clear
+/// the screen or start a row of its own) is shown escaped, as `\u{1b}`.
+pub(super) fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| match c {
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// Left-aligned columns, two spaces apart; the last column is not padded. Cells
+/// are made printable first, so that widths count what is shown.
 fn table(rows: &[Vec<String>]) -> Vec<String> {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
@@ -407,6 +428,28 @@ mod tests {
     use crate::api::LeasedDevice;
 
     #[test]
+    fn control_characters_cannot_forge_rows_or_move_the_cursor() {
+        let rows = vec![
+            vec!["a\n0000:99:00.0  evil".to_string(), "x".into()],
+            vec!["\u{1b}[2J".to_string(), "y\r".into()],
+        ];
+        let out = table(&rows);
+        assert_eq!(out.len(), 2);
+        assert!(
+            out.iter().all(|l| !l.chars().any(char::is_control)),
+            "{out:?}"
+        );
+        assert!(out[0].starts_with("a\\u{a}0000"), "{out:?}");
+        let mut buf = Vec::new();
+        let mut r = Renderer {
+            out: &mut buf,
+            format: Output::Table,
+        };
+        r.line("vm\n\u{1b}[1A").unwrap();
+        assert_eq!(String::from_utf8(buf).unwrap(), "vm\\u{a}\\u{1b}[1A\n");
+    }
+
+    #[test]
     fn qemu_arguments_name_a_vf_by_host_and_an_mdev_by_sysfsdev() {
         let lease = Lease {
             id: "l1".into(),
@@ -415,9 +458,9 @@ mod tests {
             vm_uuid: String::new(),
             profile: "mixed".into(),
             devices: vec![
-                LeasedDevice::new("0000:3b:00.1", "8086:10ca".into(), Some(7)),
+                LeasedDevice::new("0000:3b:00.1".parse().unwrap(), "8086:10ca".into(), Some(7)),
                 LeasedDevice::mdev(
-                    "5a5a0000-0000-4000-8000-000000000001",
+                    &"5a5a0000-0000-4000-8000-000000000001".parse().unwrap(),
                     "mtty-2".into(),
                     None,
                 ),

@@ -246,10 +246,14 @@ impl Core {
         let devices = row
             .devices
             .iter()
-            .map(|(a, marker)| {
-                self.mediated_view(a, marker).unwrap_or_else(|| {
+            .filter_map(|(a, marker)| {
+                self.mediated_view(a, marker).or_else(|| {
                     let (id, group) = self.store().identity(a).ok().flatten().unwrap_or_default();
-                    LeasedDevice::new(a, id, u32::try_from(group).ok())
+                    Some(LeasedDevice::new(
+                        a.parse().ok()?,
+                        id,
+                        u32::try_from(group).ok(),
+                    ))
                 })
             })
             .collect();

@@ -374,9 +374,10 @@ impl Core {
     pub(super) fn mediated_view(&self, name: &str, marker: &str) -> Option<LeasedDevice> {
         match marker {
             MADE_MDEV | KEPT_MDEV => {
-                let m = read_mdev(&self.sys, &uuid_arg(name).ok()?);
+                let uuid = uuid_arg(name).ok()?;
+                let m = read_mdev(&self.sys, &uuid);
                 Some(LeasedDevice::mdev(
-                    name,
+                    &uuid,
                     m.as_ref()
                         .map(|m| m.type_id.to_string())
                         .unwrap_or_default(),
@@ -390,11 +391,7 @@ impl Core {
                     .as_ref()
                     .and_then(|s| s.current)
                     .map_or_else(String::new, |t| format!("vgpu-{t}"));
-                Some(LeasedDevice::new(
-                    name,
-                    id,
-                    slot.and_then(|s| s.iommu_group),
-                ))
+                Some(LeasedDevice::new(vf, id, slot.and_then(|s| s.iommu_group)))
             }
             _ => None,
         }
