@@ -1,4 +1,4 @@
-//! The fake kernel's mdev and vGPU rules (REAL-KERNEL.md rules 6 and 11 as the
+//! The fake kernel's mdev and vGPU rules (kernel rules 6 and 11 in docs/kernel.md as the
 //! 6.12 kernel showed them, mtty's
 //! shared port capacity, NVIDIA's documented per-VF vGPU behaviour), written as raw
 //! sysfs writes so that the same expectations hold against the real kernel.

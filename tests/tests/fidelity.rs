@@ -6,7 +6,7 @@
 //!
 //! Values that legitimately differ, and are ignored:
 //! - `iommu_group`: numbers are assigned at enumeration and change across boots
-//!   (REAL-KERNEL rule 7); group membership is checked by the scenario tests.
+//!   (kernel rule 7, docs/kernel.md); group membership is checked by the scenario tests.
 
 use std::path::{Path, PathBuf};
 

@@ -71,7 +71,7 @@ fn a_full_type_is_refused_and_a_raw_create_past_capacity_fails_and_leaves_nothin
         .unwrap_err();
     assert_eq!(e.kind(), Kind::Refused, "{e}");
     assert_eq!(m.scan().mdevs.len(), 12, "nothing created");
-    // REAL-KERNEL rule 11, as 6.12 does it: mtty's probe fails with ENOSPC, the
+    // kernel rule 11, docs/kernel.md, as 6.12 does it: mtty's probe fails with ENOSPC, the
     // kernel deletes the device and the write fails.
     let u = "83b8f4f2-509f-382f-3c1e-e6bfe0fa0bad";
     let e = raw(&env, &format!("{MTTY1}/create"), u).unwrap_err();
@@ -315,6 +315,6 @@ fn mtty_state_moves_between_two_mdevs_over_tcp_and_faults_leave_both_running() {
         stats.stopped_for,
         tracker.describe()
     );
-    // Leave the source RUNNING before it is closed and removed (REAL-KERNEL rule 8).
+    // Leave the source RUNNING before it is closed and removed (kernel rule 8, docs/kernel.md).
     src.set_state(MigState::Running).unwrap();
 }

@@ -1,5 +1,5 @@
 //! Which processes hold a VFIO group open, read from `/proc/<pid>/fd` under the root.
-//! The kernel lets one process hold a group (REAL-KERNEL rule 10): whoever holds it
+//! The kernel lets one process hold a group (kernel rule 10, docs/kernel.md): whoever holds it
 //! owns the device, and the device must not be unbound, reset or removed under it.
 
 use std::collections::BTreeMap;

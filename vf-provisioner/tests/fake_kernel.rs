@@ -1,5 +1,5 @@
 //! The fake kernel must behave like the real one: one test per rule listed in
-//! shared/REAL-KERNEL.md ("Kernel behaviour that a fake sysfs must reproduce").
+//! docs/kernel.md.
 //! Rules 6, 8, 9 and 11 concern mdevs and VFIO migration, which the mediated-dev
 //! crate's fake covers; here are the PCI rules.
 

@@ -202,3 +202,83 @@ fn only_the_uid_that_made_a_lease_or_root_releases_it() {
         "root releases any lease"
     );
 }
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn a_lost_table_is_a_loud_error_and_its_leased_devices_become_quarantined_orphans() {
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    let lease = c.provision(&req("l1", "vm1", "vf", 2)).unwrap();
+    let (vf, vf2) = (
+        lease.devices[0].address.clone(),
+        lease.devices[1].address.clone(),
+    );
+    let db = d.state.join("state.db");
+    assert_eq!(mode(&db), 0o600, "the table is root's alone");
+    assert_eq!(mode(&d.state) & 0o007, 0, "its directory is not others'");
+    assert_eq!(mode(&d.dir.path().join("audit.log")), 0o640);
+
+    // The table is lost (its log too) while the VFs are still leased on vfio-pci.
+    d.kill();
+    std::fs::remove_file(&db).unwrap();
+    let _ = std::fs::remove_file(d.state.join("state.db-wal"));
+    let log = d.restart_refused();
+    assert!(
+        log.contains("is unusable") && log.contains("missing") && log.contains("state.id"),
+        "{log}"
+    );
+    // A truncated table is refused the same way.
+    std::fs::write(&db, b"SQLite format 3\0 truncated").unwrap();
+    let log = d.restart_refused();
+    assert!(log.contains("is unusable"), "{log}");
+
+    // The operator chooses to start empty, as the error says.
+    std::fs::remove_file(&db).unwrap();
+    std::fs::remove_file(d.state.join("state.id")).unwrap();
+    d.restart();
+    let c = bus.client();
+    assert!(
+        d.log_text().contains(&format!("orphan: {vf}")),
+        "{}",
+        d.log_text()
+    );
+    let orphans: Vec<String> = c.orphans().unwrap().into_iter().map(|o| o.0).collect();
+    assert_eq!(orphans, [vf.clone(), vf2.clone()]);
+    // Never offered again, in the pool or by name.
+    let e = c.provision(&req("l2", "vm2", "vf", 1)).unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "{e}");
+    let mut named = req("l3", "vm3", "vf", 1);
+    named.devices = vec![vf.clone()];
+    let e = c.provision(&named).unwrap_err();
+    assert!(
+        error_name(&e) == "Refused" && e.to_string().contains("quarantined"),
+        "{e}"
+    );
+    // Adopted: offered again as it is. Freed: back on its host driver, then offered.
+    c.adopt_orphan(&vf).unwrap();
+    assert_eq!(
+        c.provision(&req("l4", "vm4", "vf", 1)).unwrap().devices[0].address,
+        vf
+    );
+    c.free_orphan(&vf2).unwrap();
+    assert_ne!(driver(&d.root, &vf2).as_deref(), Some("vfio-pci"));
+    assert!(c.orphans().unwrap().is_empty());
+    assert_eq!(error_name(&c.adopt_orphan(&vf2).unwrap_err()), "NotFound");
+    assert_eq!(
+        error_name(&c.free_orphan("../../etc").unwrap_err()),
+        "BadInput"
+    );
+    assert_eq!(
+        c.provision(&req("l5", "vm5", "vf", 1)).unwrap().devices[0].address,
+        vf2
+    );
+    let audit = d.audit_text();
+    for op in ["quarantine", "orphan-adopt", "orphan-free"] {
+        assert!(audit.contains(&format!("\"op\":\"{op}\"")), "{op}: {audit}");
+    }
+}

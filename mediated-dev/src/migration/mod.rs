@@ -6,7 +6,7 @@
 //! - here, the policy: [`save`] and [`load`], which leave nothing half done: a
 //!   failed save returns the source to RUNNING, a failed load resets the
 //!   destination out of RESUMING (an mdev left there oopses mtty's kernel,
-//!   REAL-KERNEL rule 8) or says it must be re-created;
+//!   kernel rule 8, docs/kernel.md) or says it must be re-created;
 //! - [`net`]: the same over TCP between two hosts, with the destination's verdict
 //!   deciding whether the source stays stopped.
 

@@ -1,7 +1,7 @@
 //! The VFIO migration uAPI v2 state machine (linux/vfio.h, `enum
 //! vfio_device_mig_state`): the states, the single arcs a device supports given
 //! its migration flags, and the path the kernel walks between two states (it walks
-//! multi-arc transitions itself, REAL-KERNEL rule 9). The tracker records every
+//! multi-arc transitions itself, kernel rule 9, docs/kernel.md). The tracker records every
 //! state a device passed through, so a failure can say where it was.
 
 use std::collections::VecDeque;

@@ -1,6 +1,6 @@
 //! The fake kernel's mediated devices: the mdev bus (parents, types, create,
 //! remove, the vendor driver's bind) and NVIDIA's per-VF vGPU attributes (vGPU 17+
-//! on kernel 6.8+). Rules, each seen on the real kernel (REAL-KERNEL.md) or taken
+//! on kernel 6.8+). Rules, each seen on the real kernel (docs/kernel.md) or taken
 //! from the vendor's documentation where no hardware exists here:
 //! - `create` takes a lowercase UUID; a UUID in use fails with EEXIST;
 //! - creating beyond `available_instances`: the vendor driver's probe fails, the
@@ -303,7 +303,7 @@ impl FakeKernel {
                 self.mdev_unbind(&real)?;
                 self.recount(real.parent().ok_or_else(|| errno(libc::ENOENT))?)
             }
-            // An mdev cannot be bound again once unbound (REAL-KERNEL rule 6).
+            // An mdev cannot be bound again once unbound (kernel rule 6, docs/kernel.md).
             "unbind" | "bind" => Err(errno(libc::ENODEV)),
             _ => Err(errno(libc::EACCES)),
         }

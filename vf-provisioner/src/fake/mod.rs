@@ -1,7 +1,7 @@
 //! A fake host for fast tests: a real directory tree shaped like sysfs (so every
 //! reader works unchanged) and a [`KernelWrite`] that reacts to writes the way the
 //! Linux kernel does. The rules it implements are the ones seen on the real kernel
-//! (shared/REAL-KERNEL.md, "Kernel behaviour that a fake sysfs must reproduce"); each
+//! (docs/kernel.md); each
 //! has a test in `tests/fake_kernel.rs`. Where the real kernel would block (unbinding a
 //! vfio-pci device that a process holds open), the fake fails with `WouldBlock`.
 

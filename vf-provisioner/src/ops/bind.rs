@@ -1,5 +1,5 @@
 //! Moving functions between vfio-pci and their host drivers, the reliable way the
-//! kernel allows (REAL-KERNEL rule 3): `driver_override`, unbind, `drivers_probe`,
+//! kernel allows (kernel rule 3, docs/kernel.md): `driver_override`, unbind, `drivers_probe`,
 //! then verify the `driver` link.
 
 use super::group::{blocking_members, host_critical, peers};

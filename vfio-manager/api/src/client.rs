@@ -27,6 +27,9 @@ pub trait Manager {
     fn bind(&self, address: &str, whole_group: bool) -> zbus::Result<Vec<String>>;
     fn unbind(&self, address: &str, whole_group: bool) -> zbus::Result<Vec<String>>;
     fn list_mdevs(&self) -> zbus::Result<Vec<MdevInfo>>;
+    fn list_orphans(&self) -> zbus::Result<Vec<(String, String, u64)>>;
+    fn adopt_orphan(&self, name: &str) -> zbus::Result<()>;
+    fn free_orphan(&self, name: &str) -> zbus::Result<()>;
     fn create_mdev(
         &self,
         parent: &str,
@@ -155,6 +158,19 @@ impl Client {
 
     pub fn unbind(&self, addr: &str, whole_group: bool) -> Result<Vec<String>> {
         self.run(self.proxy.unbind(addr, whole_group))
+    }
+
+    /// Quarantined devices: (name, reason, since).
+    pub fn orphans(&self) -> Result<Vec<(String, String, u64)>> {
+        self.run(self.proxy.list_orphans())
+    }
+
+    pub fn adopt_orphan(&self, name: &str) -> Result<()> {
+        self.run(self.proxy.adopt_orphan(name))
+    }
+
+    pub fn free_orphan(&self, name: &str) -> Result<()> {
+        self.run(self.proxy.free_orphan(name))
     }
 
     pub fn mdevs(&self) -> Result<Vec<MdevInfo>> {

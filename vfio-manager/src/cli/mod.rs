@@ -199,6 +199,12 @@ enum Command {
     },
     /// List leases (daemon only; changes nothing).
     Leases,
+    /// List devices quarantined as orphans: on vfio-pci with our driver_override, or
+    /// an mdev nobody defined, with no lease (daemon only; changes nothing).
+    Orphans,
+    /// Adopt or free a quarantined device (daemon only; audited).
+    #[command(subcommand)]
+    Orphan(OrphanCommand),
     /// Configuration file commands (change nothing).
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -259,6 +265,15 @@ enum Command {
 enum ConfigCommand {
     /// Validate a configuration file; errors name the line and column.
     Check { file: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OrphanCommand {
+    /// End NAME's quarantine and offer it again as it is. Changes what is offered.
+    Adopt { name: String },
+    /// Return NAME (a PCI address) to its host driver, or remove it (an mdev UUID),
+    /// and end its quarantine. Changes the host; refused while a VM holds it open.
+    Free { name: String },
 }
 
 /// What can go wrong in a command: the operation, the daemon, the configuration, or
@@ -467,6 +482,8 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         | Command::Release { .. }
         | Command::Attach { .. }
         | Command::Detach { .. }
+        | Command::Orphans
+        | Command::Orphan(_)
         | Command::Leases => Err(vf_provisioner::Error::InvalidInput {
             what: "mode",
             input: "--direct".into(),
@@ -513,6 +530,8 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Attach { .. }
             | Command::Detach { .. }
             | Command::Leases
+            | Command::Orphans
+            | Command::Orphan(_)
             | Command::Migrate(_)
     ) || matches!(c, Command::Mdev(m) if mdev::through_daemon(m))
 }
@@ -529,6 +548,15 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Migrate(cmd) => mdev::migrate(&c, cmd, r),
         Command::List { .. } => r.devices(&c.devices()?),
         Command::Leases => r.leases(&c.leases()?),
+        Command::Orphans => r.orphans(&c.orphans()?),
+        Command::Orphan(OrphanCommand::Adopt { name }) => {
+            c.adopt_orphan(name)?;
+            r.done(&format!("{name} adopted: offered again as it is"))
+        }
+        Command::Orphan(OrphanCommand::Free { name }) => {
+            c.free_orphan(name)?;
+            r.done(&format!("{name} freed: returned to the host"))
+        }
         Command::Provision {
             want,
             numa,

@@ -318,6 +318,29 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    pub fn orphans(mut self, orphans: &[(String, String, u64)]) -> Res {
+        if self.format == Output::Json {
+            let list: Vec<_> = orphans
+                .iter()
+                .map(|(n, why, since)| json!({ "name": n, "reason": why, "since": since }))
+                .collect();
+            return self.json(&json!({ "orphans": list }));
+        }
+        if orphans.is_empty() {
+            return self.line("no orphans");
+        }
+        let mut rows = vec![vec!["DEVICE".to_string(), "SINCE".into(), "REASON".into()]];
+        rows.extend(
+            orphans
+                .iter()
+                .map(|(n, why, since)| vec![n.clone(), since.to_string(), why.clone()]),
+        );
+        for l in table(&rows) {
+            self.line(&l)?;
+        }
+        Ok(exit::OK)
+    }
+
     pub fn leases(mut self, leases: &[Lease]) -> Res {
         if self.format == Output::Json {
             return self.json(&json!({ "leases": leases }));

@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -47,10 +48,17 @@ impl Audit {
         let Some(p) = path else {
             return Ok(Audit { file: None });
         };
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir)?;
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            super::own_dir(dir, 0o750)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(p)?;
+        // Readable by root and the log's group (adm on Debian), nobody else: it
+        // names every VM and device.
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(p)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o640))?;
         let log = Arc::new(Log {
             sync: file.try_clone()?,
             file: Mutex::new(file),

@@ -168,12 +168,14 @@ fn failed(e: impl std::fmt::Display) -> ApiError {
 impl Core {
     pub fn open(sys: Sysfs, config: Config, audit: Audit) -> Result<Core, ApiError> {
         let dir = &config.daemon.state_dir;
-        std::fs::create_dir_all(dir).map_err(|e| {
-            failed(format!(
-                "cannot create state directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        super::own_dir(dir, 0o700)
+            .and_then(|()| {
+                // The state directory is the daemon's alone: nobody else reads it.
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(dir)?.permissions().mode();
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7770))
+            })
+            .map_err(|e| failed(format!("state directory {}: {e}", dir.display())))?;
         let store = Arc::new(Store::open(&dir.join("state.db")).map_err(failed)?);
         let filter = DeviceFilter::new(&config.devices);
         Ok(Core {
@@ -454,6 +456,9 @@ impl Core {
         self.store()
             .commit_lease(&row, intent, &drivers)
             .map_err(failed)?;
+        for name in addrs_of(&row) {
+            let _ = self.store().unquarantine(&name);
+        }
         Ok(row)
     }
 
@@ -582,11 +587,24 @@ impl Core {
             ));
         }
         if !adopt {
+            if let Some(why) = self.quarantine_refuses(&addr) {
+                return Some(why);
+            }
             if let Some(why) = self.group_held_open(f) {
                 return Some(why);
             }
         }
         host_critical(&self.sys, f).map(|why| format!("the host needs it: {why}"))
+    }
+
+    /// A quarantined device is offered to nobody; only a request that adopts it (a
+    /// running VM that holds it, libvirt's reconnect) may take it, which ends the
+    /// quarantine.
+    fn quarantine_refuses(&self, name: &str) -> Option<String> {
+        let why = self.store().quarantined(name).ok().flatten()?;
+        Some(format!(
+            "it is quarantined ({why}); `vfctl orphan adopt {name}` or `vfctl orphan free {name}` first"
+        ))
     }
 
     /// Exactly the functions `req.devices` names, claimed, each checked like a pool VF.
@@ -860,6 +878,42 @@ impl Core {
         })
     }
 
+    /// Quarantined devices: (name, reason, since).
+    pub fn orphans(&self) -> Result<Vec<(String, String, u64)>, ApiError> {
+        self.store().quarantine_list().map_err(failed)
+    }
+
+    /// Ends a quarantine and offers the device again as it is: the operator's word
+    /// that no lost lease uses it.
+    pub fn adopt_orphan(&self, name: &str, uid: u32) -> Result<(), ApiError> {
+        let name = orphan_name(name)?;
+        let r = match self.store().unquarantine(&name).map_err(failed)? {
+            true => Ok(()),
+            false => Err(not_quarantined(&name)),
+        };
+        self.audit
+            .record(uid, "orphan-adopt", "", "", &[name], &verdict(&r));
+        r
+    }
+
+    /// Returns a quarantined function to its host driver, or removes a quarantined
+    /// mdev, then ends its quarantine. Refused while a VMM holds it open.
+    pub fn free_orphan(&self, name: &str, uid: u32) -> Result<(), ApiError> {
+        let name = orphan_name(name)?;
+        if self.store().quarantined(&name).map_err(failed)?.is_none() {
+            return Err(not_quarantined(&name));
+        }
+        match name.parse::<PciAddress>() {
+            Ok(a) => self
+                .direct("orphan-free", uid, &a, || {
+                    Ok(moved(self.guarded.unbind(&a, false, None)?))
+                })
+                .map(drop)?,
+            Err(_) => self.remove_mdev(&name, false, uid)?,
+        }
+        self.store().unquarantine(&name).map_err(failed).map(drop)
+    }
+
     /// One direct operation: serialized, recorded as an intent, audited, and the
     /// table re-read after it.
     fn direct(
@@ -963,7 +1017,7 @@ impl Core {
                         row.id, row.request.vm_name
                     )
                 };
-                // An mdev is there or gone: it cannot be rebound (REAL-KERNEL rule 6).
+                // An mdev is there or gone: it cannot be rebound (kernel rule 6, docs/kernel.md).
                 if let Ok(uuid) = addr.parse::<uuid::Uuid>() {
                     if !mediated_dev::host::mdev_exists(&self.sys, &uuid) {
                         log.push(gone());
@@ -988,6 +1042,45 @@ impl Core {
             }
         }
         self.refresh()?;
+        log.extend(self.quarantine_orphans()?);
+        Ok(log)
+    }
+
+    /// Functions on vfio-pci with our `driver_override` (not in `bind`) and mdevs
+    /// that nobody defined, which no lease holds: a lease the table lost (a missing
+    /// WAL, a restored backup) would explain them, so they are quarantined and never
+    /// offered until an operator adopts or frees them (`vfctl orphan`).
+    fn quarantine_orphans(&self) -> Result<Vec<String>, ApiError> {
+        let bound: BTreeSet<String> = self.config.bind.iter().map(ToString::to_string).collect();
+        let mut found = Vec::new();
+        for d in self.devices()? {
+            if d.driver != VFIO_PCI || !d.lease_id.is_empty() || bound.contains(&d.address) {
+                continue;
+            }
+            let ours = d
+                .address
+                .parse()
+                .ok()
+                .and_then(|a| PciFunction::read_brief(&self.sys, &a))
+                .is_some_and(|f| f.driver_override.as_deref() == Some(VFIO_PCI));
+            if ours {
+                found.push((
+                    d.address,
+                    "on vfio-pci with our driver_override and no lease",
+                ));
+            }
+        }
+        found.extend(self.orphan_mdevs()?);
+        let mut log = Vec::new();
+        for (name, why) in found {
+            if self.store().quarantine(&name, why).map_err(failed)? {
+                self.audit
+                    .record(0, "quarantine", "", "", &[name.clone()], why);
+                log.push(format!(
+                    "orphan: {name}: {why}; quarantined: `vfctl orphan adopt {name}` offers it again as it is, `vfctl orphan free {name}` returns it to the host"
+                ));
+            }
+        }
         Ok(log)
     }
 
@@ -1017,6 +1110,33 @@ impl Core {
         let d = &self.config.daemon;
         uid == 0 || d.allowed_uids.contains(&uid) || super::auth::in_group(uid, &d.allowed_group)
     }
+}
+
+/// A quarantined device's name: a PCI address or an mdev UUID, in the table's form.
+fn orphan_name(s: &str) -> Result<String, ApiError> {
+    match s.parse::<PciAddress>() {
+        Ok(a) => Ok(a.to_string()),
+        Err(_) => Ok(crate::api::ids::parse_uuid(s)
+            .map_err(|_| {
+                crate::api::ids::IdError::new(
+                    "device",
+                    s,
+                    "give a PCI address (dddd:bb:dd.f) or an mdev UUID",
+                )
+            })?
+            .to_string()),
+    }
+}
+
+fn not_quarantined(name: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "{name} is not quarantined; `vfctl orphans` lists the devices that are"
+    ))
+}
+
+fn verdict<T>(r: &Result<T, ApiError>) -> String {
+    r.as_ref()
+        .map_or_else(ToString::to_string, |_| "ok".to_string())
 }
 
 fn retry<T>(mut f: impl FnMut() -> Result<T, ApiError>) -> Result<T, ApiError> {

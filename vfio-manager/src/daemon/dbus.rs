@@ -291,6 +291,40 @@ impl Manager {
         .await
     }
 
+    /// Devices quarantined as orphans (a state only a lost lease explains): name,
+    /// reason, since (seconds since the epoch).
+    async fn list_orphans(&self) -> Result<Vec<(String, String, u64)>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || core.orphans()).await
+    }
+
+    /// Offers a quarantined device again as it is.
+    async fn adopt_orphan(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<(), ApiError> {
+        let uid = self.authorize(&hdr, "adopt orphans").await?;
+        let core = self.core.clone();
+        blocking(move || core.adopt_orphan(&name, uid)).await
+    }
+
+    /// Returns a quarantined function to its host driver (removes a quarantined
+    /// mdev) and ends its quarantine.
+    async fn free_orphan(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        name: String,
+    ) -> Result<(), ApiError> {
+        self.direct(&hdr, conn, &emitter, "free orphans", move |c, uid| {
+            c.free_orphan(&name, uid).map(|()| Vec::new())
+        })
+        .await
+        .map(drop)
+    }
+
     /// Active and defined mediated devices, with the lease holding each.
     async fn list_mdevs(&self) -> Result<Vec<MdevInfo>, ApiError> {
         let core = self.core.clone();
@@ -328,7 +362,13 @@ impl Manager {
 
     /// Migration preflight: whether the mdev can migrate now (its driver offers
     /// VFIO migration v2, it runs, no VMM holds it), and as what.
-    async fn migration_check(&self, uuid: String) -> Result<MigrationInfo, ApiError> {
+    async fn migration_check(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        uuid: String,
+    ) -> Result<MigrationInfo, ApiError> {
+        // It opens the device's VFIO file: not for anyone who can reach the bus.
+        self.authorize(&hdr, "check migrations").await?;
         let core = self.core.clone();
         blocking(move || core.migration_check(&uuid)).await
     }

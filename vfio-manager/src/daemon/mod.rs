@@ -66,6 +66,28 @@ pub struct Options {
     no_uevents: bool,
 }
 
+/// Makes `dir` (and its parents) if absent, with `mode` on the last. An existing
+/// one that anyone may write to is refused: whoever can replace a file there could
+/// forge the state or the audit trail.
+pub(crate) fn own_dir(dir: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o002 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is writable by everyone; give the daemon a directory of its own (chmod o-w, or another path)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let opts = match Options::try_parse_from(args) {
         Ok(o) => o,

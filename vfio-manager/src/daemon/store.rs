@@ -18,6 +18,8 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,6 +48,11 @@ CREATE TABLE IF NOT EXISTS lease_devices (
 CREATE TABLE IF NOT EXISTS released (
     request_id TEXT PRIMARY KEY, lease_id TEXT NOT NULL, released_at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS released_by_lease ON released(lease_id);
+-- Devices found in a state only a lease explains (on vfio-pci with our override, an
+-- mdev nobody defined) that no lease holds: never offered until an operator adopts
+-- or frees them.
+CREATE TABLE IF NOT EXISTS quarantine (
+    name TEXT PRIMARY KEY, reason TEXT NOT NULL, since INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS released_by_age ON released(released_at);
 -- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
 -- AUTOINCREMENT's sequence table would cost a page write per intent.
@@ -66,6 +73,13 @@ const FORGET_RELEASED: &str = "DELETE FROM released WHERE released_at < ?1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Missing, truncated or corrupt: never replaced by an empty table silently.
+    #[error("state table {path} is unusable: {detail}. The daemon does not start empty on its own: it would forget the leases while their devices stay on vfio-pci. Restore {path} (with its -wal file) from a backup; or, to start with an empty table, move it aside (mv {path} {path}.bad) and remove {marker}: the devices that leases held are then quarantined as orphans (`vfctl orphans`, then `vfctl orphan adopt|free`)")]
+    Unusable {
+        path: String,
+        marker: String,
+        detail: String,
+    },
     #[error("state table {path}: {source}")]
     Sql {
         path: String,
@@ -144,6 +158,21 @@ fn end_intent(conn: &Connection, id: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Writes a small file only root may read, synced with its directory entry.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -151,7 +180,49 @@ pub fn now() -> u64 {
 }
 
 impl Store {
+    /// Opens the table at `path`, creating it the first time. A table that is
+    /// missing where one was made (`<path>.id` says so), or that fails SQLite's
+    /// integrity check, is refused with how to recover.
     pub fn open(path: &Path) -> Result<Store> {
+        let marker = path.with_extension("id");
+        let unusable = |detail: String| StoreError::Unusable {
+            path: path.display().to_string(),
+            marker: marker.display().to_string(),
+            detail,
+        };
+        let size = path.metadata().map(|m| m.len()).ok();
+        if marker.exists() && size.unwrap_or(0) == 0 {
+            // SQLite would take an empty file for a new, empty table.
+            return Err(unusable(format!(
+                "it is {}, but {} says one was made here",
+                if size.is_some() { "empty" } else { "missing" },
+                marker.display()
+            )));
+        }
+        let store = Store::open_checked(path).map_err(|e| match e {
+            StoreError::Sql { source, .. } => unusable(source.to_string()),
+            e => e,
+        })?;
+        let check: String = store
+            .conn()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| unusable(e.to_string()))?;
+        if check != "ok" {
+            return Err(unusable(format!("SQLite's integrity check says: {check}")));
+        }
+        if !marker.exists() {
+            write_private(&marker, &format!("created {}\n", now())).map_err(|source| {
+                StoreError::Io {
+                    path: marker.display().to_string(),
+                    what: "cannot write the marker",
+                    source,
+                }
+            })?;
+        }
+        Ok(store)
+    }
+
+    fn open_checked(path: &Path) -> Result<Store> {
         let name = path.display().to_string();
         let err = wrap(&name);
         let io = |what| {
@@ -191,6 +262,11 @@ impl Store {
         // from its start after each checkpoint) while the connection is open. Its
         // directory entry is synced once, so that the log is found after a power loss.
         let wal = File::open(format!("{name}-wal")).map_err(io("cannot open its log"))?;
+        // Only root reads the table (every lease, VM and uid is in it).
+        for f in [path, Path::new(&format!("{name}-wal"))] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600))
+                .map_err(io("cannot make it private (mode 0600)"))?;
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -519,6 +595,7 @@ impl Store {
                  WHERE address > ?3 AND pf != '' AND (?2 IS NULL OR pf = ?2)
                    AND health != 'missing' AND (?1 < 0 OR numa_node = ?1)
                    AND NOT EXISTS (SELECT 1 FROM lease_devices l WHERE l.address = d.address)
+                   AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.name = d.address)
                  ORDER BY address LIMIT {PAGE}"
             ))
             .map_err(self.err())?;
@@ -528,14 +605,59 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(self.err())
     }
 
+    /// Quarantines `name` (a PCI address or an mdev UUID) with `reason`; false if it
+    /// already was.
+    pub fn quarantine(&self, name: &str, reason: &str) -> Result<bool> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO quarantine (name, reason, since) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![name, reason, now() as i64])
+            .map(|n| n == 1)
+        })
+    }
+
+    /// Lifts `name`'s quarantine; false if it was not quarantined.
+    pub fn unquarantine(&self, name: &str) -> Result<bool> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM quarantine WHERE name = ?1")?
+                .execute([name])
+                .map(|n| n == 1)
+        })
+    }
+
+    /// Why `name` is quarantined, if it is.
+    pub fn quarantined(&self, name: &str) -> Result<Option<String>> {
+        self.conn()
+            .prepare_cached("SELECT reason FROM quarantine WHERE name = ?1")
+            .and_then(|mut st| st.query_row([name], |r| r.get(0)).optional())
+            .map_err(self.err())
+    }
+
+    /// Every quarantined device: (name, reason, since).
+    pub fn quarantine_list(&self) -> Result<Vec<(String, String, u64)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT name, reason, since FROM quarantine ORDER BY name")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+
     pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
         let conn = self.conn();
         let mut st = conn
             .prepare_cached(
-                "SELECT d.address, d.id, d.pf, d.driver, d.iommu_group, d.numa_node, d.health,
+                "SELECT d.address, d.id, d.pf, d.driver, d.iommu_group, d.numa_node,
+                        CASE WHEN q.name IS NULL THEN d.health ELSE 'quarantined' END,
                         COALESCE(l.id, ''), COALESCE(l.vm_name, ''), d.provisions, d.errors
                  FROM devices d LEFT JOIN lease_devices ld ON ld.address = d.address
-                 LEFT JOIN leases l ON l.id = ld.lease_id ORDER BY d.address",
+                 LEFT JOIN leases l ON l.id = ld.lease_id
+                 LEFT JOIN quarantine q ON q.name = d.address ORDER BY d.address",
             )
             .map_err(self.err())?;
         let rows = st

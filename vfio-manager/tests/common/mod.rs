@@ -282,6 +282,32 @@ impl Daemon {
         self.wait_ready();
     }
 
+    /// Restarts, expecting the daemon to refuse to start: waits for it to exit
+    /// and returns its log.
+    pub fn restart_refused(&mut self) -> String {
+        self.kill();
+        self.spawn();
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vfio-managerd started:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            !status.success(),
+            "vfio-managerd exited 0:\n{}",
+            self.log_text()
+        );
+        self.log_text()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -307,8 +333,8 @@ impl Drop for Daemon {
     }
 }
 
-/// The D-Bus error name of a failed call (`Refused`, `NoDevice`, ...).
-/// The daemon's error name (`Refused`), or the whole error when it gave none.
+/// The daemon's error name (`Refused`, `NoDevice`, ...), or the whole error when it
+/// gave none.
 pub fn error_name(e: &ClientError) -> String {
     match e.name() {
         Some(n) => n.to_string(),

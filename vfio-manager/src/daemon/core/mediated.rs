@@ -175,6 +175,7 @@ impl Core {
             if undefine && !self.definitions().remove(&uuid)? && !active {
                 return Err(mediated_dev::Error::NoMdev(uuid).into());
             }
+            let _ = self.store().unquarantine(&uuid.to_string());
             Ok(())
         })
     }
@@ -330,6 +331,9 @@ impl Core {
             if let Some((lease, vm)) = self.store().holder(d).map_err(failed)? {
                 return Err(refuse(format!("it is leased to VM {vm} (lease {lease})")));
             }
+            if let Some(why) = self.quarantine_refuses(d).filter(|_| !req.adopt) {
+                return Err(refuse(why));
+            }
             if let Some(why) = self.mdev_held_open(d).filter(|_| !req.adopt) {
                 return Err(refuse(why));
             }
@@ -395,6 +399,25 @@ impl Core {
             }
             _ => None,
         }
+    }
+
+    /// Active mdevs that no lease holds and no definition names (see
+    /// `Core::quarantine_orphans`).
+    pub(super) fn orphan_mdevs(&self) -> Result<Vec<(String, &'static str)>, ApiError> {
+        let (defs, _) = self.definitions().list();
+        let mut found = Vec::new();
+        for m in self.mediator().scan().mdevs {
+            let name = m.uuid.to_string();
+            let known = defs.iter().any(|d| d.uuid == m.uuid)
+                || self.store().holder(&name).map_err(failed)?.is_some();
+            if !known {
+                found.push((
+                    name,
+                    "an active mdev that no lease holds and no definition names",
+                ));
+            }
+        }
+        Ok(found)
     }
 
     /// Who holds an mdev's VFIO group open, if anyone.
