@@ -1075,7 +1075,7 @@ impl Core {
         for (name, why) in found {
             if self.store().quarantine(&name, why).map_err(failed)? {
                 self.audit
-                    .record(0, "quarantine", "", "", &[name.clone()], why);
+                    .record(0, "quarantine", "", "", std::slice::from_ref(&name), why);
                 log.push(format!(
                     "orphan: {name}: {why}; quarantined: `vfctl orphan adopt {name}` offers it again as it is, `vfctl orphan free {name}` returns it to the host"
                 ));
