@@ -100,7 +100,7 @@ export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
 # Desired state: 2 NVMe VFs restored at start (boot restore on the real kernel).
 cp /tmp/config.toml /tmp/daemon.toml
 printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n' >> /tmp/daemon.toml
-./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/audit.log > /tmp/daemon.log 2>&1 &
+./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log > /tmp/daemon.log 2>&1 &
 daemon=$!
 up=0
 for i in $(seq 1 100); do ./vfctl leases > /dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
@@ -149,10 +149,10 @@ unset DBUS_SYSTEM_BUS_ADDRESS
 start_bus bus2
 A="env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket ./vfctl"
 B="env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus2/socket ./vfctl"
-./vfio-managerd --config /tmp/config.toml --state-dir /tmp/stateA --audit-log /tmp/auditA.log --bus-address unix:path=/tmp/bus/socket > /tmp/dA.log 2>&1 &
+./vfio-managerd --config /tmp/config.toml --state-dir /tmp/stateA --audit-log /tmp/stateA/audit.log --bus-address unix:path=/tmp/bus/socket > /tmp/dA.log 2>&1 &
 dA=$!
 sleep 0.2
-./vfio-managerd --config /tmp/config.toml --state-dir /tmp/stateB --audit-log /tmp/auditB.log --bus-address unix:path=/tmp/bus2/socket > /tmp/dB.log 2>&1 &
+./vfio-managerd --config /tmp/config.toml --state-dir /tmp/stateB --audit-log /tmp/stateB/audit.log --bus-address unix:path=/tmp/bus2/socket > /tmp/dB.log 2>&1 &
 dB=$!
 up=0
 for i in $(seq 1 100); do $A leases > /dev/null 2>&1 && $B leases > /dev/null 2>&1 && { up=1; break; }; sleep 0.1; done

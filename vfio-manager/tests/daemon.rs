@@ -612,6 +612,77 @@ fn metrics_are_valid_prometheus_text() {
     drop(d);
 }
 
+/// A flood of idle connections (far past the endpoint's limit, each holding a
+/// socket open without a byte) neither changes a D-Bus answer while it lasts nor
+/// closes the endpoint: after it, and after a slow drip, a scrape is answered.
+#[test]
+fn a_flood_of_idle_connections_leaves_metrics_and_dbus_answering() {
+    let bus = Bus::open();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        &bus,
+        layouts::large(1, 2),
+        "",
+        &["--metrics-listen", &listen],
+    );
+    // Fewer descriptors than the flood has connections, as on a host with the
+    // common limit of 1024 under a bigger flood.
+    let limit = libc::rlimit {
+        rlim_cur: 256,
+        rlim_max: 256,
+    };
+    // SAFETY: prlimit(2) on our own child's pid, with a valid rlimit and no old value.
+    let r = unsafe {
+        libc::prlimit(
+            d.pid() as i32,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let c = bus.client();
+    let before = c.devices().unwrap();
+    let flood: Vec<std::net::TcpStream> = (0..400)
+        .filter_map(|_| std::net::TcpStream::connect(&listen).ok())
+        .collect();
+    assert!(flood.len() > 100, "the flood connected: {}", flood.len());
+    for _ in 0..20 {
+        assert_eq!(
+            c.devices().unwrap(),
+            before,
+            "a D-Bus answer changed under the flood"
+        );
+    }
+    c.provision(&req("f1", "vm-f", 1)).unwrap();
+    // A slow drip: one byte a second never finishes its headers in time.
+    let mut drip = std::net::TcpStream::connect(&listen).unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for _ in 0..30 {
+            if drip.write_all(b"G").is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    });
+    drop(flood);
+    let body = http_get(&listen, "/metrics");
+    assert!(
+        body.contains("vfio_manager_devices{state=\"leased\"} 1"),
+        "{body}"
+    );
+    assert!(
+        d.log_text().len() < 64 << 10,
+        "the flood did not flood the log"
+    );
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let get = || -> std::io::Result<String> {

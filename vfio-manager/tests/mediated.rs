@@ -281,7 +281,13 @@ fn migration_of_an_mdev_the_fake_host_cannot_open_is_refused_by_name() {
     );
     let (code, _, err) = vfctl(
         &bus,
-        &["migrate", "receive", "83b8f4f2-509f-382f-3c1e-e6bfe0fa1009"],
+        &[
+            "migrate",
+            "receive",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa1009",
+            "--listen",
+            "127.0.0.1:0",
+        ],
     );
     assert_eq!(code, 2, "absent and no type to create: {err}");
     assert!(err.contains("give the type"), "{err}");

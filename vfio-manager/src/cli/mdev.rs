@@ -310,9 +310,10 @@ pub enum MigrateCommand {
         /// The mdev type to create the device as, if it does not exist here.
         #[arg(long = "type", default_value = "")]
         type_id: String,
-        /// HOST:PORT to listen on (port 0 picks one). A wildcard host in the printed
-        /// endpoint means any of this host's addresses.
-        #[arg(long, default_value = "0.0.0.0:0")]
+        /// HOST:PORT to listen on (port 0 picks one); required: the daemon listens
+        /// only where told. A wildcard host in the printed endpoint means any of this
+        /// host's addresses.
+        #[arg(long)]
         listen: String,
     },
     /// Source: stream an mdev's state to a destination's endpoint. Changes the host:

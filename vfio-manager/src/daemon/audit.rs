@@ -86,9 +86,15 @@ impl Audit {
         devices: &[String],
         result: &str,
     ) {
+        // Bounded whatever a caller sent: a refused megabyte is a line, not a flood.
+        let devices: Vec<&str> = devices
+            .iter()
+            .take(MAX_DEVICES)
+            .map(|d| clip(d, 64))
+            .collect();
         let line = json!({
-            "time": now(), "uid": uid, "op": op, "lease": lease, "vm": vm,
-            "devices": devices, "result": result,
+            "time": now(), "uid": uid, "op": clip(op, 64), "lease": clip(lease, 64),
+            "vm": clip(vm, 256), "devices": devices, "result": clip(result, MAX_RESULT),
         })
         .to_string()
             + "\n";
@@ -106,11 +112,46 @@ impl Audit {
     }
 }
 
+/// The most devices one line names (a request asks for 64 at most).
+const MAX_DEVICES: usize = 64;
+/// The most of an outcome one line keeps.
+const MAX_RESULT: usize = 1024;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 impl Drop for Audit {
     /// A clean stop leaves every line on disk.
     fn drop(&mut self) {
         if let Some(log) = &self.file {
             log.sync_if_dirty();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_bounded_whatever_it_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(Some(&path)).unwrap();
+        let huge = "é".repeat(1 << 20);
+        let many = vec!["d".repeat(100); 10_000];
+        a.record(0, &huge, &huge, &huge, &many, &huge);
+        drop(a);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        assert!(text.len() < 8 << 10, "{} bytes", text.len());
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["devices"].as_array().unwrap().len(), MAX_DEVICES);
     }
 }

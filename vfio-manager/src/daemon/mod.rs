@@ -12,6 +12,7 @@ mod auth;
 pub mod core;
 pub mod dbus;
 mod durable;
+mod http;
 pub mod metrics;
 mod notify;
 pub mod store;
@@ -24,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vf_provisioner::Sysfs;
 use zbus::Connection;
 
@@ -173,7 +173,7 @@ async fn run(opts: Options) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
-        tokio::spawn(serve_metrics(core.clone(), listener));
+        tokio::spawn(http::serve(core.clone(), listener));
     }
     if let Some(path) = core.config().daemon.metrics_textfile.clone() {
         tokio::spawn(write_textfile(core.clone(), path));
@@ -265,48 +265,6 @@ fn exposition(core: &Core) -> String {
 }
 
 /// A minimal HTTP/1.0 responder: `GET /metrics` only.
-async fn serve_metrics(core: Arc<Core>, listener: tokio::net::TcpListener) {
-    while let Ok((mut sock, _)) = listener.accept().await {
-        let core = core.clone();
-        tokio::spawn(async move {
-            let head = read_request_head(&mut sock).await;
-            let ok = head.starts_with("GET /metrics ");
-            let body = if ok {
-                let c = core.clone();
-                tokio::task::spawn_blocking(move || exposition(&c))
-                    .await
-                    .unwrap_or_default()
-            } else {
-                "only GET /metrics is served here\n".into()
-            };
-            let status = if ok { "200 OK" } else { "404 Not Found" };
-            let reply = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(reply.as_bytes()).await;
-        });
-    }
-}
-
-/// The request line and headers, up to the blank line that ends them (a request
-/// may come in several segments; replying to the first and closing with the rest
-/// unread would reset the scraper's connection), at most 8 KiB, within 5 s.
-async fn read_request_head(sock: &mut tokio::net::TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    let read_all = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8 << 10 {
-            match sock.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read_all).await;
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// Rewrites the textfile (atomically: temp file and rename) every few seconds.
 async fn write_textfile(core: Arc<Core>, path: PathBuf) {
     loop {

@@ -15,13 +15,14 @@
 //! | [`RequestId`] | letters, digits, `. _ : @ + = -`                             | 128 bytes |
 //! | [`LeaseId`]   | 16 lowercase hex digits (the daemon makes them)              | 16 bytes |
 //! | [`VmName`]    | libvirt's rule (no `/`), and no control characters           | 256 bytes |
+//! | [`Endpoint`]  | `HOST:PORT`: a name, IPv4 or [IPv6] address, and a port       | 261 bytes |
 
 mod names;
 mod pci;
 
 pub use names::{
-    check_mdev_attribute, parse_uuid, LeaseId, MdevParent, MdevTypeId, Profile, RequestId, VmName,
-    MAX_NAME,
+    check_mdev_attribute, parse_uuid, Endpoint, LeaseId, MdevParent, MdevTypeId, Profile,
+    RequestId, VmName, MAX_NAME,
 };
 pub use pci::PciAddress;
 

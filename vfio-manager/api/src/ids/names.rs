@@ -105,6 +105,25 @@ fn vm_name(s: &str) -> Result<(), IdError> {
     )
 }
 
+fn endpoint(s: &str) -> Result<(), IdError> {
+    check_len("endpoint", s, 261)?;
+    check_chars(
+        "endpoint",
+        s,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'),
+        "give HOST:PORT (a name, an IPv4 address or a [bracketed] IPv6 address)",
+    )?;
+    let port = s.rsplit_once(':').map(|(_, p)| p);
+    match port.and_then(|p| p.parse::<u16>().ok()) {
+        Some(_) => Ok(()),
+        None => Err(IdError::new(
+            "endpoint",
+            s,
+            "it must end with :PORT (0-65535)",
+        )),
+    }
+}
+
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $check:path) => {
         $(#[$doc])*
@@ -216,6 +235,12 @@ name_type!(
     vm_name
 );
 
+name_type!(
+    /// Where a migration stream goes or is received: `HOST:PORT`.
+    Endpoint,
+    endpoint
+);
+
 /// A UUID in the one form the kernel and mdevctl write (lowercase, hyphenated).
 pub fn parse_uuid(s: &str) -> Result<Uuid, IdError> {
     let bad = |reason: &str| IdError::new("mdev UUID", s, reason);
@@ -324,6 +349,24 @@ mod tests {
         // libvirt allows these in a domain name; so do we (they are escaped on output).
         for ok in ["vm1", "web <prod> & 'db'", "виртуалка"] {
             VmName::new(ok).unwrap();
+        }
+    }
+
+    #[test]
+    fn endpoints_are_host_and_port_only() {
+        for ok in ["127.0.0.1:0", "[::1]:7000", "dst-host.example:49152"] {
+            Endpoint::new(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "127.0.0.1",
+            "host:99999",
+            "a b:1",
+            "x\n:1",
+            "h/../:1",
+            &"h".repeat(300),
+        ] {
+            assert!(Endpoint::new(bad).is_err(), "{bad:?}");
         }
     }
 

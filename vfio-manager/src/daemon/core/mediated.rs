@@ -7,6 +7,7 @@
 use std::net::TcpListener;
 use std::sync::MutexGuard;
 
+use crate::api::ids::{Endpoint, IdError};
 use mediated_dev::host::{mdev_exists, read_mdev, read_vgpu};
 use mediated_dev::migration::{self as mig, net, VfioMigration};
 use mediated_dev::plan::Target;
@@ -119,9 +120,10 @@ impl Core {
             "manual" => Some(Start::Manual),
             "auto" => Some(Start::Auto),
             d => {
+                let d = IdError::new("define", d, "").input;
                 return Err(ApiError::BadInput(format!(
                     "mdev {uuid}: define {d:?}: use \"\", \"manual\" or \"auto\""
-                )))
+                )));
             }
         };
         let def = start.map(|start| Definition {
@@ -481,9 +483,10 @@ impl Core {
         progress: &mut dyn FnMut(u64),
     ) -> Result<MigrationStats, ApiError> {
         let r = self.timed("migrate-out", || {
+            let to = Endpoint::new(endpoint)?;
             let _claim = self.claims.wait(vec![uuid.to_string()]);
             let (_, dev, header) = self.migratable(uuid)?;
-            let (_, stats) = net::send_with_progress(&dev, &header, endpoint, progress)?;
+            let (_, stats) = net::send_with_progress(&dev, &header, to.as_str(), progress)?;
             Ok(MigrationStats {
                 bytes: stats.bytes,
                 precopy_bytes: stats.precopy_bytes,
@@ -515,6 +518,10 @@ impl Core {
         uid: u32,
     ) -> Result<(String, Incoming), ApiError> {
         let u = uuid_arg(uuid)?;
+        let listen = Endpoint::new(listen)?;
+        if !type_id.is_empty() {
+            MdevTypeId::new(type_id)?;
+        }
         let existing = read_mdev(&self.sys, &u);
         let created = existing.is_none();
         if let Some(m) = &existing {
@@ -535,7 +542,7 @@ impl Core {
         let ready = (|| {
             let (_, dev, header) = self.migratable(uuid)?;
             mig::check(&dev)?;
-            let listener = TcpListener::bind(listen).map_err(|e| {
+            let listener = TcpListener::bind(listen.as_str()).map_err(|e| {
                 ApiError::BadInput(format!(
                     "mdev {u}: cannot listen on {listen:?}: {e}; give a free HOST:PORT (port 0 picks one)"
                 ))
