@@ -26,7 +26,7 @@ SRC
 }
 
 # dbus-daemon and busctl (systemd) for the daemon tests; promtool (prometheus) checks the metrics.
-base_pkgs=(pkg-config libudev-dev kmod cpio busybox-static xz-utils zstd dbus dbus-daemon systemd prometheus)
+base_pkgs=(pkg-config libudev-dev kmod cpio busybox-static xz-utils zstd dbus dbus-daemon systemd prometheus openssl)
 missing=()
 for p in "${base_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

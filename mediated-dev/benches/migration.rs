@@ -1,7 +1,10 @@
-//! Stream throughput: a large synthetic device state (256 MiB) sent through the whole migration path (save, stream format with checksums,
-//! TCP, load) beside the bare loopback TCP throughput of the same bytes, measured in
-//! the same run, each with the cores it kept busy (this process's CPU time over the
-//! wall time: above 1, the two ends ran at once). Target: >= 0.8x of loopback. `cargo bench -p mediated-dev --bench migration`
+//! Stream throughput: a large synthetic device state (256 MiB) sent through the
+//! whole migration path (save, stream format with checksums, mutual TLS over TCP,
+//! load) beside two floors measured in the same run: the same bytes over bare
+//! loopback TCP, and over loopback TLS with the same rustls configuration (what the
+//! encryption alone costs). Each with the cores it kept busy (this process's CPU
+//! time over the wall time: above 1, the two ends ran at once). Target: >= 0.8x of
+//! the TLS floor. `cargo bench -p mediated-dev --bench migration`
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -9,8 +12,13 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use std::sync::LazyLock;
+
 use mediated_dev::migration::state::STOP_COPY;
+use mediated_dev::migration::tls::{test_credentials, Tls};
 use mediated_dev::migration::{net, Header, MigState, MigrationDevice};
+
+static TLS: LazyLock<Tls> = LazyLock::new(test_credentials);
 
 const SIZE: usize = 256 << 20;
 /// Rounds of each, alternating, so that each pair sees the same machine: the ratio
@@ -18,11 +26,13 @@ const SIZE: usize = 256 << 20;
 /// third between runs; within a pair it does not).
 const ROUNDS: usize = 9;
 
-fn bare_tcp() -> Duration {
+/// SIZE bytes one way over loopback, then a 3-byte answer back, through whatever
+/// `wrap` makes of each end's socket (`true`: the listening end).
+fn bare<S: Read + Write + Send + 'static>(wrap: fn(TcpStream, bool) -> S) -> Duration {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let sink = thread::spawn(move || {
-        let (mut c, _) = l.accept().unwrap();
+        let mut c = wrap(l.accept().unwrap().0, true);
         let mut buf = vec![0u8; 1 << 20];
         let mut n = 0;
         while n < SIZE {
@@ -31,18 +41,55 @@ fn bare_tcp() -> Duration {
             n += r;
         }
         c.write_all(b"OK\n").unwrap();
+        c.flush().unwrap();
     });
     let data = vec![7u8; 1 << 20];
     let start = Instant::now();
-    let mut c = TcpStream::connect(addr).unwrap();
+    let mut c = wrap(TcpStream::connect(addr).unwrap(), false);
     for _ in 0..SIZE >> 20 {
         c.write_all(&data).unwrap();
     }
+    c.flush().unwrap();
     let mut ok = [0u8; 3];
     c.read_exact(&mut ok).unwrap();
     let t = start.elapsed();
     sink.join().unwrap();
     t
+}
+
+fn bare_tcp() -> Duration {
+    bare(|s, _| s)
+}
+
+/// A TLS stream of either side over `s`.
+struct Either(Box<dyn ReadWrite + Send>);
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+impl Read for Either {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+impl Write for Either {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+fn bare_tls() -> Duration {
+    bare(|s, listening| {
+        if listening {
+            let c = rustls::ServerConnection::new(TLS.server_config()).unwrap();
+            Either(Box::new(rustls::StreamOwned::new(c, s)))
+        } else {
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let c = rustls::ClientConnection::new(TLS.client_config(), name).unwrap();
+            Either(Box::new(rustls::StreamOwned::new(c, s)))
+        }
+    })
 }
 
 fn header() -> Header {
@@ -120,9 +167,9 @@ fn migration() -> Duration {
     let addr = l.local_addr().unwrap();
     let h = header();
     let t = thread::scope(|s| {
-        let r = s.spawn(|| net::receive(&dst, &h, &l).unwrap());
+        let r = s.spawn(|| net::receive(&dst, &h, &l, &TLS, &net::Limits::default()).unwrap());
         let start = Instant::now();
-        net::send(&src, &h, addr).unwrap();
+        net::send(&src, &h, &addr.to_string(), &TLS).unwrap();
         let t = start.elapsed();
         r.join().unwrap();
         t
@@ -156,30 +203,43 @@ fn busy(f: fn() -> Duration) -> (Duration, f64) {
 
 fn main() {
     let gib = |d: Duration| SIZE as f64 / d.as_secs_f64() / (1u64 << 30) as f64;
-    println!("pair  loopback (cores busy)   migration (cores busy)   ratio");
-    let mut pairs: Vec<(Duration, Duration)> = (0..ROUNDS)
+    println!("round  loopback TCP (cores)   loopback TLS (cores)   migration (cores)   vs TLS");
+    let mut rounds: Vec<[Duration; 3]> = (0..ROUNDS)
         .map(|i| {
-            let (raw, raw_cores) = busy(bare_tcp);
+            let (tcp, tcp_cores) = busy(bare_tcp);
+            let (tls, tls_cores) = busy(bare_tls);
             let (ours, our_cores) = busy(migration);
             println!(
-                "{i:>4} {raw:>10.2?} ({raw_cores:.2})   {ours:>10.2?} ({our_cores:.2})     {:.2}x",
-                raw.as_secs_f64() / ours.as_secs_f64()
+                "{i:>5} {tcp:>10.2?} ({tcp_cores:.2})   {tls:>10.2?} ({tls_cores:.2})   {ours:>10.2?} ({our_cores:.2})   {:.2}x",
+                tls.as_secs_f64() / ours.as_secs_f64()
             );
-            (raw, ours)
+            [tcp, tls, ours]
         })
         .collect();
-    let ratio = |(raw, ours): &(Duration, Duration)| raw.as_secs_f64() / ours.as_secs_f64();
-    pairs.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
-    let (raw, ours) = pairs[ROUNDS / 2];
+    let ratio = |r: &[Duration; 3], floor: usize| r[floor].as_secs_f64() / r[2].as_secs_f64();
+    rounds.sort_by(|a, b| ratio(a, 1).total_cmp(&ratio(b, 1)));
+    let mid = rounds[ROUNDS / 2];
+    println!("stream of 256 MiB          time       GiB/s   (the median round of {ROUNDS} by the TLS ratio)");
     println!(
-        "stream of 256 MiB        time       GiB/s   (the median pair of {ROUNDS}, alternating)"
+        "loopback TCP (bare)    {:>10.2?} {:>9.2}",
+        mid[0],
+        gib(mid[0])
     );
-    println!("loopback TCP (bare)  {:>10.2?} {:>9.2}", raw, gib(raw));
-    println!("migration over TCP   {:>10.2?} {:>9.2}", ours, gib(ours));
     println!(
-        "throughput ratio: {:.2}x of loopback (target >= 0.8x; pairs ranged {:.2}x to {:.2}x)",
-        ratio(&pairs[ROUNDS / 2]),
-        ratio(&pairs[0]),
-        ratio(&pairs[ROUNDS - 1])
+        "loopback TLS (bare)    {:>10.2?} {:>9.2}",
+        mid[1],
+        gib(mid[1])
+    );
+    println!(
+        "migration over TLS     {:>10.2?} {:>9.2}",
+        mid[2],
+        gib(mid[2])
+    );
+    println!(
+        "throughput ratio: {:.2}x of loopback TLS (target >= 0.8x; rounds ranged {:.2}x to {:.2}x), {:.2}x of bare TCP",
+        ratio(&mid, 1),
+        ratio(&rounds[0], 1),
+        ratio(&rounds[ROUNDS - 1], 1),
+        ratio(&mid, 0)
     );
 }

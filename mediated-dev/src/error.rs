@@ -81,6 +81,10 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// The migration stream's TLS credentials are missing or unusable.
+    #[error("{}: migration TLS: {reason}; a migration stream is mutual TLS: give this host the CA and its server and client certificates (libvirt's PKI layout, or [migration] in the configuration)", path.display())]
+    Tls { path: PathBuf, reason: String },
+
     /// Migration refused or aborted; the source device was returned to RUNNING.
     #[error("{device}: migration {what}")]
     Migration { device: String, what: String },
@@ -95,7 +99,7 @@ impl Error {
             | Error::NoType { .. }
             | Error::NoMdev(_)
             | Error::Definition { .. } => Kind::BadInput,
-            Error::Refused { .. } => Kind::Refused,
+            Error::Refused { .. } | Error::Tls { .. } => Kind::Refused,
             _ => Kind::Failed,
         }
     }

@@ -147,6 +147,9 @@ unset DBUS_SYSTEM_BUS_ADDRESS
 # mdevs over D-Bus, a lease of an mdev profile, and mtty state moved from daemon A's
 # mdev to daemon B's over TCP, an incompatible destination refused first.
 start_bus bus2
+mkdir -m 700 -p /tmp/pki && cp /mnt/host/pki/cacert.pem /mnt/host/pki/cert.pem /mnt/host/pki/key.pem /tmp/pki/
+p=/tmp/pki; printf '[migration]\nca = "%s"\nserver_cert = "%s"\nserver_key = "%s"\nclient_cert = "%s"\nclient_key = "%s"\n' \
+    $p/cacert.pem $p/cert.pem $p/key.pem $p/cert.pem $p/key.pem >> /tmp/config.toml
 A="env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket ./vfctl"
 B="env DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus2/socket ./vfctl"
 ./vfio-managerd --config /tmp/config.toml --state-dir /tmp/stateA --audit-log /tmp/stateA/audit.log --bus-address unix:path=/tmp/bus/socket > /tmp/dA.log 2>&1 &

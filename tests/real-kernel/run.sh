@@ -72,6 +72,16 @@ cp "build/images/mtty-$(cat build/images/KVER).ko" "$SHARE/mtty.ko"
 cp "tests/real-kernel/guest-${MODE#--}.sh" "$SHARE/job.sh"
 cp tests/real-kernel/guest-lib.sh "$SHARE/"
 cp vfio-manager/dist/org.vfiomanager.VfioManager1.conf "$SHARE/dbus-policy.conf"
+# The migration stream is mutual TLS: a CA and one identity for 127.0.0.1, libvirt's
+# file names, for the two daemons that migrate between each other in the guest.
+pki="$SHARE/pki"; mkdir -p "$pki"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=vfm-test-ca \
+    -keyout "$pki/cakey.pem" -out "$pki/cacert.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$pki/key.pem" -out "$pki/req.pem" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' > "$pki/ext"
+openssl x509 -req -in "$pki/req.pem" -CA "$pki/cacert.pem" -CAkey "$pki/cakey.pem" -CAcreateserial \
+    -days 2 -extfile "$pki/ext" -out "$pki/cert.pem" 2>/dev/null
 chmod +x "$SHARE/job.sh"
 
 log=$OUT/console-${MODE#--}.log

@@ -253,18 +253,21 @@ fn mtty_state_moves_between_two_mdevs_over_tcp_and_faults_leave_both_running() {
     drop(mig::save(&src, &header, &mut whole).unwrap());
     assert_eq!(src.state().unwrap(), MigState::Running);
 
+    let tls = mediated_dev::migration::tls::test_credentials();
     let run = |to: &dyn MigrationDevice, want: &mig::Header, limit: usize, flip: Option<usize>| {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let target = net::fault_proxy(l.local_addr().unwrap(), limit, flip).unwrap();
         std::thread::scope(|s| {
-            let r = s.spawn(|| net::receive(to, want, &l));
-            let sent = net::send(&src, &header, target);
+            let r = s.spawn(|| net::receive(to, want, &l, &tls, &net::Limits::default()));
+            let sent = net::send(&src, &header, &target.to_string(), &tls);
             (sent, r.join().unwrap())
         })
     };
+    // Offsets into the TLS connection: mtty's state is ~100 bytes, so these land in
+    // the handshake (the unit tests cut and corrupt a 2 MiB state mid-stream).
     let faults = [
-        ("connection cut mid-stream", whole.len() / 2, None),
-        ("corrupted chunk", usize::MAX, Some(whole.len() - 30)),
+        ("connection cut", whole.len() / 2, None),
+        ("corrupted byte", usize::MAX, Some(whole.len() - 30)),
     ];
     for (name, limit, flip) in faults {
         let (sent, got) = run(&dst, &want, limit, flip);

@@ -15,6 +15,14 @@
 //! audit_log = "/var/log/vfio-manager/audit.log"
 //! state_dir = "/var/lib/vfio-manager"
 //! released_retention_days = 90     # a released request id is refused this long; 0: for ever
+//! [migration]                       # mutual TLS; these are the defaults (libvirt's PKI)
+//! ca = "/etc/pki/CA/cacert.pem"
+//! server_cert = "/etc/pki/libvirt/servercert.pem"   # presented when receiving
+//! server_key = "/etc/pki/libvirt/private/serverkey.pem"
+//! client_cert = "/etc/pki/libvirt/clientcert.pem"   # presented when sending
+//! client_key = "/etc/pki/libvirt/private/clientkey.pem"
+//! deadline_s = 600                  # a whole incoming migration, handshake to verdict
+//! max_state_mib = 65536             # the most an incoming migration may send
 //! ```
 
 use std::net::SocketAddr;
@@ -37,6 +45,21 @@ struct Raw {
     bind: Vec<Spanned<String>>,
     pf: Vec<RawPf>,
     daemon: RawDaemon,
+    migration: RawMigration,
+}
+
+/// `[migration]`: mutual TLS for the device state stream (libvirt's PKI layout by
+/// default) and what a destination allows one source.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawMigration {
+    ca: Option<PathBuf>,
+    server_cert: Option<PathBuf>,
+    server_key: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    deadline_s: Option<u64>,
+    max_state_mib: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +90,22 @@ pub struct Config {
     /// Functions bound to vfio-pci at boot, after the VFs exist.
     pub bind: Vec<PciAddress>,
     pub daemon: DaemonConfig,
+    pub migration: MigrationConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    pub tls: mediated_dev::migration::tls::Files,
+    pub limits: mediated_dev::migration::net::Limits,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            tls: mediated_dev::migration::tls::Files::libvirt(),
+            limits: mediated_dev::migration::net::Limits::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -192,7 +231,28 @@ impl Config {
             None => None,
         };
         let d = DaemonConfig::default();
+        let m = MigrationConfig::default();
+        let rm = raw.migration;
+        let migration = MigrationConfig {
+            tls: mediated_dev::migration::tls::Files {
+                ca: rm.ca.unwrap_or(m.tls.ca),
+                server_cert: rm.server_cert.unwrap_or(m.tls.server_cert),
+                server_key: rm.server_key.unwrap_or(m.tls.server_key),
+                client_cert: rm.client_cert.unwrap_or(m.tls.client_cert),
+                client_key: rm.client_key.unwrap_or(m.tls.client_key),
+            },
+            limits: mediated_dev::migration::net::Limits {
+                deadline: rm
+                    .deadline_s
+                    .map_or(m.limits.deadline, std::time::Duration::from_secs),
+                max_bytes: rm
+                    .max_state_mib
+                    .map_or(m.limits.max_bytes, |mib| mib.saturating_mul(1 << 20)),
+                ..m.limits
+            },
+        };
         Ok(Config {
+            migration,
             devices: DeviceConfig {
                 gpu: raw.gpu,
                 manage: raw.manage.into_iter().map(Spanned::into_inner).collect(),

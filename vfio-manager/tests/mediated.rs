@@ -291,6 +291,22 @@ fn migration_of_an_mdev_the_fake_host_cannot_open_is_refused_by_name() {
     );
     assert_eq!(code, 2, "absent and no type to create: {err}");
     assert!(err.contains("give the type"), "{err}");
+    // No TLS credentials on this host: refused before anything is made or heard.
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "migrate",
+            "receive",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa1009",
+            "--type",
+            MTTY_2,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("/etc/pki/CA/cacert.pem") && err.contains("mutual TLS"), "{err}");
+    assert!(host(&_d).mdevs.is_empty(), "nothing was made for it");
 }
 
 /// One step of the crash test, repeated until the daemon gives a definite answer.

@@ -7,13 +7,14 @@
 //!   failed save returns the source to RUNNING, a failed load resets the
 //!   destination out of RESUMING (an mdev left there oopses mtty's kernel,
 //!   kernel rule 8, docs/kernel.md) or says it must be re-created;
-//! - [`net`]: the same over TCP between two hosts, with the destination's verdict
-//!   deciding whether the source stays stopped.
+//! - [`net`]: the same over TCP between two hosts inside mutual TLS ([`tls`]), with
+//!   the destination's verdict deciding whether the source stays stopped.
 
 pub mod device;
 pub mod net;
 pub mod state;
 pub mod stream;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

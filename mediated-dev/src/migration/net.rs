@@ -1,14 +1,21 @@
-//! Device state between two hosts over TCP. The source streams (see
-//! [`super::stream`]), then waits for the destination's verdict line: `OK` once the
-//! destination device runs with the state, `ERR <reason>` otherwise. Only `OK`
-//! leaves the source stopped; anything else (an error line, a cut connection, a
-//! timeout) returns it to RUNNING.
+//! Device state between two hosts over TCP, inside mutual TLS ([`super::tls`]):
+//! only a peer whose certificate the CA signed is heard, and nothing crosses the
+//! network in the clear. The source streams (see [`super::stream`]), then waits
+//! for the destination's verdict line: `OK` once the destination device runs with
+//! the state, `ERR <reason>` otherwise. Only `OK` leaves the source stopped;
+//! anything else (an error line, a cut connection, a timeout, a refused
+//! certificate) returns it to RUNNING. The destination bounds what a peer can make
+//! it do: one connection within [`Limits::accept_within`], the whole exchange
+//! within [`Limits::deadline`], at most [`Limits::max_bytes`] read.
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use rustls::{ClientConnection, ServerConnection, StreamOwned};
+
+use super::tls::{server_name, Tls};
 use super::{load, save, Header, MigrationDevice, Stats, Tracker};
 use crate::error::{Error, Result};
 
@@ -18,6 +25,27 @@ pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
 /// source must not keep the destination in RESUMING.
 pub const INCOMING_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What a destination allows one incoming migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// For the source to connect.
+    pub accept_within: Duration,
+    /// For the whole exchange, handshake to verdict: a source that drips is cut.
+    pub deadline: Duration,
+    /// Bytes read from the source in all (TLS records included).
+    pub max_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            accept_within: INCOMING_TIMEOUT,
+            deadline: Duration::from_secs(600),
+            max_bytes: 64 << 30,
+        }
+    }
+}
+
 fn net(dev: &dyn MigrationDevice, what: String) -> Error {
     Error::Migration {
         device: dev.name().into(),
@@ -25,39 +53,45 @@ fn net(dev: &dyn MigrationDevice, what: String) -> Error {
     }
 }
 
-/// Sends `dev`'s state to `to`. On success the source is stopped (its tracker is
-/// returned); on any failure it runs again.
+/// Sends `dev`'s state to `to` (`HOST:PORT`, whose certificate must name HOST). On
+/// success the source is stopped (its tracker is returned); on any failure it runs
+/// again.
 pub fn send(
     dev: &dyn MigrationDevice,
     header: &Header,
-    to: impl ToSocketAddrs,
+    to: &str,
+    tls: &Tls,
 ) -> Result<(Tracker, Stats)> {
-    send_with_progress(dev, header, to, &mut |_| {})
+    send_with_progress(dev, header, to, tls, &mut |_| {})
 }
 
 /// [`send`], calling `progress` with the bytes sent so far every [`PROGRESS_EVERY`].
 pub fn send_with_progress(
     dev: &dyn MigrationDevice,
     header: &Header,
-    to: impl ToSocketAddrs,
+    to: &str,
+    tls: &Tls,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(Tracker, Stats)> {
+    let name = server_name(to).ok_or_else(|| net(dev, format!("{to:?} is not HOST:PORT")))?;
     let conn = TcpStream::connect(to)
         .map_err(|e| net(dev, format!("cannot reach the destination: {e}")))?;
     conn.set_nodelay(true).ok();
-    let reader = conn.try_clone().map_err(|e| net(dev, e.to_string()))?;
+    let session = ClientConnection::new(tls.client.clone(), name)
+        .map_err(|e| net(dev, format!("TLS: {e}")))?;
+    let mut stream = StreamOwned::new(session, conn);
     let out = Progress {
-        // Smaller than a chunk: chunks go to the socket straight from the device's
-        // buffer (writev); only the small records are gathered here.
-        inner: BufWriter::with_capacity(64 << 10, &conn),
+        // Smaller than a chunk: chunks go to TLS straight from the device's buffer
+        // (writev); only the small records are gathered here.
+        inner: BufWriter::with_capacity(64 << 10, &mut stream),
         sent: 0,
         next: PROGRESS_EVERY,
         report: progress,
     };
     let (src, stats) = save(dev, header, out)?;
-    reader.set_read_timeout(Some(VERDICT_TIMEOUT)).ok();
+    stream.sock.set_read_timeout(Some(VERDICT_TIMEOUT)).ok();
     let mut line = String::new();
-    let verdict = BufReader::new(reader).read_line(&mut line);
+    let verdict = BufReader::new(&mut stream).read_line(&mut line);
     match (verdict, line.trim_end()) {
         (Ok(_), "OK") => Ok((src.commit(), stats)),
         (Ok(_), l) if l.starts_with("ERR ") => Err(net(
@@ -121,19 +155,18 @@ impl<W: Write> Progress<'_, W> {
 /// hold the destination's device reserved for ever.
 fn accept_within(listener: &TcpListener, timeout: Duration) -> std::io::Result<TcpStream> {
     listener.set_nonblocking(true)?;
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
                 conn.set_nonblocking(false)?;
-                conn.set_read_timeout(Some(timeout))?;
                 return Ok(conn);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::time::Instant::now() > deadline {
+                if Instant::now() > deadline {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!("no source connected within {}s", timeout.as_secs()),
+                        format!("no source connected within {}s", timeout.as_secs_f32()),
                     ));
                 }
                 thread::sleep(Duration::from_millis(5));
@@ -143,30 +176,88 @@ fn accept_within(listener: &TcpListener, timeout: Duration) -> std::io::Result<T
     }
 }
 
-/// Accepts one connection on `listener` (within [`INCOMING_TIMEOUT`]) and loads it
-/// into `dev`, answering the source with the verdict.
-pub fn receive(dev: &dyn MigrationDevice, want: &Header, listener: &TcpListener) -> Result<Stats> {
-    receive_within(dev, want, listener, INCOMING_TIMEOUT)
+/// A source's socket with the destination's bounds: every read ends by the
+/// deadline, and no more than `left` bytes are read.
+struct Bounded {
+    sock: TcpStream,
+    deadline: Instant,
+    left: u64,
 }
 
-pub fn receive_within(
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the migration's deadline passed (a source that drips is cut)",
+            ));
+        }
+        if self.left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the source sent more than the configured bound",
+            ));
+        }
+        let wait = (self.deadline - now).min(INCOMING_TIMEOUT);
+        self.sock.set_read_timeout(Some(wait))?;
+        let max = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.sock.read(&mut buf[..max])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// Accepts one source on `listener` and loads its state into `dev` within
+/// `limits`, answering with the verdict. A source without a certificate the CA
+/// signed is refused before any byte reaches the device.
+pub fn receive(
     dev: &dyn MigrationDevice,
     want: &Header,
     listener: &TcpListener,
-    timeout: Duration,
+    tls: &Tls,
+    limits: &Limits,
 ) -> Result<Stats> {
-    let conn = accept_within(listener, timeout)
+    let conn = accept_within(listener, limits.accept_within)
         .map_err(|e| net(dev, format!("waiting for the source: {e}")))?;
-    let mut answer = conn.try_clone().map_err(|e| net(dev, e.to_string()))?;
+    let session =
+        ServerConnection::new(tls.server.clone()).map_err(|e| net(dev, format!("TLS: {e}")))?;
+    let sock = Bounded {
+        sock: conn,
+        deadline: Instant::now() + limits.deadline,
+        left: limits.max_bytes,
+    };
+    let mut stream = StreamOwned::new(session, sock);
+    // Before the device: a peer that cannot complete the handshake touches nothing.
+    while stream.conn.is_handshaking() {
+        if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
+            return Err(net(dev, format!("refused the source: TLS handshake: {e}")));
+        }
+    }
     // Unbuffered: a buffer would read ahead into the next chunk and copy that part
     // once more; each record header is one 13-byte read instead.
-    let result = load(dev, want, &conn);
+    let result = load(dev, want, &mut stream);
     let line = match &result {
         Ok(_) => "OK\n".to_string(),
         Err(e) => format!("ERR {}\n", e.to_string().replace('\n', " ")),
     };
     // The source may be gone already (a cut connection); the verdict is then moot.
-    let _ = answer.write_all(line.as_bytes());
+    let _ = stream.write_all(line.as_bytes()).and_then(|()| {
+        stream.conn.send_close_notify();
+        stream.flush()
+    });
     result
 }
 

@@ -9,6 +9,7 @@ use std::sync::MutexGuard;
 
 use crate::api::ids::{Endpoint, IdError};
 use mediated_dev::host::{mdev_exists, read_mdev, read_vgpu};
+use mediated_dev::migration::tls::Tls;
 use mediated_dev::migration::{self as mig, net, VfioMigration};
 use mediated_dev::plan::Target;
 use mediated_dev::{
@@ -484,9 +485,10 @@ impl Core {
     ) -> Result<MigrationStats, ApiError> {
         let r = self.timed("migrate-out", || {
             let to = Endpoint::new(endpoint)?;
+            let tls = self.migration_tls()?;
             let _claim = self.claims.wait(vec![uuid.to_string()]);
             let (_, dev, header) = self.migratable(uuid)?;
-            let (_, stats) = net::send_with_progress(&dev, &header, to.as_str(), progress)?;
+            let (_, stats) = net::send_with_progress(&dev, &header, to.as_str(), &tls, progress)?;
             Ok(MigrationStats {
                 bytes: stats.bytes,
                 precopy_bytes: stats.precopy_bytes,
@@ -524,6 +526,12 @@ impl Core {
         }
         let existing = read_mdev(&self.sys, &u);
         let created = existing.is_none();
+        if created && type_id.is_empty() {
+            return Err(ApiError::BadInput(format!(
+                "mdev {u}: it does not exist here; give the type to create it as"
+            )));
+        }
+        let tls = self.migration_tls()?;
         if let Some(m) = &existing {
             if !type_id.is_empty() && m.type_id != type_id {
                 return Err(ApiError::Refused(format!(
@@ -532,11 +540,6 @@ impl Core {
                 )));
             }
         } else {
-            if type_id.is_empty() {
-                return Err(ApiError::BadInput(format!(
-                    "mdev {u}: it does not exist here; give the type to create it as"
-                )));
-            }
             self.create_for_incoming(u, type_id)?;
         }
         let ready = (|| {
@@ -581,6 +584,7 @@ impl Core {
             endpoint,
             Incoming {
                 uuid: u,
+                tls,
                 created,
                 intent,
                 dev,
@@ -588,6 +592,12 @@ impl Core {
                 listener,
             },
         ))
+    }
+
+    /// The migration stream's TLS credentials, read from the configured files for
+    /// each migration (a renewed certificate needs no restart).
+    fn migration_tls(&self) -> Result<Tls, ApiError> {
+        Ok(Tls::from_files(&self.config().migration.tls)?)
     }
 
     fn create_for_incoming(&self, uuid: Uuid, type_id: &str) -> Result<(), ApiError> {
@@ -614,7 +624,14 @@ impl Core {
     pub fn receive(&self, inc: Incoming) -> Result<MigrationStats, ApiError> {
         let r = self.timed("migrate-in", || {
             let _claim = self.claims.wait(vec![inc.uuid.to_string()]);
-            Ok(net::receive(&inc.dev, &inc.header, &inc.listener)?)
+            let limits = &self.config().migration.limits;
+            Ok(net::receive(
+                &inc.dev,
+                &inc.header,
+                &inc.listener,
+                &inc.tls,
+                limits,
+            )?)
         });
         drop(inc.dev);
         if r.is_err() && inc.created {
@@ -633,6 +650,7 @@ impl Core {
 /// A destination waiting for its source.
 pub struct Incoming {
     pub uuid: Uuid,
+    tls: Tls,
     created: bool,
     intent: i64,
     dev: VfioMigration,
