@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE := target/release
 
-.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench bench-real-kernel regenerate-layouts install clean
+.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench bench-real-kernel regenerate-layouts install clean fuzz
 
 all: build
 
@@ -56,6 +56,22 @@ bench: build bench-real-kernel
 
 bench-real-kernel: deps
 	bash tests/real-kernel/run.sh --bench
+
+# Each fuzz target for FUZZ_S seconds (cargo-fuzz, nightly toolchain). New inputs go
+# to build/fuzz/<target>; the committed seeds in vfio-manager/fuzz/corpus are read only.
+# A crash stops the run and leaves its input under vfio-manager/fuzz/artifacts/.
+FUZZ_S ?= 60
+FUZZ_TARGETS := ids config domain_xml dbus_request migration_stream
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p build/fuzz/$$t; \
+	  echo "fuzz: $$t for $(FUZZ_S) s"; \
+	  $(CARGO) +nightly fuzz run --fuzz-dir vfio-manager/fuzz $$t build/fuzz/$$t vfio-manager/fuzz/corpus/$$t \
+	    -- -max_total_time=$(FUZZ_S) -max_len=65536 -print_final_stats=1 > build/fuzz/$$t.log 2>&1; rc=$$?; \
+	  grep -E '^(#[0-9]+.*DONE|stat::number_of_executed_units|==[0-9]+==|SUMMARY)' build/fuzz/$$t.log | tail -n 4; \
+	  [ $$rc = 0 ] || { tail -n 40 build/fuzz/$$t.log; exit 1; }; \
+	done
 
 install: build
 	install -D -m 0755 $(RELEASE)/vfctl $(DESTDIR)/usr/local/bin/vfctl

@@ -47,6 +47,16 @@ pub struct Domain {
 
 impl Domain {
     pub fn parse(xml: &str) -> Result<Domain, DomainError> {
+        // roxmltree recurses once per level: the depth is checked first, by a
+        // streaming reader that does not.
+        if too_deep(xml) {
+            return Err(DomainError::Invalid {
+                domain: String::new(),
+                what: format!(
+                    "the XML nests deeper than {MAX_DEPTH} elements; libvirt's never does"
+                ),
+            });
+        }
         let doc = roxmltree::Document::parse(xml)?;
         let root = doc.root_element();
         let text = |tag: &str| {
@@ -109,6 +119,30 @@ impl Domain {
         match self.wanted {
             Some(_) => self.hostdevs.iter().filter(|h| !h.managed).collect(),
             None => Vec::new(),
+        }
+    }
+}
+
+/// The deepest nesting a domain may have: libvirt's go about ten deep.
+pub const MAX_DEPTH: usize = 64;
+
+/// Whether an element nests deeper than [`MAX_DEPTH`] (malformed XML is left to
+/// the parser to name).
+fn too_deep(xml: &str) -> bool {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut depth = 0usize;
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(_)) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            Ok(Event::End(_)) => depth = depth.saturating_sub(1),
+            Ok(Event::Eof) | Err(_) => return false,
+            Ok(_) => {}
         }
     }
 }
@@ -236,6 +270,19 @@ mod tests {
     fn a_domain_without_our_things_is_recognised_without_the_daemon() {
         let d = Domain::parse("<domain type='kvm'><name>x</name><devices/></domain>").unwrap();
         assert!(!d.may_be_ours());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursion() {
+        let deep = format!(
+            "<domain>{}{}</domain>",
+            "<a>".repeat(100_000),
+            "</a>".repeat(100_000)
+        );
+        let e = Domain::parse(&deep).unwrap_err().to_string();
+        assert!(e.contains("nests deeper"), "{e}");
+        let ok = format!("<domain>{}{}</domain>", "<a>".repeat(30), "</a>".repeat(30));
+        Domain::parse(&ok).unwrap();
     }
 
     #[test]

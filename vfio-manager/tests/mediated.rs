@@ -305,7 +305,10 @@ fn migration_of_an_mdev_the_fake_host_cannot_open_is_refused_by_name() {
         ],
     );
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("/etc/pki/CA/cacert.pem") && err.contains("mutual TLS"), "{err}");
+    assert!(
+        err.contains("/etc/pki/CA/cacert.pem") && err.contains("mutual TLS"),
+        "{err}"
+    );
     assert!(host(&_d).mdevs.is_empty(), "nothing was made for it");
 }
 

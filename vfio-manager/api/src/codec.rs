@@ -163,6 +163,22 @@ mod tests {
         assert_eq!(back, r);
     }
 
+    /// A `Provision` body as the bus carries it (the fuzz target's seed).
+    #[test]
+    fn a_body_from_the_wire_decodes() {
+        use zbus::zvariant::serialized::{Context, Data};
+        let bytes = include_bytes!("../../fuzz/corpus/dbus_request/seed-vf");
+        let body = Data::new(&bytes[..], Context::new_dbus(zbus::zvariant::LE, 0));
+        let ((vm, opts), _) = body
+            .deserialize::<(String, HashMap<String, OwnedValue>)>()
+            .unwrap();
+        let r = decode(vm, opts, || unreachable!()).unwrap();
+        assert_eq!(
+            (r.vm_name.as_str(), r.request_id.as_str(), r.count),
+            ("web-1", "r1", 2)
+        );
+    }
+
     #[test]
     fn hostile_requests_are_bad_input() {
         let base = Request {

@@ -1,0 +1,40 @@
+//! Every typed identity's constructor: no panic, and what is accepted prints back
+//! to itself (so a name is the same wherever it is used).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vfio_manager_api::ids::{
+    check_mdev_attribute, parse_uuid, Endpoint, LeaseId, MdevParent, MdevTypeId, PciAddress,
+    Profile, RequestId, VmName,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(a) = s.parse::<PciAddress>() {
+        assert_eq!(a.to_string().parse::<PciAddress>().unwrap(), a);
+        assert!(!a.to_string().contains('/'));
+    }
+    if let Ok(u) = parse_uuid(s) {
+        assert_eq!(parse_uuid(&u.to_string()).unwrap(), u);
+    }
+    for n in [MdevParent::new(s).map(String::from), MdevTypeId::new(s).map(String::from)] {
+        if let Ok(n) = n {
+            assert!(!n.contains('/') && n != "." && n != ".." && !n.starts_with('.'));
+        }
+    }
+    let _ = check_mdev_attribute(s);
+    for bounded in [
+        Profile::new(s).map(String::from),
+        RequestId::new(s).map(String::from),
+        LeaseId::new(s).map(String::from),
+        VmName::new(s).map(String::from),
+        Endpoint::new(s).map(String::from),
+    ] {
+        match bounded {
+            Ok(v) => assert!(!v.chars().any(char::is_control)),
+            Err(e) => assert!(e.to_string().len() < 600),
+        }
+    }
+});
