@@ -4,7 +4,7 @@ set -euo pipefail
 V=${VFCTL:-target/release/vfctl}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-step() { printf '\n\033[1m$ vfctl %s\033[0m\n' "$*"; "$V" --direct --root "$dir/host" --config "$dir/config.toml" "$@" || echo "(exit $?)"; }
+step() { printf '\n\033[1m$ vfctl %s\033[0m\n' "$*"; "$V" --direct --fake-kernel --root "$dir/host" --config "$dir/config.toml" "$@" || echo "(exit $?)"; }
 printf 'manage = ["8086:10c9", "1b36:0010"]\n' > "$dir/config.toml"
 "$V" fake-host "$dir/host" --layout demo
 step check

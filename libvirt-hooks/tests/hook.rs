@@ -214,7 +214,7 @@ fn reconnect_adopts_devices_a_running_vm_holds_without_a_lease() {
     // Bound by hand and already in use by a running VM (started before the daemon
     // managed it, or a table that lost its lease).
     assert_eq!(common::vfctl(&bus, &["bind", "0000:10:00.1"]).0, 0);
-    let sys = vf_provisioner::Sysfs::open(&d.root).unwrap();
+    let sys = vf_provisioner::Sysfs::open_fake(&d.root).unwrap();
     let f = vf_provisioner::PciFunction::read(&sys, &"0000:10:00.1".parse().unwrap()).unwrap();
     vf_provisioner::fake::hold_group(&d.root, 4242, "qemu-system-x86", f.iommu_group.unwrap())
         .unwrap();
@@ -253,7 +253,7 @@ pub fn validate(xml: &str) -> Option<(bool, String)> {
 fn a_mediated_profile_makes_the_domains_mdevs_with_their_uuids() {
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
-    let sys = vf_provisioner::Sysfs::open(&d.root).unwrap();
+    let sys = vf_provisioner::Sysfs::open_fake(&d.root).unwrap();
     let m = mediated_dev::Mediator::new(sys.clone());
     // One the operator made already (kept at release), one the lease makes.
     let (kept, made) = (

@@ -19,7 +19,7 @@ fn build(layout: fake::Layout) -> tempfile::TempDir {
 }
 
 fn write(root: &Path, rel: &str, data: &str) -> Result<(), i32> {
-    let sys = Sysfs::open(root).unwrap();
+    let sys = Sysfs::open_fake(root).unwrap();
     sys.write_attr(&root.join(rel), data).map_err(|e| {
         e.raw_os_error()
             .unwrap_or(if e.kind() == ErrorKind::WouldBlock {

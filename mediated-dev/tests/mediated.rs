@@ -9,7 +9,7 @@ use vf_provisioner::{fake, layouts, Sysfs};
 fn host(layout: fake::Layout) -> (tempfile::TempDir, Mediator) {
     let dir = tempfile::tempdir().unwrap();
     layout.build(dir.path()).unwrap();
-    let m = Mediator::new(Sysfs::open(dir.path()).unwrap());
+    let m = Mediator::new(Sysfs::open_fake(dir.path()).unwrap());
     (dir, m)
 }
 
@@ -27,7 +27,7 @@ fn def(uuid: &str, parent: &str, ty: &str, start: Start) -> Definition {
 
 fn enable_a100_vfs(root: &Path, n: u32) {
     let numvfs = root.join("sys/bus/pci/devices/0000:ca:00.0/sriov_numvfs");
-    Sysfs::open(root)
+    Sysfs::open_fake(root)
         .unwrap()
         .write_attr(&numvfs, &n.to_string())
         .unwrap();

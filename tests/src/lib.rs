@@ -45,7 +45,7 @@ impl Env {
     }
 
     pub fn sys(&self) -> Sysfs {
-        Sysfs::open(&self.root).expect("sysfs root")
+        Sysfs::open_as(&self.root, !self.real).expect("sysfs root")
     }
 
     pub fn provisioner(&self) -> Provisioner {

@@ -39,6 +39,7 @@ fn vfctl(root: &Path, cfg: &Path, args: &[&str]) -> String {
     let mut argv: Vec<String> = vec![
         "vfctl".into(),
         "--direct".into(),
+        "--fake-kernel".into(),
         "--root".into(),
         root.display().to_string(),
     ];

@@ -31,7 +31,8 @@ impl KernelWrite for RealKernel {
     }
 }
 
-/// Marker file at the root of a fake host tree (see [`crate::fake`]).
+/// Marker file at the root of a fake host tree (see [`crate::fake`]): the fake
+/// kernel is opened only on a tree that carries it.
 pub const FAKE_MARKER: &str = ".vfio-manager-fake-host";
 
 /// A host's sysfs, devfs and procfs under one root (`/` in production).
@@ -42,20 +43,36 @@ pub struct Sysfs {
 }
 
 impl Sysfs {
-    /// Opens the host under `root`. A tree built by [`crate::fake::Layout`] carries a
-    /// marker and gets the fake kernel; anything else, and `/` always, gets the real one.
+    /// Opens the host under `root`; its writes go to the real kernel.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        Sysfs::open_as(root, false)
+    }
+
+    /// Opens a tree built by [`crate::fake::Layout`], whose writes the fake kernel
+    /// answers. Chosen by the caller, never by what is found on the host; the tree
+    /// must carry the fake's marker, so that the fake never writes a real `/sys`.
+    pub fn open_fake(root: impl Into<PathBuf>) -> Result<Self> {
+        Sysfs::open_as(root, true)
+    }
+
+    /// [`Sysfs::open`] or, with `fake`, [`Sysfs::open_fake`].
+    pub fn open_as(root: impl Into<PathBuf>, fake: bool) -> Result<Self> {
         let root = root.into();
         let pci = root.join("sys/bus/pci/devices");
         if !pci.is_dir() {
             return Err(Error::NotSysfs { root, missing: pci });
         }
-        let kernel: Arc<dyn KernelWrite> =
-            if root != Path::new("/") && root.join(FAKE_MARKER).exists() {
-                Arc::new(FakeKernel::new(&root))
-            } else {
-                Arc::new(RealKernel)
-            };
+        let marker = root.join(FAKE_MARKER);
+        let kernel: Arc<dyn KernelWrite> = match fake {
+            true if root != Path::new("/") && marker.exists() => Arc::new(FakeKernel::new(&root)),
+            true => {
+                return Err(Error::NotSysfs {
+                    root,
+                    missing: marker,
+                })
+            }
+            false => Arc::new(RealKernel),
+        };
         Ok(Sysfs { root, kernel })
     }
 

@@ -311,7 +311,37 @@ fn check_reports_iommu_vfio_and_the_non_viable_gpu_group() {
 fn a_root_that_is_not_sysfs_is_refused() {
     let d = tempfile::tempdir().unwrap();
     assert!(matches!(
-        vf_provisioner::Sysfs::open(d.path()),
+        vf_provisioner::Sysfs::open_fake(d.path()),
         Err(Error::NotSysfs { .. })
     ));
+}
+
+/// The fake kernel is the caller's choice: a real-looking tree without the fake's
+/// marker is refused to it, and `open` never picks the fake from a marker.
+#[test]
+fn the_fake_kernel_is_chosen_explicitly_never_by_a_marker() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("sys/bus/pci/devices")).unwrap();
+    assert!(matches!(
+        vf_provisioner::Sysfs::open_fake(d.path()),
+        Err(Error::NotSysfs { .. })
+    ));
+    assert!(matches!(
+        vf_provisioner::Sysfs::open_fake("/"),
+        Err(Error::NotSysfs { .. })
+    ));
+    let fake = tempfile::tempdir().unwrap();
+    vf_provisioner::layouts::emulated()
+        .build(fake.path())
+        .unwrap();
+    let real = vf_provisioner::Sysfs::open(fake.path()).unwrap();
+    let path = real.device_attr(&"0000:01:00.0".parse().unwrap(), "sriov_numvfs");
+    // The real kernel's write: a plain file write, which the fake would have
+    // answered by making VFs.
+    real.write(&"0000:01:00.0".parse().unwrap(), &path, "2")
+        .unwrap();
+    assert!(!fake
+        .path()
+        .join("sys/bus/pci/devices/0000:01:10.0")
+        .exists());
 }

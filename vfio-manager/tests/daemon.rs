@@ -195,8 +195,10 @@ fn bad_requests_get_typed_errors_and_change_nothing() {
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
     let c = bus.client();
-    let before =
-        vf_provisioner::fake::Layout::capture(&vf_provisioner::Sysfs::open(&d.root).unwrap(), "x");
+    let before = vf_provisioner::fake::Layout::capture(
+        &vf_provisioner::Sysfs::open_fake(&d.root).unwrap(),
+        "x",
+    );
     let mut bad_profile = req("b1", "vm", 1);
     bad_profile.profile = "gpu-please".into();
     let mut bad_uuid = req("b2", "vm", 1);
@@ -225,8 +227,10 @@ fn bad_requests_get_typed_errors_and_change_nothing() {
         "NotFound"
     );
     assert_eq!(error_name(&c.enable("zz", 2).unwrap_err()), "BadInput");
-    let after =
-        vf_provisioner::fake::Layout::capture(&vf_provisioner::Sysfs::open(&d.root).unwrap(), "x");
+    let after = vf_provisioner::fake::Layout::capture(
+        &vf_provisioner::Sysfs::open_fake(&d.root).unwrap(),
+        "x",
+    );
     assert_eq!(
         serde_json::to_string(&before).unwrap(),
         serde_json::to_string(&after).unwrap(),
@@ -490,6 +494,7 @@ fn boot_restores_the_configured_state_and_tells_systemd_it_is_ready() {
     )
     .unwrap();
     let mut child = std::process::Command::new(&*DAEMON)
+        .arg("--fake-kernel")
         .arg("--root")
         .arg(&root)
         .arg("--config")
@@ -547,7 +552,7 @@ fn drift_behind_the_daemons_back_is_repaired_at_start_and_logged() {
     let a = l.devices[0].address.clone();
     d.kill();
     // Someone unbinds the leased VF by hand while the daemon is down.
-    let sys = vf_provisioner::Sysfs::open(&d.root).unwrap();
+    let sys = vf_provisioner::Sysfs::open_fake(&d.root).unwrap();
     let addr: vf_provisioner::PciAddress = a.parse().unwrap();
     sys.write(&addr, &sys.driver_attr("vfio-pci", "unbind"), &a)
         .unwrap();

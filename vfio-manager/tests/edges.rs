@@ -11,7 +11,7 @@ use vf_provisioner::{layouts, Sysfs};
 use vfio_manager::api::Request;
 
 fn capture(d: &Daemon) -> String {
-    serde_json::to_string(&Layout::capture(&Sysfs::open(&d.root).unwrap(), "x")).unwrap()
+    serde_json::to_string(&Layout::capture(&Sysfs::open_fake(&d.root).unwrap(), "x")).unwrap()
 }
 
 fn req(id: &str, vm: &str, profile: &str, count: u32) -> Request {

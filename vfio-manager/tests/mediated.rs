@@ -14,7 +14,7 @@ use vfio_manager::api::Request;
 const MTTY_2: &str = "mtty-2";
 
 fn host(d: &Daemon) -> MdevHost {
-    MdevHost::scan(&Sysfs::open(&d.root).unwrap())
+    MdevHost::scan(&Sysfs::open_fake(&d.root).unwrap())
 }
 
 fn free(d: &Daemon, ty: &str) -> u32 {
@@ -90,7 +90,7 @@ fn auto_definitions_are_started_when_the_daemon_starts() {
     assert!(def.exists(), "definition written in mdevctl's place");
     // Gone by hand (as after a reboot), then the daemon starts again.
     d.stop();
-    Mediator::new(Sysfs::open(&d.root).unwrap())
+    Mediator::new(Sysfs::open_fake(&d.root).unwrap())
         .remove(&u.parse().unwrap())
         .unwrap();
     d.restart();
@@ -155,7 +155,7 @@ fn a_lease_of_an_mdev_profile_creates_them_and_its_release_removes_them() {
     d.kill();
     let gone = &lease.devices[2].address;
     let remove = format!("sys/bus/mdev/devices/{gone}/remove");
-    Sysfs::open(&d.root)
+    Sysfs::open_fake(&d.root)
         .unwrap()
         .write_attr(&d.root.join(remove), "1")
         .unwrap();
@@ -227,7 +227,7 @@ fn a_mediated_provision_cut_off_by_a_crash_is_undone_at_start() {
     // The state a SIGKILL leaves between making an mdev and committing its lease:
     // the intent row, and the mdev on the host.
     let u = uuid::Uuid::new_v4();
-    Mediator::new(Sysfs::open(&d.root).unwrap())
+    Mediator::new(Sysfs::open_fake(&d.root).unwrap())
         .create(&"mtty".parse().unwrap(), &MTTY_2.parse().unwrap(), Some(u))
         .unwrap();
     let db = rusqlite::Connection::open(d.state.join("state.db")).unwrap();
@@ -238,7 +238,7 @@ fn a_mediated_provision_cut_off_by_a_crash_is_undone_at_start() {
     .unwrap();
     // And a direct create cut off after its write.
     let v = uuid::Uuid::new_v4();
-    Mediator::new(Sysfs::open(&d.root).unwrap())
+    Mediator::new(Sysfs::open_fake(&d.root).unwrap())
         .create(
             &"mtty".parse().unwrap(),
             &"mtty-1".parse().unwrap(),

@@ -16,6 +16,7 @@ fn vfctl(root: &Path, args: &[&str]) -> Run {
     let mut argv = vec![
         "vfctl".to_string(),
         "--direct".into(),
+        "--fake-kernel".into(),
         "--root".into(),
         root.display().to_string(),
         "--config".into(),

@@ -55,6 +55,7 @@ fn main() {
     let root_s = root.to_str().unwrap();
     let vfctl_args = [
         "--direct",
+        "--fake-kernel",
         "--root",
         root_s,
         "--config",

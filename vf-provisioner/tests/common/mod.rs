@@ -12,7 +12,7 @@ pub fn build(layout: Layout) -> tempfile::TempDir {
 }
 
 pub fn sys(root: &Path) -> Sysfs {
-    Sysfs::open(root).unwrap()
+    Sysfs::open_fake(root).unwrap()
 }
 
 pub fn a(s: &str) -> PciAddress {

@@ -42,7 +42,7 @@ pub mod exit {
         which records every change and lease; `--direct` works on the host without it (recovery, tests). \
         `show`, `check`, `reset` and `capture-layout` always read or act on the host directly.\n\n\
         Exit codes: 0 success, 1 failure, 2 bad input, 3 refused.",
-    after_help = "Environment: VFCTL_ROOT sets --root; DBUS_SYSTEM_BUS_ADDRESS picks the bus."
+    after_help = "Environment: VFCTL_ROOT sets --root, VFCTL_FAKE_KERNEL=true --fake-kernel; DBUS_SYSTEM_BUS_ADDRESS picks the bus."
 )]
 pub struct Cli {
     /// Work on the host directly instead of through the daemon (no leases, no
@@ -52,6 +52,10 @@ pub struct Cli {
     /// Root of the host's /sys, /dev and /proc (a fake host tree in tests and demos).
     #[arg(long, global = true, env = "VFCTL_ROOT", default_value = "/")]
     root: PathBuf,
+    /// The root is a tree made by `vfctl fake-host`: writes go to the fake kernel
+    /// (tests and demos). Never chosen from what the root holds.
+    #[arg(long, global = true, env = "VFCTL_FAKE_KERNEL")]
+    fake_kernel: bool,
     /// Configuration file (direct mode): extra GPU vendors, other PFs to manage, exclusions.
     #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]
     config: PathBuf,
@@ -416,7 +420,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
     if !cli.direct && through_daemon(&cli.command) {
         return daemon_command(cli, out);
     }
-    let sys = Sysfs::open(&cli.root)?;
+    let sys = Sysfs::open_as(&cli.root, cli.fake_kernel)?;
     if let Command::CaptureLayout { name } = &cli.command {
         let layout = fake::Layout::capture(&sys, name);
         serde_json::to_writer_pretty(&mut *out, &layout).map_err(|e| CliError::Output(e.into()))?;

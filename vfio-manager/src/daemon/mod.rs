@@ -46,6 +46,10 @@ pub struct Options {
     /// Root of /sys, /dev and /proc (a fake host tree in tests).
     #[arg(long, default_value = "/")]
     root: PathBuf,
+    /// The root is a tree made by `vfctl fake-host`: writes go to the fake kernel
+    /// (tests and demos).
+    #[arg(long)]
+    fake_kernel: bool,
     #[arg(long, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
     /// Overrides `state_dir` of the configuration (the SQLite table lives there).
@@ -128,7 +132,7 @@ async fn run(opts: Options) -> Result<(), String> {
     if let Some(m) = opts.metrics_listen {
         cfg.daemon.metrics_listen = Some(m);
     }
-    let sys = Sysfs::open(&opts.root).map_err(|e| e.to_string())?;
+    let sys = Sysfs::open_as(&opts.root, opts.fake_kernel).map_err(|e| e.to_string())?;
     let audit = audit::Audit::open(Some(&cfg.daemon.audit_log)).map_err(|e| {
         format!(
             "cannot open the audit log {}: {e}",

@@ -183,6 +183,8 @@ impl Daemon {
             .open(&self.log)
             .unwrap();
         let child = dies_with_us(&mut Command::new(&*DAEMON))
+            .arg("--fake-kernel")
+            .arg("--fake-kernel")
             .arg("--root")
             .arg(&self.root)
             .arg("--config")
