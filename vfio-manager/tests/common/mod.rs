@@ -184,7 +184,6 @@ impl Daemon {
             .unwrap();
         let child = dies_with_us(&mut Command::new(&*DAEMON))
             .arg("--fake-kernel")
-            .arg("--fake-kernel")
             .arg("--root")
             .arg(&self.root)
             .arg("--config")
