@@ -456,9 +456,6 @@ impl Core {
         self.store()
             .commit_lease(&row, intent, &drivers)
             .map_err(failed)?;
-        for name in addrs_of(&row) {
-            let _ = self.store().unquarantine(&name);
-        }
         Ok(row)
     }
 
@@ -587,9 +584,6 @@ impl Core {
             ));
         }
         if !adopt {
-            if let Some(why) = self.quarantine_refuses(&addr) {
-                return Some(why);
-            }
             if let Some(why) = self.group_held_open(f) {
                 return Some(why);
             }
@@ -637,6 +631,12 @@ impl Core {
                     "its PF is a {}, not profile {:?}",
                     pf.id, req.profile
                 )));
+            }
+            // The pool's query leaves quarantined devices out; a named one is
+            // refused here unless the request adopts it.
+            let quarantined = self.quarantine_refuses(&f.address.to_string());
+            if let Some(why) = quarantined.filter(|_| !req.adopt) {
+                return Err(refuse(why));
             }
             if let Some(why) = self.why_not(&pf, &f, req.adopt) {
                 return Err(refuse(why));

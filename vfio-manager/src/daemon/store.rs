@@ -400,6 +400,9 @@ impl Store {
                     "UPDATE devices SET provisions = provisions + 1 WHERE address = ?1",
                 )?
                 .execute([addr])?;
+                // A lease that adopted a quarantined device ends its quarantine.
+                tx.prepare_cached("DELETE FROM quarantine WHERE name = ?1")?
+                    .execute([addr])?;
             }
             end_intent(tx, intent)?;
             set_drivers(tx, drivers)

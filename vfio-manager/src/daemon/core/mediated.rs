@@ -178,7 +178,10 @@ impl Core {
             if undefine && !self.definitions().remove(&uuid)? && !active {
                 return Err(mediated_dev::Error::NoMdev(uuid).into());
             }
-            let _ = self.store().unquarantine(&uuid.to_string());
+            let name = uuid.to_string();
+            if self.store().quarantined(&name).map_err(failed)?.is_some() {
+                self.store().unquarantine(&name).map_err(failed)?;
+            }
             Ok(())
         })
     }
