@@ -570,12 +570,7 @@ fn drift_behind_the_daemons_back_is_repaired_at_start_and_logged() {
 #[test]
 fn metrics_are_valid_prometheus_text() {
     let bus = Bus::open();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_listen_address();
     let d = Daemon::start(
         &bus,
         layouts::large(1, 3),
@@ -623,12 +618,7 @@ fn metrics_are_valid_prometheus_text() {
 #[test]
 fn a_flood_of_idle_connections_leaves_metrics_and_dbus_answering() {
     let bus = Bus::open();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_listen_address();
     let d = Daemon::start(
         &bus,
         layouts::large(1, 2),
@@ -686,6 +676,12 @@ fn a_flood_of_idle_connections_leaves_metrics_and_dbus_answering() {
         d.log_text().len() < 64 << 10,
         "the flood did not flood the log"
     );
+}
+
+/// A loopback HOST:PORT nobody listens on now.
+fn free_listen_address() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
 }
 
 fn http_get(addr: &str, path: &str) -> String {
