@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use zbus::zvariant::{OwnedValue, Value};
 
-use crate::ids::{parse_uuid, IdError, PciAddress, Profile, RequestId, VmName};
+use crate::ids::{parse_uuid, quote, IdError, PciAddress, Profile, RequestId, VmName};
 use crate::{ApiError, Request};
 
 /// The most devices one request may ask for (and the longest `pfs` list).
@@ -58,10 +58,7 @@ pub fn decode(
     };
     for (k, v) in opts {
         let bad = |e: zbus::zvariant::Error| {
-            ApiError::BadInput(format!(
-                "request key {:?}: {e}",
-                IdError::new("key", &k, "").input
-            ))
+            ApiError::BadInput(format!("request key \"{}\": {e}", quote(&k)))
         };
         match k.as_str() {
             "request_id" => r.request_id = String::try_from(v).map_err(bad)?,
@@ -74,8 +71,8 @@ pub fn decode(
             "adopt" => r.adopt = bool::try_from(v).map_err(bad)?,
             _ => {
                 return Err(ApiError::BadInput(format!(
-                    "unknown request key {:?}; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt",
-                    IdError::new("key", &k, "").input
+                    "unknown request key \"{}\"; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt",
+                    quote(&k)
                 )))
             }
         }

@@ -47,31 +47,43 @@ pub trait Classify: std::error::Error {
     }
 }
 
-/// A malformed identity: what it was meant to be, a bounded prefix of the input,
-/// and why it is refused.
+/// A malformed identity: what it was meant to be, a bounded prefix of the input
+/// (escaped: no control character reaches a log or a terminal), and why it is
+/// refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {what} {input:?}: {reason}")]
+#[error("invalid {what} \"{input}\": {reason}")]
 pub struct IdError {
     pub what: &'static str,
     pub input: String,
     pub reason: String,
 }
 
-/// The most of a refused input that a message quotes.
+/// The most bytes of a refused input, escaped, that a message quotes.
 const QUOTED: usize = 80;
 
 impl IdError {
     pub fn new(what: &'static str, input: &str, reason: impl Into<String>) -> IdError {
-        let mut quoted: String = input.chars().take(QUOTED).collect();
-        if quoted.len() < input.len() {
-            quoted.push_str("...");
-        }
         IdError {
             what,
-            input: quoted,
+            input: quote(input),
             reason: reason.into(),
         }
     }
+}
+
+/// `s` escaped as Rust's `{:?}` would, cut at [`QUOTED`] bytes of the escaped text
+/// (an escape can be ten times its character: the cut is on what is shown).
+pub fn quote(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        let e: String = c.escape_debug().collect();
+        if out.len() + e.len() > QUOTED {
+            out.push_str("...");
+            break;
+        }
+        out.push_str(&e);
+    }
+    out
 }
 
 impl Classify for IdError {

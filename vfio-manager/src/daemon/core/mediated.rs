@@ -7,7 +7,7 @@
 use std::net::TcpListener;
 use std::sync::MutexGuard;
 
-use crate::api::ids::{Endpoint, IdError};
+use crate::api::ids::{quote, Endpoint};
 use mediated_dev::host::{mdev_exists, read_mdev, read_vgpu};
 use mediated_dev::migration::tls::Tls;
 use mediated_dev::migration::{self as mig, net, VfioMigration};
@@ -121,9 +121,9 @@ impl Core {
             "manual" => Some(Start::Manual),
             "auto" => Some(Start::Auto),
             d => {
-                let d = IdError::new("define", d, "").input;
                 return Err(ApiError::BadInput(format!(
-                    "mdev {uuid}: define {d:?}: use \"\", \"manual\" or \"auto\""
+                    "mdev {uuid}: define \"{}\": use \"\", \"manual\" or \"auto\"",
+                    quote(d)
                 )));
             }
         };
