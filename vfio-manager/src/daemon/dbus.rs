@@ -83,6 +83,25 @@ impl Manager {
         )))
     }
 
+    /// Release and ReleaseRequest: the caller's check, then the release by `which`.
+    async fn release_lease(
+        &self,
+        hdr: &Header<'_>,
+        conn: &Connection,
+        emitter: &SignalEmitter<'_>,
+        which: Result<LeaseRef, IdError>,
+    ) -> Result<bool, ApiError> {
+        let uid = self.authorize(hdr, "release leases").await?;
+        let which = which?;
+        let core = self.core.clone();
+        let r = blocking(move || core.release(&which, uid)).await;
+        if let Ok(Some(l)) = &r {
+            let _ = Manager::lease_released(emitter, &l.id, &l.vm_name).await;
+        }
+        self.after(conn, emitter).await;
+        r.map(|l| l.is_some())
+    }
+
     /// After an operation: failed devices get a signal, the table's added and
     /// removed devices get their objects and signals.
     async fn after(&self, conn: &Connection, emitter: &SignalEmitter<'_>) {
@@ -114,26 +133,6 @@ impl Manager {
         .await;
         self.after(conn, emitter).await;
         r
-    }
-}
-
-impl Manager {
-    async fn release_lease(
-        &self,
-        hdr: &Header<'_>,
-        conn: &Connection,
-        emitter: &SignalEmitter<'_>,
-        which: Result<LeaseRef, IdError>,
-    ) -> Result<bool, ApiError> {
-        let uid = self.authorize(hdr, "release leases").await?;
-        let which = which?;
-        let core = self.core.clone();
-        let r = blocking(move || core.release(&which, uid)).await;
-        if let Ok(Some(l)) = &r {
-            let _ = Manager::lease_released(emitter, &l.id, &l.vm_name).await;
-        }
-        self.after(conn, emitter).await;
-        r.map(|l| l.is_some())
     }
 }
 
