@@ -80,6 +80,15 @@ pub fn send_with_progress(
     let session = ClientConnection::new(tls.client.clone(), name)
         .map_err(|e| net(dev, format!("TLS: {e}")))?;
     let mut stream = StreamOwned::new(session, conn);
+    // Now, while the device runs: done lazily, the handshake would happen at the
+    // first flush, which comes after the stop (measured: 12-16 ms more downtime
+    // for mtty in the emulated host).
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| net(dev, format!("TLS handshake with the destination: {e}")))?;
+    }
     let out = Progress {
         // Smaller than a chunk: chunks go to TLS straight from the device's buffer
         // (writev); only the small records are gathered here.
