@@ -282,3 +282,23 @@ fn a_lost_table_is_a_loud_error_and_its_leased_devices_become_quarantined_orphan
         assert!(audit.contains(&format!("\"op\":\"{op}\"")), "{op}: {audit}");
     }
 }
+
+#[test]
+fn a_request_refused_at_the_bus_is_audited_once_and_bounded() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    let before = d.audit_text().lines().count();
+    let mut r = req("ok-id", "vm\u{1b}[2J", "vf", 1);
+    r.request_id = "x".repeat(1 << 20);
+    let e = c.provision(&r).unwrap_err();
+    assert_eq!(error_name(&e), "BadInput", "{e}");
+    let audit = d.audit_text();
+    let added: Vec<&str> = audit.lines().skip(before).collect();
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert!(
+        added[0].contains("\"op\":\"provision\"") && added[0].len() < 2048,
+        "{}",
+        added[0]
+    );
+}

@@ -196,7 +196,13 @@ impl Manager {
         request: HashMap<String, OwnedValue>,
     ) -> Result<Lease, ApiError> {
         let uid = self.authorize(&hdr, "provision devices").await?;
-        let req = api::codec::decode(vm, request, super::core::new_id)?;
+        let vm_quoted = api::ids::quote(&vm);
+        let req = api::codec::decode(vm, request, super::core::new_id).inspect_err(|e| {
+            // Refused before Core, which audits the rest: recorded here, once.
+            self.core
+                .audit
+                .record(uid, "provision", "", &vm_quoted, &[], &e.to_string());
+        })?;
         let core = self.core.clone();
         let r = blocking(move || core.provision(req, uid)).await;
         if let Ok((lease, true)) = &r {
