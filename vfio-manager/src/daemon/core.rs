@@ -903,14 +903,13 @@ impl Core {
         if self.store().quarantined(&name).map_err(failed)?.is_none() {
             return Err(not_quarantined(&name));
         }
-        match name.parse::<PciAddress>() {
-            Ok(a) => self
-                .direct("orphan-free", uid, &a, || {
-                    Ok(moved(self.guarded.unbind(&a, false, None)?))
-                })
-                .map(drop)?,
-            Err(_) => self.remove_mdev(&name, false, uid)?,
-        }
+        let Ok(a) = name.parse::<PciAddress>() else {
+            // Removing an mdev ends its quarantine.
+            return self.remove_mdev(&name, false, uid);
+        };
+        self.direct("orphan-free", uid, &a, || {
+            Ok(moved(self.guarded.unbind(&a, false, None)?))
+        })?;
         self.store().unquarantine(&name).map_err(failed).map(drop)
     }
 
@@ -933,9 +932,7 @@ impl Core {
             let _ = self.store().end_intent(intent);
             r
         });
-        let outcome = r
-            .as_ref()
-            .map_or_else(ToString::to_string, |_| "ok".to_string());
+        let outcome = verdict(&r);
         let changed = r
             .as_ref()
             .map_or_else(|_| vec![dev.to_string()], Clone::clone);
@@ -1134,9 +1131,9 @@ fn not_quarantined(name: &str) -> ApiError {
     ))
 }
 
-fn verdict<T>(r: &Result<T, ApiError>) -> String {
-    r.as_ref()
-        .map_or_else(ToString::to_string, |_| "ok".to_string())
+/// An operation's outcome for the audit log and signals: `ok` or the error.
+pub fn verdict<T>(r: &Result<T, ApiError>) -> String {
+    r.as_ref().map_or_else(ToString::to_string, |_| "ok".into())
 }
 
 fn retry<T>(mut f: impl FnMut() -> Result<T, ApiError>) -> Result<T, ApiError> {

@@ -11,7 +11,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedValue;
 use zbus::{fdo, interface, Connection};
 
-use super::core::{Core, LeaseRef};
+use super::core::{verdict, Core, LeaseRef};
 use crate::api::ids::{IdError, LeaseId, RequestId};
 use crate::api::{self, ApiError, DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats};
 
@@ -134,10 +134,6 @@ impl Manager {
         self.after(conn, emitter).await;
         r
     }
-}
-
-fn verdict<T>(r: &Result<T, ApiError>) -> String {
-    r.as_ref().map_or_else(ToString::to_string, |_| "ok".into())
 }
 
 /// Adds and removes device objects and signals the change.

@@ -211,7 +211,7 @@ impl Core {
             let _ = self.store().end_intent(intent);
             r
         });
-        let outcome = r.as_ref().map_or_else(ToString::to_string, |_| "ok".into());
+        let outcome = super::verdict(&r);
         self.audit
             .record(uid, op, "", "", &[uuid.to_string()], &outcome);
         r
@@ -499,7 +499,7 @@ impl Core {
                 history: stats.history,
             })
         });
-        let outcome = r.as_ref().map_or_else(ToString::to_string, |_| "ok".into());
+        let outcome = super::verdict(&r);
         self.audit.record(
             uid,
             "migrate-out",
