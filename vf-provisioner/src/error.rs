@@ -28,8 +28,12 @@ pub enum Error {
     #[error("PCI device {0} does not exist on this host; `vfctl list` shows the devices present")]
     NoSuchDevice(PciAddress),
 
-    /// A policy refusal: the operation would have been unsafe or impossible.
-    /// Nothing was changed.
+    /// The policy gate's refusal (`ops::gate`). Nothing was changed.
+    #[error("refused: {0}")]
+    Gate(#[from] crate::ops::Refusal),
+
+    /// A refusal by an operation's own preconditions (a count out of range, no
+    /// SR-IOV): it would have been impossible. Nothing was changed.
     #[error("refused: {device}: {cause}; {fix}")]
     Refused {
         device: PciAddress,
@@ -87,7 +91,7 @@ impl Error {
             | Error::InvalidInput { .. }
             | Error::NotSysfs { .. }
             | Error::NoSuchDevice(_) => Kind::BadInput,
-            Error::Refused { .. } => Kind::Refused,
+            Error::Refused { .. } | Error::Gate(_) => Kind::Refused,
             _ => Kind::Failed,
         }
     }

@@ -25,6 +25,6 @@ pub mod vfio;
 pub use address::PciAddress;
 pub use error::{Error, Kind, Result};
 pub use host::{Host, PciFunction, Sriov};
-pub use ops::{Finding, LeaseCheck, Level, Provisioner, Timeouts};
+pub use ops::{Facts, Finding, Health, Level, Op, Provisioner, Reason, Refusal, Subject, Timeouts};
 pub use sysfs::Sysfs;
 pub use vendors::{DeviceConfig, DeviceFilter};

@@ -107,13 +107,16 @@ fn changing_or_disabling_is_refused_while_a_vf_is_open_and_allowed_after() {
 #[test]
 fn leased_vfs_are_refused_too() {
     struct Leases;
-    impl vf_provisioner::LeaseCheck for Leases {
-        fn lease_of(&self, addr: &vf_provisioner::PciAddress) -> Option<String> {
-            (addr.to_string() == "0000:01:10.0").then(|| "VM web-1".into())
+    impl vf_provisioner::Facts for Leases {
+        fn lease_of(&self, name: &str) -> Option<String> {
+            (name == "0000:01:10.0").then(|| "VM web-1".into())
+        }
+        fn health(&self, _: &str) -> Option<vf_provisioner::Health> {
+            None
         }
     }
     let t = build(layouts::emulated());
-    let p = provisioner(t.path()).with_leases(std::sync::Arc::new(Leases));
+    let p = provisioner(t.path()).with_facts(std::sync::Arc::new(Leases));
     p.enable_vfs(&a("0000:01:00.0"), Some(2)).unwrap();
     assert_refused(p.disable_vfs(&a("0000:01:00.0")), "VM web-1");
 }

@@ -2,7 +2,8 @@
 //! kernel allows (kernel rule 3, docs/kernel.md): `driver_override`, unbind, `drivers_probe`,
 //! then verify the `driver` link.
 
-use super::group::{blocking_members, host_critical, peers};
+use super::gate::{Op, Passed};
+use super::group::{blocking_members, peers};
 use std::time::Duration;
 
 use super::{wait_until, Provisioner};
@@ -29,36 +30,9 @@ impl Provisioner {
     /// members too. Host-critical functions are never taken.
     pub fn bind_vfio(&self, addr: &PciAddress, whole_group: bool) -> Result<Vec<Moved>> {
         let f = self.brief(addr)?;
-        self.require_managed(&f)?;
-        self.refuse_critical(&f)?;
-        let Some(group) = f.iommu_group else {
-            return Err(Error::refused(
-                *addr,
-                "it has no IOMMU group, so VFIO cannot isolate it (the IOMMU is off)",
-                "boot with intel_iommu=on iommu=pt (or amd_iommu=on) and check with `vfctl check`",
-            ));
-        };
-        let blockers = blocking_members(&self.sys, &f);
-        if let (Some(b), false) = (blockers.first(), whole_group) {
-            return Err(Error::refused(
-                *addr,
-                format!(
-                    "IOMMU group {group} would not be viable: {} {} is bound to {}",
-                    b.address,
-                    b.label(),
-                    b.driver.as_deref().unwrap_or("?")
-                ),
-                format!(
-                    "pass --whole-group to bind it to vfio-pci too, or unbind {} from its driver",
-                    b.address
-                ),
-            ));
-        }
-        for b in &blockers {
-            self.refuse_critical(b)?;
-        }
+        self.gated(Op::Bind { whole_group }, &f)?;
         let mut todo = vec![f];
-        todo.extend(blockers);
+        todo.extend(blocking_members(&self.sys, &todo[0]));
         self.move_all(&todo, Target::Driver(VFIO_PCI))
     }
 
@@ -72,7 +46,7 @@ impl Provisioner {
         driver: Option<&str>,
     ) -> Result<Vec<Moved>> {
         let f = self.brief(addr)?;
-        self.require_managed(&f)?;
+        self.gated(Op::Unbind, &f)?;
         let mut todo = vec![f.clone()];
         if whole_group {
             todo.extend(
@@ -81,8 +55,8 @@ impl Provisioner {
                     .filter(PciFunction::on_vfio),
             );
         }
-        for m in &todo {
-            self.refuse_if_busy(m, "unbind it")?;
+        for m in &todo[1..] {
+            self.gated(Op::Along, m)?;
         }
         self.move_all(&todo, driver.map_or(Target::HostMatch, Target::Driver))
     }
@@ -96,7 +70,7 @@ impl Provisioner {
 
     /// [`Provisioner::return_to`] of `f` as its caller has just read it.
     pub fn return_function(&self, f: &PciFunction, driver: Option<&str>) -> Result<Vec<Moved>> {
-        self.refuse_if_busy(f, "return it to its driver")?;
+        self.gated(Op::Return, f)?;
         let target = driver.map_or(Target::NoDriver, Target::Driver);
         let moved = self.move_all(std::slice::from_ref(f), target)?;
         if driver != Some(VFIO_PCI) {
@@ -105,23 +79,15 @@ impl Provisioner {
         Ok(moved)
     }
 
-    /// Binds `f`, as its caller has just read it, to vfio-pci without `bind_vfio`'s
-    /// checks: for a caller whose own checks are a superset (the daemon's candidate
-    /// check: managed, not needed by the host, alone in its IOMMU group, not held
-    /// open) and who holds `f` against every other change it makes.
-    pub fn bind_checked(&self, f: &PciFunction) -> Result<Vec<Moved>> {
-        self.move_all(std::slice::from_ref(f), Target::Driver(VFIO_PCI))
-    }
-
-    fn refuse_critical(&self, f: &PciFunction) -> Result<()> {
-        match host_critical(&self.sys, f) {
-            Some(why) => Err(Error::refused(
-                f.address,
-                format!("the host needs {}: {why}", f.label()),
-                "pick another device; the host's own bridges, display, disks and networks are never taken",
-            )),
-            None => Ok(()),
-        }
+    /// Binds a function the gate has passed for a lease or a bind, as its caller
+    /// has just read it and holds it against every other change it makes: the
+    /// daemon asks the gate while it picks candidates, and binds later.
+    pub fn bind_passed(&self, p: &Passed) -> Result<Vec<Moved>> {
+        debug_assert!(matches!(
+            p.op,
+            Op::Lease { .. } | Op::Bind { whole_group: false }
+        ));
+        self.move_all(std::slice::from_ref(&p.f), Target::Driver(VFIO_PCI))
     }
 
     /// Moves every function in `todo`; on failure, moves the ones already done back.

@@ -4,6 +4,7 @@
 
 pub mod bind;
 mod check;
+pub mod gate;
 mod group;
 mod reset;
 mod sriov;
@@ -14,11 +15,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use check::{Finding, Level};
+pub use gate::{Facts, Health, Op, Passed, Reason, Refusal, Subject};
 pub use group::host_critical;
 
 use crate::address::PciAddress;
 use crate::error::{Error, Result};
-use crate::holders;
 use crate::host::PciFunction;
 use crate::sysfs::Sysfs;
 use crate::vendors::DeviceFilter;
@@ -41,17 +42,12 @@ impl Default for Timeouts {
     }
 }
 
-/// Who else has a claim on a device (the daemon's lease table). Direct mode has none.
-pub trait LeaseCheck: Send + Sync {
-    /// A description of the lease holding `addr`, e.g. `VM web-1`.
-    fn lease_of(&self, addr: &PciAddress) -> Option<String>;
-}
-
 pub struct Provisioner {
     sys: Sysfs,
     filter: DeviceFilter,
     timeouts: Timeouts,
-    leases: Option<Arc<dyn LeaseCheck>>,
+    /// What the daemon knows (leases, health); none in direct mode.
+    facts: Option<Arc<dyn Facts>>,
     writers: Arc<writers::Writers>,
 }
 
@@ -61,7 +57,7 @@ impl Provisioner {
             sys,
             filter,
             timeouts: Timeouts::default(),
-            leases: None,
+            facts: None,
             writers: Arc::default(),
         }
     }
@@ -71,8 +67,8 @@ impl Provisioner {
         self
     }
 
-    pub fn with_leases(mut self, leases: Arc<dyn LeaseCheck>) -> Self {
-        self.leases = Some(leases);
+    pub fn with_facts(mut self, facts: Arc<dyn Facts>) -> Self {
+        self.facts = Some(facts);
         self
     }
 
@@ -93,49 +89,9 @@ impl Provisioner {
         PciFunction::read_brief(&self.sys, addr).ok_or(Error::NoSuchDevice(*addr))
     }
 
-    /// The PF that decides whether `f` is ours (itself for a PF): ids and class.
-    fn owner_pf(&self, f: &PciFunction) -> Result<PciFunction> {
-        match f.physfn {
-            Some(pf) => PciFunction::read_ids(&self.sys, &pf).ok_or(Error::NoSuchDevice(pf)),
-            None => Ok(f.clone()),
-        }
-    }
-
-    fn require_managed(&self, f: &PciFunction) -> Result<()> {
-        let pf = self.owner_pf(f)?;
-        if self.filter.is_excluded(f) || !self.filter.is_managed(&pf) {
-            return Err(Error::refused(
-                f.address,
-                format!("{} is not a GPU and is not listed under `manage` in the configuration (or is excluded)", pf.label()),
-                format!("add \"{}\" or \"{}\" to `manage` in /etc/vfio-manager/config.toml to manage it", pf.id, pf.address),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Why `f` must not be touched now: its VFIO group is open, or it is leased.
-    fn busy(&self, f: &PciFunction) -> Option<String> {
-        if f.on_vfio() {
-            if let Some(g) = f.iommu_group {
-                let held = holders::of_group(&self.sys, g);
-                if let Some(h) = held.first() {
-                    return Some(format!("its VFIO group {g} is held open by {h}"));
-                }
-            }
-        }
-        let lease = self.leases.as_ref()?.lease_of(&f.address)?;
-        Some(format!("it is leased to {lease}"))
-    }
-
-    fn refuse_if_busy(&self, f: &PciFunction, action: &str) -> Result<()> {
-        match self.busy(f) {
-            Some(why) => Err(Error::refused(
-                f.address,
-                format!("cannot {action}: {why}"),
-                "stop the VM or release the device first (`vfctl leases` shows owners)",
-            )),
-            None => Ok(()),
-        }
+    /// [`Provisioner::gate`] of function `f`, as an error of this crate.
+    fn gated(&self, op: Op, f: &PciFunction) -> Result<()> {
+        self.gate(op, Subject::Function(f)).map_err(Error::from)
     }
 
     /// A kernel write that may block (the kernel waits on VFIO users, device locks),

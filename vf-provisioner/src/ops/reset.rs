@@ -1,6 +1,6 @@
 //! Function reset through the kernel's `reset` attribute.
 
-use super::Provisioner;
+use super::{Op, Provisioner};
 use crate::address::PciAddress;
 use crate::error::{Error, Result};
 use crate::host::{read_reset_methods, PciFunction};
@@ -16,7 +16,7 @@ impl Provisioner {
     /// [`Provisioner::reset`] of `f` as its caller has just read it.
     pub fn reset_function(&self, f: &PciFunction) -> Result<()> {
         let addr = &f.address;
-        self.require_managed(f)?;
+        self.gated(Op::Reset, f)?;
         if read_reset_methods(&self.sys.device_dir(addr)).is_empty() {
             return Err(Error::refused(
                 *addr,
@@ -24,7 +24,6 @@ impl Provisioner {
                 "reset its parent bus or power-cycle the slot",
             ));
         }
-        self.refuse_if_busy(f, "reset it")?;
         self.write_bounded(
             addr,
             "reset",

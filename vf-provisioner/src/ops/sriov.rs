@@ -1,6 +1,6 @@
 //! Enabling and disabling VFs through `sriov_numvfs`.
 
-use super::{wait_until, Provisioner};
+use super::{wait_until, Op, Provisioner, Subject};
 use crate::address::PciAddress;
 use crate::error::{Error, Result};
 use crate::host::{PciFunction, Sriov};
@@ -54,7 +54,7 @@ impl Provisioner {
                 format!("use its PF {parent}"),
             ));
         }
-        self.require_managed(&f)?;
+        self.gated(Op::Sriov, &f)?;
         let Some(s) = &f.sriov else {
             return Err(Error::refused(
                 *pf,
@@ -117,11 +117,11 @@ impl Provisioner {
             let Some(vff) = PciFunction::read_brief(&self.sys, vf) else {
                 continue;
             };
-            if let Some(why) = self.busy(&vff) {
+            if let Err(r) = self.gate(Op::Along, Subject::Function(&vff)) {
                 return Err(Error::refused(
                     f.address,
-                    format!("cannot {action}: VF {vf} is in use ({why})"),
-                    "stop the VM or release the VF first (`vfctl leases` shows owners)",
+                    format!("cannot {action}: VF {vf} is in use ({})", r.reason),
+                    r.reason.fix(r.op, &vf.to_string()),
                 ));
             }
         }

@@ -6,7 +6,7 @@ use mediated_dev::mdevctl::{self, Config};
 use mediated_dev::plan::Target;
 use mediated_dev::{parse_uuid, Definition, MdevParent, MdevTypeId, Mediator, Start, Store, Want};
 use serde_json::json;
-use vf_provisioner::PciAddress;
+use vf_provisioner::{Op, PciAddress, PciFunction, Provisioner, Subject};
 
 use super::client::Client;
 use super::render::{Renderer, Res};
@@ -108,13 +108,26 @@ fn vf(s: &str) -> Result<PciAddress, super::CliError> {
     Ok(s.parse::<PciAddress>()?)
 }
 
-pub fn mdev(m: &Mediator, cmd: &MdevCommand, mut r: Renderer) -> Res {
+/// The policy gate for a direct change on PCI function `a` (the parent of an
+/// mdev, a vGPU VF); a named parent such as `mtty` has no function to judge.
+fn gate(p: &Provisioner, op: Op, a: Option<PciAddress>) -> Result<(), super::CliError> {
+    let f = a.and_then(|a| PciFunction::read_brief(p.sysfs(), &a));
+    match f {
+        Some(f) => p
+            .gate(op, Subject::Function(&f))
+            .map_err(|r| vf_provisioner::Error::from(r).into()),
+        None => Ok(()),
+    }
+}
+
+pub fn mdev(m: &Mediator, p: &Provisioner, cmd: &MdevCommand, mut r: Renderer) -> Res {
     let store = Store::new(m.sysfs().root());
     match cmd {
         MdevCommand::Types { parent } => types(m, parent.as_deref(), r),
         MdevCommand::List { defined } => list(m, &store, *defined, r),
         MdevCommand::Create { spec, define, auto } => {
             let def = spec.definition(*auto)?;
+            gate(p, Op::MdevCreate, def.parent.as_str().parse().ok())?;
             if *define {
                 // Definition first: a crash between the two leaves a definition to
                 // start, never an mdev nobody recorded.
@@ -128,6 +141,18 @@ pub fn mdev(m: &Mediator, cmd: &MdevCommand, mut r: Renderer) -> Res {
         }
         MdevCommand::Remove { uuid, undefine } => {
             let uuid = parse_uuid(uuid)?;
+            if let Some(d) = mediated_dev::host::read_mdev(m.sysfs(), &uuid) {
+                let parent = d.parent.as_str().parse().ok();
+                let parent = parent.and_then(|a| PciFunction::read_brief(p.sysfs(), &a));
+                let name = uuid.to_string();
+                let s = Subject::Mdev {
+                    uuid: &name,
+                    group: d.iommu_group,
+                    parent: parent.as_ref(),
+                };
+                p.gate(Op::MdevRemove, s)
+                    .map_err(vf_provisioner::Error::from)?;
+            }
             m.remove(&uuid)?;
             if *undefine {
                 store.remove(&uuid)?;
@@ -359,7 +384,7 @@ pub fn migrate(c: &Client, cmd: &MigrateCommand, mut r: Renderer) -> Res {
     }
 }
 
-pub fn vgpu(m: &Mediator, cmd: &VgpuCommand, mut r: Renderer) -> Res {
+pub fn vgpu(m: &Mediator, p: &Provisioner, cmd: &VgpuCommand, mut r: Renderer) -> Res {
     match cmd {
         VgpuCommand::List => {
             let host = m.scan();
@@ -383,6 +408,7 @@ pub fn vgpu(m: &Mediator, cmd: &VgpuCommand, mut r: Renderer) -> Res {
             Ok(exit::OK)
         }
         VgpuCommand::Set { vf: v, r#type } => {
+            gate(p, Op::Vgpu, Some(vf(v)?))?;
             let t = m.set_vgpu(&vf(v)?, r#type)?;
             r.done(&format!("{v}: vGPU type {} ({})", t.name, t.id))
         }

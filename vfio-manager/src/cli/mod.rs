@@ -427,11 +427,11 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         writeln!(out).map_err(CliError::Output)?;
         return Ok(exit::OK);
     }
-    if let Some(code) = mediated(&cli.command, &sys, cli.output, out) {
-        return code;
-    }
     let cfg = Config::load(&cli.config)?;
     let p = Provisioner::new(sys, DeviceFilter::new(&cfg.devices));
+    if let Some(code) = mediated(&cli.command, &p, cli.output, out) {
+        return code;
+    }
     let r = render::Renderer {
         out,
         format: cli.output,
@@ -507,15 +507,15 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
 /// The mediated path's commands (always on the host directly); `None` for the rest.
 fn mediated(
     c: &Command,
-    sys: &Sysfs,
+    p: &Provisioner,
     format: Output,
     out: &mut dyn Write,
 ) -> Option<Result<u8, CliError>> {
-    let m = mediated_dev::Mediator::new(sys.clone());
+    let m = mediated_dev::Mediator::new(p.sysfs().clone());
     let r = render::Renderer { out, format };
     match c {
-        Command::Mdev(cmd) => Some(mdev::mdev(&m, cmd, r)),
-        Command::Vgpu(cmd) => Some(mdev::vgpu(&m, cmd, r)),
+        Command::Mdev(cmd) => Some(mdev::mdev(&m, p, cmd, r)),
+        Command::Vgpu(cmd) => Some(mdev::vgpu(&m, p, cmd, r)),
         Command::Plan { wants } => Some(mdev::plan(&m, wants, r)),
         _ => None,
     }

@@ -9,10 +9,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLock
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vf_provisioner::ops::host_critical;
+use vf_provisioner::ops::Passed;
 use vf_provisioner::sysfs::link_name;
 use vf_provisioner::{
-    holders, DeviceFilter, Host, LeaseCheck, PciAddress, PciFunction, Provisioner, Sysfs,
+    DeviceFilter, Facts, Health, Host, Op, PciAddress, PciFunction, Provisioner, Refusal, Subject,
+    Sysfs,
 };
 
 mod mediated;
@@ -31,9 +32,11 @@ pub use crate::api::codec::MAX_COUNT;
 
 pub struct Core {
     sys: Sysfs,
-    /// For lease paths: the lease table is consulted by the policy here.
+    /// The kernel steps of a lease's own devices, after the gate passed them (it
+    /// knows no leases, so a release may return what its lease holds).
     raw: Provisioner,
-    /// For direct requests (enable, bind, ...): refuses devices that are leased.
+    /// The gate with what the table knows (leases, health), and the direct
+    /// requests (enable, bind, ...), which ask it themselves.
     guarded: Provisioner,
     store: Arc<Store>,
     /// Shared by lease operations, exclusive for the rest (enable, bind, recovery).
@@ -141,7 +144,7 @@ impl std::fmt::Display for LeaseRef {
 /// PFs read on the way.
 struct Picker<'a> {
     pfs: BTreeMap<String, Option<PciFunction>>,
-    free: Vec<PciFunction>,
+    free: Vec<Passed>,
     claim: Claim<'a>,
 }
 
@@ -151,13 +154,23 @@ struct Planned {
     devices: Vec<(String, String)>,
 }
 
-/// The lease table as the provisioner's `LeaseCheck`.
-struct Leases(Arc<Store>);
+/// What the table knows, for the gate.
+struct TableFacts(Arc<Store>);
 
-impl LeaseCheck for Leases {
-    fn lease_of(&self, addr: &PciAddress) -> Option<String> {
-        let (id, vm) = self.0.holder(&addr.to_string()).ok().flatten()?;
+impl Facts for TableFacts {
+    fn lease_of(&self, name: &str) -> Option<String> {
+        let (id, vm) = self.0.holder(name).ok().flatten()?;
         Some(format!("VM {vm} (lease {id})"))
+    }
+
+    fn health(&self, name: &str) -> Option<Health> {
+        // A table that cannot be read holds a device back: it is never offered blind.
+        match self.0.held_back(name) {
+            Ok(None) => None,
+            Ok(Some((why, true))) => Some(Health::Failed(why)),
+            Ok(Some((why, false))) => Some(Health::Quarantined(why)),
+            Err(e) => Some(Health::Failed(format!("the state table cannot say: {e}"))),
+        }
     }
 }
 
@@ -181,7 +194,7 @@ impl Core {
         Ok(Core {
             raw: Provisioner::new(sys.clone(), filter.clone()),
             guarded: Provisioner::new(sys.clone(), filter)
-                .with_leases(Arc::new(Leases(store.clone()))),
+                .with_facts(Arc::new(TableFacts(store.clone()))),
             sys,
             store,
             ops: RwLock::new(()),
@@ -273,14 +286,9 @@ impl Core {
     /// The functions we manage as sysfs shows them: managed PFs, their VFs, GPUs.
     fn scan(&self) -> Vec<DeviceInfo> {
         let host = Host::scan(&self.sys);
-        let filter = self.raw.filter();
-        let ours = |f: &PciFunction| {
-            let pf = f.physfn.and_then(|p| host.get(&p)).unwrap_or(f);
-            config_refuses(filter, pf, f).is_none()
-        };
         host.functions
             .values()
-            .filter(|f| ours(f))
+            .filter(|f| self.raw.config_refusal(f).is_none())
             .map(|f| DeviceInfo {
                 address: f.address.to_string(),
                 id: f.id.clone(),
@@ -400,13 +408,13 @@ impl Core {
         let (chosen, _claim) = self.choose(req)?;
         let planned: Vec<(String, String)> = chosen
             .iter()
+            .map(Passed::function)
             .map(|f| (f.address.to_string(), f.driver.clone().unwrap_or_default()))
             .collect();
-        // `choose` has just read and checked each one (`why_not`), and holds it.
+        // `choose` has just read each one and passed it through the gate, and holds it.
         let row = self.new_lease(req, uid, planned, chosen.len(), |i| {
-            let f = &chosen[i];
-            self.raw.bind_checked(f).map(|_| ()).map_err(|e| {
-                self.mark_failed(&f.address.to_string(), &e.to_string());
+            self.raw.bind_passed(&chosen[i]).map(|_| ()).map_err(|e| {
+                self.mark_failed(&chosen[i].function().address.to_string(), &e.to_string());
                 e.into()
             })
         })?;
@@ -470,7 +478,7 @@ impl Core {
 
     /// Free functions for `req`, claimed, enabling VFs on managed PFs that have none
     /// if short.
-    fn choose(&self, req: &Request) -> Result<(Vec<PciFunction>, Claim<'_>), ApiError> {
+    fn choose(&self, req: &Request) -> Result<(Vec<Passed>, Claim<'_>), ApiError> {
         if !req.devices.is_empty() {
             return self.take_named(req);
         }
@@ -502,7 +510,7 @@ impl Core {
     /// table names the candidates (kept true by uevents and after every change);
     /// each chosen one is claimed, then checked against sysfs itself. Also returns how
     /// many candidates it looked at: every one the table has when it found too few.
-    fn free_for(&self, req: &Request) -> Result<(Vec<PciFunction>, usize, Claim<'_>), ApiError> {
+    fn free_for(&self, req: &Request) -> Result<(Vec<Passed>, usize, Claim<'_>), ApiError> {
         let mut preferred: Vec<String> = Vec::new();
         for p in req.pfs.iter().map(|p| normalize(p)) {
             if !preferred.contains(&p) {
@@ -556,53 +564,14 @@ impl Core {
             .or_insert_with(|| PciFunction::read_ids(&self.sys, &pf.parse().ok()?));
         let pf = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf));
         let f = pf.and_then(|_| PciFunction::read_brief(&self.sys, &addr.parse().ok()?));
-        match (pf, f) {
-            (Some(pf), Some(f)) if self.why_not(pf, &f, false).is_none() => pick.free.push(f),
+        match f.map(|f| self.guarded.gate_function(Op::Lease { adopt: false }, f)) {
+            Some(Ok(passed)) => pick.free.push(passed),
             _ => pick.claim.remove_last(),
         }
     }
 
-    /// Why a lease may not take `f` (of `pf`, itself for a whole function), or None:
-    /// it must be managed, not leased, alone in its IOMMU group, not held open
-    /// (unless adopted), not needed by the host.
-    fn why_not(&self, pf: &PciFunction, f: &PciFunction, adopt: bool) -> Option<String> {
-        if let Some(why) = config_refuses(self.raw.filter(), pf, f) {
-            return Some(why);
-        }
-        let addr = f.address.to_string();
-        if let Ok(Some((lease, vm))) = self.store().holder(&addr) {
-            return Some(format!("it is leased to VM {vm} (lease {lease})"));
-        }
-        let Some(g) = f.iommu_group else {
-            return Some("it has no IOMMU group (the IOMMU is off)".into());
-        };
-        let members = vf_provisioner::host::group_members(&self.sys, g);
-        if members.len() != 1 {
-            return Some(format!(
-                "its IOMMU group {g} has {} members; a lease takes functions alone in their group",
-                members.len()
-            ));
-        }
-        if !adopt {
-            if let Some(why) = self.group_held_open(f) {
-                return Some(why);
-            }
-        }
-        host_critical(&self.sys, f).map(|why| format!("the host needs it: {why}"))
-    }
-
-    /// A quarantined device is offered to nobody; only a request that adopts it (a
-    /// running VM that holds it, libvirt's reconnect) may take it, which ends the
-    /// quarantine.
-    fn quarantine_refuses(&self, name: &str) -> Option<String> {
-        let why = self.store().quarantined(name).ok().flatten()?;
-        Some(format!(
-            "it is quarantined ({why}); `vfctl orphan adopt {name}` or `vfctl orphan free {name}` first"
-        ))
-    }
-
     /// Exactly the functions `req.devices` names, claimed, each checked like a pool VF.
-    fn take_named(&self, req: &Request) -> Result<(Vec<PciFunction>, Claim<'_>), ApiError> {
+    fn take_named(&self, req: &Request) -> Result<(Vec<Passed>, Claim<'_>), ApiError> {
         let mut claim = self.claims.none();
         let mut taken = Vec::new();
         for a in &req.devices {
@@ -632,16 +601,9 @@ impl Core {
                     pf.id, req.profile
                 )));
             }
-            // The pool's query leaves quarantined devices out; a named one is
-            // refused here unless the request adopts it.
-            let quarantined = self.quarantine_refuses(&f.address.to_string());
-            if let Some(why) = quarantined.filter(|_| !req.adopt) {
-                return Err(refuse(why));
-            }
-            if let Some(why) = self.why_not(&pf, &f, req.adopt) {
-                return Err(refuse(why));
-            }
-            taken.push(f);
+            let op = Op::Lease { adopt: req.adopt };
+            let passed = self.guarded.gate_function(op, f);
+            taken.push(passed.map_err(|r| refused_for(&req.vm_name, r))?);
         }
         Ok((taken, claim))
     }
@@ -743,13 +705,13 @@ impl Core {
                 row.id, row.request.vm_name, row.owner
             )));
         }
-        for (addr, _) in &row.devices {
-            if let Some(why) = self.held_open(addr) {
-                return Err(ApiError::Refused(format!(
-                    "{addr}: cannot release lease {} of VM {}: {why}; stop the VM first, then release",
+        for (name, _) in &row.devices {
+            self.gate_named(Op::Return, name).map_err(|r| {
+                ApiError::Refused(format!(
+                    "lease {} of VM {}: {r}, then release",
                     row.id, row.request.vm_name
-                )));
-            }
+                ))
+            })?;
         }
         let view = self.lease_view(&row);
         let intent = self
@@ -801,32 +763,35 @@ impl Core {
         self.raw.return_to(&a, driver_before(before)).map(|_| ())
     }
 
-    fn held_open(&self, addr: &str) -> Option<String> {
-        match addr.parse() {
-            Ok(a) => self.group_held_open(&PciFunction::read_brief(&self.sys, &a)?),
-            Err(_) => self.mdev_held_open(addr),
+    /// The gate's verdict on `op` of a function or mdev named as the table names
+    /// them; one that is gone passes (there is nothing left to protect).
+    fn gate_named(&self, op: Op, name: &str) -> Result<(), Refusal> {
+        if let Ok(a) = name.parse::<PciAddress>() {
+            return match PciFunction::read_brief(&self.sys, &a) {
+                Some(f) => self.guarded.gate(op, Subject::Function(&f)),
+                None => Ok(()),
+            };
         }
+        self.gate_mdev(op, name)
     }
 
-    /// Whether the configuration keeps us off PCI function `a`, read now (its PF
-    /// too): for mdev parents and vGPU VFs, which the pool's table does not list.
-    fn function_refused(&self, a: &PciAddress) -> Option<String> {
+    /// Whether the configuration keeps us off PCI function `a` for `op` (a parent
+    /// of mdevs, a VF for a vGPU type), read now: the pool's table does not list
+    /// them.
+    fn function_refused(&self, op: Op, a: &PciAddress) -> Option<Refusal> {
         let f = PciFunction::read_brief(&self.sys, a)?;
-        let pf = match f.physfn {
-            Some(p) => PciFunction::read_ids(&self.sys, &p)?,
-            None => f.clone(),
-        };
-        config_refuses(self.raw.filter(), &pf, &f)
+        self.guarded.gate(op, Subject::Function(&f)).err()
     }
 
-    fn group_held_open(&self, f: &PciFunction) -> Option<String> {
-        let g = f.iommu_group.filter(|_| f.on_vfio())?;
-        let h = holders::of_group(&self.sys, g).into_iter().next()?;
-        Some(format!("its VFIO group {g} is held open by {h}"))
-    }
-
+    /// Records a failure on `addr` and holds it back: the gate offers it to nobody
+    /// until an operator frees or adopts it (`vfctl orphan`).
     fn mark_failed(&self, addr: &str, why: &str) {
         let _ = self.store().set_health(addr, "failed", true);
+        let why = format!("failed: {why}");
+        if let Ok(true) = self.store().quarantine(addr, &why) {
+            self.audit
+                .record(0, "quarantine", "", "", &[addr.to_string()], &why);
+        }
         self.failures
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1179,27 +1144,11 @@ fn normalize(s: &str) -> String {
         .map_or_else(|_| s.to_string(), |a| a.to_string())
 }
 
-/// The configuration's verdict on function `f` of `pf` (itself for a PF): an
-/// excluded PF covers its VFs and every mdev on them; otherwise it must be a GPU
-/// or managed. Every path that takes a device for a VM or changes one asks this.
-fn config_refuses(filter: &DeviceFilter, pf: &PciFunction, f: &PciFunction) -> Option<String> {
-    if filter.is_excluded(pf) || filter.is_excluded(f) {
-        return Some(if pf.address == f.address {
-            "it is excluded in the configuration".into()
-        } else {
-            format!(
-                "its PF {} or itself is excluded in the configuration",
-                pf.address
-            )
-        });
-    }
-    if !filter.is_managed(pf) && !filter.is_gpu(f) {
-        return Some(format!(
-            "it is not managed (add its PF {} to `manage` in the configuration)",
-            pf.address
-        ));
-    }
-    None
+/// A gate refusal of a device a request named, for VM `vm`.
+fn refused_for(vm: &str, r: Refusal) -> ApiError {
+    ApiError::Refused(format!(
+        "VM {vm}: {r}; or pick another device (`vfctl list`)"
+    ))
 }
 
 fn profile_matches(profile: &str, pf: &PciFunction) -> bool {

@@ -620,13 +620,32 @@ impl Store {
         })
     }
 
-    /// Lifts `name`'s quarantine; false if it was not quarantined.
+    /// Lifts `name`'s quarantine (and a failure that put it there: the operator
+    /// has looked); false if it was not quarantined.
     pub fn unquarantine(&self, name: &str) -> Result<bool> {
         self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE devices SET health = 'ok' WHERE address = ?1 AND health = 'failed'",
+            )?
+            .execute([name])?;
             tx.prepare_cached("DELETE FROM quarantine WHERE name = ?1")?
                 .execute([name])
                 .map(|n| n == 1)
         })
+    }
+
+    /// Why `name` is held back, if it is, and whether a failure put it there.
+    pub fn held_back(&self, name: &str) -> Result<Option<(String, bool)>> {
+        self.conn()
+            .prepare_cached(
+                "SELECT q.reason, COALESCE(d.health = 'failed', 0) FROM quarantine q
+                 LEFT JOIN devices d ON d.address = q.name WHERE q.name = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.err())
     }
 
     /// Why `name` is quarantined, if it is.

@@ -17,6 +17,7 @@
 //! | [`VmName`]    | libvirt's rule (no `/`), and no control characters           | 256 bytes |
 //! | [`Endpoint`]  | `HOST:PORT`: a name, IPv4 or [IPv6] address, and a port       | 261 bytes |
 
+mod held;
 mod names;
 mod pci;
 
@@ -24,6 +25,7 @@ pub use names::{
     check_mdev_attribute, parse_uuid, Endpoint, LeaseId, MdevParent, MdevTypeId, Profile,
     RequestId, VmName, MAX_NAME,
 };
+pub use held::Held;
 pub use pci::PciAddress;
 
 /// How a caller should classify an error (the CLI maps these to exit codes, the

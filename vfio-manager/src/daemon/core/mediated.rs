@@ -18,7 +18,7 @@ use mediated_dev::{
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use vf_provisioner::PciAddress;
+use vf_provisioner::{Op, PciAddress, PciFunction, Refusal, Subject};
 
 use super::{failed, Core};
 use crate::api::{ApiError, LeasedDevice, MdevInfo, MigrationInfo, MigrationStats, Request};
@@ -61,21 +61,41 @@ impl Core {
         self.mediating.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Why the configuration keeps us off mdev parent `p`: a PCI function that is
-    /// excluded (or whose PF is) or not managed. Named parents (`mtty`) are ours.
-    fn parent_refused(&self, p: &MdevParent) -> Option<String> {
-        self.function_refused(&p.as_str().parse().ok()?)
+    /// The gate's verdict on an mdev on parent `p`, a PCI function (named parents
+    /// such as `mtty` have no function for it to judge).
+    fn parent_refused(&self, p: &MdevParent) -> Option<Refusal> {
+        self.function_refused(Op::MdevCreate, &p.as_str().parse().ok()?)
     }
 
     /// The mediated host as this daemon may use it: parents and vGPU VFs that the
-    /// configuration refuses are left out, so no plan places a device on them.
+    /// gate refuses are left out, so no plan places a device on them.
     fn scan_ours(&self) -> MdevHost {
         let mut host = self.mediator().scan();
         host.parents
             .retain(|p| self.parent_refused(&p.name).is_none());
         host.vgpus
-            .retain(|v| self.function_refused(&v.vf).is_none());
+            .retain(|v| self.function_refused(Op::Vgpu, &v.vf).is_none());
         host
+    }
+
+    /// The gate's verdict on `op` of mdev `name`; one that does not exist passes
+    /// (nothing to protect; the kernel's answer then says it is gone).
+    pub(super) fn gate_mdev(&self, op: Op, name: &str) -> Result<(), Refusal> {
+        let Some(m) = name.parse().ok().and_then(|u| read_mdev(&self.sys, &u)) else {
+            return Ok(());
+        };
+        let parent = m
+            .parent
+            .as_str()
+            .parse()
+            .ok()
+            .and_then(|a| PciFunction::read_brief(&self.sys, &a));
+        let subject = Subject::Mdev {
+            uuid: name,
+            group: m.iommu_group,
+            parent: parent.as_ref(),
+        };
+        self.guarded.gate(op, subject)
     }
 
     /// Who leases it, filled in.
@@ -111,10 +131,8 @@ impl Core {
         } else {
             (uuid_arg(uuid)?, false)
         };
-        if let Some(why) = self.parent_refused(&parent) {
-            return Err(ApiError::Refused(format!(
-                "mdev parent {parent}: {why}; it is not ours to make mdevs on"
-            )));
+        if let Some(r) = self.parent_refused(&parent) {
+            return Err(ApiError::Refused(format!("mdev parent {r}")));
         }
         let start = match define {
             "" => None,
@@ -159,11 +177,8 @@ impl Core {
     /// its definition.
     pub fn remove_mdev(&self, uuid: &str, undefine: bool, uid: u32) -> Result<(), ApiError> {
         let uuid = uuid_arg(uuid)?;
-        if let Some((lease, vm)) = self.store().holder(&uuid.to_string()).map_err(failed)? {
-            return Err(ApiError::Refused(format!(
-                "mdev {uuid}: leased to VM {vm} (lease {lease}); release the lease (`vfctl release {lease}`), which removes it"
-            )));
-        }
+        self.gate_mdev(Op::MdevRemove, &uuid.to_string())
+            .map_err(|r| ApiError::Refused(r.to_string()))?;
         let undo = MdevIntent {
             uuid,
             remove_mdev: true,
@@ -334,15 +349,9 @@ impl Core {
                     m.type_id, req.profile
                 )));
             }
-            if let Some((lease, vm)) = self.store().holder(d).map_err(failed)? {
-                return Err(refuse(format!("it is leased to VM {vm} (lease {lease})")));
-            }
-            if let Some(why) = self.quarantine_refuses(d).filter(|_| !req.adopt) {
-                return Err(refuse(why));
-            }
-            if let Some(why) = self.mdev_held_open(d).filter(|_| !req.adopt) {
-                return Err(refuse(why));
-            }
+            let op = Op::Lease { adopt: req.adopt };
+            self.gate_mdev(op, &u.to_string())
+                .map_err(|r| super::refused_for(&req.vm_name, r))?;
             kept.push(d.clone());
         }
         Ok(kept)
@@ -426,16 +435,6 @@ impl Core {
         Ok(found)
     }
 
-    /// Who holds an mdev's VFIO group open, if anyone.
-    pub(super) fn mdev_held_open(&self, name: &str) -> Option<String> {
-        let m = read_mdev(&self.sys, &name.parse().ok()?)?;
-        let g = m.iommu_group?;
-        let h = vf_provisioner::holders::of_group(&self.sys, g)
-            .into_iter()
-            .next()?;
-        Some(format!("its VFIO group {g} is held open by {h}"))
-    }
-
     // ---- migration between two daemons ------------------------------------------
 
     /// An mdev this daemon may migrate: active, and not held by a VMM (which then
@@ -443,17 +442,8 @@ impl Core {
     fn migratable(&self, uuid: &str) -> Result<(Mdev, VfioMigration, mig::Header), ApiError> {
         let u = uuid_arg(uuid)?;
         let m = read_mdev(&self.sys, &u).ok_or(mediated_dev::Error::NoMdev(u))?;
-        if let Some(why) = self.parent_refused(&m.parent) {
-            return Err(ApiError::Refused(format!(
-                "mdev {u}: its parent {}: {why}; it is not ours to migrate",
-                m.parent
-            )));
-        }
-        if let Some(why) = self.mdev_held_open(uuid) {
-            return Err(ApiError::Refused(format!(
-                "mdev {u}: {why}; the VMM holding it drives its migration (QEMU: VFIO migration), the daemon migrates devices no VMM holds"
-            )));
-        }
+        self.gate_mdev(Op::Migrate, &u.to_string())
+            .map_err(|r| ApiError::Refused(r.to_string()))?;
         let path = self
             .sys
             .root()
