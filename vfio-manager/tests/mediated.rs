@@ -225,7 +225,8 @@ fn a_mediated_provision_cut_off_by_a_crash_is_undone_at_start() {
     let before = free(&d, MTTY_2);
     d.kill();
     // The state a SIGKILL leaves between making an mdev and committing its lease:
-    // the intent row, and the mdev on the host.
+    // the intent row (as versions before the kind had its own field wrote it: a
+    // marker where the driver goes), and the mdev on the host.
     let u = uuid::Uuid::new_v4();
     Mediator::new(Sysfs::open_fake(&d.root).unwrap())
         .create(&"mtty".parse().unwrap(), &MTTY_2.parse().unwrap(), Some(u))

@@ -23,8 +23,8 @@ pub use mediated::{is_mediated, Incoming};
 use super::audit::Audit;
 use super::metrics::Metrics;
 use super::store::{self, now, Guards, LeaseRow, Store};
-use crate::api::ids::{LeaseId, RequestId};
-use crate::api::{ApiError, DeviceInfo, Lease, LeasedDevice, Request};
+use crate::api::ids::{Held, LeaseId, RequestId};
+use crate::api::{ApiError, DeviceInfo, Lease, Request};
 use crate::config::Config;
 
 const VFIO_PCI: &str = "vfio-pci";
@@ -151,7 +151,36 @@ struct Picker<'a> {
 /// What a provision intent was about to do, for recovery.
 #[derive(Serialize, Deserialize)]
 struct Planned {
-    devices: Vec<(String, String)>,
+    /// Each device as the table's columns (`Held::to_row`).
+    devices: Vec<(String, String, String)>,
+}
+
+impl Planned {
+    fn new(devices: &[Held]) -> Planned {
+        let row = |h: &Held| {
+            let (name, kind, before) = h.to_row();
+            (name, kind.to_string(), before)
+        };
+        Planned {
+            devices: devices.iter().map(row).collect(),
+        }
+    }
+
+    /// An intent's record; one written before the kind had its own field spelled
+    /// it as a marker in the driver.
+    fn read(body: &str) -> Vec<Held> {
+        if let Ok(p) = serde_json::from_str::<Planned>(body) {
+            let held = p.devices.iter().map(|(n, k, b)| Held::from_row(n, k, b));
+            return held.filter_map(Result::ok).collect();
+        }
+        let old: Vec<(String, String)> = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| serde_json::from_value(v.get("devices")?.clone()).ok())
+            .unwrap_or_default();
+        old.iter()
+            .filter_map(|(n, m)| Held::from_marker(n, m).ok())
+            .collect()
+    }
 }
 
 /// What the table knows, for the gate.
@@ -261,16 +290,7 @@ impl Core {
         let devices = row
             .devices
             .iter()
-            .filter_map(|(a, marker)| {
-                self.mediated_view(a, marker).or_else(|| {
-                    let (id, group) = self.store().identity(a).ok().flatten().unwrap_or_default();
-                    Some(LeasedDevice::new(
-                        a.parse().ok()?,
-                        id,
-                        u32::try_from(group).ok(),
-                    ))
-                })
-            })
+            .map(|held| self.held_view(held))
             .collect();
         Lease {
             id: row.id.clone(),
@@ -406,10 +426,13 @@ impl Core {
             return Ok((self.lease_view(&row), true));
         }
         let (chosen, _claim) = self.choose(req)?;
-        let planned: Vec<(String, String)> = chosen
+        let planned: Vec<Held> = chosen
             .iter()
             .map(Passed::function)
-            .map(|f| (f.address.to_string(), f.driver.clone().unwrap_or_default()))
+            .map(|f| Held::Function {
+                address: f.address,
+                driver_before: f.driver.clone().unwrap_or_default(),
+            })
             .collect();
         // `choose` has just read each one and passed it through the gate, and holds it.
         let row = self.new_lease(req, uid, planned, chosen.len(), |i| {
@@ -429,23 +452,20 @@ impl Core {
         &self,
         req: &Request,
         owner: u32,
-        devices: Vec<(String, String)>,
+        devices: Vec<Held>,
         steps: usize,
         mut step: impl FnMut(usize) -> Result<(), ApiError>,
     ) -> Result<LeaseRow, ApiError> {
         let lease_id = new_id();
-        let body = serde_json::to_string(&Planned {
-            devices: devices.clone(),
-        })
-        .expect("serializes");
+        let body = serde_json::to_string(&Planned::new(&devices)).expect("serializes");
         let intent = self
             .store()
             .begin_intent("provision", &lease_id, &body, Guards::Kernel)
             .map_err(failed)?;
         for i in 0..steps {
             if let Err(e) = step(i) {
-                for (name, before) in devices[..i].iter().rev() {
-                    let _ = self.undo_device(name, before);
+                for held in devices[..i].iter().rev() {
+                    let _ = self.undo_device(held);
                 }
                 let _ = self.store().end_intent(intent);
                 return Err(e);
@@ -459,7 +479,7 @@ impl Core {
             created_at: now(),
         };
         // In the order the table returns them, so that every answer lists them alike.
-        row.devices.sort();
+        row.devices.sort_by_key(Held::name);
         let drivers = self.drivers_now(&addrs_of(&row));
         self.store()
             .commit_lease(&row, intent, &drivers)
@@ -469,10 +489,15 @@ impl Core {
 
     /// Undoes what a lease did to one device: removes what it made, or returns a
     /// whole function to its driver before the lease.
-    fn undo_device(&self, name: &str, before: &str) -> Result<(), ApiError> {
-        match self.unmake(name, before) {
-            Some(r) => r,
-            None => self.return_device(name, before).map_err(ApiError::from),
+    fn undo_device(&self, held: &Held) -> Result<(), ApiError> {
+        match held {
+            Held::Function {
+                address,
+                driver_before,
+            } => self
+                .return_device(address, driver_before)
+                .map_err(ApiError::from),
+            mediated => self.unmake(mediated),
         }
     }
 
@@ -705,8 +730,8 @@ impl Core {
                 row.id, row.request.vm_name, row.owner
             )));
         }
-        for (name, _) in &row.devices {
-            self.gate_named(Op::Return, name).map_err(|r| {
+        for held in &row.devices {
+            self.gate_held(Op::Return, held).map_err(|r| {
                 ApiError::Refused(format!(
                     "lease {} of VM {}: {r}, then release",
                     row.id, row.request.vm_name
@@ -729,25 +754,27 @@ impl Core {
     /// Resets each device of `row` and returns it to its driver before the lease.
     /// Failures are recorded on the device and do not stop the release.
     fn return_all(&self, row: &LeaseRow) {
-        for (addr, before) in &row.devices {
-            if let Some(r) = self.unmake(addr, before) {
-                if let Err(e) = r {
+        for held in &row.devices {
+            let addr = &held.name();
+            let Held::Function {
+                address: a,
+                driver_before: before,
+            } = held
+            else {
+                if let Err(e) = self.unmake(held) {
                     eprintln!("vfio-manager: {addr}: could not undo it: {e}");
                     self.mark_failed(addr, &e.to_string());
                 }
                 continue;
-            }
-            let Ok(a) = addr.parse::<PciAddress>() else {
-                continue;
             };
-            let Some(f) = PciFunction::read_brief(&self.sys, &a) else {
-                if self.sys.device_dir(&a).exists() {
+            let Some(f) = PciFunction::read_brief(&self.sys, a) else {
+                if self.sys.device_dir(a).exists() {
                     self.mark_failed(addr, "its sysfs entry cannot be read");
                 }
                 continue; // gone: reconcile marks it missing
             };
             if let Err(e) = self.raw.reset_function(&f) {
-                if !matches!(e, vf_provisioner::Error::Refused { .. }) {
+                if e.kind() != vf_provisioner::Kind::Refused {
                     eprintln!("vfio-manager: {addr}: reset on release failed: {e}");
                 }
             }
@@ -758,21 +785,20 @@ impl Core {
         }
     }
 
-    fn return_device(&self, addr: &str, before: &str) -> Result<(), vf_provisioner::Error> {
-        let a: PciAddress = addr.parse()?;
-        self.raw.return_to(&a, driver_before(before)).map(|_| ())
+    fn return_device(&self, a: &PciAddress, before: &str) -> Result<(), vf_provisioner::Error> {
+        self.raw.return_to(a, driver_before(before)).map(|_| ())
     }
 
-    /// The gate's verdict on `op` of a function or mdev named as the table names
-    /// them; one that is gone passes (there is nothing left to protect).
-    fn gate_named(&self, op: Op, name: &str) -> Result<(), Refusal> {
-        if let Ok(a) = name.parse::<PciAddress>() {
-            return match PciFunction::read_brief(&self.sys, &a) {
+    /// The gate's verdict on `op` of a lease's device; one that is gone passes (there is nothing left to protect).
+    fn gate_held(&self, op: Op, held: &Held) -> Result<(), Refusal> {
+        match (held.pci(), held.mdev()) {
+            (Some(a), _) => match PciFunction::read_brief(&self.sys, &a) {
                 Some(f) => self.guarded.gate(op, Subject::Function(&f)),
                 None => Ok(()),
-            };
+            },
+            (_, Some(u)) => self.gate_mdev(op, &u.to_string()),
+            (None, None) => Ok(()),
         }
-        self.gate_mdev(op, name)
     }
 
     /// Whether the configuration keeps us off PCI function `a` for `op` (a parent
@@ -916,23 +942,19 @@ impl Core {
         for i in intents {
             match i.op.as_str() {
                 "provision" => {
-                    let planned: Planned =
-                        serde_json::from_str(&i.body).unwrap_or(Planned { devices: vec![] });
-                    for (addr, before) in &planned.devices {
-                        let leased = self.store().holder(addr).map_err(failed)?.is_some();
-                        if leased {
+                    for held in Planned::read(&i.body) {
+                        let addr = held.name();
+                        let leased = self.store().holder(&addr).map_err(failed)?.is_some();
+                        if leased || held.driver_before() == VFIO_PCI {
                             continue;
                         }
-                        if let Some(r) = self.unmake(addr, before) {
-                            log.push(format!(
-                                "recovery: provision of lease {} was cut off; {addr} undone: {}",
-                                i.lease_id,
-                                outcome(&r)
-                            ));
-                        } else if before != VFIO_PCI {
-                            let r = self.return_device(addr, before);
-                            log.push(format!("recovery: provision of lease {} was cut off; {addr} returned to {:?}: {}", i.lease_id, before, outcome(&r)));
-                        }
+                        let r = self.undo_device(&held);
+                        log.push(format!(
+                            "recovery: provision of lease {} was cut off; {} {addr} undone: {}",
+                            i.lease_id,
+                            held.kind(),
+                            outcome(&r)
+                        ));
                     }
                     self.store().end_intent(i.id).map_err(failed)?;
                 }
@@ -972,7 +994,8 @@ impl Core {
         let mut log = Vec::new();
         self.refresh()?;
         for row in self.store().leases().map_err(failed)? {
-            for (addr, _) in &row.devices {
+            for held in &row.devices {
+                let addr = &held.name();
                 let gone = || {
                     format!(
                         "drift: {addr} of lease {} (VM {}) is gone from sysfs; marked missing",
@@ -980,16 +1003,13 @@ impl Core {
                     )
                 };
                 // An mdev is there or gone: it cannot be rebound (kernel rule 6, docs/kernel.md).
-                if let Ok(uuid) = addr.parse::<uuid::Uuid>() {
+                if let Some(uuid) = held.mdev() {
                     if !mediated_dev::host::mdev_exists(&self.sys, &uuid) {
                         log.push(gone());
                     }
                     continue;
                 }
-                let f = addr
-                    .parse()
-                    .ok()
-                    .and_then(|a| PciFunction::read(&self.sys, &a));
+                let f = held.pci().and_then(|a| PciFunction::read(&self.sys, &a));
                 match f {
                     None => log.push(gone()),
                     Some(f) if !f.on_vfio() => {
@@ -1132,7 +1152,7 @@ fn driver_before(before: &str) -> Option<&str> {
 }
 
 fn addrs_of(row: &LeaseRow) -> Vec<String> {
-    row.devices.iter().map(|(a, _)| a.clone()).collect()
+    row.devices.iter().map(Held::name).collect()
 }
 
 fn addresses(l: &Lease) -> Vec<String> {

@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::durable::GroupSync;
-use crate::api::ids::{LeaseId, RequestId};
+use crate::api::ids::{Held, LeaseId, RequestId};
 use crate::api::{DeviceInfo, Request};
 
 // Tables keyed by text are WITHOUT ROWID: the key's index is the table, one B-tree
@@ -42,8 +42,11 @@ CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, vm_name TEXT NOT NULL,
     vm_uuid TEXT NOT NULL, profile TEXT NOT NULL, request TEXT NOT NULL, created_at INTEGER NOT NULL)
     WITHOUT ROWID;
+-- `kind` says what the lease holds of the device (`Held`): function, made-mdev,
+-- kept-mdev, vgpu; `driver_before` is a whole function's driver before the lease.
 CREATE TABLE IF NOT EXISTS lease_devices (
-    address TEXT PRIMARY KEY, lease_id TEXT NOT NULL REFERENCES leases(id), driver_before TEXT NOT NULL)
+    address TEXT PRIMARY KEY, lease_id TEXT NOT NULL REFERENCES leases(id), driver_before TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'function')
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS released (
     request_id TEXT PRIMARY KEY, lease_id TEXT NOT NULL, released_at INTEGER NOT NULL) WITHOUT ROWID;
@@ -104,7 +107,8 @@ pub struct LeaseRow {
     /// The uid that made it: only it and root may release it.
     pub owner: u32,
     pub request: Request,
-    pub devices: Vec<(String, String)>,
+    /// In the table's order (by name).
+    pub devices: Vec<Held>,
     pub created_at: u64,
 }
 
@@ -258,6 +262,23 @@ impl Store {
             )
             .map_err(err)?;
         }
+        // Tables made before the kind had a column spelled it as a marker in
+        // `driver_before`.
+        if conn
+            .prepare("SELECT kind FROM lease_devices LIMIT 0")
+            .is_err()
+        {
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE lease_devices ADD COLUMN kind TEXT NOT NULL DEFAULT 'function';
+                 UPDATE lease_devices SET kind = CASE driver_before
+                     WHEN '@mdev' THEN 'made-mdev' WHEN '@mdev-kept' THEN 'kept-mdev'
+                     WHEN '@vgpu' THEN 'vgpu' END, driver_before = ''
+                   WHERE driver_before IN ('@mdev', '@mdev-kept', '@vgpu');
+                 COMMIT;",
+            )
+            .map_err(err)?;
+        }
         // The log exists from the first transaction on and stays (same file, reused
         // from its start after each checkpoint) while the connection is open. Its
         // directory entry is synced once, so that the log is found after a power loss.
@@ -391,18 +412,19 @@ impl Store {
                 lease.created_at as i64,
                 lease.owner
             ])?;
-            for (addr, before) in &lease.devices {
+            for held in &lease.devices {
+                let (addr, kind, before) = held.to_row();
                 tx.prepare_cached(
-                    "INSERT INTO lease_devices (address, lease_id, driver_before) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO lease_devices (address, lease_id, driver_before, kind) VALUES (?1, ?2, ?3, ?4)",
                 )?
-                .execute(params![addr, lease.id, before])?;
+                .execute(params![addr, lease.id, before, kind])?;
                 tx.prepare_cached(
                     "UPDATE devices SET provisions = provisions + 1 WHERE address = ?1",
                 )?
-                .execute([addr])?;
+                .execute([&addr])?;
                 // A lease that adopted a quarantined device ends its quarantine.
                 tx.prepare_cached("DELETE FROM quarantine WHERE name = ?1")?
-                    .execute([addr])?;
+                    .execute([&addr])?;
             }
             end_intent(tx, intent)?;
             set_drivers(tx, drivers)
@@ -462,13 +484,23 @@ impl Store {
             .collect::<rusqlite::Result<_>>()
             .map_err(self.err())?;
         let mut dev = conn
-            .prepare_cached("SELECT address, driver_before FROM lease_devices WHERE lease_id = ?1 ORDER BY address")
+            .prepare_cached("SELECT address, kind, driver_before FROM lease_devices WHERE lease_id = ?1 ORDER BY address")
             .map_err(self.err())?;
         heads
             .into_iter()
             .map(|(id, req, created, owner)| {
                 let devices = dev
-                    .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .query_map([&id], |r| {
+                        let (name, kind, before): (String, String, String) =
+                            (r.get(0)?, r.get(1)?, r.get(2)?);
+                        Held::from_row(&name, &kind, &before).map_err(|e| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                0,
+                                rusqlite::types::Type::Text,
+                                e.into(),
+                            )
+                        })
+                    })
                     .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
                     .map_err(self.err())?;
                 Ok(LeaseRow {
@@ -819,7 +851,10 @@ mod tests {
                 request_id: "r1".into(),
                 ..Request::default()
             },
-            devices: vec![("0000:03:00.2".into(), String::new())],
+            devices: vec![Held::Function {
+                address: "0000:03:00.2".parse().unwrap(),
+                driver_before: String::new(),
+            }],
             created_at: 0,
         };
         let intent = store
@@ -847,5 +882,46 @@ mod tests {
         assert_eq!(walk(1, None), vfs(&[3]));
         assert_eq!(walk(-1, Some(b)), vfs(&[2]));
         assert_eq!(walk(1, Some(b)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_table_with_kind_markers_reads_back_as_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (u, vf) = ("83b8f4f2-509f-382f-3c1e-e6bfe0fa1001", "0000:af:00.4");
+        {
+            let store = Store::open(&path).unwrap();
+            let lease = LeaseRow {
+                id: "00000000000000aa".into(),
+                owner: 0,
+                request: Request::default(),
+                devices: vec![],
+                created_at: 1,
+            };
+            store.commit_lease(&lease, 0, &[]).unwrap();
+            // The layout before the kind had a column: markers in driver_before.
+            store
+                .conn()
+                .execute_batch(&format!(
+                    "ALTER TABLE lease_devices DROP COLUMN kind;
+                     INSERT INTO lease_devices VALUES ('{u}', '00000000000000aa', '@mdev-kept');
+                     INSERT INTO lease_devices VALUES ('{vf}', '00000000000000aa', '@vgpu');
+                     INSERT INTO lease_devices VALUES ('0000:01:10.0', '00000000000000aa', 'igbvf');"
+                ))
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let devices = store.leases().unwrap().remove(0).devices;
+        assert_eq!(
+            devices,
+            vec![
+                Held::Function {
+                    address: "0000:01:10.0".parse().unwrap(),
+                    driver_before: "igbvf".into()
+                },
+                Held::Vgpu(vf.parse().unwrap()),
+                Held::KeptMdev(u.parse().unwrap()),
+            ]
+        );
     }
 }

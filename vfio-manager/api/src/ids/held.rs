@@ -134,10 +134,18 @@ mod tests {
     #[test]
     fn old_markers_read_as_their_kind() {
         let u = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
-        assert_eq!(Held::from_marker(u, "@mdev-kept").unwrap().kind(), "kept-mdev");
-        assert_eq!(Held::from_marker("0000:af:00.4", "@vgpu").unwrap().kind(), "vgpu");
         assert_eq!(
-            Held::from_marker("0000:01:10.0", "").unwrap().driver_before(),
+            Held::from_marker(u, "@mdev-kept").unwrap().kind(),
+            "kept-mdev"
+        );
+        assert_eq!(
+            Held::from_marker("0000:af:00.4", "@vgpu").unwrap().kind(),
+            "vgpu"
+        );
+        assert_eq!(
+            Held::from_marker("0000:01:10.0", "")
+                .unwrap()
+                .driver_before(),
             ""
         );
     }

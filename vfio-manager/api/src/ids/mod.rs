@@ -21,11 +21,11 @@ mod held;
 mod names;
 mod pci;
 
+pub use held::Held;
 pub use names::{
     check_mdev_attribute, parse_uuid, Endpoint, LeaseId, MdevParent, MdevTypeId, Profile,
     RequestId, VmName, MAX_NAME,
 };
-pub use held::Held;
 pub use pci::PciAddress;
 
 /// How a caller should classify an error (the CLI maps these to exit codes, the

@@ -7,7 +7,7 @@
 use std::net::TcpListener;
 use std::sync::MutexGuard;
 
-use crate::api::ids::{quote, Endpoint};
+use crate::api::ids::{quote, Endpoint, Held};
 use mediated_dev::host::{mdev_exists, read_mdev, read_vgpu};
 use mediated_dev::migration::tls::Tls;
 use mediated_dev::migration::{self as mig, net, VfioMigration};
@@ -18,18 +18,11 @@ use mediated_dev::{
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use vf_provisioner::{Op, PciAddress, PciFunction, Refusal, Subject};
+use vf_provisioner::{Op, PciFunction, Refusal, Subject};
 
 use super::{failed, Core};
 use crate::api::{ApiError, LeasedDevice, MdevInfo, MigrationInfo, MigrationStats, Request};
 use crate::daemon::store::{Guards, LeaseRow};
-
-/// In a lease's device list: the lease created this mdev; its release removes it.
-pub(super) const MADE_MDEV: &str = "@mdev";
-/// The lease took this mdev as it was (a domain named it); its release leaves it.
-pub(super) const KEPT_MDEV: &str = "@mdev-kept";
-/// The lease gave this VF its vGPU type; its release clears it.
-pub(super) const MADE_VGPU: &str = "@vgpu";
 
 pub use crate::api::codec::is_mediated;
 
@@ -300,16 +293,17 @@ impl Core {
             )));
         }
         // Named mdevs that do not exist yet are made with their names.
-        let mut fresh = req.devices.iter().filter(|d| !kept.contains(d)).cloned();
-        let mut planned: Vec<(String, String)> = plan
+        let mut fresh = req
+            .devices
+            .iter()
+            .filter_map(|d| uuid_arg(d).ok())
+            .filter(|u| !kept.contains(u));
+        let mut planned: Vec<Held> = plan
             .placements
             .iter()
             .map(|p| match &p.target {
-                Target::Mdev { .. } => (
-                    fresh.next().unwrap_or_else(|| Uuid::new_v4().to_string()),
-                    MADE_MDEV.to_string(),
-                ),
-                Target::Vgpu { vf, .. } => (vf.to_string(), MADE_VGPU.to_string()),
+                Target::Mdev { .. } => Held::MadeMdev(fresh.next().unwrap_or_else(Uuid::new_v4)),
+                Target::Vgpu { vf, .. } => Held::Vgpu(*vf),
             })
             .collect();
         if fresh.next().is_some() {
@@ -318,15 +312,15 @@ impl Core {
                 req.vm_name, req.profile
             )));
         }
-        planned.extend(kept.iter().map(|u| (u.clone(), KEPT_MDEV.to_string())));
+        planned.extend(kept.iter().map(|u| Held::KeptMdev(*u)));
         self.new_lease(req, owner, planned.clone(), plan.placements.len(), |i| {
-            self.make(&plan.placements[i].target, &planned[i].0)
+            self.make(&plan.placements[i].target, planned[i].mdev())
         })
     }
 
     /// Of the mdevs `req` names, those that exist: each must be of the profile's
     /// type, not leased, and not held open unless adopted.
-    fn named_mdevs(&self, req: &Request, host: &MdevHost) -> Result<Vec<String>, ApiError> {
+    fn named_mdevs(&self, req: &Request, host: &MdevHost) -> Result<Vec<Uuid>, ApiError> {
         let mut kept = Vec::new();
         for d in &req.devices {
             let u = uuid_arg(d)?;
@@ -352,16 +346,16 @@ impl Core {
             let op = Op::Lease { adopt: req.adopt };
             self.gate_mdev(op, &u.to_string())
                 .map_err(|r| super::refused_for(&req.vm_name, r))?;
-            kept.push(d.clone());
+            kept.push(u);
         }
         Ok(kept)
     }
 
-    fn make(&self, target: &Target, name: &str) -> Result<(), ApiError> {
+    fn make(&self, target: &Target, uuid: Option<Uuid>) -> Result<(), ApiError> {
         let m = self.mediator();
         match target {
             Target::Mdev { parent, type_id } => {
-                m.create(parent, type_id, Some(uuid_arg(name)?))?;
+                m.create(parent, type_id, uuid)?;
             }
             Target::Vgpu { vf, type_id } => {
                 m.set_vgpu(vf, &type_id.to_string())?;
@@ -370,49 +364,49 @@ impl Core {
         Ok(())
     }
 
-    /// Undoes what a lease made of `name`; `None` if `marker` says it made nothing
-    /// (a whole VF, returned to its driver instead).
-    pub(super) fn unmake(&self, name: &str, marker: &str) -> Option<Result<(), ApiError>> {
+    /// Undoes what a lease made of a mediated device: removes the mdev it made,
+    /// clears the vGPU type it set; leaves an mdev it took as it was.
+    pub(super) fn unmake(&self, held: &Held) -> Result<(), ApiError> {
         let m = self.mediator();
-        let r = match marker {
-            MADE_MDEV => {
-                let uuid = uuid_arg(name).ok()?;
-                if read_mdev(&self.sys, &uuid).is_none() {
-                    return Some(Ok(()));
-                }
-                m.remove(&uuid)
-            }
-            MADE_VGPU => m.clear_vgpu(&name.parse::<PciAddress>().ok()?),
-            KEPT_MDEV => Ok(()),
-            _ => return None,
+        let r = match held {
+            Held::MadeMdev(uuid) if read_mdev(&self.sys, uuid).is_some() => m.remove(uuid),
+            Held::Vgpu(vf) => m.clear_vgpu(vf),
+            Held::MadeMdev(_) | Held::KeptMdev(_) | Held::Function { .. } => Ok(()),
         };
-        Some(r.map_err(ApiError::from))
+        r.map_err(ApiError::from)
     }
 
-    /// A mediated device of a lease as the VMMs take it; `None` for a whole VF.
-    pub(super) fn mediated_view(&self, name: &str, marker: &str) -> Option<LeasedDevice> {
-        match marker {
-            MADE_MDEV | KEPT_MDEV => {
-                let uuid = uuid_arg(name).ok()?;
-                let m = read_mdev(&self.sys, &uuid);
-                Some(LeasedDevice::mdev(
-                    &uuid,
-                    m.as_ref()
-                        .map(|m| m.type_id.to_string())
-                        .unwrap_or_default(),
-                    m.and_then(|m| m.iommu_group),
-                ))
+    /// A device of a lease as the VMMs take it.
+    pub(super) fn held_view(&self, held: &Held) -> LeasedDevice {
+        match held {
+            Held::Function { address, .. } => {
+                let name = address.to_string();
+                let (id, group) = self
+                    .store()
+                    .identity(&name)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                LeasedDevice::new(*address, id, u32::try_from(group).ok())
             }
-            MADE_VGPU => {
-                let vf: PciAddress = name.parse().ok()?;
-                let slot = read_vgpu(&self.sys, &vf);
+            Held::Vgpu(vf) => {
+                let slot = read_vgpu(&self.sys, vf);
                 let id = slot
                     .as_ref()
                     .and_then(|s| s.current)
                     .map_or_else(String::new, |t| format!("vgpu-{t}"));
-                Some(LeasedDevice::new(vf, id, slot.and_then(|s| s.iommu_group)))
+                LeasedDevice::new(*vf, id, slot.and_then(|s| s.iommu_group))
             }
-            _ => None,
+            Held::MadeMdev(uuid) | Held::KeptMdev(uuid) => {
+                let m = read_mdev(&self.sys, uuid);
+                LeasedDevice::mdev(
+                    uuid,
+                    m.as_ref()
+                        .map(|m| m.type_id.to_string())
+                        .unwrap_or_default(),
+                    m.and_then(|m| m.iommu_group),
+                )
+            }
         }
     }
 
@@ -603,7 +597,7 @@ impl Core {
             }],
         );
         match plan.placements.first().map(|p| &p.target) {
-            Some(t @ Target::Mdev { .. }) => self.make(t, &uuid.to_string()),
+            Some(t @ Target::Mdev { .. }) => self.make(t, Some(uuid)),
             _ => Err(ApiError::NoDevice(format!(
                 "mdev {uuid}: no parent here has room for type {type_id:?}{}; `vfctl plan {type_id}` shows why",
                 plan.shortfalls
