@@ -74,6 +74,13 @@ echo "GUEST-INFO lspci-equivalent: $(ls /sys/bus/pci/devices | tr '\n' ' ')"
 # Each takes well under a minute in a healthy boot.
 VFM_REAL_KERNEL=1 watched 150 ./kernel_scenarios --test-threads=1 2>&1 || fail "kernel_scenarios exited non-zero"
 VFM_REAL_KERNEL=1 watched 150 ./mdev_scenarios --test-threads=1 2>&1 || fail "mdev_scenarios exited non-zero"
+# The policy gate crossed with every entry point, on the real kernel (tests/tests/gate_table.rs).
+if VFM_REAL_KERNEL=1 watched 150 ./gate_table --test-threads=1 --nocapture >/tmp/gate.log 2>&1; then
+    pass "gate table: every entry point refuses every reason and changes nothing"
+else
+    fail "gate_table exited non-zero"
+fi
+grep -v '^vfio-manager: audit' /tmp/gate.log
 
 # vfctl on the real kernel, as an operator would run it.
 printf 'manage = ["8086:10c9", "1b36:0010", "0000:03:00.0"]\n' > /tmp/config.toml

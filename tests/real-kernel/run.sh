@@ -29,11 +29,12 @@ fi
 # 1.4 MB), and under TCG each page touched costs.
 export RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static'
 cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p integration-tests --bin bench-ops --bin mtty-scratch 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
-tests_json=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --test mdev_scenarios --no-run --message-format=json 2>/dev/null)
+tests_json=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --test mdev_scenarios --test gate_table --no-run --message-format=json 2>/dev/null)
 test_exe() { echo "$tests_json" | grep -o "\"executable\":\"[^\"]*/$1-[^\"]*\"" | tail -1 | cut -d'"' -f4; }
 testbin=$(test_exe kernel_scenarios)
 mdevbin=$(test_exe mdev_scenarios)
-[ -x "$testbin" ] && [ -x "$mdevbin" ] || { echo "real-kernel: building the scenario tests failed" >&2; exit 1; }
+gatebin=$(test_exe gate_table)
+[ -x "$testbin" ] && [ -x "$mdevbin" ] && [ -x "$gatebin" ] || { echo "real-kernel: building the scenario tests failed" >&2; exit 1; }
 unset RUSTFLAGS
 
 SHARE=$OUT/share
@@ -51,6 +52,7 @@ with_libs() {
 with_libs /usr/bin/dbus-daemon "$SHARE/dbus/dbus-daemon" "$SHARE/dbus/lib"
 mv "$SHARE/bin/$(basename "$testbin")" "$SHARE/bin/kernel_scenarios"
 cp "$mdevbin" "$SHARE/bin/mdev_scenarios"
+cp "$gatebin" "$SHARE/bin/gate_table"
 # The nested VM: the host's own QEMU with its libraries and the firmware it loads
 # for -kernel, and the kernel with a small initramfs that reports what the VM sees.
 with_libs /usr/bin/qemu-system-x86_64 "$SHARE/qemu/qemu-system-x86_64" "$SHARE/qemu/lib"

@@ -1,0 +1,384 @@
+//! The policy gate crossed with every entry point that changes the host: for each
+//! refusal reason, a host in that state, and every entry point tried on it. Each
+//! try must be refused for that reason (a pool request: find nothing) and leave
+//! the host, the leases and the quarantine exactly as they were.
+//!
+//! The daemon's entry points are `Core`'s methods, which the D-Bus layer and the
+//! hook call one to one (built here without a bus); `vfctl --direct` is the
+//! provisioner with the configuration and no table. Runs on the fake host (plain
+//! `cargo test`) and on the real kernel in the emulated host (`VFM_REAL_KERNEL=1`,
+//! serially), like the other scenarios.
+
+use std::fmt::Write as _;
+
+use integration_tests::*;
+use mediated_dev::host::read_mdev;
+use vf_provisioner::{DeviceConfig, DeviceFilter, Host, Provisioner};
+use vfio_manager::api::{ApiError, Request};
+use vfio_manager::config::Config;
+use vfio_manager::daemon::audit::Audit;
+use vfio_manager::daemon::core::{Core, LeaseRef};
+
+/// Why the gate refuses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Why {
+    Excluded,
+    NotManaged,
+    Leased,
+    Quarantined,
+    SharedGroup,
+    HeldOpen,
+    HostCritical,
+}
+
+/// Where a change enters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Entry {
+    /// `Provision` from the pool (`vfctl provision`).
+    LeasePool,
+    /// `Provision` naming the device (the libvirt hook, `vfctl provision --device`).
+    LeaseNamed,
+    Bind,
+    Unbind,
+    EnableVfs,
+    DisableVfs,
+    Release,
+    MdevRemove,
+    Migrate,
+    DirectBind,
+    DirectUnbind,
+    DirectDisable,
+}
+
+use Entry::*;
+use Why::*;
+
+/// Every pair that is a refusal, with what the refusal must say. A pair not here
+/// is not one the policy refuses (an unbind of a quarantined device is how an
+/// operator frees it; direct mode has no leases to know).
+const TABLE: &[(Why, &[Entry], &str)] = &[
+    (
+        Excluded,
+        &[
+            LeasePool,
+            LeaseNamed,
+            Bind,
+            Unbind,
+            EnableVfs,
+            DisableVfs,
+            DirectBind,
+            DirectUnbind,
+            DirectDisable,
+        ],
+        "excluded",
+    ),
+    (
+        NotManaged,
+        &[
+            LeasePool,
+            LeaseNamed,
+            Bind,
+            Unbind,
+            EnableVfs,
+            DisableVfs,
+            DirectBind,
+            DirectUnbind,
+            DirectDisable,
+        ],
+        "not managed",
+    ),
+    (
+        Leased,
+        &[
+            LeasePool, LeaseNamed, Bind, Unbind, EnableVfs, DisableVfs, MdevRemove,
+        ],
+        "leased to VM",
+    ),
+    (
+        Quarantined,
+        &[LeasePool, LeaseNamed, Bind, Migrate],
+        "quarantined",
+    ),
+    (SharedGroup, &[LeaseNamed, Bind, DirectBind], "IOMMU group"),
+    (
+        HeldOpen,
+        &[
+            LeaseNamed,
+            Unbind,
+            DisableVfs,
+            Release,
+            MdevRemove,
+            Migrate,
+            DirectUnbind,
+            DirectDisable,
+        ],
+        "held open",
+    ),
+    (
+        HostCritical,
+        &[LeaseNamed, Bind, DirectBind],
+        "the host needs",
+    ),
+];
+
+/// The igb PF and the multifunction slot; no idle PF that a short pool request
+/// would enable VFs on.
+const MANAGE: &str = "manage = [\"8086:10c9\", \"0000:03:00.0\"]\n";
+
+/// A host in the state that gives `why`, and the devices the entries are tried on.
+struct Case<'e> {
+    env: &'e Env,
+    core: Core,
+    direct: Provisioner,
+    /// The function the entries name (a VF, or a PF for group and host reasons).
+    target: String,
+    /// A lease that `Release` tries to end, if this reason has one.
+    lease: Option<String>,
+    /// An mdev the mdev entries try.
+    mdev: Option<String>,
+    _state: tempfile::TempDir,
+    _hold: Vec<Hold>,
+}
+
+fn core_with(env: &Env, config: &str, state: &tempfile::TempDir) -> Core {
+    let text = format!(
+        "{config}[daemon]\nstate_dir = \"{}\"\n",
+        state.path().display()
+    );
+    let config = Config::parse(&text, std::path::Path::new("test")).expect("config");
+    Core::open(env.sys(), config, Audit::open(None).unwrap()).expect("core")
+}
+
+fn direct(env: &Env, config: &str) -> Provisioner {
+    let cfg = DeviceConfig::parse(config, std::path::Path::new("test")).expect("config");
+    Provisioner::new(env.sys(), DeviceFilter::new(&cfg))
+}
+
+fn named(vm: &str, device: &str, adopt: bool) -> Request {
+    Request {
+        request_id: format!("{vm}-{device}"),
+        vm_name: vm.into(),
+        profile: "vf".into(),
+        count: 1,
+        devices: vec![device.into()],
+        adopt,
+        ..Request::default()
+    }
+}
+
+fn setup(env: &Env, why: Why) -> Case<'_> {
+    let state = tempfile::tempdir().unwrap();
+    let plain = env.provisioner();
+    let mut config = MANAGE.to_string();
+    let target;
+    let (mut lease, mut mdev, mut hold) = (None, None, Vec::new());
+    // One VF: a pool request then has no other to take.
+    let vf = || plain.enable_vfs(&addr(IGB), Some(1)).unwrap()[0].to_string();
+    match why {
+        Excluded => {
+            target = vf();
+            config.push_str(&format!("exclude = [\"{IGB}\"]\n"));
+        }
+        NotManaged => {
+            target = vf();
+            config = "manage = [\"0000:03:00.0\"]\n".into();
+        }
+        Quarantined => {
+            // On vfio-pci with our override and no lease: a lease the table lost.
+            target = vf();
+            plain.bind_vfio(&addr(&target), false).unwrap();
+            // And an mdev nobody defined or leased.
+            let m = mediated_dev::Mediator::new(env.sys());
+            let made = m.create(&"mtty".parse().unwrap(), &"mtty-1".parse().unwrap(), None);
+            mdev = Some(made.unwrap().uuid.to_string());
+        }
+        SharedGroup => target = MF0.into(),
+        HostCritical => {
+            target = IGB.into();
+            env.set_link(IGB, true);
+        }
+        Leased | HeldOpen => target = vf(),
+    }
+    let core = core_with(env, &config, &state);
+    core.recover().expect("recover");
+    if why == Quarantined {
+        let orphans = core.orphans().unwrap();
+        for name in [&target, mdev.as_ref().unwrap()] {
+            assert!(
+                orphans.iter().any(|o| &o.0 == name),
+                "setup: {name} is quarantined"
+            );
+        }
+    }
+    if why == Leased || why == HeldOpen {
+        let mtty = Request {
+            request_id: "holder-mdev".into(),
+            vm_name: "holder".into(),
+            profile: "mtty-2".into(),
+            count: 1,
+            ..Request::default()
+        };
+        let m = core.provision(mtty, 0).unwrap().0;
+        mdev = Some(m.devices[0].address.clone());
+        lease = Some(m.id);
+    }
+    if why == Leased {
+        core.provision(named("holder", &target, false), 0).unwrap();
+    }
+    if why == HeldOpen {
+        // Held open by a VMM: an unleased VF on vfio-pci, the leased mdev, and an
+        // unleased mdev (which the mdev entries try).
+        core.bind(&target, false, 0).unwrap();
+        let leased = mdev.replace(core.create_mdev("mtty", "mtty-1", "", "", 0).unwrap().uuid);
+        let group = |u: &str| {
+            read_mdev(&env.sys(), &u.parse().unwrap())
+                .unwrap()
+                .iommu_group
+        };
+        let groups = [
+            env.func(&target).iommu_group,
+            group(&leased.unwrap()),
+            group(mdev.as_deref().unwrap()),
+        ];
+        hold = groups.into_iter().map(|g| env.hold(g.unwrap())).collect();
+    }
+    Case {
+        env,
+        direct: direct(env, &config),
+        core,
+        target,
+        lease,
+        mdev,
+        _state: state,
+        _hold: hold,
+    }
+}
+
+/// What an entry did: its error's kind and text, or "ok".
+fn attempt(c: &Case<'_>, entry: Entry) -> (String, String) {
+    let t = c.target.as_str();
+    let a = addr(t);
+    let pf = c.env.func(t).physfn.unwrap_or(a).to_string();
+    let api = |r: Result<(), ApiError>| match r {
+        Ok(()) => ("ok".to_string(), String::new()),
+        Err(e) => (kind(&e).to_string(), e.to_string()),
+    };
+    let vfp = |r: vf_provisioner::Result<()>| match r {
+        Ok(()) => ("ok".to_string(), String::new()),
+        Err(e) => (format!("{:?}", e.kind()), e.to_string()),
+    };
+    match entry {
+        LeasePool => api(c
+            .core
+            .provision(
+                Request {
+                    request_id: "pool".into(),
+                    vm_name: "pool".into(),
+                    profile: "vf".into(),
+                    count: 1,
+                    ..Request::default()
+                },
+                0,
+            )
+            .map(drop)),
+        LeaseNamed => api(c.core.provision(named("named", t, false), 0).map(drop)),
+        Bind => api(c.core.bind(t, false, 0).map(drop)),
+        Unbind => api(c.core.unbind(t, false, 0).map(drop)),
+        EnableVfs => api(c.core.enable_vfs(&pf, Some(3), 0).map(drop)),
+        DisableVfs => api(c.core.disable_vfs(&pf, 0).map(drop)),
+        Release => {
+            let id = c.lease.as_deref().expect("a lease").parse().unwrap();
+            api(c.core.release(&LeaseRef::Lease(id), 0).map(drop))
+        }
+        MdevRemove => api(c.core.remove_mdev(c.mdev.as_deref().unwrap(), false, 0)),
+        Migrate => api(c.core.migration_check(c.mdev.as_deref().unwrap()).map(drop)),
+        DirectBind => vfp(c.direct.bind_vfio(&a, false).map(drop)),
+        DirectUnbind => vfp(c.direct.unbind(&a, false, None).map(drop)),
+        DirectDisable => vfp(c.direct.disable_vfs(&addr(&pf))),
+    }
+}
+
+fn kind(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::Refused(_) => "Refused",
+        ApiError::NoDevice(_) => "NoDevice",
+        ApiError::BadInput(_) => "BadInput",
+        ApiError::NotFound(_) => "NotFound",
+        ApiError::PermissionDenied(_) => "PermissionDenied",
+        ApiError::Failed(_) => "Failed",
+        ApiError::ZBus(_) => "ZBus",
+    }
+}
+
+/// Everything a refused entry must leave as it was.
+fn snapshot(c: &Case<'_>) -> String {
+    let host = Host::scan(&c.env.sys());
+    let mut s = String::new();
+    for f in host.functions.values() {
+        let vfs = f.sriov.as_ref().map(|x| x.num_vfs);
+        let _ = writeln!(
+            s,
+            "{} {:?} {:?} {vfs:?}",
+            f.address, f.driver, f.driver_override
+        );
+    }
+    let _ = writeln!(s, "leases {:?}", c.core.leases().unwrap());
+    let _ = writeln!(s, "orphans {:?}", c.core.orphans().unwrap());
+    let mdevs: Vec<String> = c
+        .core
+        .mdevs()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.uuid)
+        .collect();
+    let _ = writeln!(s, "mdevs {mdevs:?}");
+    s
+}
+
+fn cleanup(c: Case<'_>) {
+    let Case {
+        env, core, _hold, ..
+    } = c;
+    drop(_hold);
+    for l in core.leases().unwrap() {
+        let id = l.id.parse().unwrap();
+        core.release(&LeaseRef::Lease(id), 0).unwrap();
+    }
+    for m in core.mdevs().unwrap() {
+        let _ = core.remove_mdev(&m.uuid, true, 0);
+    }
+    env.set_link(IGB, false);
+    drop(Restore(env));
+}
+
+#[test]
+fn every_entry_point_refuses_every_reason_and_changes_nothing() {
+    let env = Env::new();
+    let _r = Restore(&env);
+    let mut report = String::new();
+    for (why, entries, says) in TABLE {
+        let case = setup(&env, *why);
+        let before = snapshot(&case);
+        for entry in *entries {
+            let (kind, text) = attempt(&case, *entry);
+            // From the pool an unfit device is skipped: the answer is that none is free.
+            let want = if *entry == LeasePool {
+                "NoDevice"
+            } else {
+                "Refused"
+            };
+            assert_eq!(kind, want, "{why:?} x {entry:?}: {text}");
+            if *entry != LeasePool {
+                assert!(text.contains(says), "{why:?} x {entry:?}: {text}");
+            }
+            assert_eq!(
+                snapshot(&case),
+                before,
+                "{why:?} x {entry:?} changed the host"
+            );
+            let _ = writeln!(report, "{why:?} x {entry:?}: {kind}");
+        }
+        cleanup(case);
+    }
+    eprintln!("{report}");
+}
