@@ -329,6 +329,55 @@ fn a_source_with_a_certificate_of_another_ca_is_refused() {
 }
 
 #[test]
+fn one_time_credentials_move_the_state_between_their_two_ends_only() {
+    let (dst_tls, bundle) = Tls::one_time().unwrap();
+    let src_tls = Tls::from_one_time(&bundle).unwrap();
+    let ok = || net::Limits::default();
+    let (src, dst, r) = over_tls(&src_tls, &dst_tls, |a| a, "mtty-2", ok());
+    r.unwrap();
+    assert_eq!(dst.data(), src.data());
+    // Another migration's bundle, or the PKI's identity, does not fit this one.
+    let (_, other) = Tls::one_time().unwrap();
+    let stranger = Tls::from_one_time(&other).unwrap();
+    for (what, tls) in [
+        ("another migration's", stranger),
+        ("the PKI's", test_credentials()),
+    ] {
+        let (src, dst, r) = over_tls(&tls, &dst_tls, |a| a, "mtty-2", ok());
+        let e = r.unwrap_err();
+        untouched(&src, &dst, &format!("{what}: {e}"));
+    }
+    // Nor does a PKI destination take a one-time source.
+    let (src, dst, r) = over_tls(&src_tls, &test_credentials(), |a| a, "mtty-2", ok());
+    untouched(&src, &dst, &r.unwrap_err().to_string());
+}
+
+#[test]
+fn a_one_time_bundle_that_is_not_one_is_refused_with_the_reason() {
+    let (_, bundle) = Tls::one_time().unwrap();
+    let key_at = bundle.find("-----BEGIN PRIVATE KEY").unwrap();
+    let cases = [
+        ("empty", String::new()),
+        ("no key", bundle[..key_at].to_string()),
+        ("a megabyte", "A".repeat(1 << 20)),
+        (
+            "one certificate",
+            bundle[bundle.find("-----END CERTIFICATE-----").unwrap() + 26..].to_string(),
+        ),
+    ];
+    for (what, text) in cases {
+        let e = Tls::from_one_time(&text)
+            .err()
+            .unwrap_or_else(|| panic!("{what} accepted"));
+        assert!(
+            e.to_string().contains("one-time credentials"),
+            "{what}: {e}"
+        );
+        assert!(e.to_string().len() < 400, "{what}: bounded: {e}");
+    }
+}
+
+#[test]
 fn a_plain_tcp_peer_is_refused_before_the_device_is_touched() {
     let tls = test_credentials();
     let dst = MemoryDevice::mtty_like("dst", pattern(2 << 20, 9));

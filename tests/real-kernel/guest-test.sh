@@ -186,7 +186,18 @@ if $A migrate send $src "$ep" > /tmp/mig.out 2>&1; then
 else
     fail "migration between two daemons"; cat /tmp/mig.out /tmp/dA.log /tmp/dB.log
 fi
+# And back, with credentials made for this one migration instead of the PKI's.
+back=5a5a0000-0000-4000-8000-000000000003
+ep=$($A migrate receive $back --type mtty-2 --listen 127.0.0.1:0 --credentials-out /tmp/once.pem)
+[ "$(stat -c %a /tmp/once.pem)" = 600 ] && pass "one-time credentials are written for the caller alone" || fail "one-time credentials mode"
+if $B migrate send $dst "$ep" --credentials /tmp/once.pem > /tmp/mig.out 2>&1; then
+    v=; for i in $(seq 1 100); do v=$(./mtty-scratch $back 2>/dev/null) && break; sleep 0.1; done
+    [ "$v" = 5a ] && pass "mtty state moved back from daemon B to A with one-time credentials" || fail "state after one-time migration: got '$v'"
+else
+    fail "migration with one-time credentials"; cat /tmp/mig.out /tmp/dA.log /tmp/dB.log
+fi
 expect "daemon A removes the source mdev" 0 $A mdev remove $src
+expect "daemon A removes the mdev migrated back" 0 $A mdev remove $back
 expect "daemon B removes the destination mdev" 0 $B mdev remove $dst
 $A provision --vm mvm --profile mtty-1 --count 2 --request-id m1 --format libvirt > /tmp/mlease.xml 2>&1
 n=$(grep -o 'type="mdev"' /tmp/mlease.xml | wc -l); u1=$(grep -o 'uuid="[^"]*"' /tmp/mlease.xml | head -1 | cut -d'"' -f2)

@@ -200,9 +200,9 @@ fn setup(env: &Env, why: Why) -> Case<'_> {
         Leased | HeldOpen => target = vf(),
     }
     let core = core_with(env, &config, &state);
-    core.recover().expect("recover");
+    core.restore().recover().expect("recover");
     if why == Quarantined {
-        let orphans = core.orphans().unwrap();
+        let orphans = core.restore().orphans().unwrap();
         for name in [&target, mdev.as_ref().unwrap()] {
             assert!(
                 orphans.iter().any(|o| &o.0 == name),
@@ -218,18 +218,25 @@ fn setup(env: &Env, why: Why) -> Case<'_> {
             count: 1,
             ..Request::default()
         };
-        let m = core.provision(mtty, 0).unwrap().0;
+        let m = core.pool().provision(mtty, 0).unwrap().0;
         mdev = Some(m.devices[0].address.clone());
         lease = Some(m.id);
     }
     if why == Leased {
-        core.provision(named("holder", &target, false), 0).unwrap();
+        core.pool()
+            .provision(named("holder", &target, false), 0)
+            .unwrap();
     }
     if why == HeldOpen {
         // Held open by a VMM: an unleased VF on vfio-pci, the leased mdev, and an
         // unleased mdev (which the mdev entries try).
-        core.bind(&target, false, 0).unwrap();
-        let leased = mdev.replace(core.create_mdev("mtty", "mtty-1", "", "", 0).unwrap().uuid);
+        core.direct().bind(&target, false, 0).unwrap();
+        let leased = mdev.replace(
+            core.mediated()
+                .create_mdev("mtty", "mtty-1", "", "", 0)
+                .unwrap()
+                .uuid,
+        );
         let group = |u: &str| {
             read_mdev(&env.sys(), &u.parse().unwrap())
                 .unwrap()
@@ -270,6 +277,7 @@ fn attempt(c: &Case<'_>, entry: Entry) -> (String, String) {
     match entry {
         LeasePool => api(c
             .core
+            .pool()
             .provision(
                 Request {
                     request_id: "pool".into(),
@@ -281,17 +289,28 @@ fn attempt(c: &Case<'_>, entry: Entry) -> (String, String) {
                 0,
             )
             .map(drop)),
-        LeaseNamed => api(c.core.provision(named("named", t, false), 0).map(drop)),
-        Bind => api(c.core.bind(t, false, 0).map(drop)),
-        Unbind => api(c.core.unbind(t, false, 0).map(drop)),
-        EnableVfs => api(c.core.enable_vfs(&pf, Some(3), 0).map(drop)),
-        DisableVfs => api(c.core.disable_vfs(&pf, 0).map(drop)),
+        LeaseNamed => api(c
+            .core
+            .pool()
+            .provision(named("named", t, false), 0)
+            .map(drop)),
+        Bind => api(c.core.direct().bind(t, false, 0).map(drop)),
+        Unbind => api(c.core.direct().unbind(t, false, 0).map(drop)),
+        EnableVfs => api(c.core.direct().enable_vfs(&pf, Some(3), 0).map(drop)),
+        DisableVfs => api(c.core.direct().disable_vfs(&pf, 0).map(drop)),
         Release => {
             let id = c.lease.as_deref().expect("a lease").parse().unwrap();
-            api(c.core.release(&LeaseRef::Lease(id), 0).map(drop))
+            api(c.core.pool().release(&LeaseRef::Lease(id), 0).map(drop))
         }
-        MdevRemove => api(c.core.remove_mdev(c.mdev.as_deref().unwrap(), false, 0)),
-        Migrate => api(c.core.migration_check(c.mdev.as_deref().unwrap()).map(drop)),
+        MdevRemove => api(c
+            .core
+            .mediated()
+            .remove_mdev(c.mdev.as_deref().unwrap(), false, 0)),
+        Migrate => api(c
+            .core
+            .migration()
+            .migration_check(c.mdev.as_deref().unwrap())
+            .map(drop)),
         DirectBind => vfp(c.direct.bind_vfio(&a, false).map(drop)),
         DirectUnbind => vfp(c.direct.unbind(&a, false, None).map(drop)),
         DirectDisable => vfp(c.direct.disable_vfs(&addr(&pf))),
@@ -323,9 +342,10 @@ fn snapshot(c: &Case<'_>) -> String {
         );
     }
     let _ = writeln!(s, "leases {:?}", c.core.leases().unwrap());
-    let _ = writeln!(s, "orphans {:?}", c.core.orphans().unwrap());
+    let _ = writeln!(s, "orphans {:?}", c.core.restore().orphans().unwrap());
     let mdevs: Vec<String> = c
         .core
+        .mediated()
         .mdevs()
         .unwrap()
         .into_iter()
@@ -342,10 +362,10 @@ fn cleanup(c: Case<'_>) {
     drop(_hold);
     for l in core.leases().unwrap() {
         let id = l.id.parse().unwrap();
-        core.release(&LeaseRef::Lease(id), 0).unwrap();
+        core.pool().release(&LeaseRef::Lease(id), 0).unwrap();
     }
-    for m in core.mdevs().unwrap() {
-        let _ = core.remove_mdev(&m.uuid, true, 0);
+    for m in core.mediated().mdevs().unwrap() {
+        let _ = core.mediated().remove_mdev(&m.uuid, true, 0);
     }
     env.set_link(IGB, false);
     drop(Restore(env));

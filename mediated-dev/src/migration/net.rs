@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
-use super::tls::{server_name, Tls};
+use super::tls::Tls;
 use super::{load, save, Header, MigrationDevice, Stats, Tracker};
 use crate::error::{Error, Result};
 
@@ -73,7 +73,9 @@ pub fn send_with_progress(
     tls: &Tls,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(Tracker, Stats)> {
-    let name = server_name(to).ok_or_else(|| net(dev, format!("{to:?} is not HOST:PORT")))?;
+    let name = tls
+        .server_name(to)
+        .ok_or_else(|| net(dev, format!("{to:?} is not HOST:PORT")))?;
     let conn = TcpStream::connect(to)
         .map_err(|e| net(dev, format!("cannot reach the destination: {e}")))?;
     conn.set_nodelay(true).ok();

@@ -3,6 +3,12 @@
 //! only between hosts of the same PKI, encrypted. The files follow libvirt's layout
 //! ([`Files::libvirt`]): one CA, a server identity that the destination presents,
 //! a client identity that the source presents.
+//!
+//! Or per migration ([`Tls::one_time`]): the destination makes a CA for this one
+//! migration, issues one identity for itself and one for the source, and forgets
+//! the CA's key. The source's identity goes back to the orchestrator (D-Bus
+//! `PrepareIncomingOnce`), which hands it to the source (`MigrateOutWith`); only
+//! its holder can send, and only to this destination.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,7 +48,17 @@ impl Files {
 pub struct Tls {
     pub(super) client: Arc<ClientConfig>,
     pub(super) server: Arc<ServerConfig>,
+    /// The name the destination's certificate carries, if not the endpoint's host
+    /// (one-time credentials name the migration, not a host).
+    name: Option<ServerName<'static>>,
 }
+
+/// The name in a one-time destination certificate (`.invalid`: never a real host).
+const ONE_TIME_NAME: &str = "migration.vfio-manager.invalid";
+/// Where a one-time bundle comes from, for errors.
+const ONE_TIME: &str = "the migration's one-time credentials";
+/// A bundle is three PEM blocks of a few hundred bytes each.
+const MAX_BUNDLE: usize = 16 << 10;
 
 fn bad(path: &Path, what: impl std::fmt::Display) -> Error {
     Error::Tls {
@@ -104,7 +120,70 @@ impl Tls {
         Ok(Tls {
             client: Arc::new(client),
             server: Arc::new(server),
+            name: None,
         })
+    }
+
+    /// Credentials for one migration, made by its destination: its own TLS
+    /// configuration, and the source's bundle (PEM: the migration's CA, the
+    /// source's certificate and key) for [`Tls::from_one_time`].
+    pub fn one_time() -> Result<(Tls, String)> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let fail = |e: rcgen::Error| bad(Path::new(ONE_TIME), e);
+        let ca_key = KeyPair::generate().map_err(fail)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).map_err(fail)?;
+        let issue = |names: Vec<String>| {
+            let key = KeyPair::generate().map_err(fail)?;
+            let cert = CertificateParams::new(names)
+                .and_then(|p| p.signed_by(&key, &ca, &ca_key))
+                .map_err(fail)?;
+            Ok::<_, Error>((cert, key))
+        };
+        let (server, server_key) = issue(vec![ONE_TIME_NAME.into()])?;
+        let (client, client_key) = issue(Vec::new())?;
+        let bundle = format!("{}{}{}", ca.pem(), client.pem(), client_key.serialize_pem());
+        // The CA's key goes out of scope here: no third certificate can ever be made.
+        let key = PrivateKeyDer::try_from(server_key.serialize_der())
+            .map_err(|e| bad(Path::new(ONE_TIME), e))?;
+        let id = || (vec![server.der().clone()], key.clone_key());
+        let mut tls = Tls::new(vec![ca.der().clone()], id(), id())
+            .map_err(|e| bad(Path::new(ONE_TIME), e))?;
+        tls.name = ServerName::try_from(ONE_TIME_NAME).ok();
+        Ok((tls, bundle))
+    }
+
+    /// The source's side of one-time credentials, from the bundle its destination
+    /// made: exactly the CA, then the source's certificate, then its key.
+    pub fn from_one_time(bundle: &str) -> Result<Tls> {
+        let whence = Path::new(ONE_TIME);
+        if bundle.len() > MAX_BUNDLE {
+            return Err(bad(
+                whence,
+                format!("{} bytes, over {MAX_BUNDLE}", bundle.len()),
+            ));
+        }
+        let certs = CertificateDer::pem_slice_iter(bundle.as_bytes())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| bad(whence, e))?;
+        let [ca, cert] = <[_; 2]>::try_from(certs).map_err(|c| {
+            bad(
+                whence,
+                format!("{} certificates, expected the CA and the source's", c.len()),
+            )
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(bundle.as_bytes()).map_err(|e| bad(whence, e))?;
+        let id = || (vec![cert.clone()], key.clone_key());
+        let mut tls = Tls::new(vec![ca], id(), id()).map_err(|e| bad(whence, e))?;
+        tls.name = ServerName::try_from(ONE_TIME_NAME).ok();
+        Ok(tls)
+    }
+
+    /// The name the destination must prove: the one in one-time credentials, or
+    /// the host of `HOST:PORT`.
+    pub(super) fn server_name(&self, endpoint: &str) -> Option<ServerName<'static>> {
+        self.name.clone().or_else(|| server_name(endpoint))
     }
 }
 
@@ -121,7 +200,7 @@ impl Tls {
 }
 
 /// The name the destination's certificate must carry: the host of `HOST:PORT`.
-pub(super) fn server_name(endpoint: &str) -> Option<ServerName<'static>> {
+fn server_name(endpoint: &str) -> Option<ServerName<'static>> {
     let host = endpoint.rsplit_once(':')?.0;
     let host = host
         .strip_prefix('[')

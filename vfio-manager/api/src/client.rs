@@ -41,6 +41,18 @@ pub trait Manager {
     fn migration_check(&self, uuid: &str) -> zbus::Result<MigrationInfo>;
     fn prepare_incoming(&self, uuid: &str, type_id: &str, listen: &str) -> zbus::Result<String>;
     fn migrate_out(&self, uuid: &str, endpoint: &str) -> zbus::Result<MigrationStats>;
+    fn prepare_incoming_once(
+        &self,
+        uuid: &str,
+        type_id: &str,
+        listen: &str,
+    ) -> zbus::Result<(String, String)>;
+    fn migrate_out_with(
+        &self,
+        uuid: &str,
+        endpoint: &str,
+        credentials: &str,
+    ) -> zbus::Result<MigrationStats>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +214,25 @@ impl Client {
 
     pub fn migrate_out(&self, uuid: &str, endpoint: &str) -> Result<MigrationStats> {
         self.run(self.proxy.migrate_out(uuid, endpoint))
+    }
+
+    /// The endpoint and the source's one-time credentials.
+    pub fn prepare_incoming_once(
+        &self,
+        uuid: &str,
+        type_id: &str,
+        listen: &str,
+    ) -> Result<(String, String)> {
+        self.run(self.proxy.prepare_incoming_once(uuid, type_id, listen))
+    }
+
+    pub fn migrate_out_with(
+        &self,
+        uuid: &str,
+        endpoint: &str,
+        credentials: &str,
+    ) -> Result<MigrationStats> {
+        self.run(self.proxy.migrate_out_with(uuid, endpoint, credentials))
     }
 }
 

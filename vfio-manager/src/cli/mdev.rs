@@ -340,11 +340,23 @@ pub enum MigrateCommand {
         /// host's addresses.
         #[arg(long)]
         listen: String,
+        /// Use credentials made for this migration alone instead of the PKI's, and
+        /// write the source's part to FILE (created, mode 0600; it holds the
+        /// source's private key): give it to `vfctl migrate send --credentials`.
+        #[arg(long, value_name = "FILE")]
+        credentials_out: Option<std::path::PathBuf>,
     },
     /// Source: stream an mdev's state to a destination's endpoint. Changes the host:
     /// on success the device is left stopped (its VM now runs there); on any
     /// failure it runs again here.
-    Send { uuid: String, endpoint: String },
+    Send {
+        uuid: String,
+        endpoint: String,
+        /// The one-time credentials the destination's `receive --credentials-out`
+        /// wrote (otherwise the PKI's are used).
+        #[arg(long, value_name = "FILE")]
+        credentials: Option<std::path::PathBuf>,
+    },
 }
 
 /// `vfctl migrate`: always through the daemon, which owns the devices' state.
@@ -364,15 +376,33 @@ pub fn migrate(c: &Client, cmd: &MigrateCommand, mut r: Renderer) -> Res {
             uuid,
             type_id,
             listen,
+            credentials_out,
         } => {
-            let endpoint = c.prepare_incoming(uuid, type_id, listen)?;
+            let endpoint = match credentials_out {
+                None => c.prepare_incoming(uuid, type_id, listen)?,
+                Some(path) => {
+                    let (endpoint, bundle) = c.prepare_incoming_once(uuid, type_id, listen)?;
+                    write_secret(path, &bundle)?;
+                    endpoint
+                }
+            };
             if r.format == Output::Json {
                 return r.json(&json!({ "uuid": uuid, "endpoint": endpoint }));
             }
             r.line(&endpoint)
         }
-        MigrateCommand::Send { uuid, endpoint } => {
-            let s = c.migrate_out(uuid, endpoint)?;
+        MigrateCommand::Send {
+            uuid,
+            endpoint,
+            credentials,
+        } => {
+            let s = match credentials {
+                None => c.migrate_out(uuid, endpoint)?,
+                Some(path) => {
+                    let bundle = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
+                    c.migrate_out_with(uuid, endpoint, &bundle)?
+                }
+            };
             if r.format == Output::Json {
                 return r.json(&s);
             }
@@ -450,4 +480,27 @@ pub fn plan(m: &Mediator, wants: &[String], mut r: Renderer) -> Res {
         "plan: not everything fits; nothing was changed"
     })?;
     Ok(code)
+}
+
+fn file_error(path: &std::path::Path, e: std::io::Error) -> super::CliError {
+    vf_provisioner::Error::InvalidInput {
+        what: "credentials file",
+        input: path.display().to_string(),
+        reason: e.to_string(),
+    }
+    .into()
+}
+
+/// Writes one-time credentials where only the caller can read them; never over
+/// an existing file.
+fn write_secret(path: &std::path::Path, text: &str) -> Result<(), super::CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| file_error(path, e))
 }

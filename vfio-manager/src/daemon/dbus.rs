@@ -11,7 +11,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedValue;
 use zbus::{fdo, interface, Connection};
 
-use super::core::{verdict, Core, LeaseRef};
+use super::core::{verdict, Core, LeaseRef, Prepared};
 use crate::api::ids::{IdError, LeaseId, RequestId};
 use crate::api::{self, ApiError, DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats};
 
@@ -46,6 +46,67 @@ impl Manager {
     }
 
     /// The caller's uid, if it may change the host.
+    /// `PrepareIncoming` and `PrepareIncomingOnce`: reserve, listen, and receive in
+    /// the background.
+    async fn prepare(
+        &self,
+        hdr: &Header<'_>,
+        emitter: SignalEmitter<'_>,
+        uuid: String,
+        type_id: String,
+        listen: String,
+        one_time: bool,
+    ) -> Result<Prepared, ApiError> {
+        let uid = self.authorize(hdr, "receive migrations").await?;
+        let core = self.core.clone();
+        let (prepared, incoming) = blocking(move || {
+            core.migration()
+                .prepare_incoming(&uuid, &type_id, &listen, one_time, uid)
+        })
+        .await?;
+        let core = self.core.clone();
+        let emitter = emitter.to_owned();
+        tokio::spawn(async move {
+            let uuid = incoming.uuid.to_string();
+            let r = blocking(move || core.migration().receive(incoming)).await;
+            let _ = Manager::migration_finished(&emitter, &uuid, "incoming", &verdict(&r)).await;
+        });
+        Ok(prepared)
+    }
+
+    /// `MigrateOut` and `MigrateOutWith`.
+    async fn send_out(
+        &self,
+        hdr: &Header<'_>,
+        emitter: SignalEmitter<'_>,
+        uuid: String,
+        endpoint: String,
+        one_time: Option<String>,
+    ) -> Result<MigrationStats, ApiError> {
+        let uid = self.authorize(hdr, "migrate devices").await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let progress = {
+            let (emitter, uuid) = (emitter.to_owned(), uuid.clone());
+            tokio::spawn(async move {
+                while let Some(bytes) = rx.recv().await {
+                    let _ = Manager::migration_progress(&emitter, &uuid, bytes).await;
+                }
+            })
+        };
+        let core = self.core.clone();
+        let u = uuid.clone();
+        let r = blocking(move || {
+            core.migration()
+                .migrate_out(&u, &endpoint, one_time.as_deref(), uid, &mut |b| {
+                    let _ = tx.send(b);
+                })
+        })
+        .await;
+        let _ = progress.await;
+        let _ = Manager::migration_finished(&emitter, &uuid, "outgoing", &verdict(&r)).await;
+        r
+    }
+
     async fn authorize(&self, hdr: &Header<'_>, what: &str) -> Result<u32, ApiError> {
         let sender = hdr
             .sender()
@@ -94,7 +155,7 @@ impl Manager {
         let uid = self.authorize(hdr, "release leases").await?;
         let which = which?;
         let core = self.core.clone();
-        let r = blocking(move || core.release(&which, uid)).await;
+        let r = blocking(move || core.pool().release(&which, uid)).await;
         if let Ok(Some(l)) = &r {
             let _ = Manager::lease_released(emitter, &l.id, &l.vm_name).await;
         }
@@ -200,7 +261,7 @@ impl Manager {
                 .record(uid, "provision", "", &vm_quoted, &[], &e.to_string());
         })?;
         let core = self.core.clone();
-        let r = blocking(move || core.provision(req, uid)).await;
+        let r = blocking(move || core.pool().provision(req, uid)).await;
         if let Ok((lease, true)) = &r {
             let devs: Vec<String> = lease.devices.iter().map(|d| d.address.clone()).collect();
             let _ = Manager::lease_created(&emitter, &lease.id, &lease.vm_name, devs).await;
@@ -245,7 +306,8 @@ impl Manager {
         count: u32,
     ) -> Result<Vec<String>, ApiError> {
         self.direct(&hdr, conn, &emitter, "enable VFs", move |c, uid| {
-            c.enable_vfs(&pf, (count > 0).then_some(count), uid)
+            c.direct()
+                .enable_vfs(&pf, (count > 0).then_some(count), uid)
         })
         .await
     }
@@ -258,7 +320,7 @@ impl Manager {
         pf: String,
     ) -> Result<Vec<String>, ApiError> {
         self.direct(&hdr, conn, &emitter, "disable VFs", move |c, uid| {
-            c.disable_vfs(&pf, uid)
+            c.direct().disable_vfs(&pf, uid)
         })
         .await
     }
@@ -273,7 +335,7 @@ impl Manager {
         whole_group: bool,
     ) -> Result<Vec<String>, ApiError> {
         self.direct(&hdr, conn, &emitter, "bind devices", move |c, uid| {
-            c.bind(&address, whole_group, uid)
+            c.direct().bind(&address, whole_group, uid)
         })
         .await
     }
@@ -287,7 +349,7 @@ impl Manager {
         whole_group: bool,
     ) -> Result<Vec<String>, ApiError> {
         self.direct(&hdr, conn, &emitter, "unbind devices", move |c, uid| {
-            c.unbind(&address, whole_group, uid)
+            c.direct().unbind(&address, whole_group, uid)
         })
         .await
     }
@@ -296,7 +358,7 @@ impl Manager {
     /// reason, since (seconds since the epoch).
     async fn list_orphans(&self) -> Result<Vec<(String, String, u64)>, ApiError> {
         let core = self.core.clone();
-        blocking(move || core.orphans()).await
+        blocking(move || core.restore().orphans()).await
     }
 
     /// Offers a quarantined device again as it is.
@@ -307,7 +369,7 @@ impl Manager {
     ) -> Result<(), ApiError> {
         let uid = self.authorize(&hdr, "adopt orphans").await?;
         let core = self.core.clone();
-        blocking(move || core.adopt_orphan(&name, uid)).await
+        blocking(move || core.restore().adopt_orphan(&name, uid)).await
     }
 
     /// Returns a quarantined function to its host driver (removes a quarantined
@@ -320,7 +382,7 @@ impl Manager {
         name: String,
     ) -> Result<(), ApiError> {
         self.direct(&hdr, conn, &emitter, "free orphans", move |c, uid| {
-            c.free_orphan(&name, uid).map(|()| Vec::new())
+            c.restore().free_orphan(&name, uid).map(|()| Vec::new())
         })
         .await
         .map(drop)
@@ -329,7 +391,7 @@ impl Manager {
     /// Active and defined mediated devices, with the lease holding each.
     async fn list_mdevs(&self) -> Result<Vec<MdevInfo>, ApiError> {
         let core = self.core.clone();
-        blocking(move || core.mdevs()).await
+        blocking(move || core.mediated().mdevs()).await
     }
 
     /// Creates an mdev of `type_id` on `parent` (`uuid` empty: a fresh one) and
@@ -345,7 +407,11 @@ impl Manager {
     ) -> Result<MdevInfo, ApiError> {
         let uid = self.authorize(&hdr, "create mdevs").await?;
         let core = self.core.clone();
-        blocking(move || core.create_mdev(&parent, &type_id, &uuid, &define, uid)).await
+        blocking(move || {
+            core.mediated()
+                .create_mdev(&parent, &type_id, &uuid, &define, uid)
+        })
+        .await
     }
 
     /// Removes an mdev (refused while leased or held by a VMM); `undefine` also
@@ -358,7 +424,7 @@ impl Manager {
     ) -> Result<(), ApiError> {
         let uid = self.authorize(&hdr, "remove mdevs").await?;
         let core = self.core.clone();
-        blocking(move || core.remove_mdev(&uuid, undefine, uid)).await
+        blocking(move || core.mediated().remove_mdev(&uuid, undefine, uid)).await
     }
 
     /// Migration preflight: whether the mdev can migrate now (its driver offers
@@ -371,12 +437,13 @@ impl Manager {
         // It opens the device's VFIO file: not for anyone who can reach the bus.
         self.authorize(&hdr, "check migrations").await?;
         let core = self.core.clone();
-        blocking(move || core.migration_check(&uuid)).await
+        blocking(move || core.migration().migration_check(&uuid)).await
     }
 
     /// Destination side: reserves mdev `uuid` (created as `type_id` if absent) and
-    /// listens on `listen` (HOST:PORT; port 0 picks one) for one source. Returns
-    /// the endpoint for the source's `MigrateOut`; `MigrationFinished` tells the end.
+    /// listens on `listen` (HOST:PORT; port 0 picks one) for one source, which must
+    /// present a certificate of the configured PKI. Returns the endpoint for the
+    /// source's `MigrateOut`; `MigrationFinished` tells the end.
     async fn prepare_incoming(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -385,18 +452,25 @@ impl Manager {
         type_id: String,
         listen: String,
     ) -> Result<String, ApiError> {
-        let uid = self.authorize(&hdr, "receive migrations").await?;
-        let core = self.core.clone();
-        let (endpoint, incoming) =
-            blocking(move || core.prepare_incoming(&uuid, &type_id, &listen, uid)).await?;
-        let core = self.core.clone();
-        let emitter = emitter.to_owned();
-        tokio::spawn(async move {
-            let uuid = incoming.uuid.to_string();
-            let r = blocking(move || core.receive(incoming)).await;
-            let _ = Manager::migration_finished(&emitter, &uuid, "incoming", &verdict(&r)).await;
-        });
-        Ok(endpoint)
+        let p = self.prepare(&hdr, emitter, uuid, type_id, listen, false);
+        Ok(p.await?.endpoint)
+    }
+
+    /// `PrepareIncoming` with credentials made for this one migration instead of
+    /// the PKI's: returns the endpoint and the source's credentials (PEM: the
+    /// migration's CA, the source's certificate and key; a secret), which only
+    /// `MigrateOutWith` on the source accepts.
+    async fn prepare_incoming_once(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        uuid: String,
+        type_id: String,
+        listen: String,
+    ) -> Result<(String, String), ApiError> {
+        let p = self.prepare(&hdr, emitter, uuid, type_id, listen, true);
+        let p = p.await?;
+        Ok((p.endpoint, p.bundle.unwrap_or_default()))
     }
 
     /// Source side: streams the mdev's state to a destination's endpoint, emitting
@@ -409,27 +483,21 @@ impl Manager {
         uuid: String,
         endpoint: String,
     ) -> Result<MigrationStats, ApiError> {
-        let uid = self.authorize(&hdr, "migrate devices").await?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let progress = {
-            let (emitter, uuid) = (emitter.to_owned(), uuid.clone());
-            tokio::spawn(async move {
-                while let Some(bytes) = rx.recv().await {
-                    let _ = Manager::migration_progress(&emitter, &uuid, bytes).await;
-                }
-            })
-        };
-        let core = self.core.clone();
-        let u = uuid.clone();
-        let r = blocking(move || {
-            core.migrate_out(&u, &endpoint, uid, &mut |b| {
-                let _ = tx.send(b);
-            })
-        })
-        .await;
-        let _ = progress.await;
-        let _ = Manager::migration_finished(&emitter, &uuid, "outgoing", &verdict(&r)).await;
-        r
+        self.send_out(&hdr, emitter, uuid, endpoint, None).await
+    }
+
+    /// `MigrateOut` with the credentials the destination's `PrepareIncomingOnce`
+    /// returned.
+    async fn migrate_out_with(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        uuid: String,
+        endpoint: String,
+        credentials: String,
+    ) -> Result<MigrationStats, ApiError> {
+        self.send_out(&hdr, emitter, uuid, endpoint, Some(credentials))
+            .await
     }
 
     #[zbus(signal)]

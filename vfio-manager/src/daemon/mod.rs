@@ -143,9 +143,9 @@ async fn run(opts: Options) -> Result<(), String> {
 
     let c = core.clone();
     let startup = tokio::task::spawn_blocking(move || {
-        let mut log = c.recover().map_err(|e| e.to_string())?;
-        log.extend(c.forget_released());
-        log.extend(c.restore_desired());
+        let mut log = c.restore().recover().map_err(|e| e.to_string())?;
+        log.extend(c.pool().forget_released());
+        log.extend(c.restore().restore_desired());
         Ok::<_, String>(log)
     });
     for line in startup.await.map_err(|e| e.to_string())?? {
@@ -213,7 +213,9 @@ async fn forget_released_hourly(core: Arc<Core>) {
     loop {
         hourly.tick().await;
         let c = core.clone();
-        if let Ok(Some(line)) = tokio::task::spawn_blocking(move || c.forget_released()).await {
+        if let Ok(Some(line)) =
+            tokio::task::spawn_blocking(move || c.pool().forget_released()).await
+        {
             eprintln!("vfio-manager: {line}");
         }
     }

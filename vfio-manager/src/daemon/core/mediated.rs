@@ -1,68 +1,66 @@
-//! The mediated path in the daemon's policy: mdevs made and removed on request or
-//! for a lease (mdev types, NVIDIA vGPU types per VF), definitions started at boot,
-//! and device state moved between two daemons. The same intent protocol as the PCI
-//! path: an intent is written before the kernel is touched, and a cut-off
-//! operation is settled at start-up (a create is undone, a remove is finished).
+//! The mediated devices service: mdevs made and removed on request or for a lease
+//! (mdev types, NVIDIA vGPU types per VF), and definitions started at boot; and the
+//! mediated steps every service uses (make, unmake, the gate's view of an mdev). The
+//! same intent protocol as the PCI path: an intent is written before the kernel is
+//! touched, and a cut-off operation is settled at start-up (a create is undone, a
+//! remove is finished).
 
-use std::net::TcpListener;
 use std::sync::MutexGuard;
 
-use crate::api::ids::{quote, Endpoint, Held};
+use crate::api::ids::{quote, Held};
 use mediated_dev::host::{mdev_exists, read_mdev, read_vgpu};
-use mediated_dev::migration::tls::Tls;
-use mediated_dev::migration::{self as mig, net, VfioMigration};
 use mediated_dev::plan::Target;
 use mediated_dev::{
-    parse_uuid, Definition, Mdev, MdevHost, MdevParent, MdevTypeId, Mediator, Start, Store, Want,
+    parse_uuid, Definition, MdevHost, MdevParent, MdevTypeId, Mediator, Start, Store, Want,
 };
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use vf_provisioner::{Op, PciFunction, Refusal, Subject};
 
-use super::{failed, Core};
-use crate::api::{ApiError, LeasedDevice, MdevInfo, MigrationInfo, MigrationStats, Request};
+use super::{failed, Core, Mediated};
+use crate::api::{ApiError, LeasedDevice, MdevInfo, Request};
 use crate::daemon::store::{Guards, LeaseRow};
 
 pub use crate::api::codec::is_mediated;
 
 /// What an mdev intent records: what recovery does if the operation is cut off.
 #[derive(Serialize, Deserialize)]
-struct MdevIntent {
-    uuid: Uuid,
-    remove_mdev: bool,
-    remove_definition: bool,
+pub(super) struct MdevIntent {
+    pub(super) uuid: Uuid,
+    pub(super) remove_mdev: bool,
+    pub(super) remove_definition: bool,
 }
 
-fn uuid_arg(s: &str) -> Result<Uuid, ApiError> {
+pub(super) fn uuid_arg(s: &str) -> Result<Uuid, ApiError> {
     Ok(parse_uuid(s)?)
 }
 
 impl Core {
-    fn mediator(&self) -> Mediator {
+    pub(super) fn mediator(&self) -> Mediator {
         Mediator::new(self.sys.clone())
     }
 
     /// mdevctl's definitions under this host's root.
-    fn definitions(&self) -> Store {
+    pub(super) fn definitions(&self) -> Store {
         Store::new(self.sys.root())
     }
 
     /// Mediated changes run one at a time: two creates on one parent would race for
     /// its capacity (the kernel would refuse one, but a plan made before must hold).
-    fn mediating(&self) -> MutexGuard<'_, ()> {
+    pub(super) fn mediating(&self) -> MutexGuard<'_, ()> {
         self.mediating.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The gate's verdict on an mdev on parent `p`, a PCI function (named parents
     /// such as `mtty` have no function for it to judge).
-    fn parent_refused(&self, p: &MdevParent) -> Option<Refusal> {
+    pub(super) fn parent_refused(&self, p: &MdevParent) -> Option<Refusal> {
         self.function_refused(Op::MdevCreate, &p.as_str().parse().ok()?)
     }
 
     /// The mediated host as this daemon may use it: parents and vGPU VFs that the
     /// gate refuses are left out, so no plan places a device on them.
-    fn scan_ours(&self) -> MdevHost {
+    pub(super) fn scan_ours(&self) -> MdevHost {
         let mut host = self.mediator().scan();
         host.parents
             .retain(|p| self.parent_refused(&p.name).is_none());
@@ -92,13 +90,74 @@ impl Core {
     }
 
     /// Who leases it, filled in.
-    fn leased(&self, mut info: MdevInfo) -> MdevInfo {
+    pub(super) fn leased(&self, mut info: MdevInfo) -> MdevInfo {
         if let Ok(Some((lease, vm))) = self.store().holder(&info.uuid) {
             (info.lease_id, info.vm_name) = (lease, vm);
         }
         info
     }
 
+    pub(super) fn make(&self, target: &Target, uuid: Option<Uuid>) -> Result<(), ApiError> {
+        let m = self.mediator();
+        match target {
+            Target::Mdev { parent, type_id } => {
+                m.create(parent, type_id, uuid)?;
+            }
+            Target::Vgpu { vf, type_id } => {
+                m.set_vgpu(vf, &type_id.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes what a lease made of a mediated device: removes the mdev it made,
+    /// clears the vGPU type it set; leaves an mdev it took as it was.
+    pub(super) fn unmake(&self, held: &Held) -> Result<(), ApiError> {
+        let m = self.mediator();
+        let r = match held {
+            Held::MadeMdev(uuid) if read_mdev(&self.sys, uuid).is_some() => m.remove(uuid),
+            Held::Vgpu(vf) => m.clear_vgpu(vf),
+            Held::MadeMdev(_) | Held::KeptMdev(_) | Held::Function { .. } => Ok(()),
+        };
+        r.map_err(ApiError::from)
+    }
+
+    /// A device of a lease as the VMMs take it.
+    pub(super) fn held_view(&self, held: &Held) -> LeasedDevice {
+        match held {
+            Held::Function { address, .. } => {
+                let name = address.to_string();
+                let (id, group) = self
+                    .store()
+                    .identity(&name)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                LeasedDevice::new(*address, id, u32::try_from(group).ok())
+            }
+            Held::Vgpu(vf) => {
+                let slot = read_vgpu(&self.sys, vf);
+                let id = slot
+                    .as_ref()
+                    .and_then(|s| s.current)
+                    .map_or_else(String::new, |t| format!("vgpu-{t}"));
+                LeasedDevice::new(*vf, id, slot.and_then(|s| s.iommu_group))
+            }
+            Held::MadeMdev(uuid) | Held::KeptMdev(uuid) => {
+                let m = read_mdev(&self.sys, uuid);
+                LeasedDevice::mdev(
+                    uuid,
+                    m.as_ref()
+                        .map(|m| m.type_id.to_string())
+                        .unwrap_or_default(),
+                    m.and_then(|m| m.iommu_group),
+                )
+            }
+        }
+    }
+}
+
+impl Mediated<'_> {
     /// Active mdevs, then defined ones that are not active.
     pub fn mdevs(&self) -> Result<Vec<MdevInfo>, ApiError> {
         let (defs, _) = self.definitions().list();
@@ -195,7 +254,7 @@ impl Core {
     }
 
     /// One direct mdev operation: serialized, recorded as an intent, audited.
-    fn mdev_op<T>(
+    pub(super) fn mdev_op<T>(
         &self,
         op: &str,
         undo: MdevIntent,
@@ -258,8 +317,6 @@ impl Core {
             .collect()
     }
 
-    // ---- leases of mediated devices ---------------------------------------------
-
     /// A new lease of `req.count` devices of a mediated profile: planned on the
     /// whole host first (nothing is changed unless all fit), then made one by one;
     /// a failure undoes what was made.
@@ -313,9 +370,10 @@ impl Core {
             )));
         }
         planned.extend(kept.iter().map(|u| Held::KeptMdev(*u)));
-        self.new_lease(req, owner, planned.clone(), plan.placements.len(), |i| {
-            self.make(&plan.placements[i].target, planned[i].mdev())
-        })
+        self.pool()
+            .new_lease(req, owner, planned.clone(), plan.placements.len(), |i| {
+                self.make(&plan.placements[i].target, planned[i].mdev())
+            })
     }
 
     /// Of the mdevs `req` names, those that exist: each must be of the profile's
@@ -351,65 +409,6 @@ impl Core {
         Ok(kept)
     }
 
-    fn make(&self, target: &Target, uuid: Option<Uuid>) -> Result<(), ApiError> {
-        let m = self.mediator();
-        match target {
-            Target::Mdev { parent, type_id } => {
-                m.create(parent, type_id, uuid)?;
-            }
-            Target::Vgpu { vf, type_id } => {
-                m.set_vgpu(vf, &type_id.to_string())?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Undoes what a lease made of a mediated device: removes the mdev it made,
-    /// clears the vGPU type it set; leaves an mdev it took as it was.
-    pub(super) fn unmake(&self, held: &Held) -> Result<(), ApiError> {
-        let m = self.mediator();
-        let r = match held {
-            Held::MadeMdev(uuid) if read_mdev(&self.sys, uuid).is_some() => m.remove(uuid),
-            Held::Vgpu(vf) => m.clear_vgpu(vf),
-            Held::MadeMdev(_) | Held::KeptMdev(_) | Held::Function { .. } => Ok(()),
-        };
-        r.map_err(ApiError::from)
-    }
-
-    /// A device of a lease as the VMMs take it.
-    pub(super) fn held_view(&self, held: &Held) -> LeasedDevice {
-        match held {
-            Held::Function { address, .. } => {
-                let name = address.to_string();
-                let (id, group) = self
-                    .store()
-                    .identity(&name)
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
-                LeasedDevice::new(*address, id, u32::try_from(group).ok())
-            }
-            Held::Vgpu(vf) => {
-                let slot = read_vgpu(&self.sys, vf);
-                let id = slot
-                    .as_ref()
-                    .and_then(|s| s.current)
-                    .map_or_else(String::new, |t| format!("vgpu-{t}"));
-                LeasedDevice::new(*vf, id, slot.and_then(|s| s.iommu_group))
-            }
-            Held::MadeMdev(uuid) | Held::KeptMdev(uuid) => {
-                let m = read_mdev(&self.sys, uuid);
-                LeasedDevice::mdev(
-                    uuid,
-                    m.as_ref()
-                        .map(|m| m.type_id.to_string())
-                        .unwrap_or_default(),
-                    m.and_then(|m| m.iommu_group),
-                )
-            }
-        }
-    }
-
     /// Active mdevs that no lease holds and no definition names (see
     /// `Core::quarantine_orphans`).
     pub(super) fn orphan_mdevs(&self) -> Result<Vec<(String, &'static str)>, ApiError> {
@@ -428,219 +427,4 @@ impl Core {
         }
         Ok(found)
     }
-
-    // ---- migration between two daemons ------------------------------------------
-
-    /// An mdev this daemon may migrate: active, and not held by a VMM (which then
-    /// drives the migration itself).
-    fn migratable(&self, uuid: &str) -> Result<(Mdev, VfioMigration, mig::Header), ApiError> {
-        let u = uuid_arg(uuid)?;
-        let m = read_mdev(&self.sys, &u).ok_or(mediated_dev::Error::NoMdev(u))?;
-        self.gate_mdev(Op::Migrate, &u.to_string())
-            .map_err(|r| ApiError::Refused(r.to_string()))?;
-        let path = self
-            .sys
-            .root()
-            .join(m.sysfs_path.strip_prefix("/").unwrap_or(&m.sysfs_path));
-        let dev = VfioMigration::open(&path, uuid)?;
-        let header = mig::mdev_header(&self.sys, &m);
-        Ok((m, dev, header))
-    }
-
-    /// Preflight: whether an mdev can migrate now, and as what.
-    pub fn migration_check(&self, uuid: &str) -> Result<MigrationInfo, ApiError> {
-        let (m, dev, header) = self.migratable(uuid)?;
-        let flags = mig::check(&dev)?;
-        Ok(MigrationInfo {
-            uuid: m.uuid.to_string(),
-            type_id: m.type_id.to_string(),
-            driver: header.driver,
-            driver_version: header.driver_version,
-            flags,
-            features: mig::state::flag_names(flags),
-        })
-    }
-
-    /// Sends an mdev's state to a destination daemon's endpoint. On success the
-    /// source is left stopped; on any failure it runs again.
-    pub fn migrate_out(
-        &self,
-        uuid: &str,
-        endpoint: &str,
-        uid: u32,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<MigrationStats, ApiError> {
-        let r = self.timed("migrate-out", || {
-            let to = Endpoint::new(endpoint)?;
-            let tls = self.migration_tls()?;
-            let _claim = self.claims.wait(vec![uuid.to_string()]);
-            let (_, dev, header) = self.migratable(uuid)?;
-            let (_, stats) = net::send_with_progress(&dev, &header, to.as_str(), &tls, progress)?;
-            Ok(MigrationStats {
-                bytes: stats.bytes,
-                precopy_bytes: stats.precopy_bytes,
-                downtime_us: stats.stopped_for.as_micros() as u64,
-                history: stats.history,
-            })
-        });
-        let outcome = super::verdict(&r);
-        self.audit.record(
-            uid,
-            "migrate-out",
-            "",
-            endpoint,
-            &[uuid.to_string()],
-            &outcome,
-        );
-        r
-    }
-
-    /// Reserves the destination mdev `uuid` (creating it as `type_id` if absent) and
-    /// listens on `listen` for one source. Returns the endpoint and the work that
-    /// receives the state (run it on a thread); a failed receive leaves the device
-    /// reset, or removes it if it was created for this migration.
-    pub fn prepare_incoming(
-        &self,
-        uuid: &str,
-        type_id: &str,
-        listen: &str,
-        uid: u32,
-    ) -> Result<(String, Incoming), ApiError> {
-        let u = uuid_arg(uuid)?;
-        let listen = Endpoint::new(listen)?;
-        if !type_id.is_empty() {
-            MdevTypeId::new(type_id)?;
-        }
-        let existing = read_mdev(&self.sys, &u);
-        let created = existing.is_none();
-        if created && type_id.is_empty() {
-            return Err(ApiError::BadInput(format!(
-                "mdev {u}: it does not exist here; give the type to create it as"
-            )));
-        }
-        let tls = self.migration_tls()?;
-        if let Some(m) = &existing {
-            if !type_id.is_empty() && m.type_id != type_id {
-                return Err(ApiError::Refused(format!(
-                    "mdev {u}: it exists here as {}, not {type_id}; remove it or migrate into another UUID",
-                    m.type_id
-                )));
-            }
-        } else {
-            self.create_for_incoming(u, type_id)?;
-        }
-        let ready = (|| {
-            let (_, dev, header) = self.migratable(uuid)?;
-            mig::check(&dev)?;
-            let listener = TcpListener::bind(listen.as_str()).map_err(|e| {
-                ApiError::BadInput(format!(
-                    "mdev {u}: cannot listen on {listen:?}: {e}; give a free HOST:PORT (port 0 picks one)"
-                ))
-            })?;
-            let endpoint = listener.local_addr().map_err(failed)?.to_string();
-            Ok((endpoint, dev, header, listener))
-        })();
-        let (endpoint, dev, header, listener) = match ready {
-            Ok(r) => r,
-            Err(e) => {
-                if created {
-                    let _ = self.mediator().remove(&u);
-                }
-                return Err(e);
-            }
-        };
-        let body = serde_json::to_string(&MdevIntent {
-            uuid: u,
-            remove_mdev: created,
-            remove_definition: false,
-        })
-        .expect("serializes");
-        let intent = self
-            .store()
-            .begin_intent("mdev-incoming", "", &body, Guards::Kernel)
-            .map_err(failed)?;
-        self.audit.record(
-            uid,
-            "prepare-incoming",
-            "",
-            &endpoint,
-            &[u.to_string()],
-            "ok",
-        );
-        Ok((
-            endpoint,
-            Incoming {
-                uuid: u,
-                tls,
-                created,
-                intent,
-                dev,
-                header,
-                listener,
-            },
-        ))
-    }
-
-    /// The migration stream's TLS credentials, read from the configured files for
-    /// each migration (a renewed certificate needs no restart).
-    fn migration_tls(&self) -> Result<Tls, ApiError> {
-        Ok(Tls::from_files(&self.config().migration.tls)?)
-    }
-
-    fn create_for_incoming(&self, uuid: Uuid, type_id: &str) -> Result<(), ApiError> {
-        let _one = self.mediating();
-        let plan = mediated_dev::plan(
-            &self.scan_ours(),
-            &[Want {
-                profile: type_id.into(),
-                count: 1,
-            }],
-        );
-        match plan.placements.first().map(|p| &p.target) {
-            Some(t @ Target::Mdev { .. }) => self.make(t, Some(uuid)),
-            _ => Err(ApiError::NoDevice(format!(
-                "mdev {uuid}: no parent here has room for type {type_id:?}{}; `vfctl plan {type_id}` shows why",
-                plan.shortfalls
-                    .first()
-                    .map_or_else(String::new, |s| format!(" ({})", s.reason))
-            ))),
-        }
-    }
-
-    /// Receives an incoming migration prepared by [`Core::prepare_incoming`].
-    pub fn receive(&self, inc: Incoming) -> Result<MigrationStats, ApiError> {
-        let r = self.timed("migrate-in", || {
-            let _claim = self.claims.wait(vec![inc.uuid.to_string()]);
-            let limits = &self.config().migration.limits;
-            Ok(net::receive(
-                &inc.dev,
-                &inc.header,
-                &inc.listener,
-                &inc.tls,
-                limits,
-            )?)
-        });
-        drop(inc.dev);
-        if r.is_err() && inc.created {
-            let _ = self.mediator().remove(&inc.uuid);
-        }
-        let _ = self.store().end_intent(inc.intent);
-        r.map(|s| MigrationStats {
-            bytes: s.bytes,
-            precopy_bytes: 0,
-            downtime_us: s.stopped_for.as_micros() as u64,
-            history: s.history,
-        })
-    }
-}
-
-/// A destination waiting for its source.
-pub struct Incoming {
-    pub uuid: Uuid,
-    tls: Tls,
-    created: bool,
-    intent: i64,
-    dev: VfioMigration,
-    header: mig::Header,
-    listener: TcpListener,
 }
