@@ -402,3 +402,180 @@ fn every_entry_point_refuses_every_reason_and_changes_nothing() {
     }
     eprintln!("{report}");
 }
+
+/// The mediated entry points on PCI parents and vGPU VFs, which the emulated host
+/// does not have (its only mdev parent is the virtual mtty): on the fake NVIDIA
+/// hosts only. Each reason crossed with mdev create (the daemon and `vfctl
+/// --direct`), a lease of a mediated profile, and a vGPU type (a lease and `vfctl
+/// --direct vgpu set`).
+#[test]
+fn mediated_entry_points_on_pci_functions_refuse_every_reason() {
+    if std::env::var_os("VFM_REAL_KERNEL").is_some() {
+        eprintln!("SKIPPED: the emulated host has no PCI mdev parent nor vGPU VF");
+        return;
+    }
+    let mdev_parent = "0000:af:00.0";
+    let t4 = vf_provisioner::layouts::nvidia_mdev();
+    struct Try {
+        why: &'static str,
+        config: String,
+        boot_vga: bool,
+        says: &'static str,
+    }
+    let tries = [
+        Try {
+            why: "excluded parent",
+            config: format!("exclude = [\"{mdev_parent}\"]\n"),
+            boot_vga: false,
+            says: "excluded",
+        },
+        Try {
+            why: "the host's display",
+            config: String::new(),
+            boot_vga: true,
+            says: "boot display",
+        },
+    ];
+    for t in &tries {
+        let dir = tempfile::tempdir().unwrap();
+        let mut layout = t4.clone();
+        if t.boot_vga {
+            // A VGA-class GPU (only those have `boot_vga`) that the firmware booted on.
+            let gpu = layout
+                .functions
+                .iter_mut()
+                .find(|f| f.address == addr(mdev_parent));
+            let gpu = gpu.unwrap();
+            (gpu.class, gpu.boot_vga) = ("030000".into(), true);
+        }
+        layout.build(dir.path()).unwrap();
+        let core = fake_core(dir.path(), &t.config);
+        let e = core
+            .mediated()
+            .create_mdev(mdev_parent, "nvidia-222", "", "", 0)
+            .unwrap_err();
+        assert!(
+            matches!(e, ApiError::Refused(_)) && e.to_string().contains(t.says),
+            "{}: {e}",
+            t.why
+        );
+        let e = core
+            .pool()
+            .provision(mediated_request("nvidia-222"), 0)
+            .unwrap_err();
+        assert!(
+            matches!(e, ApiError::BadInput(_) | ApiError::NoDevice(_)),
+            "{}: {e}",
+            t.why
+        );
+        let (code, err) = vfctl_direct(
+            dir.path(),
+            &t.config,
+            &[
+                "mdev",
+                "create",
+                "--parent",
+                mdev_parent,
+                "--type",
+                "nvidia-222",
+            ],
+        );
+        assert!(code != 0 && err.contains(t.says), "{}: vfctl: {err}", t.why);
+        assert!(
+            core.mediated().mdevs().unwrap().is_empty(),
+            "{}: no mdev made",
+            t.why
+        );
+    }
+    // vGPU types per VF: an excluded PF's VFs, and a VF leased whole.
+    let a100 = vf_provisioner::layouts::nvidia_dc();
+    let pf = "0000:ca:00.0";
+    for (why, exclude, says) in [
+        ("excluded PF", true, "excluded"),
+        ("VF leased whole", false, "leased to VM"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        a100.build(dir.path()).unwrap();
+        let plain = Provisioner::new(
+            vf_provisioner::Sysfs::open_fake(dir.path()).unwrap(),
+            DeviceFilter::default(),
+        );
+        let vfs = plain.enable_vfs(&addr(pf), Some(1)).unwrap();
+        let vf = vfs[0].to_string();
+        let config = if exclude {
+            format!("exclude = [\"{pf}\"]\n")
+        } else {
+            String::new()
+        };
+        let core = fake_core(dir.path(), &config);
+        if !exclude {
+            core.pool()
+                .provision(named("whole", &vf, false), 0)
+                .unwrap();
+        }
+        let e = core
+            .pool()
+            .provision(mediated_request("NVIDIA A100D-20C"), 0)
+            .unwrap_err();
+        assert!(
+            matches!(e, ApiError::BadInput(_) | ApiError::NoDevice(_)),
+            "{why}: {e}"
+        );
+        let (code, err) = vfctl_direct(
+            dir.path(),
+            &config,
+            &["vgpu", "set", &vf, "NVIDIA A100D-20C"],
+        );
+        if exclude {
+            // Direct mode knows no leases; the configuration it does know.
+            assert!(code != 0 && err.contains(says), "{why}: vfctl: {err}");
+        }
+        let slots =
+            mediated_dev::Mediator::new(vf_provisioner::Sysfs::open_fake(dir.path()).unwrap())
+                .scan()
+                .vgpus;
+        let typed = slots.iter().filter(|s| s.current.is_some()).count();
+        assert_eq!(typed, usize::from(!exclude && code == 0), "{why}: {says}");
+    }
+}
+
+fn fake_core(root: &std::path::Path, config: &str) -> Core {
+    let state = root.join("state");
+    let text = format!("{config}[daemon]\nstate_dir = \"{}\"\n", state.display());
+    let config = Config::parse(&text, std::path::Path::new("test")).expect("config");
+    let sys = vf_provisioner::Sysfs::open_fake(root).unwrap();
+    let core = Core::open(sys, config, Audit::open(None).unwrap()).expect("core");
+    core.restore().recover().expect("recover");
+    core
+}
+
+fn mediated_request(profile: &str) -> Request {
+    Request {
+        request_id: format!("m-{profile}"),
+        vm_name: "m".into(),
+        profile: profile.into(),
+        count: 1,
+        ..Request::default()
+    }
+}
+
+/// `vfctl --direct` in this process: its exit code and what it wrote to stderr.
+fn vfctl_direct(root: &std::path::Path, config: &str, args: &[&str]) -> (i32, String) {
+    let cfg = root.join("vfctl.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let mut argv: Vec<std::ffi::OsString> = ["vfctl", "--direct", "--fake-kernel", "--root"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    argv.push(root.into());
+    argv.extend(["--config".into(), cfg.into_os_string()]);
+    argv.extend(args.iter().map(Into::into));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = vfio_manager::cli::main(argv, &mut out, &mut err);
+    let code = if code == std::process::ExitCode::SUCCESS {
+        0
+    } else {
+        1
+    };
+    (code, String::from_utf8_lossy(&err).into_owned())
+}

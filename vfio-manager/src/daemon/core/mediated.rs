@@ -184,7 +184,8 @@ impl Mediated<'_> {
             (uuid_arg(uuid)?, false)
         };
         if let Some(r) = self.parent_refused(&parent) {
-            return Err(ApiError::Refused(format!("mdev parent {r}")));
+            let e = ApiError::Refused(format!("mdev parent {r}"));
+            return Err(self.refused("mdev-create", uid, &uuid.to_string(), e));
         }
         let start = match define {
             "" => None,
@@ -229,8 +230,10 @@ impl Mediated<'_> {
     /// its definition.
     pub fn remove_mdev(&self, uuid: &str, undefine: bool, uid: u32) -> Result<(), ApiError> {
         let uuid = uuid_arg(uuid)?;
-        self.gate_mdev(Op::MdevRemove, &uuid.to_string())
-            .map_err(|r| ApiError::Refused(r.to_string()))?;
+        if let Err(r) = self.gate_mdev(Op::MdevRemove, &uuid.to_string()) {
+            let e = ApiError::Refused(r.to_string());
+            return Err(self.refused("mdev-remove", uid, &uuid.to_string(), e));
+        }
         let undo = MdevIntent {
             uuid,
             remove_mdev: true,
@@ -251,6 +254,13 @@ impl Mediated<'_> {
             }
             Ok(())
         })
+    }
+
+    /// A refusal before an operation started, audited like the operation would be.
+    fn refused(&self, op: &str, uid: u32, name: &str, e: ApiError) -> ApiError {
+        self.audit
+            .record(uid, op, "", "", &[name.to_string()], &e.to_string());
+        e
     }
 
     /// One direct mdev operation: serialized, recorded as an intent, audited.
