@@ -375,14 +375,18 @@ impl Provisioner {
     /// The configuration's verdict: an excluded PF covers its VFs and every mdev on
     /// them; otherwise a function must be a GPU or its PF managed.
     pub fn config_refusal(&self, f: &PciFunction) -> Option<Reason> {
-        let read;
-        let pf = match f.physfn {
-            Some(p) => {
-                read = PciFunction::read_ids(&self.sys, &p);
-                read.as_ref()?
-            }
-            None => f,
+        let owner = match f.physfn {
+            // A VF whose PF cannot be read is not judged ours: it is going away.
+            Some(p) => match PciFunction::read_ids(&self.sys, &p) {
+                Some(pf) => Some(pf),
+                None => {
+                    let id = "(unreadable)".into();
+                    return Some(Reason::NotManaged { pf: p, id });
+                }
+            },
+            None => None,
         };
+        let pf = owner.as_ref().unwrap_or(f);
         let filter = &self.filter;
         if filter.is_excluded(pf) || filter.is_excluded(f) {
             let pf = (pf.address != f.address).then_some(pf.address);
