@@ -357,11 +357,20 @@ impl Mediator {
     }
 
     /// Starts every definition marked `auto` (boot). One failure does not stop the rest.
-    pub fn start_auto(&self, store: &crate::mdevctl::Store) -> Vec<(Uuid, Result<Started>)> {
+    /// `veto`: the caller's policy, asked first for each (why not, or `None`).
+    pub fn start_auto(
+        &self,
+        store: &crate::mdevctl::Store,
+        veto: &dyn Fn(&crate::mdevctl::Definition) -> Option<String>,
+    ) -> Vec<(Uuid, Result<Started>)> {
         let (defs, _) = store.list();
+        let start = |d: &crate::mdevctl::Definition| match veto(d) {
+            Some(why) => Err(Error::refused(d.uuid, why, "it is not started")),
+            None => self.start(d),
+        };
         defs.iter()
             .filter(|d| d.config.start == crate::mdevctl::Start::Auto)
-            .map(|d| (d.uuid, self.start(d)))
+            .map(|d| (d.uuid, start(d)))
             .collect()
     }
 }

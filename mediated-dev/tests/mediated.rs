@@ -147,13 +147,13 @@ fn definitions_are_mdevctl_files_and_start_at_boot() {
     assert_eq!(problems.len(), 1);
     let dump = mediated_dev::mdevctl::dump_json(&defs);
     assert_eq!(dump[0]["mtty"][0][u1]["mdev_type"], "mtty-2");
-    let started = m.start_auto(&store);
+    let started = m.start_auto(&store, &|_| None);
     assert_eq!(started.len(), 1);
     assert!(started[0].1.is_ok());
     assert_eq!(m.scan().mdevs[0].uuid.to_string(), u1);
     // Starting again leaves the active one alone.
     assert!(matches!(
-        m.start_auto(&store)[0].1,
+        m.start_auto(&store, &|_| None)[0].1,
         Ok(mediated_dev::ops::Started::AlreadyActive(_))
     ));
     // The same UUID on another parent is refused.
@@ -187,7 +187,7 @@ fn hostile_definition_files_are_problems_and_write_nothing_outside_the_mdev() {
     let (defs, problems) = store.list();
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].reason.contains("mdev type"), "{problems:?}");
-    let started = m.start_auto(&store);
+    let started = m.start_auto(&store, &|_| None);
     assert_eq!(started.len(), 1);
     let e = started[0].1.as_ref().unwrap_err();
     assert_eq!(e.kind(), Kind::BadInput, "{e}");

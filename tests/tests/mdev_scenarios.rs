@@ -160,7 +160,7 @@ fn auto_definitions_start_with_their_uuid_and_type() {
     };
     assert_eq!(def.config.start, Start::Auto);
     store.write(&def).unwrap();
-    let started = m.start_auto(&store);
+    let started = m.start_auto(&store, &|_| None);
     assert!(started.iter().all(|(_, r)| r.is_ok()), "{started:?}");
     let active = m.scan().mdevs;
     assert!(active

@@ -129,6 +129,26 @@ fn an_excluded_mdev_parent_gets_no_mdev_from_any_path() {
     assert_eq!(error_name(&e), "BadInput", "{e}");
     assert_eq!(capture(&d), before, "a refused request changed the host");
     assert!(c.mdevs().unwrap().is_empty());
+    // An mdevctl definition to start at boot on it is not started either.
+    let u = uuid::Uuid::new_v4();
+    let def = mediated_dev::Definition {
+        uuid: u,
+        parent: parent.parse().unwrap(),
+        config: mediated_dev::mdevctl::Config {
+            mdev_type: "nvidia-222".parse().unwrap(),
+            start: mediated_dev::Start::Auto,
+            attrs: vec![],
+        },
+    };
+    mediated_dev::Store::new(&d.root).write(&def).unwrap();
+    let mut d = d;
+    d.restart();
+    let log = d.log_text();
+    assert!(
+        log.contains(&format!("mdev {u}")) && log.contains("excluded"),
+        "{log}"
+    );
+    assert!(bus.client().mdevs().unwrap().iter().all(|m| !m.active));
 }
 
 #[test]

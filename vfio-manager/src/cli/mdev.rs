@@ -177,12 +177,18 @@ pub fn mdev(m: &Mediator, p: &Provisioner, cmd: &MdevCommand, mut r: Renderer) -
         MdevCommand::Start { uuid: Some(u) } => {
             let uuid = parse_uuid(u)?;
             let def = store.get(&uuid).ok_or(mediated_dev::Error::NoMdev(uuid))?;
+            gate(p, Op::MdevCreate, def.parent.as_str().parse().ok())?;
             m.start(&def)?;
             r.done(&format!("started mdev {uuid}"))
         }
         MdevCommand::Start { uuid: None } => {
             let mut code = exit::OK;
-            for (uuid, res) in m.start_auto(&store) {
+            let veto = |d: &Definition| {
+                gate(p, Op::MdevCreate, d.parent.as_str().parse().ok())
+                    .err()
+                    .map(|e| e.to_string())
+            };
+            for (uuid, res) in m.start_auto(&store, &veto) {
                 match res {
                     Ok(_) => r.line(&format!("{uuid}: started"))?,
                     Err(e) => {

@@ -320,8 +320,9 @@ impl Mediated<'_> {
     /// Starts every `auto` definition (boot), as mdevctl's udev rule would.
     pub fn start_defined(&self) -> Vec<String> {
         let _one = self.mediating();
+        let veto = |d: &Definition| self.parent_refused(&d.parent).map(|r| r.to_string());
         self.mediator()
-            .start_auto(&self.definitions())
+            .start_auto(&self.definitions(), &veto)
             .into_iter()
             .map(|(uuid, r)| format!("restore: mdev {uuid}: {}", super::outcome(&r)))
             .collect()
