@@ -101,6 +101,39 @@ fn hostdevs_of_managed_devices_are_leased_exactly() {
 }
 
 #[test]
+fn a_gpu_with_its_audio_function_is_leased_and_returned_as_one_unit() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::domestic_gpu(), "", &[]);
+    let (gpu, audio) = ("0000:3b:00.0", "0000:3b:00.1");
+    let only_gpu = format!(
+        "<domain type='qemu'><name>vm1</name><uuid>{UUID}</uuid><devices>{}</devices></domain>",
+        hostdev(gpu)
+    );
+    // The GPU alone would leave its group's other member to the host: refused,
+    // naming it and the fix.
+    let r = hook(&bus.address, "prepare", "begin", &only_gpu);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains(audio) && r.stderr.contains("name every function of the group"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(driver(&d.root, gpu).as_deref(), Some("mtgpu"));
+    let both = only_gpu.replace("</devices>", &format!("{}</devices>", hostdev(audio)));
+    let r = hook(&bus.address, "prepare", "begin", &both);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let l = leases_of_vm1(&bus);
+    assert_eq!(addrs(&l[0]), [gpu, audio]);
+    for a in [gpu, audio] {
+        assert_eq!(driver(&d.root, a).as_deref(), Some("vfio-pci"), "{a}");
+    }
+    assert_eq!(hook(&bus.address, "release", "end", &both).code, 0);
+    assert!(leases_of_vm1(&bus).is_empty());
+    assert_eq!(driver(&d.root, gpu).as_deref(), Some("mtgpu"));
+    assert_eq!(driver(&d.root, audio).as_deref(), Some("snd_hda_intel"));
+}
+
+#[test]
 fn a_domain_whose_unmanaged_hostdevs_are_none_of_ours_gets_no_lease() {
     let (bus, d) = start();
     let before = common::vfctl(&bus, &["--output", "json", "list"]);

@@ -579,3 +579,48 @@ fn vfctl_direct(root: &std::path::Path, config: &str, args: &[&str]) -> (i32, St
     };
     (code, String::from_utf8_lossy(&err).into_owned())
 }
+
+/// A function that shares its IOMMU group is leased only with every other member
+/// (a GPU with its audio function; here the emulated host's two-function slot):
+/// named alone it is refused, naming the other; named together both go to
+/// vfio-pci, and both come back to their drivers at release.
+#[test]
+fn a_whole_group_is_leased_and_returned_as_one_unit() {
+    let env = Env::new();
+    let _r = Restore(&env);
+    let state = tempfile::tempdir().unwrap();
+    let config = format!("manage = [\"{MF0}\", \"{MF1}\"]\n");
+    let core = core_with(&env, &config, &state);
+    core.restore().recover().unwrap();
+    let before = (env.driver(MF0), env.driver(MF1));
+    let e = core
+        .pool()
+        .provision(named("alone", MF0, false), 0)
+        .unwrap_err();
+    assert!(
+        matches!(e, ApiError::Refused(_)) && e.to_string().contains(MF1),
+        "{e}"
+    );
+    assert_eq!(
+        (env.driver(MF0), env.driver(MF1)),
+        before,
+        "refused: unchanged"
+    );
+    let both = Request {
+        devices: vec![MF0.into(), MF1.into()],
+        count: 2,
+        ..named("whole", MF0, false)
+    };
+    let (lease, _) = core.pool().provision(both, 0).unwrap();
+    assert_eq!(lease.devices.len(), 2);
+    for a in [MF0, MF1] {
+        assert_eq!(env.driver(a).as_deref(), Some("vfio-pci"), "{a}");
+    }
+    let id = LeaseRef::Lease(lease.id.parse().unwrap());
+    core.pool().release(&id, 0).unwrap();
+    assert_eq!(
+        (env.driver(MF0), env.driver(MF1)),
+        before,
+        "returned together"
+    );
+}

@@ -17,7 +17,10 @@ use crate::host::{group_members, PciFunction};
 pub enum Op {
     /// Hand a function or mdev to a VM. `adopt`: a running VM already holds it
     /// (libvirt reconnecting), so held open and quarantined are expected.
-    Lease { adopt: bool },
+    /// `whole_group`: the same lease takes every other member of its IOMMU group
+    /// (a GPU with its audio function), so it need not be alone in it; the caller
+    /// asks the gate for each of them too.
+    Lease { adopt: bool, whole_group: bool },
     /// Move a function to vfio-pci; `whole_group` moves the members in the way too.
     Bind { whole_group: bool },
     /// Move a function off vfio-pci to a host driver.
@@ -68,9 +71,10 @@ impl Op {
         };
         let none = Checks::default();
         match self {
-            Op::Lease { adopt } => Checks {
+            Op::Lease { adopt, whole_group } => Checks {
                 quarantined: !adopt,
                 held_open: !adopt,
+                group: !whole_group,
                 ..all
             },
             Op::Bind { .. } => Checks {
@@ -227,6 +231,9 @@ impl Reason {
                 "find the cause, then `vfctl orphan free {name}` returns it to the host or `vfctl orphan adopt {name}` offers it again"
             ),
             Reason::NoIommu => "boot with intel_iommu=on iommu=pt (or amd_iommu=on) and check with `vfctl check`".into(),
+            Reason::SharedGroup { .. } if matches!(op, Op::Lease { .. }) => {
+                "name every function of the group in the lease (a GPU with its audio function), or pick a function alone in its group".into()
+            }
             Reason::SharedGroup { .. } => {
                 "bind the whole group (--whole-group) or pick a function alone in its group".into()
             }
@@ -392,13 +399,26 @@ impl Provisioner {
             let pf = (pf.address != f.address).then_some(pf.address);
             return Some(Reason::Excluded { pf });
         }
-        if !filter.is_managed(pf) && !filter.is_gpu(f) {
+        if !filter.is_managed(pf) && !filter.is_gpu(f) && !self.beside_a_gpu(f) {
             return Some(Reason::NotManaged {
                 pf: pf.address,
                 id: pf.id.clone(),
             });
         }
         None
+    }
+
+    /// Whether another function of `f`'s slot is a GPU: the audio (or USB)
+    /// function of a graphics card is the card's, and goes where it goes.
+    fn beside_a_gpu(&self, f: &PciFunction) -> bool {
+        let a = f.address;
+        (0..8u8)
+            .filter(|&n| n != a.function)
+            .filter_map(|n| {
+                let other = PciAddress::new(a.domain, a.bus, a.device, n);
+                PciFunction::read_ids(&self.sys, &other)
+            })
+            .any(|g| self.filter.is_gpu(&g) && !self.filter.is_excluded(&g))
     }
 
     fn group_refusal(&self, op: Op, s: Subject<'_>) -> Option<Reason> {

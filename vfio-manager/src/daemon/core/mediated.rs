@@ -412,7 +412,10 @@ impl Mediated<'_> {
                     m.type_id, req.profile
                 )));
             }
-            let op = Op::Lease { adopt: req.adopt };
+            let op = Op::Lease {
+                adopt: req.adopt,
+                whole_group: false,
+            };
             self.gate_mdev(op, &u.to_string())
                 .map_err(|r| super::refused_for(&req.vm_name, r))?;
             kept.push(u);

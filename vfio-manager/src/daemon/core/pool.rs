@@ -247,7 +247,11 @@ impl Pool<'_> {
             .or_insert_with(|| PciFunction::read_ids(&self.sys, &pf.parse().ok()?));
         let pf = pf.as_ref().filter(|pf| profile_matches(&req.profile, pf));
         let f = pf.and_then(|_| PciFunction::read_brief(&self.sys, &addr.parse().ok()?));
-        match f.map(|f| self.guarded.gate_function(Op::Lease { adopt: false }, f)) {
+        let op = Op::Lease {
+            adopt: false,
+            whole_group: false,
+        };
+        match f.map(|f| self.guarded.gate_function(op, f)) {
             Some(Ok(passed)) => pick.free.push(passed),
             _ => pick.claim.remove_last(),
         }
@@ -284,11 +288,26 @@ impl Pool<'_> {
                     pf.id, req.profile
                 )));
             }
-            let op = Op::Lease { adopt: req.adopt };
+            let op = Op::Lease {
+                adopt: req.adopt,
+                whole_group: self.group_named(&f, req),
+            };
             let passed = self.guarded.gate_function(op, f);
             taken.push(passed.map_err(|r| refused_for(&req.vm_name, r))?);
         }
         Ok((taken, claim))
+    }
+
+    /// Whether `req` names every other member of `f`'s IOMMU group too: then the
+    /// lease takes the group as one unit (a GPU with its HDMI audio function).
+    fn group_named(&self, f: &PciFunction, req: &Request) -> bool {
+        let Some(g) = f.iommu_group else {
+            return false;
+        };
+        let named: Vec<PciAddress> = req.devices.iter().filter_map(|d| d.parse().ok()).collect();
+        vf_provisioner::host::group_members(&self.sys, g)
+            .iter()
+            .all(|m| named.contains(m))
     }
 
     fn enable_idle_pfs(&self, req: &Request) {
