@@ -28,11 +28,13 @@ pub enum ChError {
     },
 }
 
-/// What `vm.add-device` answers: the device id and its address in the guest.
+/// What `vm.add-device` answers: the device id and its address in the guest. A VM
+/// created but not booted answers 204 with no body: the device went into its
+/// configuration and is opened at boot, with no guest address yet (`bdf: None`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct PciDeviceInfo {
     pub id: String,
-    pub bdf: String,
+    pub bdf: Option<String>,
 }
 
 /// A device the VM has: its id and, for VFIO devices, the host sysfs path.
@@ -60,6 +62,10 @@ impl ChClient {
             "vm.add-device",
             Some(json!({ "path": path, "id": id })),
         )?;
+        if body.is_null() {
+            let id = id.to_string();
+            return Ok(PciDeviceInfo { id, bdf: None });
+        }
         serde_json::from_value(body.clone())
             .map_err(|e| self.api("vm.add-device", format!("unexpected answer {body}: {e}")))
     }

@@ -24,6 +24,9 @@ struct Vm {
     devices: Mutex<BTreeMap<String, String>>,
     /// Set: the VMM exits on the next vm.info, unanswered (its socket goes).
     exit_on_info: AtomicBool,
+    /// Set: created, not booted. cloud-hypervisor then answers vm.add-device with
+    /// 204 and no body, and keeps the device in the configuration for the boot.
+    not_booted: AtomicBool,
 }
 
 /// Serves cloud-hypervisor's API on `socket` until the socket file is removed.
@@ -73,7 +76,11 @@ fn serve(s: UnixStream, vm: &Vm, fail: Option<&str>, socket: &Path) {
                 let id = req["id"].as_str().unwrap().to_string();
                 devs.insert(id.clone(), p);
                 let bdf = format!("0000:00:{:02x}.0", 5 + devs.len());
-                (200, json!({ "id": id, "bdf": bdf }).to_string())
+                if vm.not_booted.load(Ordering::SeqCst) {
+                    (204, String::new())
+                } else {
+                    (200, json!({ "id": id, "bdf": bdf }).to_string())
+                }
             }
         }
         "/api/v1/vm.remove-device" => {
@@ -87,7 +94,7 @@ fn serve(s: UnixStream, vm: &Vm, fail: Option<&str>, socket: &Path) {
                 .collect();
             (
                 200,
-                json!({ "state": "Running", "config": { "devices": list } }).to_string(),
+                json!({ "state": if vm.not_booted.load(Ordering::SeqCst) { "Created" } else { "Running" }, "config": { "devices": list } }).to_string(),
             )
         }
         "/api/v1/vmm.ping" => (200, json!({ "version": "v45.0" }).to_string()),
@@ -154,6 +161,35 @@ fn attach_hot_adds_leased_devices_and_detach_removes_and_releases() {
     for a in &leased {
         assert_ne!(driver(&d.root, a).as_deref(), Some("vfio-pci"));
     }
+}
+
+#[test]
+fn a_vm_not_yet_booted_takes_the_devices_into_its_configuration() {
+    let bus = Bus::open();
+    let _d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let sock = socket(&_d);
+    let vm = api_server(&sock, None);
+    vm.not_booted.store(true, Ordering::SeqCst);
+    let s = sock.to_str().unwrap();
+    let (code, out, err) = vfctl(&bus, &["attach", "--ch-socket", s, "--vm", "ch1"]);
+    assert_eq!(code, 0, "an empty 204 is success: {err}");
+    assert!(out.contains("opens it at boot"), "{out}");
+    let lease = bus.client().leases().unwrap().remove(0);
+    let id = vfio_manager::ch::device_id(&lease.devices[0].address);
+    assert!(
+        vm.devices.lock().unwrap().contains_key(&id),
+        "in the VM's configuration"
+    );
+    let (code, out, err) = vfctl(
+        &bus,
+        &["-o", "json", "attach", "--ch-socket", s, "--vm", "ch1"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["devices"][0]["bdf"], Value::Null, "{out}");
+    let (code, _, err) = vfctl(&bus, &["detach", "--ch-socket", s, "--vm", "ch1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(bus.client().leases().unwrap().is_empty());
 }
 
 #[test]

@@ -288,10 +288,11 @@ impl Renderer<'_> {
         }
         self.line(&format!("lease {} for VM {}", lease.id, lease.vm_name))?;
         for (d, a) in lease.devices.iter().zip(added) {
-            self.line(&format!(
-                "  {} -> {} at {} in the guest",
-                d.address, a.id, a.bdf
-            ))?;
+            let at = a.bdf.as_ref().map_or_else(
+                || "in the VM's configuration (the VM is not booted; it opens it at boot)".into(),
+                |b| format!("at {b} in the guest"),
+            );
+            self.line(&format!("  {} -> {} {at}", d.address, a.id))?;
         }
         Ok(exit::OK)
     }
