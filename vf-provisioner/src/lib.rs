@@ -13,6 +13,7 @@
 pub mod address;
 pub mod error;
 pub mod fake;
+pub mod health;
 pub mod holders;
 pub mod host;
 pub mod layouts;

@@ -15,6 +15,7 @@
 //! audit_log = "/var/log/vfio-manager/audit.log"
 //! state_dir = "/var/lib/vfio-manager"
 //! released_retention_days = 90     # a released request id is refused this long; 0: for ever
+//! degraded_correctable_errors = 100 # correctable PCIe errors (AER) from which a device shows degraded
 //! [migration]                       # mutual TLS; these are the defaults (libvirt's PKI)
 //! ca = "/etc/pki/CA/cacert.pem"
 //! server_cert = "/etc/pki/libvirt/servercert.pem"   # presented when receiving
@@ -79,6 +80,7 @@ struct RawDaemon {
     audit_log: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     released_retention_days: Option<u32>,
+    degraded_correctable_errors: Option<u64>,
 }
 
 /// The validated configuration.
@@ -120,6 +122,9 @@ pub struct DaemonConfig {
     /// again (idempotency); after that the table forgets it and it may name a new
     /// lease. 0 remembers every one (the table then grows with every lease).
     pub released_retention_days: u32,
+    /// Correctable PCIe errors (AER, since boot) from which a device is shown
+    /// degraded; any uncorrectable one makes it degraded.
+    pub degraded_correctable_errors: u64,
 }
 
 impl Default for DaemonConfig {
@@ -132,6 +137,7 @@ impl Default for DaemonConfig {
             audit_log: "/var/log/vfio-manager/audit.log".into(),
             state_dir: "/var/lib/vfio-manager".into(),
             released_retention_days: 90,
+            degraded_correctable_errors: 100,
         }
     }
 }
@@ -271,6 +277,10 @@ impl Config {
                     .daemon
                     .released_retention_days
                     .unwrap_or(d.released_retention_days),
+                degraded_correctable_errors: raw
+                    .daemon
+                    .degraded_correctable_errors
+                    .unwrap_or(d.degraded_correctable_errors),
             },
         })
     }

@@ -322,6 +322,7 @@ impl FakeKernel {
         write_file(&dir.join("vendor"), &format!("0x{vendor}\n"))?;
         write_file(&dir.join("device"), &format!("0x{device}\n"))?;
         write_file(&dir.join("class"), &format!("0x{}\n", f.class))?;
+        fs::write(dir.join("config"), config_space(vendor, device, &f.class))?;
         write_file(&dir.join("uevent"), &uevent(f, vendor, device)?)?;
         write_file(&dir.join("numa_node"), &format!("{}\n", f.numa_node))?;
         write_file(&dir.join("driver_override"), "(null)\n")?;
@@ -698,6 +699,8 @@ impl FakeKernel {
                     &format!("{}\n", if v.is_empty() { "(null)" } else { v }),
                 )
             }
+            // A device that stopped answering fails its reset, as the kernel's does.
+            "reset" if self.real_dev(a).join(".fake_dead").exists() => Err(errno(libc::EIO)),
             "reset" => {
                 let count: u64 =
                     sysfs::read_dec(&self.real_dev(a).join(".fake_resets")).unwrap_or(0);
@@ -843,6 +846,34 @@ pub fn hold_group(root: &Path, pid: u32, comm: &str, group: u32) -> io::Result<(
 /// Ends process `pid` (closes everything it held).
 pub fn end_process(root: &Path, pid: u32) -> io::Result<()> {
     fs::remove_dir_all(root.join("proc").join(pid.to_string()))
+}
+
+/// The first 64 bytes of a function's configuration space, as `config` shows them:
+/// vendor and device ids, then the class code; the rest zero.
+fn config_space(vendor: &str, device: &str, class: &str) -> Vec<u8> {
+    let mut c = vec![0u8; 64];
+    let hex = |s: &str| u32::from_str_radix(s, 16).unwrap_or(0);
+    c[0..2].copy_from_slice(&(hex(vendor) as u16).to_le_bytes());
+    c[2..4].copy_from_slice(&(hex(device) as u16).to_le_bytes());
+    c[9..12].copy_from_slice(&hex(class).to_le_bytes()[..3]);
+    c
+}
+
+/// Makes function `a` stop answering, as a device that fell off the bus: its
+/// configuration space reads all ones and its reset fails (EIO).
+pub fn fail_device(root: &Path, a: &PciAddress) -> io::Result<()> {
+    let dir = root.join(DEVICES).join(a.to_string());
+    fs::write(dir.join("config"), vec![0xff; 64])?;
+    write_file(&dir.join(".fake_dead"), "")
+}
+
+/// Makes a function failed by [`fail_device`] answer again, with `id` (vvvv:dddd)
+/// and `class`.
+pub fn heal_device(root: &Path, a: &PciAddress, id: &str, class: &str) -> io::Result<()> {
+    let dir = root.join(DEVICES).join(a.to_string());
+    let (vendor, device) = id.split_once(':').unwrap_or((id, "0"));
+    fs::write(dir.join("config"), config_space(vendor, device, class))?;
+    fs::remove_file(dir.join(".fake_dead"))
 }
 
 /// How many times the fake kernel reset a function.

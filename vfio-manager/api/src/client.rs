@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use zbus::zvariant::Value;
 
 use crate::error::ErrorName;
-use crate::{DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request, BUS_NAME};
+use crate::{
+    DeviceInfo, HealthInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request, BUS_NAME,
+};
 
 #[zbus::proxy(
     interface = "org.vfiomanager.VfioManager1.Manager",
@@ -41,6 +43,9 @@ pub trait Manager {
     fn migration_check(&self, uuid: &str) -> zbus::Result<MigrationInfo>;
     fn prepare_incoming(&self, uuid: &str, type_id: &str, listen: &str) -> zbus::Result<String>;
     fn migrate_out(&self, uuid: &str, endpoint: &str) -> zbus::Result<MigrationStats>;
+    fn health(&self) -> zbus::Result<Vec<HealthInfo>>;
+    fn quarantine(&self, name: &str, reason: &str) -> zbus::Result<()>;
+    fn clear(&self, name: &str) -> zbus::Result<()>;
     fn prepare_incoming_once(
         &self,
         uuid: &str,
@@ -214,6 +219,18 @@ impl Client {
 
     pub fn migrate_out(&self, uuid: &str, endpoint: &str) -> Result<MigrationStats> {
         self.run(self.proxy.migrate_out(uuid, endpoint))
+    }
+
+    pub fn health(&self) -> Result<Vec<HealthInfo>> {
+        self.run(self.proxy.health())
+    }
+
+    pub fn quarantine(&self, name: &str, reason: &str) -> Result<()> {
+        self.run(self.proxy.quarantine(name, reason))
+    }
+
+    pub fn clear(&self, name: &str) -> Result<()> {
+        self.run(self.proxy.clear(name))
     }
 
     /// The endpoint and the source's one-time credentials.

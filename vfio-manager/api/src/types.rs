@@ -111,6 +111,23 @@ impl LeasedDevice {
     }
 }
 
+/// A device's health (`Health`): a managed function, or a held-back mdev.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct HealthInfo {
+    /// A PCI address or an mdev UUID.
+    pub name: String,
+    /// `healthy`, `degraded`, `failed`, `quarantined` or `gone`.
+    pub state: String,
+    /// Why it is in that state (empty when healthy).
+    pub reason: String,
+    /// When it entered a held-back state (seconds since the epoch; 0: not held back).
+    pub since: u64,
+    /// PCIe errors the kernel counted since boot (AER).
+    pub aer_correctable: u64,
+    pub aer_nonfatal: u64,
+    pub aer_fatal: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct Lease {
     pub id: String,

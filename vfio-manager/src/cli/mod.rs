@@ -209,6 +209,23 @@ enum Command {
     /// Adopt or free a quarantined device (daemon only; audited).
     #[command(subcommand)]
     Orphan(OrphanCommand),
+    /// Each managed device's health: healthy, degraded (PCIe errors), failed,
+    /// quarantined or gone, with the reason and the kernel's AER error counts
+    /// (daemon only; changes nothing).
+    Health,
+    /// Hold a device back (a PCI address or an mdev UUID): it is leased, bound
+    /// and given mdevs to nobody until `vfctl clear` (daemon only; audited). A
+    /// leased device keeps its lease.
+    Quarantine {
+        device: String,
+        /// Why, for `vfctl health` and the audit log (1-256 bytes).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Probe a held-back device (failed or quarantined) again and, if it answers,
+    /// offer it again; one that still fails its probe stays held back (daemon
+    /// only; audited).
+    Clear { device: String },
     /// Configuration file commands (change nothing).
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -488,6 +505,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         | Command::Detach { .. }
         | Command::Orphans
         | Command::Orphan(_)
+        | Command::Health
+        | Command::Quarantine { .. }
+        | Command::Clear { .. }
         | Command::Leases => Err(vf_provisioner::Error::InvalidInput {
             what: "mode",
             input: "--direct".into(),
@@ -536,6 +556,9 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Leases
             | Command::Orphans
             | Command::Orphan(_)
+            | Command::Health
+            | Command::Quarantine { .. }
+            | Command::Clear { .. }
             | Command::Migrate(_)
     ) || matches!(c, Command::Mdev(m) if mdev::through_daemon(m))
 }
@@ -553,6 +576,19 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::List { .. } => r.devices(&c.devices()?),
         Command::Leases => r.leases(&c.leases()?),
         Command::Orphans => r.orphans(&c.orphans()?),
+        Command::Health => r.health(&c.health()?),
+        Command::Quarantine { device, reason } => {
+            c.quarantine(device, reason)?;
+            r.done(&format!(
+                "{device} quarantined: offered to nobody until `vfctl clear {device}`"
+            ))
+        }
+        Command::Clear { device } => {
+            c.clear(device)?;
+            r.done(&format!(
+                "{device} cleared: it answers its probe and is offered again"
+            ))
+        }
         Command::Orphan(OrphanCommand::Adopt { name }) => {
             c.adopt_orphan(name)?;
             r.done(&format!("{name} adopted: offered again as it is"))

@@ -342,6 +342,40 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    pub fn health(mut self, list: &[crate::api::HealthInfo]) -> Res {
+        if self.format == Output::Json {
+            return self.json(&json!({ "health": list }));
+        }
+        let mut rows = vec![[
+            "DEVICE",
+            "STATE",
+            "AER COR/NONFATAL/FATAL",
+            "SINCE",
+            "REASON",
+        ]
+        .map(String::from)
+        .to_vec()];
+        rows.extend(list.iter().map(|h| {
+            let since = if h.since == 0 {
+                "-".into()
+            } else {
+                h.since.to_string()
+            };
+            let aer = format!("{}/{}/{}", h.aer_correctable, h.aer_nonfatal, h.aer_fatal);
+            vec![
+                h.name.clone(),
+                h.state.clone(),
+                aer,
+                since,
+                h.reason.clone(),
+            ]
+        }));
+        for l in table(&rows) {
+            self.line(&l)?;
+        }
+        Ok(exit::OK)
+    }
+
     pub fn leases(mut self, leases: &[Lease]) -> Res {
         if self.format == Output::Json {
             return self.json(&json!({ "leases": leases }));

@@ -13,7 +13,9 @@ use zbus::{fdo, interface, Connection};
 
 use super::core::{verdict, Core, LeaseRef, Prepared};
 use crate::api::ids::{IdError, LeaseId, RequestId};
-use crate::api::{self, ApiError, DeviceInfo, Lease, MdevInfo, MigrationInfo, MigrationStats};
+use crate::api::{
+    self, ApiError, DeviceInfo, HealthInfo, Lease, MdevInfo, MigrationInfo, MigrationStats,
+};
 
 /// Runs blocking policy code (sysfs writes, SQLite) off the bus's async threads.
 async fn blocking<T: Send + 'static>(
@@ -386,6 +388,33 @@ impl Manager {
         })
         .await
         .map(drop)
+    }
+
+    /// Every managed function's health (and held-back mdevs): state, reason, since,
+    /// PCIe error counts.
+    async fn health(&self) -> Result<Vec<HealthInfo>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || core.health().list()).await
+    }
+
+    /// Holds a device back with the operator's reason (1-256 bytes, no control
+    /// characters): it is leased, bound and given mdevs to nobody until cleared.
+    async fn quarantine(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        reason: String,
+    ) -> Result<(), ApiError> {
+        let uid = self.authorize(&hdr, "quarantine devices").await?;
+        let core = self.core.clone();
+        blocking(move || core.health().quarantine(&name, &reason, uid)).await
+    }
+
+    /// Probes a held-back device again and, if it answers, offers it again.
+    async fn clear(&self, #[zbus(header)] hdr: Header<'_>, name: String) -> Result<(), ApiError> {
+        let uid = self.authorize(&hdr, "clear devices").await?;
+        let core = self.core.clone();
+        blocking(move || core.health().clear(&name, uid)).await
     }
 
     /// Active and defined mediated devices, with the lease holding each.

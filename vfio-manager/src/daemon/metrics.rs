@@ -66,14 +66,16 @@ impl Metrics {
     /// The exposition text for the current table.
     pub fn render(&self, devices: &[DeviceInfo], leases: usize) -> String {
         let mut o = String::new();
-        let mut by_state: BTreeMap<&str, u64> = ["free", "leased", "missing", "failed"]
-            .iter()
-            .map(|s| (*s, 0))
-            .collect();
+        let mut by_state: BTreeMap<&str, u64> =
+            ["free", "leased", "missing", "failed", "quarantined"]
+                .iter()
+                .map(|s| (*s, 0))
+                .collect();
         for d in devices {
             let state = match (d.health.as_str(), d.lease_id.is_empty()) {
                 ("missing", _) => "missing",
                 ("failed", _) => "failed",
+                ("quarantined", _) => "quarantined",
                 (_, false) => "leased",
                 _ => "free",
             };

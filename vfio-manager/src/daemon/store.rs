@@ -559,7 +559,6 @@ impl Store {
                 .prepare_cached("SELECT address FROM devices WHERE health != 'missing'")?
                 .query_map([], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
-            tx.execute("UPDATE devices SET health = 'missing'", [])?;
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO devices (address, id, pf, driver, iommu_group, numa_node, health)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -577,6 +576,18 @@ impl Store {
                     d.numa_node,
                     d.health
                 ])?;
+            }
+            // Those sysfs no longer shows are missing (a failure is kept while the
+            // device is there: the upsert above leaves it).
+            let seen: BTreeSet<&str> = seen.iter().map(|d| d.address.as_str()).collect();
+            let known: Vec<String> = tx
+                .prepare_cached("SELECT address FROM devices")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut gone =
+                tx.prepare_cached("UPDATE devices SET health = 'missing' WHERE address = ?1")?;
+            for a in known.iter().filter(|a| !seen.contains(a.as_str())) {
+                gone.execute([a])?;
             }
             // A missing device that no lease names is forgotten; a leased one stays
             // visible as `missing` so the operator sees which VM lost it.
@@ -707,7 +718,7 @@ impl Store {
         let mut st = conn
             .prepare_cached(
                 "SELECT d.address, d.id, d.pf, d.driver, d.iommu_group, d.numa_node,
-                        CASE WHEN q.name IS NULL THEN d.health ELSE 'quarantined' END,
+                        CASE WHEN q.name IS NULL OR d.health = 'failed' THEN d.health ELSE 'quarantined' END,
                         COALESCE(l.id, ''), COALESCE(l.vm_name, ''), d.provisions, d.errors
                  FROM devices d LEFT JOIN lease_devices ld ON ld.address = d.address
                  LEFT JOIN leases l ON l.id = ld.lease_id

@@ -5,7 +5,8 @@
 //! - [`Direct`] (`direct.rs`): enable, disable, bind, unbind;
 //! - [`Restore`] (`restore.rs`): boot restore, crash recovery, reconcile, orphans;
 //! - [`Mediated`] (`mediated.rs`): mdevs made and removed, mediated leases;
-//! - [`Migration`] (`migration.rs`): device state between two daemons.
+//! - [`Migration`] (`migration.rs`): device state between two daemons;
+//! - [`Health`] (`health.rs`): device health, an operator's quarantine and clear.
 //!
 //! None of them decides whether a device may be touched: they ask the gate
 //! (`vf_provisioner::ops::gate`). Every change to the host is written as an intent
@@ -21,11 +22,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vf_provisioner::sysfs::link_name;
 use vf_provisioner::{
-    DeviceFilter, Facts, Health, Host, Op, PciAddress, PciFunction, Provisioner, Refusal, Subject,
-    Sysfs,
+    DeviceFilter, Facts, Host, Op, PciAddress, PciFunction, Provisioner, Refusal, Subject, Sysfs,
 };
 
 mod direct;
+mod health;
 mod mediated;
 mod migration;
 mod pool;
@@ -68,6 +69,8 @@ services! {
     Mediated => mediated;
     /// Device state between two daemons.
     Migration => migration;
+    /// Device health, quarantine and clear.
+    Health => health;
 }
 
 use super::audit::Audit;
@@ -217,13 +220,15 @@ impl Facts for TableFacts {
         Some(format!("VM {vm} (lease {id})"))
     }
 
-    fn health(&self, name: &str) -> Option<Health> {
+    fn health(&self, name: &str) -> Option<vf_provisioner::Health> {
         // A table that cannot be read holds a device back: it is never offered blind.
         match self.0.held_back(name) {
             Ok(None) => None,
-            Ok(Some((why, true))) => Some(Health::Failed(why)),
-            Ok(Some((why, false))) => Some(Health::Quarantined(why)),
-            Err(e) => Some(Health::Failed(format!("the state table cannot say: {e}"))),
+            Ok(Some((why, true))) => Some(vf_provisioner::Health::Failed(why)),
+            Ok(Some((why, false))) => Some(vf_provisioner::Health::Quarantined(why)),
+            Err(e) => Some(vf_provisioner::Health::Failed(format!(
+                "the state table cannot say: {e}"
+            ))),
         }
     }
 }
@@ -430,9 +435,12 @@ impl Core {
                 }
                 continue; // gone: reconcile marks it missing
             };
+            // A reset the kernel ran and that failed holds the device back (one it
+            // refuses, for want of a method, says nothing about the device).
             if let Err(e) = self.raw.reset_function(&f) {
                 if e.kind() != vf_provisioner::Kind::Refused {
                     eprintln!("vfio-manager: {addr}: reset on release failed: {e}");
+                    self.mark_failed(addr, &format!("its reset on release failed: {e}"));
                 }
             }
             if let Err(e) = self.raw.return_function(&f, driver_before(before)) {

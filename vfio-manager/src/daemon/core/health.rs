@@ -1,0 +1,151 @@
+//! The health service: each managed function's state (healthy, degraded, failed,
+//! quarantined, gone) with its reason, from the table (failures, quarantine,
+//! vanished functions) and the kernel (AER counters); and an operator's quarantine
+//! and clear. The gate refuses failed and quarantined devices to every caller.
+
+use mediated_dev::host::mdev_exists;
+use vf_provisioner::health::{aer, probe, Aer};
+use vf_provisioner::PciAddress;
+
+use super::{failed, orphan_name, verdict, Health};
+use crate::api::ids::{parse_uuid, quote};
+use crate::api::{ApiError, HealthInfo};
+
+/// The longest reason an operator may give.
+const MAX_REASON: usize = 256;
+
+impl Health<'_> {
+    /// Every managed function, then every held-back device the table lists that is
+    /// not one (an mdev).
+    pub fn list(&self) -> Result<Vec<HealthInfo>, ApiError> {
+        let held = self.store().quarantine_list().map_err(failed)?;
+        let mut out = Vec::new();
+        for d in self.devices()? {
+            let a: Option<PciAddress> = d.address.parse().ok();
+            let counts = a.map(|a| aer(&self.sys, &a)).unwrap_or_default();
+            let hold = held.iter().find(|(n, ..)| *n == d.address);
+            let (state, reason, since) = match hold {
+                Some((_, why, since)) if self.failed(&d.address)? => {
+                    ("failed", why.clone(), *since)
+                }
+                Some((_, why, since)) => ("quarantined", why.clone(), *since),
+                None if d.health == "missing" => ("gone", "it is gone from sysfs".into(), 0),
+                None => self.by_errors(counts),
+            };
+            out.push(info(&d.address, state, reason, since, counts));
+        }
+        for (name, why, since) in held {
+            if !out.iter().any(|i| i.name == name) {
+                out.push(info(&name, "quarantined", why, since, Aer::default()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a failure (not an operator) holds `name` back.
+    fn failed(&self, name: &str) -> Result<bool, ApiError> {
+        let held = self.store().held_back(name).map_err(failed)?;
+        Ok(held.is_some_and(|(_, failed)| failed))
+    }
+
+    /// Healthy or degraded, by the kernel's error counts.
+    fn by_errors(&self, c: Aer) -> (&'static str, String, u64) {
+        let limit = self.config().daemon.degraded_correctable_errors;
+        if c.nonfatal + c.fatal > 0 {
+            let why = format!(
+                "{} uncorrectable PCIe errors since boot",
+                c.nonfatal + c.fatal
+            );
+            ("degraded", why, 0)
+        } else if c.correctable >= limit {
+            let why = format!(
+                "{} correctable PCIe errors since boot (degraded_correctable_errors = {limit})",
+                c.correctable
+            );
+            ("degraded", why, 0)
+        } else {
+            ("healthy", String::new(), 0)
+        }
+    }
+
+    /// Holds a device back with the operator's reason: the gate then offers it to
+    /// nobody. A leased device keeps its lease; it is held back from its release on.
+    pub fn quarantine(&self, name: &str, reason: &str, uid: u32) -> Result<(), ApiError> {
+        let r = self.quarantine_checked(name, reason);
+        let shown = orphan_name(name).unwrap_or_else(|_| quote(name));
+        self.audit
+            .record(uid, "quarantine", "", "", &[shown], &verdict(&r));
+        r
+    }
+
+    fn quarantine_checked(&self, name: &str, reason: &str) -> Result<(), ApiError> {
+        let name = self.known(name)?;
+        if reason.is_empty() || reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
+            return Err(ApiError::BadInput(format!(
+                "{name}: reason \"{}\": give 1 to {MAX_REASON} bytes of text without control characters",
+                quote(reason)
+            )));
+        }
+        let why = format!("by an operator: {reason}");
+        match self.store().quarantine(&name, &why).map_err(failed)? {
+            true => Ok(()),
+            false => Err(ApiError::Refused(format!(
+                "{name} is already held back; `vfctl health` says why"
+            ))),
+        }
+    }
+
+    /// Ends a device's quarantine or failure after probing it again: a function
+    /// whose configuration space still does not answer stays held back.
+    pub fn clear(&self, name: &str, uid: u32) -> Result<(), ApiError> {
+        let r = self.clear_checked(name);
+        let shown = orphan_name(name).unwrap_or_else(|_| quote(name));
+        self.audit
+            .record(uid, "clear", "", "", &[shown], &verdict(&r));
+        r
+    }
+
+    fn clear_checked(&self, name: &str) -> Result<(), ApiError> {
+        let name = self.known(name)?;
+        if self.store().quarantined(&name).map_err(failed)?.is_none() {
+            return Err(ApiError::NotFound(format!(
+                "{name} is not held back; `vfctl health` lists the devices that are"
+            )));
+        }
+        if let Ok(a) = name.parse::<PciAddress>() {
+            probe(&self.sys, &a).map_err(|why| {
+                ApiError::Refused(format!(
+                    "{name}: it still fails its probe: {why}; it stays held back (reset its slot, or remove it)"
+                ))
+            })?;
+        }
+        self.store().unquarantine(&name).map_err(failed).map(drop)
+    }
+
+    /// `name` in the table's form, if it names a function we manage or an mdev
+    /// that exists or is held back.
+    fn known(&self, name: &str) -> Result<String, ApiError> {
+        let name = orphan_name(name)?;
+        let managed = self.devices()?.iter().any(|d| d.address == name);
+        let mdev = parse_uuid(&name).is_ok_and(|u| mdev_exists(&self.sys, &u));
+        let held = self.store().quarantined(&name).map_err(failed)?.is_some();
+        if managed || mdev || held {
+            return Ok(name);
+        }
+        Err(ApiError::NotFound(format!(
+            "{name}: not a device this daemon manages; `vfctl list` and `vfctl mdev list` show them"
+        )))
+    }
+}
+
+fn info(name: &str, state: &str, reason: String, since: u64, c: Aer) -> HealthInfo {
+    HealthInfo {
+        name: name.to_string(),
+        state: state.to_string(),
+        reason,
+        since,
+        aer_correctable: c.correctable,
+        aer_nonfatal: c.nonfatal,
+        aer_fatal: c.fatal,
+    }
+}

@@ -1,0 +1,123 @@
+//! Device health through the daemon: a reset that fails at release holds the
+//! device back; an operator's quarantine and clear; `vfctl health`. Real
+//! dbus-daemon, real vfio-managerd, fake kernel (whose `fail_device` makes a
+//! function stop answering as one that fell off the bus does).
+
+mod common;
+
+use common::*;
+use vf_provisioner::{fake, layouts, PciAddress};
+use vfio_manager::api::Request;
+
+fn req(id: &str, devices: &[&str]) -> Request {
+    Request {
+        request_id: id.into(),
+        vm_name: "vm1".into(),
+        profile: "vf".into(),
+        count: devices.len().max(1) as u32,
+        devices: devices.iter().map(|d| d.to_string()).collect(),
+        ..Request::default()
+    }
+}
+
+fn state_of(bus: &Bus, name: &str) -> (String, String) {
+    let h = bus.client().health().unwrap();
+    let i = h.iter().find(|i| i.name == name).expect("listed");
+    (i.state.clone(), i.reason.clone())
+}
+
+#[test]
+fn a_device_whose_reset_fails_at_release_is_held_back_until_it_answers_again() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    let vf = "0000:10:00.1";
+    let a: PciAddress = vf.parse().unwrap();
+    assert_eq!(state_of(&bus, vf).0, "healthy");
+    let lease = c.provision(&req("r1", &[vf])).unwrap();
+    fake::fail_device(&d.root, &a).unwrap();
+    assert!(
+        c.release(&lease.id).unwrap(),
+        "the release itself goes through"
+    );
+    let (state, why) = state_of(&bus, vf);
+    assert_eq!(state, "failed", "{why}");
+    assert!(why.contains("reset"), "{why}");
+    // Offered to nobody: named, from the pool, or bound directly.
+    let e = c.provision(&req("r2", &[vf])).unwrap_err();
+    assert_eq!(error_name(&e), "Refused", "{e}");
+    assert!(e.to_string().contains("failed"), "{e}");
+    let pool = c.provision(&req("r3", &[])).unwrap();
+    assert_ne!(pool.devices[0].address, vf);
+    assert_eq!(error_name(&c.bind(vf, false).unwrap_err()), "Refused");
+    // Clear probes first: still dead, it stays held back.
+    let (code, _, err) = vfctl(&bus, &["clear", vf]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("still fails its probe") && err.contains("all ones"),
+        "{err}"
+    );
+    assert_eq!(state_of(&bus, vf).0, "failed");
+    fake::heal_device(&d.root, &a, "1ed5:0324", "030200").unwrap();
+    let (code, _, err) = vfctl(&bus, &["clear", vf]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(state_of(&bus, vf).0, "healthy");
+    c.provision(&req("r4", &[vf])).unwrap();
+    let audit = d.audit_text();
+    assert!(
+        audit.contains("\"op\":\"quarantine\"") && audit.contains("\"op\":\"clear\""),
+        "{audit}"
+    );
+}
+
+#[test]
+fn an_operators_quarantine_holds_a_device_back_and_bad_input_changes_nothing() {
+    let bus = Bus::open();
+    let _d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    let vf = "0000:10:00.2";
+    for (name, reason, want) in [
+        (vf, "", "BadInput"),
+        (vf, "line\nbreak", "BadInput"),
+        (vf, &"x".repeat(1 << 20)[..], "BadInput"),
+        ("0000:99:00.0", "gone", "NotFound"),
+        ("../../etc", "x", "BadInput"),
+    ] {
+        let e = c.quarantine(name, reason).unwrap_err();
+        assert_eq!(
+            error_name(&e),
+            want,
+            "{name:?} {:?}: {e}",
+            &reason[..reason.len().min(20)]
+        );
+        assert!(e.to_string().len() < 1000, "bounded: {e}");
+    }
+    assert_eq!(state_of(&bus, vf).0, "healthy", "nothing changed");
+    let (code, out, err) = vfctl(&bus, &["quarantine", vf, "--reason", "fan noise"]);
+    assert_eq!(code, 0, "{err}: {out}");
+    let (state, why) = state_of(&bus, vf);
+    assert_eq!(
+        (state.as_str(), why.as_str()),
+        ("quarantined", "by an operator: fan noise")
+    );
+    let e = c.provision(&req("q1", &[vf])).unwrap_err();
+    assert!(e.to_string().contains("fan noise"), "{e}");
+    assert_eq!(
+        error_name(&c.quarantine(vf, "again").unwrap_err()),
+        "Refused"
+    );
+    let (code, out, _) = vfctl(&bus, &["health"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("quarantined") && out.contains("fan noise"),
+        "{out}"
+    );
+    // It answers its probe: clear offers it again.
+    c.clear(vf).unwrap();
+    assert_eq!(
+        error_name(&c.clear(vf).unwrap_err()),
+        "NotFound",
+        "not held back any more"
+    );
+    c.provision(&req("q2", &[vf])).unwrap();
+}
