@@ -121,3 +121,64 @@ fn an_operators_quarantine_holds_a_device_back_and_bad_input_changes_nothing() {
     );
     c.provision(&req("q2", &[vf])).unwrap();
 }
+
+/// A reboot, as the daemon meets it: the VFs and mdevs are gone until it makes
+/// them again. Before READY, the configured VFs are back, a leased VF is on
+/// vfio-pci again, and an mdev the lease made is made again with its UUID; the
+/// leases are unchanged. A VF the configuration no longer makes is reported, in
+/// `RestoreStatus` and the log.
+#[test]
+fn leases_outlive_a_reboot_and_what_cannot_come_back_is_reported() {
+    let bus = Bus::open();
+    let config = "manage = [\"8086:10c9\"]\n[[pf]]\naddress = \"0000:01:00.0\"\nvfs = 2\n";
+    let mut d = Daemon::start(&bus, layouts::emulated(), config, &[]);
+    let c = bus.client();
+    let vf = c.provision(&req("v1", &["0000:01:10.2"])).unwrap();
+    let mdev = c
+        .provision(&Request {
+            profile: "mtty-2".into(),
+            ..req("m1", &[])
+        })
+        .unwrap();
+    let uuid = mdev.devices[0].address.clone();
+    // Group numbers change across boots; the leases' devices do not.
+    let held = || -> Vec<(String, Vec<String>)> {
+        let l = c.leases().unwrap();
+        l.into_iter()
+            .map(|l| (l.id, l.devices.into_iter().map(|d| d.address).collect()))
+            .collect()
+    };
+    let leases = held();
+    d.kill();
+    // The reboot: no VFs, no mdevs.
+    let sys = vf_provisioner::Sysfs::open_fake(&d.root).unwrap();
+    let pf: PciAddress = "0000:01:00.0".parse().unwrap();
+    let no_vfs = || {
+        sys.write(&pf, &sys.device_attr(&pf, "sriov_numvfs"), "0")
+            .unwrap()
+    };
+    no_vfs();
+    let m = mediated_dev::Mediator::new(sys.clone());
+    m.remove(&uuid.parse().unwrap()).unwrap();
+    assert!(m.scan().mdevs.is_empty());
+    d.restart();
+    assert_eq!(driver(&d.root, "0000:01:10.2").as_deref(), Some("vfio-pci"));
+    assert!(m.scan().mdevs.iter().any(|x| x.uuid.to_string() == uuid));
+    assert_eq!(held(), leases);
+    assert_eq!(c.restore_status().unwrap(), "complete");
+    // Rebooted into a configuration with one VF: the leased second VF is gone.
+    d.kill();
+    no_vfs();
+    std::fs::write(&d.config, config.replace("vfs = 2", "vfs = 1")).unwrap();
+    d.restart();
+    let status = c.restore_status().unwrap();
+    assert!(
+        status.starts_with("partial: 1 devices") && status.contains("0000:01:10.2"),
+        "{status}"
+    );
+    assert!(
+        d.log_text().contains("restore: partial"),
+        "{}",
+        d.log_text()
+    );
+}

@@ -160,11 +160,13 @@ fn a_lease_of_an_mdev_profile_creates_them_and_its_release_removes_them() {
         .write_attr(&d.root.join(remove), "1")
         .unwrap();
     d.restart();
+    // As after a reboot: an mdev the lease made is made again, with its UUID.
     assert!(
-        d.log_text().contains(&format!("drift: {gone} of lease")),
+        d.log_text().contains(&format!("restore: {gone} of lease")),
         "{}",
         d.log_text()
     );
+    assert!(host(&d).mdevs.iter().any(|m| &m.uuid.to_string() == gone));
 
     assert!(c.release_request("m1").unwrap());
     assert_eq!(free(&d, MTTY_2), before);

@@ -44,6 +44,8 @@ pub trait Manager {
     fn prepare_incoming(&self, uuid: &str, type_id: &str, listen: &str) -> zbus::Result<String>;
     fn migrate_out(&self, uuid: &str, endpoint: &str) -> zbus::Result<MigrationStats>;
     fn health(&self) -> zbus::Result<Vec<HealthInfo>>;
+    #[zbus(property)]
+    fn restore_status(&self) -> zbus::Result<String>;
     fn quarantine(&self, name: &str, reason: &str) -> zbus::Result<()>;
     fn clear(&self, name: &str) -> zbus::Result<()>;
     fn prepare_incoming_once(
@@ -219,6 +221,11 @@ impl Client {
 
     pub fn migrate_out(&self, uuid: &str, endpoint: &str) -> Result<MigrationStats> {
         self.run(self.proxy.migrate_out(uuid, endpoint))
+    }
+
+    /// `complete`, or `partial: ...`: what start-up could not bring back.
+    pub fn restore_status(&self) -> Result<String> {
+        self.run(self.proxy.restore_status())
     }
 
     pub fn health(&self) -> Result<Vec<HealthInfo>> {

@@ -231,6 +231,14 @@ impl Manager {
         env!("CARGO_PKG_VERSION").to_string()
     }
 
+    /// `complete`, or `partial: ` and the devices of leases that start-up could
+    /// not bring back (after a reboot: an mdev or vGPU type that could not be made
+    /// again, a VF that no longer exists).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn restore_status(&self) -> String {
+        self.core.restore().status()
+    }
+
     /// Every managed function with its driver, group, health and lease.
     async fn list_devices(&self) -> Result<Vec<DeviceInfo>, ApiError> {
         let core = self.core.clone();

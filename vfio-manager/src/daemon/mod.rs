@@ -146,6 +146,7 @@ async fn run(opts: Options) -> Result<(), String> {
         let mut log = c.restore().recover().map_err(|e| e.to_string())?;
         log.extend(c.pool().forget_released());
         log.extend(c.restore().restore_desired());
+        log.extend(c.restore().finish().map_err(|e| e.to_string())?);
         Ok::<_, String>(log)
     });
     for line in startup.await.map_err(|e| e.to_string())?? {
@@ -192,7 +193,11 @@ async fn run(opts: Options) -> Result<(), String> {
         api::BUS_NAME,
         core.devices().map_or(0, |d| d.len())
     );
-    notify::notify("READY=1\nSTATUS=serving");
+    let restore = core.restore().status();
+    if restore != "complete" {
+        eprintln!("vfio-manager: restore: {restore}");
+    }
+    notify::notify(&format!("READY=1\nSTATUS=serving; restore {restore}"));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;

@@ -110,6 +110,28 @@ impl Core {
         Ok(())
     }
 
+    /// Makes one mdev of `type_id` named `uuid` wherever the plan finds room (for
+    /// an incoming migration, or a lease's mdev after a reboot).
+    pub(super) fn make_one(&self, uuid: Uuid, type_id: &str) -> Result<(), ApiError> {
+        let _one = self.mediating();
+        let plan = mediated_dev::plan(
+            &self.scan_ours(),
+            &[Want {
+                profile: type_id.into(),
+                count: 1,
+            }],
+        );
+        match plan.placements.first().map(|p| &p.target) {
+            Some(t @ Target::Mdev { .. }) => self.make(t, Some(uuid)),
+            _ => Err(ApiError::NoDevice(format!(
+                "mdev {uuid}: no parent here has room for type {type_id:?}{}; `vfctl plan {type_id}` shows why",
+                plan.shortfalls
+                    .first()
+                    .map_or_else(String::new, |s| format!(" ({})", s.reason))
+            ))),
+        }
+    }
+
     /// Undoes what a lease made of a mediated device: removes the mdev it made,
     /// clears the vGPU type it set; leaves an mdev it took as it was.
     pub(super) fn unmake(&self, held: &Held) -> Result<(), ApiError> {

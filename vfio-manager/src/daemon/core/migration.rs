@@ -6,8 +6,7 @@ use std::net::TcpListener;
 use mediated_dev::host::read_mdev;
 use mediated_dev::migration::tls::Tls;
 use mediated_dev::migration::{self as mig, net, VfioMigration};
-use mediated_dev::plan::Target;
-use mediated_dev::{Mdev, MdevTypeId, Want};
+use mediated_dev::{Mdev, MdevTypeId};
 use uuid::Uuid;
 use vf_provisioner::Op;
 
@@ -125,7 +124,7 @@ impl Migration<'_> {
                 )));
             }
         } else {
-            self.create_for_incoming(u, type_id)?;
+            self.make_one(u, type_id)?;
         }
         let ready = (|| {
             let (_, dev, header) = self.migratable(uuid)?;
@@ -183,26 +182,6 @@ impl Migration<'_> {
     /// each migration (a renewed certificate needs no restart).
     fn migration_tls(&self) -> Result<Tls, ApiError> {
         Ok(Tls::from_files(&self.config().migration.tls)?)
-    }
-
-    fn create_for_incoming(&self, uuid: Uuid, type_id: &str) -> Result<(), ApiError> {
-        let _one = self.mediating();
-        let plan = mediated_dev::plan(
-            &self.scan_ours(),
-            &[Want {
-                profile: type_id.into(),
-                count: 1,
-            }],
-        );
-        match plan.placements.first().map(|p| &p.target) {
-            Some(t @ Target::Mdev { .. }) => self.make(t, Some(uuid)),
-            _ => Err(ApiError::NoDevice(format!(
-                "mdev {uuid}: no parent here has room for type {type_id:?}{}; `vfctl plan {type_id}` shows why",
-                plan.shortfalls
-                    .first()
-                    .map_or_else(String::new, |s| format!(" ({})", s.reason))
-            ))),
-        }
     }
 
     /// Receives an incoming migration prepared by [`Core::prepare_incoming`].

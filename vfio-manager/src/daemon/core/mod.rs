@@ -104,6 +104,8 @@ pub struct Core {
     failures: Mutex<Vec<(String, String)>>,
     /// Functions that appeared and vanished, not yet published.
     changes: Mutex<(Vec<String>, Vec<String>)>,
+    /// Devices of leases that start-up could not bring back (`Restore::status`).
+    unrestored: Mutex<Vec<String>>,
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
@@ -262,6 +264,7 @@ impl Core {
             mediating: Mutex::new(()),
             failures: Mutex::new(Vec::new()),
             changes: Mutex::new((Vec::new(), Vec::new())),
+            unrestored: Mutex::new(Vec::new()),
             config,
             audit,
             metrics: Metrics::default(),

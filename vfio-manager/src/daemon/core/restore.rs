@@ -5,13 +5,16 @@
 
 use std::collections::BTreeSet;
 
+use mediated_dev::host::{mdev_exists, read_vgpu};
 use vf_provisioner::{PciAddress, PciFunction};
 
 use super::{
     addrs_of, failed, moved, not_quarantined, orphan_name, outcome, retry, verdict, Planned,
     Restore, VFIO_PCI,
 };
+use crate::api::ids::Held;
 use crate::api::ApiError;
+use crate::daemon::store::LeaseRow;
 
 impl Restore<'_> {
     /// Settles operations that a crash cut off, then makes the table match sysfs.
@@ -69,44 +72,109 @@ impl Restore<'_> {
         Ok(log)
     }
 
-    /// Leased devices must be on vfio-pci: rebinds those that are not (drift from a
-    /// manual change or a crash) and marks vanished ones `missing`.
+    /// Every lease's devices as the lease made them, then orphans quarantined.
     fn reconcile(&self) -> Result<Vec<String>, ApiError> {
-        let mut log = Vec::new();
+        let (mut log, _) = self.restore_leases()?;
+        log.extend(self.quarantine_orphans()?);
+        Ok(log)
+    }
+
+    /// Brings every lease's devices back to what the lease made of them: a
+    /// function on vfio-pci (rebound after drift), an mdev it made (made again
+    /// with its UUID, as after a reboot), a VF's vGPU type (set again). Returns the
+    /// log and the devices that could not be brought back (gone, or failing).
+    pub fn restore_leases(&self) -> Result<(Vec<String>, Vec<String>), ApiError> {
+        let (mut log, mut lost) = (Vec::new(), Vec::new());
         self.refresh()?;
         for row in self.store().leases().map_err(failed)? {
             for held in &row.devices {
-                let addr = &held.name();
-                let gone = || {
-                    format!(
-                        "drift: {addr} of lease {} (VM {}) is gone from sysfs; marked missing",
-                        row.id, row.request.vm_name
-                    )
-                };
-                // An mdev is there or gone: it cannot be rebound (kernel rule 6, docs/kernel.md).
-                if let Some(uuid) = held.mdev() {
-                    if !mediated_dev::host::mdev_exists(&self.sys, &uuid) {
-                        log.push(gone());
+                match self.restore_held(&row, held) {
+                    Ok(None) => {}
+                    Ok(Some(line)) => log.push(line),
+                    Err(line) => {
+                        lost.push(format!("{} (lease {})", held.name(), row.id));
+                        log.push(line);
                     }
-                    continue;
-                }
-                let f = held.pci().and_then(|a| PciFunction::read(&self.sys, &a));
-                match f {
-                    None => log.push(gone()),
-                    Some(f) if !f.on_vfio() => {
-                        let r = self.raw.bind_vfio(&f.address, false).map(|_| ());
-                        if let Err(e) = &r {
-                            self.mark_failed(addr, &e.to_string());
-                        }
-                        log.push(format!("drift: {addr} of lease {} (VM {}) was on {:?}, not vfio-pci; rebound: {}", row.id, row.request.vm_name, f.driver, outcome(&r)));
-                    }
-                    Some(_) => {}
                 }
             }
         }
         self.refresh()?;
-        log.extend(self.quarantine_orphans()?);
+        Ok((log, lost))
+    }
+
+    /// Start-up's last pass, after the configured state is back (a lease's VFs
+    /// exist again only then): every lease's devices restored, and what could not
+    /// be kept for [`Restore::status`].
+    pub fn finish(&self) -> Result<Vec<String>, ApiError> {
+        let (log, lost) = self.restore_leases()?;
+        *self.unrestored.lock().unwrap_or_else(|e| e.into_inner()) = lost;
         Ok(log)
+    }
+
+    /// `complete`, or `partial: ` and the devices of leases start-up could not
+    /// bring back (for systemd's STATUS= and the D-Bus property).
+    pub fn status(&self) -> String {
+        let lost = self.unrestored.lock().unwrap_or_else(|e| e.into_inner());
+        match lost.len() {
+            0 => "complete".into(),
+            n => format!(
+                "partial: {n} devices of leases not restored ({}); see the log",
+                lost.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    /// One device of a lease: `Ok(Some)` when it had to be restored, `Err` when it
+    /// cannot be (each with its line for the log).
+    fn restore_held(&self, row: &LeaseRow, held: &Held) -> Result<Option<String>, String> {
+        let name = held.name();
+        let who = format!("lease {} (VM {})", row.id, row.request.vm_name);
+        let profile = row.request.profile.as_str();
+        let gone = || format!("drift: {name} of {who} is gone from sysfs; marked missing");
+        let done = |what: &str, r: Result<(), ApiError>| match r {
+            Ok(()) => Ok(Some(format!("restore: {name} of {who}: {what}"))),
+            Err(e) => Err(format!("restore: {name} of {who}: cannot be {what}: {e}")),
+        };
+        match held {
+            // An mdev is there or gone: it cannot be rebound (kernel rule 6,
+            // docs/kernel.md); one the lease made is made again.
+            Held::MadeMdev(u) if !mdev_exists(&self.sys, u) => done(
+                &format!("made again as {profile}"),
+                self.make_one(*u, profile),
+            ),
+            Held::KeptMdev(u) if !mdev_exists(&self.sys, u) => Err(gone()),
+            Held::MadeMdev(_) | Held::KeptMdev(_) => Ok(None),
+            Held::Vgpu(vf) => match read_vgpu(&self.sys, vf) {
+                None => Err(gone()),
+                Some(slot) if slot.current.is_some() => Ok(None),
+                Some(_) => {
+                    let r = self.mediator().set_vgpu(vf, profile).map(drop);
+                    done(
+                        &format!("given vGPU type {profile} again"),
+                        r.map_err(ApiError::from),
+                    )
+                }
+            },
+            Held::Function { address, .. } => match PciFunction::read(&self.sys, address) {
+                None => Err(gone()),
+                Some(f) if f.on_vfio() => Ok(None),
+                Some(f) => {
+                    let r = self.raw.bind_vfio(address, false).map(drop);
+                    let line = format!(
+                        "drift: {name} of {who} was on {:?}, not vfio-pci; rebound: {}",
+                        f.driver,
+                        outcome(&r)
+                    );
+                    match r {
+                        Ok(()) => Ok(Some(line)),
+                        Err(e) => {
+                            self.mark_failed(&name, &e.to_string());
+                            Err(line)
+                        }
+                    }
+                }
+            },
+        }
     }
 
     /// Functions on vfio-pci with our `driver_override` (not in `bind`) and mdevs
