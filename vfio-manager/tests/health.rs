@@ -133,7 +133,7 @@ fn leases_outlive_a_reboot_and_what_cannot_come_back_is_reported() {
     let config = "manage = [\"8086:10c9\"]\n[[pf]]\naddress = \"0000:01:00.0\"\nvfs = 2\n";
     let mut d = Daemon::start(&bus, layouts::emulated(), config, &[]);
     let c = bus.client();
-    let vf = c.provision(&req("v1", &["0000:01:10.2"])).unwrap();
+    c.provision(&req("v1", &["0000:01:10.2"])).unwrap();
     let mdev = c
         .provision(&Request {
             profile: "mtty-2".into(),
