@@ -16,7 +16,7 @@ cp /mnt/host/bin/vfio-managerd /tmp/
 . /mnt/host/guest-lib.sh
 start_bus bus
 export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
-printf 'manage = []\n' > /tmp/daemon.toml
+printf 'manage = ["8086:10c9"]\n' > /tmp/daemon.toml
 /tmp/vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log > /tmp/daemon.log 2>&1 &
 for i in $(seq 1 100); do /tmp/vfctl leases > /dev/null 2>&1 && break; sleep 0.1; done
 /tmp/bench-ops / 10 dbus || echo "GUEST-FAIL bench-ops dbus"

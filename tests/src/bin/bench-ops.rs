@@ -521,6 +521,57 @@ fn daemon_bench(sys: &Sysfs, n: usize) {
     );
     report("mdev create over D-Bus", &create, &plus_ping(&c_raw));
     report("mdev remove over D-Bus", &remove, &plus_ping(&r_raw));
+    release_bench(sys, &c, n, &plus_ping);
+}
+
+/// Release of a lease of 4 igb VFs (each reset, then returned) beside the bare
+/// writes doing the same one VF after another: the daemon's resets overlap.
+fn release_bench(
+    sys: &Sysfs,
+    c: &vfio_manager::cli::client::Client,
+    n: usize,
+    plus_ping: &dyn Fn(&[Duration]) -> Vec<Duration>,
+) {
+    const N: u32 = 4;
+    if c.enable(IGB, N).is_err() {
+        println!("release of {N} VFs: skipped (the daemon does not manage {IGB})");
+        return;
+    }
+    let raw = Raw { sys };
+    let vfs: Vec<PciAddress> = (0..N)
+        .map(|i| addr(IGB).offset_by(128 + 2 * i).unwrap())
+        .collect();
+    let (mut ours, mut bare) = (vec![], vec![]);
+    for i in 0..n {
+        pair(
+            i,
+            || {
+                let req = vfio_manager::api::Request {
+                    request_id: format!("bench-release-{i}"),
+                    vm_name: "bench".into(),
+                    count: N,
+                    ..Default::default()
+                };
+                let lease = c.provision(&req).unwrap();
+                ours.push(timed(|| assert!(c.release(&lease.id).unwrap())));
+            },
+            || {
+                for vf in &vfs {
+                    raw.w(vf, "driver_override", "vfio-pci");
+                    raw.probe(vf);
+                }
+                bare.push(timed(|| {
+                    for vf in &vfs {
+                        raw.w(vf, "reset", "1");
+                        raw.drv(vf, "vfio-pci", "unbind");
+                        raw.w(vf, "driver_override", "\n");
+                    }
+                }));
+            },
+        );
+    }
+    let _ = c.disable(IGB);
+    report(&format!("release of {N} VFs"), &ours, &plus_ping(&bare));
 }
 
 /// One mtty-2 state moved between two mdevs in this process: total and the time
