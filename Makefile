@@ -25,10 +25,10 @@ test-unit:
 check-deps:
 	@mkdir -p target
 	@$(CARGO) tree --workspace --all-targets -e normal,build --prefix none -f '{p}' 2>/dev/null | sed 's/ (.*//' | sort -u > target/deps.txt; \
-	fail=0; for c in vfio-ioctls vfio-bindings vm-memory vmm-sys-util; do \
+	fail=0; for c in vfio-ioctls vfio-bindings vm-memory vmm-sys-util kvm-ioctls kvm-bindings; do \
 	  n=$$(grep -c "^$$c v" target/deps.txt); \
 	  if [ "$$n" -gt 1 ]; then echo "check-deps: $$n versions of $$c:"; grep "^$$c v" target/deps.txt; fail=1; fi; \
-	done; [ $$fail = 0 ] && echo "check-deps: one version each of vfio-ioctls, vfio-bindings, vm-memory, vmm-sys-util"
+	done; [ $$fail = 0 ] && echo "check-deps: one version each of vfio-ioctls, vfio-bindings, vm-memory, vmm-sys-util, kvm-ioctls, kvm-bindings"
 
 # Two boots: the scenario tests and checks, then libvirt end to end from a Debian root
 # filesystem (built once, ~90 s, cached under build/images).

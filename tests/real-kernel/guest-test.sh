@@ -86,6 +86,7 @@ grep -v '^vfio-manager: audit' /tmp/gate.log
 printf 'manage = ["8086:10c9", "1b36:0010", "0000:03:00.0"]\n' > /tmp/config.toml
 V="./vfctl --direct --config /tmp/config.toml"
 expect "vfctl check" 0 $V check
+echo "GUEST-INFO $($V check 2>&1 | grep -E 'kvm|irq-remapping|iommu-mode' | tr '\n' ' ')"
 expect "vfctl enable 3 VFs" 0 $V enable 0000:01:00.0 --vfs 3
 expect "vfctl enable refuses 8 VFs" 3 $V enable 0000:01:00.0 --vfs 8
 expect "vfctl bind VF" 0 $V bind 0000:01:10.0

@@ -42,7 +42,13 @@ fn finding(
 
 impl Provisioner {
     pub fn check(&self) -> Vec<Finding> {
-        let mut out = vec![self.check_iommu(), self.check_vfio()];
+        let mut out = vec![
+            self.check_iommu(),
+            self.check_iommu_mode(),
+            self.check_interrupt_remapping(),
+            self.check_vfio(),
+            self.check_kvm(),
+        ];
         let host = Host::scan(&self.sys);
         for pf in host.pfs().filter(|f| self.filter.is_managed(f)) {
             out.extend(self.check_device(&host, pf));
@@ -88,6 +94,104 @@ impl Provisioner {
             ),
             "",
         )
+    }
+
+    /// The kernel's default domain for each group (`type`): `identity` (iommu=pt)
+    /// keeps host DMA fast; VFIO gives a VM's groups their own domains either way.
+    fn check_iommu_mode(&self) -> Finding {
+        let mut modes = std::collections::BTreeMap::<String, usize>::new();
+        for e in std::fs::read_dir(self.sys.iommu_groups())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let t = sysfs::read_opt(&e.path().join("type")).unwrap_or_else(|| "unknown".into());
+            *modes.entry(t).or_default() += 1;
+        }
+        if modes.is_empty() {
+            return finding(
+                Level::Warn,
+                "iommu-mode",
+                "no IOMMU groups to read a mode from",
+                "",
+            );
+        }
+        let list: Vec<String> = modes.iter().map(|(m, n)| format!("{n} {m}")).collect();
+        let translated = modes.keys().any(|m| m.starts_with("DMA"));
+        finding(
+            Level::Ok,
+            "iommu-mode",
+            format!("default domains: {}", list.join(", ")),
+            if translated {
+                "host DMA is translated; iommu=pt makes it identity (faster) without weakening VFIO"
+            } else {
+                ""
+            },
+        )
+    }
+
+    /// Interrupt remapping keeps a device from forging interrupts into the host:
+    /// the kernel's remapped controllers are named `IR-...` in /proc/interrupts.
+    fn check_interrupt_remapping(&self) -> Finding {
+        let text = sysfs::read_opt(&self.sys.proc_dir().join("interrupts")).unwrap_or_default();
+        if text.is_empty() {
+            return finding(
+                Level::Warn,
+                "irq-remapping",
+                "/proc/interrupts cannot be read",
+                "",
+            );
+        }
+        if text.contains(" IR-") {
+            return finding(
+                Level::Ok,
+                "irq-remapping",
+                "interrupt remapping is on (IR- controllers)",
+                "",
+            );
+        }
+        finding(
+            Level::Warn,
+            "irq-remapping",
+            "interrupt remapping is off: a passed-through device could forge interrupts (VFIO then needs allow_unsafe_interrupts)",
+            "enable x2APIC/interrupt remapping in firmware; do not boot with intremap=off or nointremap",
+        )
+    }
+
+    /// A usable `/dev/kvm`, and what it offers, read through KVM's own ioctls.
+    fn check_kvm(&self) -> Finding {
+        let path = self.sys.root().join("dev/kvm");
+        let Some(path_c) = path.to_str().and_then(|p| std::ffi::CString::new(p).ok()) else {
+            return finding(Level::Warn, "kvm", "the /dev/kvm path is not valid", "");
+        };
+        match kvm_ioctls::Kvm::new_with_path(&path_c) {
+            Ok(kvm) => {
+                use kvm_ioctls::Cap;
+                let has = |c| kvm.check_extension(c);
+                finding(
+                    Level::Ok,
+                    "kvm",
+                    format!(
+                        "/dev/kvm: API {}, {} vCPUs max, irqfd {}, ioeventfd {}, user memory {}",
+                        kvm.get_api_version(),
+                        kvm.get_max_vcpus(),
+                        has(Cap::Irqfd),
+                        has(Cap::Ioeventfd),
+                        has(Cap::UserMemory),
+                    ),
+                    "",
+                )
+            }
+            Err(e) => finding(
+                Level::Warn,
+                "kvm",
+                format!(
+                    "{} is not usable: {e}; VMs would run without KVM",
+                    path.display()
+                ),
+                "enable virtualization (VT-x/AMD-V) in firmware and load kvm_intel or kvm_amd",
+            ),
+        }
     }
 
     fn check_vfio(&self) -> Finding {
@@ -174,8 +278,29 @@ impl Provisioner {
                     ),
                     format!("bind with --whole-group, or unbind {}", b.address),
                 ));
+            } else if let Some(others) = group_peers(host, f) {
+                out.push(finding(
+                    Level::Warn,
+                    f.address.to_string(),
+                    format!(
+                        "IOMMU group {} also holds {others}: they go to a VM together",
+                        f.iommu_group.unwrap_or_default()
+                    ),
+                    "lease the whole group (name every member), or seat the card behind a port with ACS; pcie_acs_override only hides the sharing",
+                ));
             }
         }
         out
     }
+}
+
+/// The other members of `f`'s IOMMU group, if it has any.
+fn group_peers(host: &Host, f: &crate::host::PciFunction) -> Option<String> {
+    let members = host.groups.get(&f.iommu_group?)?;
+    let others: Vec<String> = members
+        .iter()
+        .filter(|a| **a != f.address)
+        .map(ToString::to_string)
+        .collect();
+    (!others.is_empty()).then(|| others.join(", "))
 }
