@@ -8,13 +8,15 @@ use crate::address::PciAddress;
 use crate::sysfs::Sysfs;
 
 /// Reads the start of `addr`'s configuration space: a function that fell off the
-/// bus, or is stuck in a reset, answers all ones. `Err`: why it fails the probe.
+/// bus, or is stuck in a reset, answers all ones. Two dwords: a VF's vendor and
+/// device ids may read all ones by themselves (SR-IOV), its command and status
+/// never do. `Err`: why it fails the probe.
 pub fn probe(sys: &Sysfs, addr: &PciAddress) -> Result<(), String> {
-    let mut id = [0u8; 4];
+    let mut head = [0u8; 8];
     std::fs::File::open(sys.device_attr(addr, "config"))
-        .and_then(|mut f| f.read_exact(&mut id))
+        .and_then(|mut f| f.read_exact(&mut head))
         .map_err(|e| format!("its configuration space cannot be read: {e}"))?;
-    if id == [0xff; 4] {
+    if head == [0xff; 8] {
         return Err("its configuration space reads all ones: the device does not answer".into());
     }
     Ok(())

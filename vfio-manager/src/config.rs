@@ -16,6 +16,7 @@
 //! state_dir = "/var/lib/vfio-manager"
 //! released_retention_days = 90     # a released request id is refused this long; 0: for ever
 //! degraded_correctable_errors = 100 # correctable PCIe errors (AER) from which a device shows degraded
+//! probe_interval_s = 30             # read each managed function's config space this often; 0: never
 //! [migration]                       # mutual TLS; these are the defaults (libvirt's PKI)
 //! ca = "/etc/pki/CA/cacert.pem"
 //! server_cert = "/etc/pki/libvirt/servercert.pem"   # presented when receiving
@@ -81,6 +82,7 @@ struct RawDaemon {
     state_dir: Option<PathBuf>,
     released_retention_days: Option<u32>,
     degraded_correctable_errors: Option<u64>,
+    probe_interval_s: Option<u64>,
 }
 
 /// The validated configuration.
@@ -125,6 +127,9 @@ pub struct DaemonConfig {
     /// Correctable PCIe errors (AER, since boot) from which a device is shown
     /// degraded; any uncorrectable one makes it degraded.
     pub degraded_correctable_errors: u64,
+    /// How often every managed function's configuration space is read (a device
+    /// that answers all ones has failed); 0: never.
+    pub probe_interval_s: u64,
 }
 
 impl Default for DaemonConfig {
@@ -138,6 +143,7 @@ impl Default for DaemonConfig {
             state_dir: "/var/lib/vfio-manager".into(),
             released_retention_days: 90,
             degraded_correctable_errors: 100,
+            probe_interval_s: 30,
         }
     }
 }
@@ -281,6 +287,7 @@ impl Config {
                     .daemon
                     .degraded_correctable_errors
                     .unwrap_or(d.degraded_correctable_errors),
+                probe_interval_s: raw.daemon.probe_interval_s.unwrap_or(d.probe_interval_s),
             },
         })
     }

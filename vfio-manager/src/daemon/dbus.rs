@@ -168,9 +168,7 @@ impl Manager {
     /// After an operation: failed devices get a signal, the table's added and
     /// removed devices get their objects and signals.
     async fn after(&self, conn: &Connection, emitter: &SignalEmitter<'_>) {
-        for (addr, why) in self.core.take_failures() {
-            let _ = Manager::device_failed(emitter, &addr, &why).await;
-        }
+        announce_failures(&self.core, emitter).await;
         let (added, removed) = self.core.take_changes();
         publish(&self.core, conn, &added, &removed).await;
     }
@@ -200,6 +198,17 @@ impl Manager {
 }
 
 /// Adds and removes device objects and signals the change.
+/// Devices that failed since the last look: `DeviceFailed` for each, and
+/// `LeaseDegraded` for the lease holding it.
+pub async fn announce_failures(core: &Arc<Core>, emitter: &SignalEmitter<'_>) {
+    for (addr, why) in core.take_failures() {
+        let _ = Manager::device_failed(emitter, &addr, &why).await;
+        if let Some((lease, _)) = core.holder(&addr) {
+            let _ = Manager::lease_degraded(emitter, &lease, &addr, &why).await;
+        }
+    }
+}
+
 pub async fn publish(core: &Arc<Core>, conn: &Connection, added: &[String], removed: &[String]) {
     let server = conn.object_server();
     let Ok(emitter) = SignalEmitter::new(conn, api::MANAGER_PATH) else {
@@ -559,6 +568,15 @@ impl Manager {
     pub async fn device_failed(
         emitter: &SignalEmitter<'_>,
         address: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
+    /// A device of lease `lease_id` failed (a failed reset, PCIe error recovery
+    /// that failed, a probe that found it not answering): it is held back.
+    #[zbus(signal)]
+    pub async fn lease_degraded(
+        emitter: &SignalEmitter<'_>,
+        lease_id: &str,
+        device: &str,
         reason: &str,
     ) -> zbus::Result<()>;
     #[zbus(signal)]

@@ -174,6 +174,7 @@ async fn run(opts: Options) -> Result<(), String> {
         follow_uevents(core.clone(), conn.clone());
     }
     tokio::spawn(forget_released_hourly(core.clone()));
+    tokio::spawn(probe_periodically(core.clone(), conn.clone()));
     if let Some(addr) = core.config().daemon.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -228,6 +229,60 @@ async fn forget_released_hourly(core: Arc<Core>) {
 
 /// Reads uevents on a thread; a burst (enabling 4 VFs is ~20 events) with a PCI
 /// event in it is settled with one re-read of sysfs.
+/// The PCIe error recovery events among `events`: each function's health follows
+/// them, and a failure is announced.
+async fn follow_errors(core: &Arc<Core>, conn: &Connection, events: &[uevent::Uevent]) {
+    let errors: Vec<_> = events
+        .iter()
+        .filter(|e| e.subsystem == "pci")
+        .filter_map(|e| {
+            Some((
+                e.device().to_string(),
+                e.error_event.clone()?,
+                e.device_online.clone(),
+            ))
+        })
+        .collect();
+    if errors.is_empty() {
+        return;
+    }
+    let c = core.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for (dev, event, online) in errors {
+            c.health().on_error_event(&dev, &event, online.as_deref());
+        }
+    })
+    .await;
+    if let Ok(emitter) = zbus::object_server::SignalEmitter::new(conn, api::MANAGER_PATH) {
+        dbus::announce_failures(core, &emitter).await;
+    }
+}
+
+/// Reads every managed function's configuration space every `probe_interval_s`;
+/// one that stopped answering is held back and announced.
+async fn probe_periodically(core: Arc<Core>, conn: Connection) {
+    let every = core.config().daemon.probe_interval_s;
+    if every == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(every));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let c = core.clone();
+        let failed = tokio::task::spawn_blocking(move || c.health().probe_all()).await;
+        if let Ok(Ok(n)) = failed {
+            if n > 0 {
+                if let Ok(emitter) =
+                    zbus::object_server::SignalEmitter::new(&conn, api::MANAGER_PATH)
+                {
+                    dbus::announce_failures(&core, &emitter).await;
+                }
+            }
+        }
+    }
+}
+
 fn follow_uevents(core: Arc<Core>, conn: Connection) {
     let listener = match uevent::Listener::open() {
         Ok(l) => l,
@@ -247,10 +302,12 @@ fn follow_uevents(core: Arc<Core>, conn: Connection) {
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let mut pci = first.subsystem == "pci";
+            let mut events = vec![first];
             while let Ok(ev) = rx.try_recv() {
-                pci |= ev.subsystem == "pci";
+                events.push(ev);
             }
+            let pci = events.iter().any(|e| e.subsystem == "pci");
+            follow_errors(&core, &conn, &events).await;
             // The table holds PCI functions: an mdev's events (and its VFIO
             // group's) change no row, and a re-read costs a read of every
             // function's attributes (tens of milliseconds under emulation).

@@ -7,12 +7,25 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const SUBSYSTEMS: &[&str] = &["pci", "mdev", "vfio"];
 
-/// One event: `add`/`remove`/`bind`/`unbind`/`change` and the device path.
+/// One event: `add`/`remove`/`bind`/`unbind`/`change` and the device path; for
+/// the `change` events of PCIe error recovery (kernel rule 12, docs/kernel.md),
+/// `ERROR_EVENT` (BEGIN_RECOVERY, SUCCESSFUL_RECOVERY, FAILED_RECOVERY) and
+/// `DEVICE_ONLINE` (0 or 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uevent {
     pub action: String,
     pub subsystem: String,
     pub devpath: String,
+    pub error_event: Option<String>,
+    pub device_online: Option<String>,
+}
+
+impl Uevent {
+    /// The device's name: the last component of its path (a PCI address, an mdev
+    /// UUID).
+    pub fn device(&self) -> &str {
+        self.devpath.rsplit('/').next().unwrap_or_default()
+    }
 }
 
 pub struct Listener {
@@ -78,6 +91,7 @@ pub fn parse(msg: &[u8]) -> Option<Uevent> {
     let mut action = None;
     let mut subsystem = None;
     let mut devpath = None;
+    let (mut error_event, mut device_online) = (None, None);
     for field in msg
         .split(|b| *b == 0)
         .filter_map(|f| std::str::from_utf8(f).ok())
@@ -87,6 +101,8 @@ pub fn parse(msg: &[u8]) -> Option<Uevent> {
                 "ACTION" => action = Some(v.to_string()),
                 "SUBSYSTEM" => subsystem = Some(v.to_string()),
                 "DEVPATH" => devpath = Some(v.to_string()),
+                "ERROR_EVENT" => error_event = Some(v.to_string()),
+                "DEVICE_ONLINE" => device_online = Some(v.to_string()),
                 _ => {}
             }
         }
@@ -96,6 +112,8 @@ pub fn parse(msg: &[u8]) -> Option<Uevent> {
         action: action?,
         subsystem,
         devpath: devpath?,
+        error_event,
+        device_online,
     })
 }
 
@@ -108,5 +126,14 @@ mod tests {
         assert_eq!((e.action.as_str(), e.subsystem.as_str()), ("add", "pci"));
         assert!(e.devpath.ends_with("0000:01:10.0"));
         assert!(super::parse(b"add@/x\0ACTION=add\0DEVPATH=/x\0SUBSYSTEM=net\0").is_none());
+    }
+
+    #[test]
+    fn reads_the_error_recovery_keys_of_a_change_event() {
+        let m = b"change@/devices/pci0000:00/0000:00:1c.0/0000:01:00.0\0ACTION=change\0DEVPATH=/devices/pci0000:00/0000:00:1c.0/0000:01:00.0\0SUBSYSTEM=pci\0ERROR_EVENT=FAILED_RECOVERY\0DEVICE_ONLINE=0\0SEQNUM=7\0";
+        let e = super::parse(m).unwrap();
+        assert_eq!(e.device(), "0000:01:00.0");
+        assert_eq!(e.error_event.as_deref(), Some("FAILED_RECOVERY"));
+        assert_eq!(e.device_online.as_deref(), Some("0"));
     }
 }

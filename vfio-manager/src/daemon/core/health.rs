@@ -3,6 +3,8 @@
 //! vanished functions) and the kernel (AER counters); and an operator's quarantine
 //! and clear. The gate refuses failed and quarantined devices to every caller.
 
+use std::collections::BTreeMap;
+
 use mediated_dev::host::mdev_exists;
 use vf_provisioner::health::{aer, probe, Aer};
 use vf_provisioner::PciAddress;
@@ -24,12 +26,14 @@ impl Health<'_> {
             let a: Option<PciAddress> = d.address.parse().ok();
             let counts = a.map(|a| aer(&self.sys, &a)).unwrap_or_default();
             let hold = held.iter().find(|(n, ..)| *n == d.address);
+            let recovering = self.recovering().get(&d.address).cloned();
             let (state, reason, since) = match hold {
                 Some((_, why, since)) if self.failed(&d.address)? => {
                     ("failed", why.clone(), *since)
                 }
                 Some((_, why, since)) => ("quarantined", why.clone(), *since),
                 None if d.health == "missing" => ("gone", "it is gone from sysfs".into(), 0),
+                None if recovering.is_some() => ("degraded", recovering.unwrap_or_default(), 0),
                 None => self.by_errors(counts),
             };
             out.push(info(&d.address, state, reason, since, counts));
@@ -40,6 +44,61 @@ impl Health<'_> {
             }
         }
         Ok(out)
+    }
+
+    fn recovering(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.recovering.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows the kernel's PCIe error recovery of function `name` (its `change`
+    /// uevents, kernel rule 12, docs/kernel.md): degraded while it runs, failed
+    /// (held back) when it fails or leaves the device offline, as before when it
+    /// succeeds.
+    pub fn on_error_event(&self, name: &str, event: &str, online: Option<&str>) {
+        let Ok(a) = name.parse::<PciAddress>() else {
+            return;
+        };
+        let name = a.to_string();
+        match (event, online) {
+            ("FAILED_RECOVERY", _) | (_, Some("0")) => {
+                self.recovering().remove(&name);
+                let why = format!("the kernel's PCIe error recovery ended in {event}");
+                self.mark_failed(&name, &why);
+            }
+            ("SUCCESSFUL_RECOVERY", _) => {
+                self.recovering().remove(&name);
+            }
+            (e, _) => {
+                let why = format!("PCIe error recovery in progress ({e})");
+                self.recovering().insert(name, why);
+            }
+        }
+    }
+
+    /// Reads every managed function's configuration space; one that answers all
+    /// ones (or cannot be read) has failed and is held back. Returns how many
+    /// failed now.
+    pub fn probe_all(&self) -> Result<usize, ApiError> {
+        let mut failed_now = 0;
+        for d in self.devices()? {
+            let held = d.health == "missing"
+                || self
+                    .store()
+                    .quarantined(&d.address)
+                    .map_err(failed)?
+                    .is_some();
+            let Ok(a) = d.address.parse::<PciAddress>() else {
+                continue;
+            };
+            if held {
+                continue;
+            }
+            if let Err(why) = probe(&self.sys, &a) {
+                self.mark_failed(&d.address, &format!("its probe failed: {why}"));
+                failed_now += 1;
+            }
+        }
+        Ok(failed_now)
     }
 
     /// Whether a failure (not an operator) holds `name` back.

@@ -15,7 +15,7 @@
 //! other VMs should not wait for it); operations that change which functions exist
 //! run alone (`ops` lock).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,8 @@ pub struct Core {
     changes: Mutex<(Vec<String>, Vec<String>)>,
     /// Devices of leases that start-up could not bring back (`Restore::status`).
     unrestored: Mutex<Vec<String>>,
+    /// Functions in the kernel's PCIe error recovery now, with what it said.
+    recovering: Mutex<BTreeMap<String, String>>,
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
@@ -265,6 +267,7 @@ impl Core {
             failures: Mutex::new(Vec::new()),
             changes: Mutex::new((Vec::new(), Vec::new())),
             unrestored: Mutex::new(Vec::new()),
+            recovering: Mutex::new(BTreeMap::new()),
             config,
             audit,
             metrics: Metrics::default(),
@@ -514,6 +517,11 @@ impl Core {
             .push((addr.to_string(), why.to_string()));
     }
 
+    /// The lease holding device `name` and its VM, if one does.
+    pub fn holder(&self, name: &str) -> Option<(String, String)> {
+        self.store().holder(name).ok().flatten()
+    }
+
     pub fn take_failures(&self) -> Vec<(String, String)> {
         std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -666,5 +674,38 @@ mod tests {
         core.direct().disable_vfs("0000:01:00.0", 0).unwrap();
         assert!(core.leases().unwrap().is_empty());
         assert!(core.mediated().mdevs().unwrap().is_empty());
+    }
+
+    #[test]
+    fn health_follows_the_kernels_error_recovery_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core(dir.path());
+        core.restore().recover().unwrap();
+        core.direct().enable_vfs("0000:01:00.0", Some(1), 0).unwrap();
+        core.refresh().unwrap();
+        let vf = "0000:01:10.0";
+        let state = || {
+            let list = core.health().list().unwrap();
+            let i = list.into_iter().find(|i| i.name == vf).unwrap();
+            (i.state, i.reason)
+        };
+        assert_eq!(state().0, "healthy");
+        core.health().on_error_event(vf, "BEGIN_RECOVERY", None);
+        assert_eq!(state().0, "degraded", "{:?}", state());
+        core.health().on_error_event(vf, "SUCCESSFUL_RECOVERY", Some("1"));
+        assert_eq!(state().0, "healthy");
+        core.health().on_error_event(vf, "FAILED_RECOVERY", Some("0"));
+        let (s, why) = state();
+        assert_eq!(s, "failed");
+        assert!(why.contains("FAILED_RECOVERY"), "{why}");
+        let req = Request {
+            request_id: "r".into(),
+            vm_name: "vm".into(),
+            devices: vec![vf.into()],
+            ..Request::default()
+        };
+        let e = core.pool().provision(req, 0).unwrap_err();
+        assert!(matches!(e, ApiError::Refused(_)), "{e}");
+        assert_eq!(core.take_failures().len(), 1, "announced once");
     }
 }
