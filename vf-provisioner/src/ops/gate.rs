@@ -228,7 +228,7 @@ impl Reason {
                 "release its lease first, or pick another device (`vfctl leases` shows owners)".into()
             }
             Reason::Failed(_) | Reason::Quarantined(_) => format!(
-                "find the cause, then `vfctl orphan free {name}` returns it to the host or `vfctl orphan adopt {name}` offers it again"
+                "find the cause, then `vfctl clear {name}` probes it and offers it again (`vfctl orphan free {name}` returns it to the host instead)"
             ),
             Reason::NoIommu => "boot with intel_iommu=on iommu=pt (or amd_iommu=on) and check with `vfctl check`".into(),
             Reason::SharedGroup { .. } if matches!(op, Op::Lease { .. }) => {
@@ -260,7 +260,7 @@ impl fmt::Display for Reason {
                 "it is not managed (not a GPU, and its PF {pf} is not under `manage` in the configuration)"
             ),
             Reason::Leased(who) => write!(f, "it is leased to {who}"),
-            Reason::Failed(why) => write!(f, "it failed ({why}) and is held back"),
+            Reason::Failed(why) => write!(f, "it failed and is held back: {why}"),
             Reason::Quarantined(why) => write!(f, "it is quarantined ({why})"),
             Reason::NoIommu => write!(f, "it has no IOMMU group, so VFIO cannot isolate it (the IOMMU is off)"),
             Reason::SharedGroup { group, blocker } => {

@@ -506,10 +506,9 @@ impl Core {
     /// until an operator frees or adopts it (`vfctl orphan`).
     fn mark_failed(&self, addr: &str, why: &str) {
         let _ = self.store().set_health(addr, "failed", true);
-        let why = format!("failed: {why}");
-        if let Ok(true) = self.store().quarantine(addr, &why) {
+        if let Ok(true) = self.store().quarantine(addr, why) {
             self.audit
-                .record(0, "quarantine", "", "", &[addr.to_string()], &why);
+                .record(0, "quarantine", "", "", &[addr.to_string()], why);
         }
         self.failures
             .lock()
