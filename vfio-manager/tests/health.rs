@@ -93,8 +93,25 @@ fn an_operators_quarantine_holds_a_device_back_and_bad_input_changes_nothing() {
         assert!(e.to_string().len() < 1000, "bounded: {e}");
     }
     assert_eq!(state_of(&bus, vf).0, "healthy", "nothing changed");
+    let monitor = std::process::Command::new("dbus-monitor")
+        .args(["--address", &bus.address, "member='PropertiesChanged'"])
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let (code, out, err) = vfctl(&bus, &["quarantine", vf, "--reason", "fan noise"]);
     assert_eq!(code, 0, "{err}: {out}");
+    if let Ok(mut m) = monitor {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = m.kill();
+        let mut seen = String::new();
+        std::io::Read::read_to_string(m.stdout.as_mut().unwrap(), &mut seen).unwrap();
+        assert!(
+            seen.contains("device/0000_10_00_2")
+                && seen.contains("\"Health\"")
+                && seen.contains("quarantined"),
+            "PropertiesChanged for its Health: {seen}"
+        );
+    }
     let (state, why) = state_of(&bus, vf);
     assert_eq!(
         (state.as_str(), why.as_str()),

@@ -168,7 +168,7 @@ impl Manager {
     /// After an operation: failed devices get a signal, the table's added and
     /// removed devices get their objects and signals.
     async fn after(&self, conn: &Connection, emitter: &SignalEmitter<'_>) {
-        announce_failures(&self.core, emitter).await;
+        announce_failures(&self.core, conn, emitter).await;
         let (added, removed) = self.core.take_changes();
         publish(&self.core, conn, &added, &removed).await;
     }
@@ -198,14 +198,34 @@ impl Manager {
 }
 
 /// Adds and removes device objects and signals the change.
-/// Devices that failed since the last look: `DeviceFailed` for each, and
-/// `LeaseDegraded` for the lease holding it.
-pub async fn announce_failures(core: &Arc<Core>, emitter: &SignalEmitter<'_>) {
+/// Devices that failed since the last look: `DeviceFailed` for each,
+/// `LeaseDegraded` for the lease holding it, and its `Health` property changed.
+pub async fn announce_failures(core: &Arc<Core>, conn: &Connection, emitter: &SignalEmitter<'_>) {
     for (addr, why) in core.take_failures() {
         let _ = Manager::device_failed(emitter, &addr, &why).await;
         if let Some((lease, _)) = core.holder(&addr) {
             let _ = Manager::lease_degraded(emitter, &lease, &addr, &why).await;
         }
+        health_changed(conn, &addr).await;
+    }
+}
+
+/// `PropertiesChanged` for device `addr`'s `Health` (a function we publish).
+pub async fn health_changed(conn: &Connection, addr: &str) {
+    let Ok(addr) = addr.parse::<api::ids::PciAddress>() else {
+        return; // an mdev: no object of its own
+    };
+    let path = api::device_path(&addr.to_string());
+    if let Ok(iface) = conn
+        .object_server()
+        .interface::<_, DeviceObject>(path)
+        .await
+    {
+        let _ = iface
+            .get()
+            .await
+            .health_changed(iface.signal_emitter())
+            .await;
     }
 }
 
@@ -419,19 +439,29 @@ impl Manager {
     async fn quarantine(
         &self,
         #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
         name: String,
         reason: String,
     ) -> Result<(), ApiError> {
         let uid = self.authorize(&hdr, "quarantine devices").await?;
-        let core = self.core.clone();
-        blocking(move || core.health().quarantine(&name, &reason, uid)).await
+        let (core, n) = (self.core.clone(), name.clone());
+        blocking(move || core.health().quarantine(&n, &reason, uid)).await?;
+        health_changed(conn, &name).await;
+        Ok(())
     }
 
     /// Probes a held-back device again and, if it answers, offers it again.
-    async fn clear(&self, #[zbus(header)] hdr: Header<'_>, name: String) -> Result<(), ApiError> {
+    async fn clear(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), ApiError> {
         let uid = self.authorize(&hdr, "clear devices").await?;
-        let core = self.core.clone();
-        blocking(move || core.health().clear(&name, uid)).await
+        let (core, n) = (self.core.clone(), name.clone());
+        blocking(move || core.health().clear(&n, uid)).await?;
+        health_changed(conn, &name).await;
+        Ok(())
     }
 
     /// Active and defined mediated devices, with the lease holding each.
@@ -638,7 +668,8 @@ impl DeviceObject {
     fn numa_node(&self) -> fdo::Result<i32> {
         Ok(self.info()?.numa_node)
     }
-    #[zbus(property(emits_changed_signal = "false"))]
+    /// Changes are signalled (`PropertiesChanged`): a failure, a quarantine, a clear.
+    #[zbus(property)]
     fn health(&self) -> fdo::Result<String> {
         Ok(self.info()?.health)
     }

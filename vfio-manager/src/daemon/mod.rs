@@ -254,7 +254,7 @@ async fn follow_errors(core: &Arc<Core>, conn: &Connection, events: &[uevent::Ue
     })
     .await;
     if let Ok(emitter) = zbus::object_server::SignalEmitter::new(conn, api::MANAGER_PATH) {
-        dbus::announce_failures(core, &emitter).await;
+        dbus::announce_failures(core, conn, &emitter).await;
     }
 }
 
@@ -276,7 +276,7 @@ async fn probe_periodically(core: Arc<Core>, conn: Connection) {
                 if let Ok(emitter) =
                     zbus::object_server::SignalEmitter::new(&conn, api::MANAGER_PATH)
                 {
-                    dbus::announce_failures(&core, &emitter).await;
+                    dbus::announce_failures(&core, &conn, &emitter).await;
                 }
             }
         }

@@ -680,7 +680,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let core = core(dir.path());
         core.restore().recover().unwrap();
-        core.direct().enable_vfs("0000:01:00.0", Some(1), 0).unwrap();
+        core.direct()
+            .enable_vfs("0000:01:00.0", Some(1), 0)
+            .unwrap();
         core.refresh().unwrap();
         let vf = "0000:01:10.0";
         let state = || {
@@ -691,9 +693,11 @@ mod tests {
         assert_eq!(state().0, "healthy");
         core.health().on_error_event(vf, "BEGIN_RECOVERY", None);
         assert_eq!(state().0, "degraded", "{:?}", state());
-        core.health().on_error_event(vf, "SUCCESSFUL_RECOVERY", Some("1"));
+        core.health()
+            .on_error_event(vf, "SUCCESSFUL_RECOVERY", Some("1"));
         assert_eq!(state().0, "healthy");
-        core.health().on_error_event(vf, "FAILED_RECOVERY", Some("0"));
+        core.health()
+            .on_error_event(vf, "FAILED_RECOVERY", Some("0"));
         let (s, why) = state();
         assert_eq!(s, "failed");
         assert!(why.contains("FAILED_RECOVERY"), "{why}");
