@@ -570,8 +570,35 @@ fn release_bench(
             },
         );
     }
+    // Whether the kernel overlaps the resets of different VFs at all: the bare
+    // resets one after another beside the same resets on a thread each.
+    let (mut serial, mut parallel) = (vec![], vec![]);
+    for vf in &vfs {
+        raw.w(vf, "driver_override", "vfio-pci");
+        raw.probe(vf);
+    }
+    for i in 0..n {
+        pair(
+            i,
+            || serial.push(timed(|| vfs.iter().for_each(|vf| raw.w(vf, "reset", "1")))),
+            || {
+                parallel.push(timed(|| {
+                    std::thread::scope(|s| {
+                        for vf in &vfs {
+                            s.spawn(|| raw.w(vf, "reset", "1"));
+                        }
+                    })
+                }))
+            },
+        );
+    }
+    for vf in &vfs {
+        raw.drv(vf, "vfio-pci", "unbind");
+        raw.w(vf, "driver_override", "\n");
+    }
     let _ = c.disable(IGB);
     report(&format!("release of {N} VFs"), &ours, &plus_ping(&bare));
+    report(&format!("{N} resets: threads/serial"), &parallel, &serial);
 }
 
 /// One mtty-2 state moved between two mdevs in this process: total and the time
