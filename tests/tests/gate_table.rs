@@ -529,6 +529,11 @@ fn mediated_entry_points_on_pci_functions_refuse_every_reason() {
         if exclude {
             // Direct mode knows no leases; the configuration it does know.
             assert!(code != 0 && err.contains(says), "{why}: vfctl: {err}");
+            let (code, err) = vfctl_direct(dir.path(), &config, &["vgpu", "clear", &vf]);
+            assert!(
+                code != 0 && err.contains(says),
+                "{why}: vfctl vgpu clear: {err}"
+            );
         }
         let slots =
             mediated_dev::Mediator::new(vf_provisioner::Sysfs::open_fake(dir.path()).unwrap())

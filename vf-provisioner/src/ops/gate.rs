@@ -40,6 +40,8 @@ pub enum Op {
     MdevRemove,
     /// Give a VF a vGPU type.
     Vgpu,
+    /// Take a VF's vGPU type away.
+    VgpuClear,
     /// Move an mdev's state out or in.
     Migrate,
 }
@@ -81,7 +83,7 @@ impl Op {
                 held_open: false,
                 ..all
             },
-            Op::Unbind | Op::Reset | Op::MdevRemove => Checks {
+            Op::Unbind | Op::Reset | Op::MdevRemove | Op::VgpuClear => Checks {
                 config: true,
                 leased: true,
                 held_open: true,
@@ -129,6 +131,7 @@ impl fmt::Display for Op {
             Op::MdevCreate => "create an mdev on it",
             Op::MdevRemove => "remove it",
             Op::Vgpu => "give it a vGPU type",
+            Op::VgpuClear => "clear its vGPU type",
             Op::Migrate => "migrate it",
         })
     }

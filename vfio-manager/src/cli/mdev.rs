@@ -449,6 +449,7 @@ pub fn vgpu(m: &Mediator, p: &Provisioner, cmd: &VgpuCommand, mut r: Renderer) -
             r.done(&format!("{v}: vGPU type {} ({})", t.name, t.id))
         }
         VgpuCommand::Clear { vf: v } => {
+            gate(p, Op::VgpuClear, Some(vf(v)?))?;
             m.clear_vgpu(&vf(v)?)?;
             r.done(&format!("{v}: vGPU type cleared"))
         }
