@@ -15,7 +15,7 @@
 //! audit_log = "/var/log/vfio-manager/audit.log"
 //! state_dir = "/var/lib/vfio-manager"
 //! released_retention_days = 90     # a released request id is refused this long; 0: for ever
-//! degraded_correctable_errors = 100 # correctable PCIe errors (AER) from which a device shows degraded
+//! degraded_correctable_per_hour = 100 # correctable PCIe errors (AER) in an hour that make a device degraded
 //! probe_interval_s = 30             # read each managed function's config space this often; 0: never
 //! [migration]                       # mutual TLS; these are the defaults (libvirt's PKI)
 //! ca = "/etc/pki/CA/cacert.pem"
@@ -81,7 +81,7 @@ struct RawDaemon {
     audit_log: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     released_retention_days: Option<u32>,
-    degraded_correctable_errors: Option<u64>,
+    degraded_correctable_per_hour: Option<u64>,
     probe_interval_s: Option<u64>,
 }
 
@@ -124,9 +124,9 @@ pub struct DaemonConfig {
     /// again (idempotency); after that the table forgets it and it may name a new
     /// lease. 0 remembers every one (the table then grows with every lease).
     pub released_retention_days: u32,
-    /// Correctable PCIe errors (AER, since boot) from which a device is shown
-    /// degraded; any uncorrectable one makes it degraded.
-    pub degraded_correctable_errors: u64,
+    /// Correctable PCIe errors (AER) within an hour that make a device degraded;
+    /// any uncorrectable one makes it degraded.
+    pub degraded_correctable_per_hour: u64,
     /// How often every managed function's configuration space is read (a device
     /// that answers all ones has failed); 0: never.
     pub probe_interval_s: u64,
@@ -142,7 +142,7 @@ impl Default for DaemonConfig {
             audit_log: "/var/log/vfio-manager/audit.log".into(),
             state_dir: "/var/lib/vfio-manager".into(),
             released_retention_days: 90,
-            degraded_correctable_errors: 100,
+            degraded_correctable_per_hour: 100,
             probe_interval_s: 30,
         }
     }
@@ -283,10 +283,10 @@ impl Config {
                     .daemon
                     .released_retention_days
                     .unwrap_or(d.released_retention_days),
-                degraded_correctable_errors: raw
+                degraded_correctable_per_hour: raw
                     .daemon
-                    .degraded_correctable_errors
-                    .unwrap_or(d.degraded_correctable_errors),
+                    .degraded_correctable_per_hour
+                    .unwrap_or(d.degraded_correctable_per_hour),
                 probe_interval_s: raw.daemon.probe_interval_s.unwrap_or(d.probe_interval_s),
             },
         })

@@ -34,7 +34,7 @@ impl Health<'_> {
                 Some((_, why, since)) => ("quarantined", why.clone(), *since),
                 None if d.health == "missing" => ("gone", "it is gone from sysfs".into(), 0),
                 None if recovering.is_some() => ("degraded", recovering.unwrap_or_default(), 0),
-                None => self.by_errors(counts),
+                None => self.by_errors(counts, self.per_hour(&d.address, counts.correctable)),
             };
             out.push(info(&d.address, state, reason, since, counts));
         }
@@ -93,6 +93,7 @@ impl Health<'_> {
             if held {
                 continue;
             }
+            self.per_hour(&d.address, aer(&self.sys, &a).correctable);
             if let Err(why) = probe(&self.sys, &a) {
                 self.mark_failed(&d.address, &format!("its probe failed: {why}"));
                 failed_now += 1;
@@ -107,19 +108,36 @@ impl Health<'_> {
         Ok(held.is_some_and(|(_, failed)| failed))
     }
 
-    /// Healthy or degraded, by the kernel's error counts.
-    fn by_errors(&self, c: Aer) -> (&'static str, String, u64) {
-        let limit = self.config().daemon.degraded_correctable_errors;
+    /// Records `count` correctable errors of `name` now and returns how many it
+    /// had in the last hour (since the daemon first looked, if that is later).
+    fn per_hour(&self, name: &str, count: u64) -> u64 {
+        const HOUR: u64 = 3600;
+        let now = crate::daemon::store::now();
+        let mut seen = self.aer_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let samples = seen.entry(name.to_string()).or_default();
+        // One sample per 10 s at most, however often `Health` is called.
+        if samples.back().is_none_or(|(t, _)| now >= t + 10) {
+            samples.push_back((now, count));
+        }
+        while samples.len() > 1 && samples[1].0 + HOUR <= now {
+            samples.pop_front();
+        }
+        count.saturating_sub(samples[0].1)
+    }
+
+    /// Healthy or degraded, by the kernel's error counts: any uncorrectable error
+    /// since boot, or `degraded_correctable_per_hour` correctable ones in an hour.
+    fn by_errors(&self, c: Aer, per_hour: u64) -> (&'static str, String, u64) {
+        let limit = self.config().daemon.degraded_correctable_per_hour;
         if c.nonfatal + c.fatal > 0 {
             let why = format!(
                 "{} uncorrectable PCIe errors since boot",
                 c.nonfatal + c.fatal
             );
             ("degraded", why, 0)
-        } else if c.correctable >= limit {
+        } else if per_hour >= limit {
             let why = format!(
-                "{} correctable PCIe errors since boot (degraded_correctable_errors = {limit})",
-                c.correctable
+                "{per_hour} correctable PCIe errors in the last hour (degraded_correctable_per_hour = {limit})"
             );
             ("degraded", why, 0)
         } else {

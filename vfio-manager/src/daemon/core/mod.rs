@@ -108,6 +108,9 @@ pub struct Core {
     unrestored: Mutex<Vec<String>>,
     /// Functions in the kernel's PCIe error recovery now, with what it said.
     recovering: Mutex<BTreeMap<String, String>>,
+    /// Each function's correctable error count as sampled in the last hour (time,
+    /// count), oldest first: the rate the `degraded` threshold is about.
+    aer_seen: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, u64)>>>,
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
@@ -268,6 +271,7 @@ impl Core {
             changes: Mutex::new((Vec::new(), Vec::new())),
             unrestored: Mutex::new(Vec::new()),
             recovering: Mutex::new(BTreeMap::new()),
+            aer_seen: Mutex::new(BTreeMap::new()),
             config,
             audit,
             metrics: Metrics::default(),
@@ -710,5 +714,41 @@ mod tests {
         let e = core.pool().provision(req, 0).unwrap_err();
         assert!(matches!(e, ApiError::Refused(_)), "{e}");
         assert_eq!(core.take_failures().len(), 1, "announced once");
+    }
+
+    #[test]
+    fn correctable_errors_make_a_device_degraded_by_their_rate_not_their_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core(dir.path());
+        core.direct()
+            .enable_vfs("0000:01:00.0", Some(1), 0)
+            .unwrap();
+        core.refresh().unwrap();
+        let vf = "0000:01:10.0";
+        let aer = dir
+            .path()
+            .join("sys/bus/pci/devices")
+            .join(vf)
+            .join("aer_dev_correctable");
+        let count = |n: u64| {
+            std::fs::write(&aer, format!("RxErr 0\nBadTLP {n}\nTOTAL_ERR_COR {n}\n")).unwrap()
+        };
+        let state = || {
+            let list = core.health().list().unwrap();
+            let i = list.into_iter().find(|i| i.name == vf).unwrap();
+            (i.state, i.reason, i.aer_correctable)
+        };
+        // Thousands since boot, before the daemon looked: not a rate.
+        count(5000);
+        assert_eq!(state().0, "healthy");
+        count(5099);
+        assert_eq!(state().0, "healthy", "99 in the hour");
+        count(5100);
+        let (s, why, total) = state();
+        assert_eq!((s.as_str(), total), ("degraded", 5100), "{why}");
+        assert!(
+            why.contains("100 correctable PCIe errors in the last hour"),
+            "{why}"
+        );
     }
 }
