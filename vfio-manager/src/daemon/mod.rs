@@ -227,29 +227,21 @@ async fn forget_released_hourly(core: Arc<Core>) {
     }
 }
 
-/// Reads uevents on a thread; a burst (enabling 4 VFs is ~20 events) with a PCI
-/// event in it is settled with one re-read of sysfs.
 /// The PCIe error recovery events among `events`: each function's health follows
 /// them, and a failure is announced.
 async fn follow_errors(core: &Arc<Core>, conn: &Connection, events: &[uevent::Uevent]) {
     let errors: Vec<_> = events
         .iter()
         .filter(|e| e.subsystem == "pci")
-        .filter_map(|e| {
-            Some((
-                e.device().to_string(),
-                e.error_event.clone()?,
-                e.device_online.clone(),
-            ))
-        })
+        .filter_map(|e| Some((e.device().to_string(), e.error_event.clone()?)))
         .collect();
     if errors.is_empty() {
         return;
     }
     let c = core.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        for (dev, event, online) in errors {
-            c.health().on_error_event(&dev, &event, online.as_deref());
+        for (dev, event) in errors {
+            c.health().on_error_event(&dev, &event);
         }
     })
     .await;
@@ -283,6 +275,8 @@ async fn probe_periodically(core: Arc<Core>, conn: Connection) {
     }
 }
 
+/// Reads uevents on a thread; a burst (enabling 4 VFs is ~20 events) with a PCI
+/// event in it is settled with one re-read of sysfs.
 fn follow_uevents(core: Arc<Core>, conn: Connection) {
     let listener = match uevent::Listener::open() {
         Ok(l) => l,

@@ -9,15 +9,14 @@ const SUBSYSTEMS: &[&str] = &["pci", "mdev", "vfio"];
 
 /// One event: `add`/`remove`/`bind`/`unbind`/`change` and the device path; for
 /// the `change` events of PCIe error recovery (kernel rule 12, docs/kernel.md),
-/// `ERROR_EVENT` (BEGIN_RECOVERY, SUCCESSFUL_RECOVERY, FAILED_RECOVERY) and
-/// `DEVICE_ONLINE` (0 or 1).
+/// `ERROR_EVENT` (BEGIN_RECOVERY, SUCCESSFUL_RECOVERY, FAILED_RECOVERY). Their
+/// `DEVICE_ONLINE` is not kept: it is 0 at BEGIN_RECOVERY as at FAILED_RECOVERY.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uevent {
     pub action: String,
     pub subsystem: String,
     pub devpath: String,
     pub error_event: Option<String>,
-    pub device_online: Option<String>,
 }
 
 impl Uevent {
@@ -91,7 +90,7 @@ pub fn parse(msg: &[u8]) -> Option<Uevent> {
     let mut action = None;
     let mut subsystem = None;
     let mut devpath = None;
-    let (mut error_event, mut device_online) = (None, None);
+    let mut error_event = None;
     for field in msg
         .split(|b| *b == 0)
         .filter_map(|f| std::str::from_utf8(f).ok())
@@ -102,7 +101,6 @@ pub fn parse(msg: &[u8]) -> Option<Uevent> {
                 "SUBSYSTEM" => subsystem = Some(v.to_string()),
                 "DEVPATH" => devpath = Some(v.to_string()),
                 "ERROR_EVENT" => error_event = Some(v.to_string()),
-                "DEVICE_ONLINE" => device_online = Some(v.to_string()),
                 _ => {}
             }
         }
@@ -113,7 +111,6 @@ pub fn parse(msg: &[u8]) -> Option<Uevent> {
         subsystem,
         devpath: devpath?,
         error_event,
-        device_online,
     })
 }
 
@@ -134,6 +131,5 @@ mod tests {
         let e = super::parse(m).unwrap();
         assert_eq!(e.device(), "0000:01:00.0");
         assert_eq!(e.error_event.as_deref(), Some("FAILED_RECOVERY"));
-        assert_eq!(e.device_online.as_deref(), Some("0"));
     }
 }

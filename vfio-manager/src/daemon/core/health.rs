@@ -9,7 +9,7 @@ use mediated_dev::host::mdev_exists;
 use vf_provisioner::health::{aer, probe, Aer};
 use vf_provisioner::PciAddress;
 
-use super::{failed, orphan_name, verdict, Health};
+use super::{device_name, failed, verdict, Health};
 use crate::api::ids::{parse_uuid, quote};
 use crate::api::{ApiError, HealthInfo};
 
@@ -25,16 +25,18 @@ impl Health<'_> {
         for d in self.devices()? {
             let a: Option<PciAddress> = d.address.parse().ok();
             let counts = a.map(|a| aer(&self.sys, &a)).unwrap_or_default();
+            // The table's health says failed, quarantined or missing; the
+            // quarantine list says why and since when.
             let hold = held.iter().find(|(n, ..)| *n == d.address);
             let recovering = self.recovering().get(&d.address).cloned();
-            let (state, reason, since) = match hold {
-                Some((_, why, since)) if self.failed(&d.address)? => {
-                    ("failed", why.clone(), *since)
+            let (state, reason, since) = match (d.health.as_str(), hold) {
+                ("failed", Some((_, why, since))) => ("failed", why.clone(), *since),
+                (_, Some((_, why, since))) => ("quarantined", why.clone(), *since),
+                ("missing", None) => ("gone", "it is gone from sysfs".into(), 0),
+                (_, None) if recovering.is_some() => {
+                    ("degraded", recovering.unwrap_or_default(), 0)
                 }
-                Some((_, why, since)) => ("quarantined", why.clone(), *since),
-                None if d.health == "missing" => ("gone", "it is gone from sysfs".into(), 0),
-                None if recovering.is_some() => ("degraded", recovering.unwrap_or_default(), 0),
-                None => self.by_errors(counts, self.per_hour(&d.address, counts.correctable)),
+                (_, None) => self.by_errors(counts, self.per_hour(&d.address, counts.correctable)),
             };
             out.push(info(&d.address, state, reason, since, counts));
         }
@@ -52,26 +54,27 @@ impl Health<'_> {
 
     /// Follows the kernel's PCIe error recovery of function `name` (its `change`
     /// uevents, kernel rule 12, docs/kernel.md): degraded while it runs, failed
-    /// (held back) when it fails or leaves the device offline, as before when it
-    /// succeeds.
-    pub fn on_error_event(&self, name: &str, event: &str, online: Option<&str>) {
+    /// (held back) when it fails, as before when it succeeds. `DEVICE_ONLINE` says
+    /// nothing more: the kernel sends 0 with BEGIN_RECOVERY too.
+    pub fn on_error_event(&self, name: &str, event: &str) {
         let Ok(a) = name.parse::<PciAddress>() else {
             return;
         };
         let name = a.to_string();
-        match (event, online) {
-            ("FAILED_RECOVERY", _) | (_, Some("0")) => {
+        match event {
+            "FAILED_RECOVERY" => {
                 self.recovering().remove(&name);
                 let why = format!("the kernel's PCIe error recovery ended in {event}");
                 self.mark_failed(&name, &why);
             }
-            ("SUCCESSFUL_RECOVERY", _) => {
+            "SUCCESSFUL_RECOVERY" => {
                 self.recovering().remove(&name);
             }
-            (e, _) => {
-                let why = format!("PCIe error recovery in progress ({e})");
+            "BEGIN_RECOVERY" => {
+                let why = format!("PCIe error recovery in progress ({event})");
                 self.recovering().insert(name, why);
             }
+            _ => {}
         }
     }
 
@@ -81,18 +84,13 @@ impl Health<'_> {
     pub fn probe_all(&self) -> Result<usize, ApiError> {
         let mut failed_now = 0;
         for d in self.devices()? {
-            let held = d.health == "missing"
-                || self
-                    .store()
-                    .quarantined(&d.address)
-                    .map_err(failed)?
-                    .is_some();
+            // Gone, or already held back (the table's health says so).
+            if d.health != "ok" {
+                continue;
+            }
             let Ok(a) = d.address.parse::<PciAddress>() else {
                 continue;
             };
-            if held {
-                continue;
-            }
             self.per_hour(&d.address, aer(&self.sys, &a).correctable);
             if let Err(why) = probe(&self.sys, &a) {
                 self.mark_failed(&d.address, &format!("its probe failed: {why}"));
@@ -100,12 +98,6 @@ impl Health<'_> {
             }
         }
         Ok(failed_now)
-    }
-
-    /// Whether a failure (not an operator) holds `name` back.
-    fn failed(&self, name: &str) -> Result<bool, ApiError> {
-        let held = self.store().held_back(name).map_err(failed)?;
-        Ok(held.is_some_and(|(_, failed)| failed))
     }
 
     /// Records `count` correctable errors of `name` now and returns how many it
@@ -148,11 +140,12 @@ impl Health<'_> {
     /// Holds a device back with the operator's reason: the gate then offers it to
     /// nobody. A leased device keeps its lease; it is held back from its release on.
     pub fn quarantine(&self, name: &str, reason: &str, uid: u32) -> Result<(), ApiError> {
-        let r = self.quarantine_checked(name, reason);
-        let shown = orphan_name(name).unwrap_or_else(|_| quote(name));
-        self.audit
-            .record(uid, "quarantine", "", "", &[shown], &verdict(&r));
-        r
+        self.audited(
+            "quarantine",
+            uid,
+            name,
+            self.quarantine_checked(name, reason),
+        )
     }
 
     fn quarantine_checked(&self, name: &str, reason: &str) -> Result<(), ApiError> {
@@ -175,10 +168,20 @@ impl Health<'_> {
     /// Ends a device's quarantine or failure after probing it again: a function
     /// whose configuration space still does not answer stays held back.
     pub fn clear(&self, name: &str, uid: u32) -> Result<(), ApiError> {
-        let r = self.clear_checked(name);
-        let shown = orphan_name(name).unwrap_or_else(|_| quote(name));
-        self.audit
-            .record(uid, "clear", "", "", &[shown], &verdict(&r));
+        self.audited("clear", uid, name, self.clear_checked(name))
+    }
+
+    /// `r`, written to the audit log as operation `op` of `uid` on `name` (escaped
+    /// and bounded when it is not a device name).
+    fn audited(
+        &self,
+        op: &str,
+        uid: u32,
+        name: &str,
+        r: Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        let shown = device_name(name).unwrap_or_else(|_| quote(name));
+        self.audit.record(uid, op, "", "", &[shown], &verdict(&r));
         r
     }
 
@@ -202,7 +205,7 @@ impl Health<'_> {
     /// `name` in the table's form, if it names a function we manage or an mdev
     /// that exists or is held back.
     fn known(&self, name: &str) -> Result<String, ApiError> {
-        let name = orphan_name(name)?;
+        let name = device_name(name)?;
         let managed = self.devices()?.iter().any(|d| d.address == name);
         let mdev = parse_uuid(&name).is_ok_and(|u| mdev_exists(&self.sys, &u));
         let held = self.store().quarantined(&name).map_err(failed)?.is_some();

@@ -507,7 +507,8 @@ impl Core {
     }
 
     /// Records a failure on `addr` and holds it back: the gate offers it to nobody
-    /// until an operator frees or adopts it (`vfctl orphan`).
+    /// until an operator clears it (`vfctl clear`, which probes it first) or frees
+    /// it (`vfctl orphan free`).
     fn mark_failed(&self, addr: &str, why: &str) {
         let _ = self.store().set_health(addr, "failed", true);
         if let Ok(true) = self.store().quarantine(addr, why) {
@@ -537,8 +538,8 @@ impl Core {
     }
 }
 
-/// A quarantined device's name: a PCI address or an mdev UUID, in the table's form.
-fn orphan_name(s: &str) -> Result<String, ApiError> {
+/// A device's name as the table writes it: a PCI address or an mdev UUID.
+fn device_name(s: &str) -> Result<String, ApiError> {
     match s.parse::<PciAddress>() {
         Ok(a) => Ok(a.to_string()),
         Err(_) => Ok(crate::api::ids::parse_uuid(s)
@@ -695,13 +696,14 @@ mod tests {
             (i.state, i.reason)
         };
         assert_eq!(state().0, "healthy");
-        core.health().on_error_event(vf, "BEGIN_RECOVERY", None);
+        // As the kernel sends them (pci_uevent_ers): BEGIN_RECOVERY comes with
+        // DEVICE_ONLINE=0 too, and is no failure.
+        core.health().on_error_event(vf, "BEGIN_RECOVERY");
         assert_eq!(state().0, "degraded", "{:?}", state());
-        core.health()
-            .on_error_event(vf, "SUCCESSFUL_RECOVERY", Some("1"));
+        core.health().on_error_event(vf, "SUCCESSFUL_RECOVERY");
         assert_eq!(state().0, "healthy");
-        core.health()
-            .on_error_event(vf, "FAILED_RECOVERY", Some("0"));
+        core.health().on_error_event(vf, "BEGIN_RECOVERY");
+        core.health().on_error_event(vf, "FAILED_RECOVERY");
         let (s, why) = state();
         assert_eq!(s, "failed");
         assert!(why.contains("FAILED_RECOVERY"), "{why}");

@@ -9,7 +9,7 @@ use mediated_dev::host::{mdev_exists, read_vgpu};
 use vf_provisioner::{PciAddress, PciFunction};
 
 use super::{
-    addrs_of, failed, moved, not_quarantined, orphan_name, outcome, retry, verdict, Planned,
+    addrs_of, device_name, failed, moved, not_quarantined, outcome, retry, verdict, Planned,
     Restore, VFIO_PCI,
 };
 use crate::api::ids::Held;
@@ -243,7 +243,7 @@ impl Restore<'_> {
     /// Ends a quarantine and offers the device again as it is: the operator's word
     /// that no lost lease uses it.
     pub fn adopt_orphan(&self, name: &str, uid: u32) -> Result<(), ApiError> {
-        let name = orphan_name(name)?;
+        let name = device_name(name)?;
         let r = match self.store().unquarantine(&name).map_err(failed)? {
             true => Ok(()),
             false => Err(not_quarantined(&name)),
@@ -256,7 +256,7 @@ impl Restore<'_> {
     /// Returns a quarantined function to its host driver, or removes a quarantined
     /// mdev, then ends its quarantine. Refused while a VMM holds it open.
     pub fn free_orphan(&self, name: &str, uid: u32) -> Result<(), ApiError> {
-        let name = orphan_name(name)?;
+        let name = device_name(name)?;
         if self.store().quarantined(&name).map_err(failed)?.is_none() {
             return Err(not_quarantined(&name));
         }
