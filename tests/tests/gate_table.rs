@@ -53,40 +53,25 @@ enum Entry {
 use Entry::*;
 use Why::*;
 
+/// Every entry point the configuration's verdict (excluded, not managed) stops.
+const CONFIG_ENTRIES: &[Entry] = &[
+    LeasePool,
+    LeaseNamed,
+    Bind,
+    Unbind,
+    EnableVfs,
+    DisableVfs,
+    DirectBind,
+    DirectUnbind,
+    DirectDisable,
+];
+
 /// Every pair that is a refusal, with what the refusal must say. A pair not here
 /// is not one the policy refuses (an unbind of a quarantined device is how an
 /// operator frees it; direct mode has no leases to know).
 const TABLE: &[(Why, &[Entry], &str)] = &[
-    (
-        Excluded,
-        &[
-            LeasePool,
-            LeaseNamed,
-            Bind,
-            Unbind,
-            EnableVfs,
-            DisableVfs,
-            DirectBind,
-            DirectUnbind,
-            DirectDisable,
-        ],
-        "excluded",
-    ),
-    (
-        NotManaged,
-        &[
-            LeasePool,
-            LeaseNamed,
-            Bind,
-            Unbind,
-            EnableVfs,
-            DisableVfs,
-            DirectBind,
-            DirectUnbind,
-            DirectDisable,
-        ],
-        "not managed",
-    ),
+    (Excluded, CONFIG_ENTRIES, "excluded"),
+    (NotManaged, CONFIG_ENTRIES, "not managed"),
     (
         Leased,
         &[

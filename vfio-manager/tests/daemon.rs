@@ -865,25 +865,14 @@ fn our_members(table: &str) -> Vec<(String, String, String, String)> {
 fn signals_announce_leases_and_devices() {
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::emulated(), "manage = [\"8086:10c9\"]\n", &[]);
-    let mut monitor = std::process::Command::new("dbus-monitor")
-        .args([
-            "--address",
-            &bus.address,
-            "type='signal',interface='org.vfiomanager.VfioManager1.Manager'",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("dbus-monitor (Debian package dbus-bin)");
-    std::thread::sleep(Duration::from_millis(300));
+    let rule = "type='signal',interface='org.vfiomanager.VfioManager1.Manager'";
+    let monitor = Monitor::start(&bus, rule).expect("dbus-monitor (Debian package dbus-bin)");
     let c = bus.client();
     // No VFs yet: the lease enables them, and they are announced.
     let l = c.provision(&req("s1", "vm-s", 1)).unwrap();
     c.release(&l.id).unwrap();
     c.disable("0000:01:00.0").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    monitor.kill().unwrap();
-    let out = monitor.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = monitor.stop(Duration::from_millis(300));
     for (member, arg) in [
         ("DeviceAdded", "0000:01:10.0"),
         ("LeaseCreated", l.id.as_str()),

@@ -93,24 +93,19 @@ fn an_operators_quarantine_holds_a_device_back_and_bad_input_changes_nothing() {
         assert!(e.to_string().len() < 1000, "bounded: {e}");
     }
     assert_eq!(state_of(&bus, vf).0, "healthy", "nothing changed");
-    let monitor = std::process::Command::new("dbus-monitor")
-        .args(["--address", &bus.address, "member='PropertiesChanged'"])
-        .stdout(std::process::Stdio::piped())
-        .spawn();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let monitor = Monitor::start(&bus, "member='PropertiesChanged'");
     let (code, out, err) = vfctl(&bus, &["quarantine", vf, "--reason", "fan noise"]);
     assert_eq!(code, 0, "{err}: {out}");
-    if let Ok(mut m) = monitor {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let _ = m.kill();
-        let mut seen = String::new();
-        std::io::Read::read_to_string(m.stdout.as_mut().unwrap(), &mut seen).unwrap();
+    if let Some(m) = monitor {
+        let seen = m.stop(std::time::Duration::from_millis(300));
         assert!(
             seen.contains("device/0000_10_00_2")
                 && seen.contains("\"Health\"")
                 && seen.contains("quarantined"),
             "PropertiesChanged for its Health: {seen}"
         );
+    } else {
+        eprintln!("SKIPPED the signal check: dbus-monitor is not installed");
     }
     let (state, why) = state_of(&bus, vf);
     assert_eq!(
@@ -209,11 +204,7 @@ fn a_probe_finds_a_device_that_stopped_answering() {
     let d = Daemon::start(&bus, layouts::large(1, 2), config, &[]);
     let c = bus.client();
     let lease = c.provision(&req("p1", &["0000:10:00.1"])).unwrap();
-    let monitor = std::process::Command::new("dbus-monitor")
-        .args(["--address", &bus.address, "member='LeaseDegraded'"])
-        .stdout(std::process::Stdio::piped())
-        .spawn();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let monitor = Monitor::start(&bus, "member='LeaseDegraded'");
     fake::fail_device(&d.root, &"0000:10:00.1".parse().unwrap()).unwrap();
     // Waits (it is no timing assert) for the next probes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -229,11 +220,8 @@ fn a_probe_finds_a_device_that_stopped_answering() {
         "healthy",
         "the others are not touched"
     );
-    if let Ok(mut m) = monitor {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let _ = m.kill();
-        let mut out = String::new();
-        std::io::Read::read_to_string(m.stdout.as_mut().unwrap(), &mut out).unwrap();
+    if let Some(m) = monitor {
+        let out = m.stop(std::time::Duration::from_millis(300));
         assert!(
             out.contains(&lease.id),
             "LeaseDegraded names the lease: {out}"

@@ -173,6 +173,23 @@ impl Manager {
         publish(&self.core, conn, &added, &removed).await;
     }
 
+    /// A change to device `name`'s health (quarantine, clear): check the caller,
+    /// run `op` with their uid off the bus thread, signal the new `Health`.
+    async fn health_op(
+        &self,
+        hdr: &Header<'_>,
+        conn: &Connection,
+        what: &str,
+        name: String,
+        op: impl FnOnce(&Core, &str, u32) -> Result<(), ApiError> + Send + 'static,
+    ) -> Result<(), ApiError> {
+        let uid = self.authorize(hdr, what).await?;
+        let (core, n) = (self.core.clone(), name.clone());
+        blocking(move || op(&core, &n, uid)).await?;
+        health_changed(conn, &name).await;
+        Ok(())
+    }
+
     /// A direct request (enable, disable, bind, unbind): check the caller, run `op`
     /// with their uid off the bus thread, publish what changed.
     async fn direct(
@@ -443,11 +460,10 @@ impl Manager {
         name: String,
         reason: String,
     ) -> Result<(), ApiError> {
-        let uid = self.authorize(&hdr, "quarantine devices").await?;
-        let (core, n) = (self.core.clone(), name.clone());
-        blocking(move || core.health().quarantine(&n, &reason, uid)).await?;
-        health_changed(conn, &name).await;
-        Ok(())
+        self.health_op(&hdr, conn, "quarantine devices", name, move |c, n, uid| {
+            c.health().quarantine(n, &reason, uid)
+        })
+        .await
     }
 
     /// Probes a held-back device again and, if it answers, offers it again.
@@ -457,11 +473,10 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> Result<(), ApiError> {
-        let uid = self.authorize(&hdr, "clear devices").await?;
-        let (core, n) = (self.core.clone(), name.clone());
-        blocking(move || core.health().clear(&n, uid)).await?;
-        health_changed(conn, &name).await;
-        Ok(())
+        self.health_op(&hdr, conn, "clear devices", name, |c, n, uid| {
+            c.health().clear(n, uid)
+        })
+        .await
     }
 
     /// Active and defined mediated devices, with the lease holding each.

@@ -426,3 +426,40 @@ pub fn crash_seed() -> u64 {
     eprintln!("crash test seed {seed} (VFM_CRASH_SEED={seed} repeats it)");
     seed
 }
+
+/// `dbus-monitor` on a bus, in place before the test goes on.
+pub struct Monitor {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Monitor {
+    /// Starts it for match `rule` and waits until it has become a monitor (the
+    /// bus then tells it NameLost); `None` where dbus-monitor is not installed.
+    pub fn start(bus: &Bus, rule: &str) -> Option<Monitor> {
+        let mut child = Command::new("dbus-monitor")
+            .args(["--address", &bus.address, rule])
+            .stdout(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let mut out = BufReader::new(child.stdout.take()?);
+        let mut line = String::new();
+        while !line.contains("member=NameLost") {
+            line.clear();
+            if out.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+        }
+        Some(Monitor { child, out })
+    }
+
+    /// Everything it printed, after `settle` for the last signals to arrive.
+    pub fn stop(mut self, settle: Duration) -> String {
+        std::thread::sleep(settle);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.out, &mut text);
+        text
+    }
+}
