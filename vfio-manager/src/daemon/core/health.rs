@@ -9,7 +9,7 @@ use mediated_dev::host::mdev_exists;
 use vf_provisioner::health::{aer, probe, Aer};
 use vf_provisioner::PciAddress;
 
-use super::{device_name, failed, verdict, Health};
+use super::{device_name, failed, Health};
 use crate::api::ids::{parse_uuid, quote};
 use crate::api::{ApiError, HealthInfo};
 
@@ -140,7 +140,7 @@ impl Health<'_> {
     /// Holds a device back with the operator's reason: the gate then offers it to
     /// nobody. A leased device keeps its lease; it is held back from its release on.
     pub fn quarantine(&self, name: &str, reason: &str, uid: u32) -> Result<(), ApiError> {
-        self.audited(
+        self.audited_as_given(
             "quarantine",
             uid,
             name,
@@ -168,12 +168,12 @@ impl Health<'_> {
     /// Ends a device's quarantine or failure after probing it again: a function
     /// whose configuration space still does not answer stays held back.
     pub fn clear(&self, name: &str, uid: u32) -> Result<(), ApiError> {
-        self.audited("clear", uid, name, self.clear_checked(name))
+        self.audited_as_given("clear", uid, name, self.clear_checked(name))
     }
 
-    /// `r`, written to the audit log as operation `op` of `uid` on `name` (escaped
-    /// and bounded when it is not a device name).
-    fn audited(
+    /// [`Core::audited`] of `name` as given: escaped and bounded when it is not a
+    /// device name.
+    fn audited_as_given(
         &self,
         op: &str,
         uid: u32,
@@ -181,8 +181,7 @@ impl Health<'_> {
         r: Result<(), ApiError>,
     ) -> Result<(), ApiError> {
         let shown = device_name(name).unwrap_or_else(|_| quote(name));
-        self.audit.record(uid, op, "", "", &[shown], &verdict(&r));
-        r
+        self.audited(op, uid, &shown, r)
     }
 
     fn clear_checked(&self, name: &str) -> Result<(), ApiError> {

@@ -207,7 +207,7 @@ impl Mediated<'_> {
         };
         if let Some(r) = self.parent_refused(&parent) {
             let e = ApiError::Refused(format!("mdev parent {r}"));
-            return Err(self.refused("mdev-create", uid, &uuid.to_string(), e));
+            return self.audited("mdev-create", uid, &uuid.to_string(), Err(e));
         }
         let start = match define {
             "" => None,
@@ -254,7 +254,7 @@ impl Mediated<'_> {
         let uuid = uuid_arg(uuid)?;
         if let Err(r) = self.gate_mdev(Op::MdevRemove, &uuid.to_string()) {
             let e = ApiError::Refused(r.to_string());
-            return Err(self.refused("mdev-remove", uid, &uuid.to_string(), e));
+            return self.audited("mdev-remove", uid, &uuid.to_string(), Err(e));
         }
         let undo = MdevIntent {
             uuid,
@@ -276,13 +276,6 @@ impl Mediated<'_> {
             }
             Ok(())
         })
-    }
-
-    /// A refusal before an operation started, audited like the operation would be.
-    fn refused(&self, op: &str, uid: u32, name: &str, e: ApiError) -> ApiError {
-        self.audit
-            .record(uid, op, "", "", &[name.to_string()], &e.to_string());
-        e
     }
 
     /// One direct mdev operation: serialized, recorded as an intent, audited.
@@ -310,10 +303,7 @@ impl Mediated<'_> {
             let _ = self.store().end_intent(intent);
             r
         });
-        let outcome = super::verdict(&r);
-        self.audit
-            .record(uid, op, "", "", &[uuid.to_string()], &outcome);
-        r
+        self.audited(op, uid, &uuid.to_string(), r)
     }
 
     /// Settles an mdev operation a crash cut off: a create is undone (its caller

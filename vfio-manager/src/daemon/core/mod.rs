@@ -521,6 +521,19 @@ impl Core {
             .push((addr.to_string(), why.to_string()));
     }
 
+    /// `r`, written to the audit log as operation `op` of `uid` on device `name`.
+    fn audited<T>(
+        &self,
+        op: &str,
+        uid: u32,
+        name: &str,
+        r: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.audit
+            .record(uid, op, "", "", &[name.to_string()], &verdict(&r));
+        r
+    }
+
     /// The lease holding device `name` and its VM, if one does.
     pub fn holder(&self, name: &str) -> Option<(String, String)> {
         self.store().holder(name).ok().flatten()

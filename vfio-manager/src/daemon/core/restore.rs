@@ -9,8 +9,8 @@ use mediated_dev::host::{mdev_exists, read_vgpu};
 use vf_provisioner::{PciAddress, PciFunction};
 
 use super::{
-    addrs_of, device_name, failed, moved, not_quarantined, outcome, retry, verdict, Planned,
-    Restore, VFIO_PCI,
+    addrs_of, device_name, failed, moved, not_quarantined, outcome, retry, Planned, Restore,
+    VFIO_PCI,
 };
 use crate::api::ids::Held;
 use crate::api::ApiError;
@@ -248,9 +248,7 @@ impl Restore<'_> {
             true => Ok(()),
             false => Err(not_quarantined(&name)),
         };
-        self.audit
-            .record(uid, "orphan-adopt", "", "", &[name], &verdict(&r));
-        r
+        self.audited("orphan-adopt", uid, &name, r)
     }
 
     /// Returns a quarantined function to its host driver, or removes a quarantined
