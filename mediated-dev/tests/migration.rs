@@ -370,7 +370,7 @@ fn a_one_time_bundle_that_is_not_one_is_refused_with_the_reason() {
             .err()
             .unwrap_or_else(|| panic!("{what} accepted"));
         assert!(
-            e.to_string().contains("one-time credentials"),
+            e.to_string().contains("one-time migration credentials"),
             "{what}: {e}"
         );
         assert!(e.to_string().len() < 400, "{what}: bounded: {e}");

@@ -82,7 +82,7 @@ struct RawDaemon {
     state_dir: Option<PathBuf>,
     released_retention_days: Option<u32>,
     degraded_correctable_per_hour: Option<u64>,
-    probe_interval_s: Option<u64>,
+    probe_interval_s: Option<Spanned<u64>>,
 }
 
 /// The validated configuration.
@@ -230,6 +230,20 @@ impl Config {
             pfs.push((a, *pf.vfs.get_ref()));
         }
         let bind = raw.bind.iter().map(address).collect::<Result<_, _>>()?;
+        if let Some(p) = raw
+            .daemon
+            .probe_interval_s
+            .as_ref()
+            .filter(|p| *p.get_ref() > 86_400)
+        {
+            return Err(at(
+                Some(p.span()),
+                format!(
+                    "probe_interval_s = {}: at most 86400 (a day); 0 turns the probe off",
+                    p.get_ref()
+                ),
+            ));
+        }
         let metrics_listen = match &raw.daemon.metrics_listen {
             Some(s) => Some(s.get_ref().parse::<SocketAddr>().map_err(|e| {
                 at(
@@ -287,7 +301,10 @@ impl Config {
                     .daemon
                     .degraded_correctable_per_hour
                     .unwrap_or(d.degraded_correctable_per_hour),
-                probe_interval_s: raw.daemon.probe_interval_s.unwrap_or(d.probe_interval_s),
+                probe_interval_s: raw
+                    .daemon
+                    .probe_interval_s
+                    .map_or(d.probe_interval_s, Spanned::into_inner),
             },
         })
     }
@@ -309,6 +326,17 @@ mod tests {
         Config::parse(text, Path::new("c.toml"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn a_probe_interval_past_a_day_is_refused_where_it_stands() {
+        for n in ["86401", "9223372036854775807"] {
+            let e = err(&format!("[daemon]\nprobe_interval_s = {n}\n"));
+            assert!(
+                e.starts_with("c.toml:2:") && e.contains("at most 86400"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

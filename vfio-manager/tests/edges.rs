@@ -322,3 +322,44 @@ fn a_request_refused_at_the_bus_is_audited_once_and_bounded() {
         added[0]
     );
 }
+
+#[test]
+fn one_time_credentials_that_are_not_a_bundle_are_refused_before_anything_moves() {
+    let bus = Bus::open();
+    let _d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let m = c.create_mdev("mtty", "mtty-2", "", "").unwrap();
+    // /dev/zero: vfctl reads a bounded part and refuses its NULs (a D-Bus string
+    // cannot hold them); a long text file, the daemon refuses by its size.
+    let big = _d.dir.path().join("big.pem");
+    std::fs::write(&big, "A".repeat(1 << 20)).unwrap();
+    for (file, says) in [("/dev/zero", "NUL"), (big.to_str().unwrap(), "over 16384 bytes")] {
+        let send = [
+            "migrate",
+            "send",
+            &m.uuid,
+            "127.0.0.1:9",
+            "--credentials",
+            file,
+        ];
+        let (code, _, err) = vfctl(&bus, &send);
+        assert_eq!(code, 2, "{file}: {err}");
+        assert!(err.contains(says), "{file}: {err}");
+    }
+    for bundle in [
+        "",
+        "-----BEGIN CERTIFICATE-----\n\u{1}\n",
+        &"A".repeat(1 << 20),
+    ] {
+        let e = c
+            .migrate_out_with(&m.uuid, "127.0.0.1:9", bundle)
+            .unwrap_err();
+        assert_eq!(error_name(&e), "BadInput", "{e}");
+        assert!(e.to_string().contains("one-time migration credentials"), "{e}");
+        assert!(e.to_string().len() < 1000, "bounded: {e}");
+    }
+    assert!(
+        c.mdevs().unwrap().iter().all(|x| x.active),
+        "the mdev is as it was"
+    );
+}

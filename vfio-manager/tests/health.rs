@@ -92,6 +92,22 @@ fn an_operators_quarantine_holds_a_device_back_and_bad_input_changes_nothing() {
         );
         assert!(e.to_string().len() < 1000, "bounded: {e}");
     }
+    // Clear takes the same names: malformed ones are bad input, bounded.
+    for (name, want) in [
+        ("../../etc", "BadInput"),
+        ("0000:10:00.2\n", "BadInput"),
+        (&"7".repeat(1 << 20)[..], "BadInput"),
+        ("0000:99:00.0", "NotFound"),
+    ] {
+        let e = c.clear(name).unwrap_err();
+        assert_eq!(
+            error_name(&e),
+            want,
+            "{:?}: {e}",
+            &name[..name.len().min(20)]
+        );
+        assert!(e.to_string().len() < 1000, "bounded: {e}");
+    }
     assert_eq!(state_of(&bus, vf).0, "healthy", "nothing changed");
     let monitor = Monitor::start(&bus, "member='PropertiesChanged'");
     let (code, out, err) = vfctl(&bus, &["quarantine", vf, "--reason", "fan noise"]);

@@ -19,6 +19,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::error::{Error, Result};
+use vfio_manager_api::ids::IdError;
 
 /// Where the PEM files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,10 +56,10 @@ pub struct Tls {
 
 /// The name in a one-time destination certificate (`.invalid`: never a real host).
 const ONE_TIME_NAME: &str = "migration.vfio-manager.invalid";
-/// Where a one-time bundle comes from, for errors.
-const ONE_TIME: &str = "the migration's one-time credentials";
+/// What a one-time bundle is called in errors.
+const ONE_TIME: &str = "one-time migration credentials";
 /// A bundle is three PEM blocks of a few hundred bytes each.
-const MAX_BUNDLE: usize = 16 << 10;
+pub const MAX_BUNDLE: usize = 16 << 10;
 
 fn bad(path: &Path, what: impl std::fmt::Display) -> Error {
     Error::Tls {
@@ -157,25 +158,28 @@ impl Tls {
     /// The source's side of one-time credentials, from the bundle its destination
     /// made: exactly the CA, then the source's certificate, then its key.
     pub fn from_one_time(bundle: &str) -> Result<Tls> {
-        let whence = Path::new(ONE_TIME);
+        // Bad input, not a PKI problem; and never quoted: it holds a private key.
+        let bad = |why: String| {
+            let size = format!("{} bytes", bundle.len());
+            let fix = "give the file `vfctl migrate receive --credentials-out` wrote";
+            Error::Id(IdError::new(ONE_TIME, &size, format!("{why}; {fix}")))
+        };
         if bundle.len() > MAX_BUNDLE {
-            return Err(bad(
-                whence,
-                format!("{} bytes, over {MAX_BUNDLE}", bundle.len()),
-            ));
+            return Err(bad(format!("over {MAX_BUNDLE} bytes")));
         }
         let certs = CertificateDer::pem_slice_iter(bundle.as_bytes())
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| bad(whence, e))?;
+            .map_err(|e| bad(e.to_string()))?;
         let [ca, cert] = <[_; 2]>::try_from(certs).map_err(|c| {
-            bad(
-                whence,
-                format!("{} certificates, expected the CA and the source's", c.len()),
-            )
+            bad(format!(
+                "{} certificates, expected the CA and the source's",
+                c.len()
+            ))
         })?;
-        let key = PrivateKeyDer::from_pem_slice(bundle.as_bytes()).map_err(|e| bad(whence, e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(bundle.as_bytes()).map_err(|e| bad(e.to_string()))?;
         let id = || (vec![cert.clone()], key.clone_key());
-        let mut tls = Tls::new(vec![ca], id(), id()).map_err(|e| bad(whence, e))?;
+        let mut tls = Tls::new(vec![ca], id(), id()).map_err(|e| bad(e.to_string()))?;
         tls.name = ServerName::try_from(ONE_TIME_NAME).ok();
         Ok(tls)
     }

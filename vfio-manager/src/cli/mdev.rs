@@ -405,7 +405,7 @@ pub fn migrate(c: &Client, cmd: &MigrateCommand, mut r: Renderer) -> Res {
             let s = match credentials {
                 None => c.migrate_out(uuid, endpoint)?,
                 Some(path) => {
-                    let bundle = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
+                    let bundle = read_bounded(path).map_err(|e| file_error(path, e))?;
                     c.migrate_out_with(uuid, endpoint, &bundle)?
                 }
             };
@@ -496,6 +496,24 @@ fn file_error(path: &std::path::Path, e: std::io::Error) -> super::CliError {
         reason: e.to_string(),
     }
     .into()
+}
+
+/// A credentials file, at most one byte past the size a bundle may have (the
+/// daemon refuses a longer one; a device such as /dev/zero is not read forever).
+/// A NUL cannot travel in a D-Bus string: the bus would drop the connection.
+fn read_bounded(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let limit = mediated_dev::migration::tls::MAX_BUNDLE as u64 + 1;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(limit)
+        .read_to_string(&mut text)?;
+    if text.contains('\0') {
+        let e =
+            "it holds NUL bytes: it is not the PEM text `migrate receive --credentials-out` writes";
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+    }
+    Ok(text)
 }
 
 /// Writes one-time credentials where only the caller can read them; never over
