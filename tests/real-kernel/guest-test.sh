@@ -131,6 +131,13 @@ expect "daemon leases a named VF" 0 ./vfctl provision --vm named --device $v1 --
 out=$(./vfctl provision --vm other --device $v1 --request-id r3 2>&1)
 [ $? = 3 ] && echo "$out" | grep -q "leased to VM named" && pass "a named VF another VM holds is refused by name" || fail "named VF refusal: $out"
 expect "the named VF's lease is released" 0 ./vfctl release --request-id r2
+# Health on the real kernel: the probe reads real configuration space (a VF's ids
+# may read all ones; its command/status must not fail it).
+./vfctl health > /tmp/health.txt 2>&1 && grep -q "^$v1 *healthy" /tmp/health.txt && ! grep -qE ' (failed|degraded) ' /tmp/health.txt \
+    && pass "vfctl health: the igb VFs are healthy" || { fail "vfctl health"; cat /tmp/health.txt; }
+expect "an operator quarantines a VF" 0 ./vfctl quarantine $v1 --reason "real-kernel check"
+expect "a quarantined VF is refused to a lease" 3 ./vfctl provision --vm q --device $v1 --request-id rq
+expect "clear probes the real VF and offers it again" 0 ./vfctl clear $v1
 dom="<domain type='kvm'><name>hooked</name><uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid><devices><hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x$(echo $v1 | cut -c6-7)' slot='0x$(echo $v1 | cut -c9-10)' function='0x$(echo $v1 | cut -c12)'/></source></hostdev></devices></domain>"
 echo "$dom" | ./vfio-manager-hook hooked prepare begin - && [ "$(basename "$(readlink /sys/bus/pci/devices/$v1/driver)")" = vfio-pci ] \
     && pass "libvirt hook: prepare leases the domain's hostdev $v1 on vfio-pci" || { fail "hook prepare"; cat /tmp/daemon.log; }
