@@ -8,7 +8,8 @@ use std::ops::Range;
 use vfio_manager_api::ids::PciAddress;
 
 /// The namespace of our metadata element:
-/// `<vfm:lease xmlns:vfm="http://vfio-manager.org/xmlns/lease/1" profile="vf" count="2"/>`.
+/// `<vfm:lease xmlns:vfm="http://vfio-manager.org/xmlns/lease/1" profile="vf" count="2"
+/// on_failure="replace"/>`.
 pub const NAMESPACE: &str = "http://vfio-manager.org/xmlns/lease/1";
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub struct Hostdev {
 pub struct Wanted {
     pub profile: String,
     pub count: u32,
+    /// `notify` or `replace` (checked by the daemon); empty: its configuration's.
+    pub on_failure: String,
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +105,7 @@ impl Domain {
                 count: count.parse().map_err(|_| {
                     invalid(format!("lease metadata: count {count:?} is not a number"))
                 })?,
+                on_failure: m.attribute("on_failure").unwrap_or_default().to_string(),
             });
         }
         Ok(d)
@@ -232,7 +236,8 @@ mod tests {
             d.wanted,
             Some(Wanted {
                 profile: "8086:10c9".into(),
-                count: 2
+                count: 2,
+                on_failure: String::new(),
             })
         );
         assert_eq!(

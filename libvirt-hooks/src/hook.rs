@@ -9,7 +9,9 @@
 //! | `migrate begin`, `restore begin` | leases devices here and prints the XML rewritten for them |
 //! | anything else      | nothing                                                   |
 //!
-//! Leases are found by the domain's UUID. The hook never calls back into libvirt.
+//! Leases are found by the domain's UUID. The hook never calls back into libvirt;
+//! the daemon does, to swap a failed device (`on_failure="replace"` in the lease
+//! metadata, or the daemon's `[recovery]` configuration).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -132,9 +134,12 @@ impl Session<'_> {
             request_id: request_id(&self.d.uuid),
             vm_name: self.d.name.clone(),
             vm_uuid: self.d.uuid.clone(),
+            // The daemon swaps a failed device in the running domain through libvirt.
+            vmm: "libvirt".into(),
             ..Request::default()
         };
         if let Some(w) = &self.d.wanted {
+            req.on_failure = w.on_failure.clone();
             req.profile = w.profile.clone();
             req.count = w.count;
             req.devices = if is_mediated(&w.profile) {

@@ -182,6 +182,31 @@ fn libvirtd_runs_the_hook_and_leases_follow_the_domain() {
     let vf = l[0].devices[0].address.clone();
     assert_eq!(driver(&d.root, &vf).as_deref(), Some("vfio-pci"));
 
+    // A swap goes through libvirt (the hook named it as the lease's VMM). This
+    // machine's kernel has no such VF: libvirt refuses the replacement, and the
+    // lease and the spare are as they were.
+    let e = bus
+        .client()
+        .replace(&vf, "a swap through libvirt")
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("virsh attach-device of domain hook-a"),
+        "{e}"
+    );
+    assert_eq!(leases_of(&bus, UUID_A)[0].devices[0].address, vf);
+    let on_vfio = |a: &str| driver(&d.root, a).as_deref() == Some("vfio-pci");
+    assert_eq!(
+        bus.client()
+            .devices()
+            .unwrap()
+            .iter()
+            .filter(|f| on_vfio(&f.address))
+            .count(),
+        1,
+        "the replacement went back"
+    );
+
     // The migrate filter on the XML libvirt itself wrote, with a hostdev slot added.
     let (_, live, _) = virsh(&["dumpxml", "hook-a"]);
     let slot = "<hostdev mode='subsystem' type='pci' managed='no'><source>\

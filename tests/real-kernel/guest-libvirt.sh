@@ -3,7 +3,8 @@
 # of images/rootfs.sh on /rootfs: libvirt end to end, as an operator's host runs it.
 # The system dbus-daemon with the project's bus policy, vfio-managerd restoring 2 igb
 # VFs, libvirtd with the hook installed; a domain that names a VF starts, its nested
-# guest lists the VF bound to igbvf, and when it powers off the lease ends. A second
+# guest lists the VF bound to igbvf, the daemon swaps the VF for another in the
+# running domain through libvirt, and when it powers off the lease ends. A second
 # domain naming the same VF meanwhile is refused with the hook's message.
 . /mnt/host/guest-lib.sh
 R=/rootfs
@@ -46,13 +47,17 @@ for i in $(seq 1 600); do in_root virsh -c qemu:///system version > /dev/null 2>
 
 # domain NAME UUID: a q35 KVM domain booting the nested kernel, with the VF as a
 # <hostdev managed='no'> (the hook leases and binds it) and its console in a file.
+# Its lease asks for a swap when the VF fails (on_failure='replace'); its guest
+# waits for one (swap=N, images/nested-init), on a spare hot-plug port.
 domain() {
     cat <<XML
 <domain type='kvm'><name>$1</name><uuid>$2</uuid><memory unit='MiB'>256</memory><vcpu>1</vcpu>
+<metadata><vfm:lease xmlns:vfm='http://vfio-manager.org/xmlns/lease/1' on_failure='replace'/></metadata>
 <os><type arch='x86_64' machine='q35'>hvm</type><kernel>/var/lib/libvirt/images/vmlinuz</kernel>
-<initrd>/var/lib/libvirt/images/nested-initramfs.cpio.gz</initrd><cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>
+<initrd>/var/lib/libvirt/images/nested-initramfs.cpio.gz</initrd><cmdline>console=ttyS0 panic=-1 quiet swap=150</cmdline></os>
 <features><acpi/></features><cpu mode='host-passthrough'/><on_poweroff>destroy</on_poweroff>
 <devices><serial type='file'><source path='/tmp/$1.console'/><target port='0'/></serial>
+<controller type='pci' model='pcie-root-port'/><controller type='pci' model='pcie-root-port'/>
 <hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x10' function='0x0'/></source></hostdev>
 <memballoon model='none'/></devices></domain>
 XML
@@ -62,6 +67,36 @@ domain second 6e000000-0000-4000-8000-000000000002 > $R/tmp/second.xml
 in_root virsh define /tmp/nested.xml > /dev/null && in_root virsh define /tmp/second.xml > /dev/null || fail "virsh define"
 echo "GUEST-INFO domains defined ($(up))"
 
+# The running domain's VF swapped for a healthy one by the daemon through libvirt
+# (its lease's on_failure='replace'; here an operator's `vfctl replace`, the same
+# swap a failure runs): the lease keeps its id, the nested guest binds igbvf to the
+# replacement, the old VF leaves the guest and is held back, and the domain's own
+# configuration names the replacement.
+swap_in_running_domain() {
+    lease=$(in_root vfctl --output json leases | grep -o '"id": *"[0-9a-f]*"' | head -1 | grep -o '[0-9a-f]\{16\}')
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if ! in_root vfctl replace $vf --reason "the libvirt boot's swap" > /tmp/replace.out 2>&1; then
+        fail "vfctl replace $vf in the running domain"; cat /tmp/replace.out /tmp/daemon.log; return
+    fi
+    vf2=$(grep -o "replaced by [0-9a-f:.]*" /tmp/replace.out | cut -d' ' -f3)
+    in_root vfctl --output json leases | grep -q "$lease" && in_root vfctl leases | grep -q "$vf2" \
+        && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf2/driver)")" = vfio-pci ] \
+        && pass "vfctl replace: lease $lease keeps its id and holds $vf2 on vfio-pci ($(awk -v t=$t0 '{printf "%.1f s", $1 - t}' /proc/uptime))" \
+        || { fail "the lease after the swap"; in_root vfctl leases; }
+    for i in $(seq 1 150); do grep -q NESTED-SWAPPED $R/tmp/nested.console && break; sleep 1; done
+    echo "GUEST-INFO the nested guest after the swap: $(grep NESTED-SWAPPED $R/tmp/nested.console | grep 8086:10ca | tr '\n' ' ')"
+    first=$(grep -o 'NESTED-READY igbvf on [0-9a-f:.]*' $R/tmp/nested.console | cut -d' ' -f4)
+    grep "^NESTED-SWAPPED .* 8086:10ca igbvf" $R/tmp/nested.console | grep -qv " $first " \
+        && ! grep -q "^NESTED-SWAPPED $first " $R/tmp/nested.console \
+        && pass "the nested guest binds igbvf to the replacement, and its first VF ($first) is gone ($(awk -v t=$t0 '{printf "%.1f s", $1 - t}' /proc/uptime) after the swap)" \
+        || { fail "the nested guest after the swap"; cat $R/tmp/nested.console; }
+    in_root virsh dumpxml --inactive nested > /tmp/inactive.xml
+    grep -q "slot='0x10' function='0x${vf2##*.}'" /tmp/inactive.xml && ! grep -q "slot='0x10' function='0x${vf##*.}'" /tmp/inactive.xml \
+        && pass "the domain's persistent configuration names the replacement, not $vf" || { fail "persistent XML"; cat /tmp/inactive.xml; }
+    in_root vfctl health | grep "$vf" | grep -q quarantined \
+        && pass "the swapped-out VF is held back: $(in_root vfctl health | grep "$vf" | head -1)" || { fail "held back"; in_root vfctl health; }
+}
+
 if in_root virsh start nested > /tmp/start.out 2>&1; then
     echo "GUEST-INFO virsh start returned ($(up))"
     in_root vfctl leases | grep -q "for VM nested" && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver)")" = vfio-pci ] \
@@ -70,14 +105,20 @@ if in_root virsh start nested > /tmp/start.out 2>&1; then
     [ $? != 0 ] && echo "$out" | grep -q "leased to VM nested" \
         && pass "a second domain naming the same VF is refused: $(echo "$out" | grep -o 'vfio-manager.*' | head -1)" \
         || fail "second domain: $out"
-    for i in $(seq 1 240); do in_root virsh domstate nested 2>/dev/null | grep -q 'shut off' && break; sleep 1; done
+    for i in $(seq 1 240); do grep -q NESTED-READY $R/tmp/nested.console && break; sleep 1; done
     nested_sees $R/tmp/nested.console "the nested guest of the libvirt domain lists the VF bound to igbvf"
+    swap_in_running_domain
+    for i in $(seq 1 240); do in_root virsh domstate nested 2>/dev/null | grep -q 'shut off' && break; sleep 1; done
     # libvirt runs `release end` after the domain shows as shut off.
     for i in $(seq 1 50); do in_root vfctl leases | grep -q "for VM nested" || break; sleep 0.2; done
     in_root virsh domstate nested | grep -q 'shut off' && ! in_root vfctl leases | grep -q "for VM nested" \
-        && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver 2>/dev/null)")" != vfio-pci ] \
-        && pass "the domain powered off: the hook released the lease and the VF left vfio-pci ($(up))" \
+        && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf2/driver 2>/dev/null)")" != vfio-pci ] \
+        && pass "the domain powered off: the hook released the lease and its VF $vf2 left vfio-pci ($(up))" \
         || { fail "release at stop"; in_root vfctl leases; }
+    in_root vfctl orphan free $vf > /tmp/free.out 2>&1 \
+        && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver 2>/dev/null)")" != vfio-pci ] \
+        && pass "the swapped-out VF $vf, held back until then, is freed to the host" \
+        || { fail "free the swapped-out VF"; cat /tmp/free.out; in_root vfctl health; }
 else
     fail "virsh start nested"; cat /tmp/start.out /tmp/daemon.log
 fi

@@ -17,6 +17,11 @@
 //! released_retention_days = 90     # a released request id is refused this long; 0: for ever
 //! degraded_correctable_per_hour = 100 # correctable PCIe errors (AER) in an hour that make a device degraded
 //! probe_interval_s = 30             # read each managed function's config space this often; 0: never
+//! [recovery]                        # when a leased device fails (a request's on_failure wins)
+//! on_failure = "notify"             # notify: hold it back, signal; replace: swap in a healthy one
+//! profiles = { "8086:10ca" = "replace" } # per profile
+//! virsh = "virsh"                   # libvirt's client, for swaps in libvirt domains
+//! libvirt_uri = "qemu:///system"
 //! [migration]                       # mutual TLS; these are the defaults (libvirt's PKI)
 //! ca = "/etc/pki/CA/cacert.pem"
 //! server_cert = "/etc/pki/libvirt/servercert.pem"   # presented when receiving
@@ -31,10 +36,15 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use toml::Spanned;
 use vf_provisioner::vendors::{is_selector, GpuVendor};
 use vf_provisioner::{DeviceConfig, PciAddress};
+
+use crate::api::ids::OnFailure;
+use crate::api::Request;
 
 pub const DEFAULT_PATH: &str = "/etc/vfio-manager/config.toml";
 
@@ -48,6 +58,17 @@ struct Raw {
     pf: Vec<RawPf>,
     daemon: RawDaemon,
     migration: RawMigration,
+    recovery: RawRecovery,
+}
+
+/// `[recovery]`: what a lease asks for when one of its devices fails.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawRecovery {
+    on_failure: Option<Spanned<String>>,
+    profiles: BTreeMap<String, Spanned<String>>,
+    virsh: Option<PathBuf>,
+    libvirt_uri: Option<String>,
 }
 
 /// `[migration]`: mutual TLS for the device state stream (libvirt's PKI layout by
@@ -95,6 +116,40 @@ pub struct Config {
     pub bind: Vec<PciAddress>,
     pub daemon: DaemonConfig,
     pub migration: MigrationConfig,
+    pub recovery: RecoveryConfig,
+}
+
+/// What the daemon does when a leased device fails, and how it reaches libvirt.
+#[derive(Debug, Clone)]
+pub struct RecoveryConfig {
+    pub on_failure: OnFailure,
+    /// Per profile; a request's own `on_failure` comes first.
+    pub profiles: BTreeMap<String, OnFailure>,
+    pub virsh: PathBuf,
+    pub libvirt_uri: String,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            on_failure: OnFailure::Notify,
+            profiles: BTreeMap::new(),
+            virsh: "virsh".into(),
+            libvirt_uri: "qemu:///system".into(),
+        }
+    }
+}
+
+impl RecoveryConfig {
+    /// The policy for a lease made by `req`: its own, else its profile's, else the
+    /// default. A request's was checked when it was made.
+    pub fn policy(&self, req: &Request) -> OnFailure {
+        req.on_failure
+            .parse()
+            .ok()
+            .or_else(|| self.profiles.get(&req.profile).copied())
+            .unwrap_or(self.on_failure)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +311,23 @@ impl Config {
             })?),
             None => None,
         };
+        let policy = |s: &Spanned<String>| {
+            s.get_ref()
+                .parse::<OnFailure>()
+                .map_err(|e| at(Some(s.span()), e.to_string()))
+        };
+        let rr = raw.recovery;
+        let r = RecoveryConfig::default();
+        let recovery = RecoveryConfig {
+            on_failure: rr.on_failure.as_ref().map_or(Ok(r.on_failure), policy)?,
+            profiles: rr
+                .profiles
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), policy(v)?)))
+                .collect::<Result<_, ConfigError>>()?,
+            virsh: rr.virsh.unwrap_or(r.virsh),
+            libvirt_uri: rr.libvirt_uri.unwrap_or(r.libvirt_uri),
+        };
         let d = DaemonConfig::default();
         let m = MigrationConfig::default();
         let rm = raw.migration;
@@ -279,6 +351,7 @@ impl Config {
         };
         Ok(Config {
             migration,
+            recovery,
             devices: DeviceConfig {
                 gpu: raw.gpu,
                 manage: raw.manage.into_iter().map(Spanned::into_inner).collect(),
@@ -337,6 +410,30 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn the_recovery_policy_is_the_requests_then_its_profiles_then_the_default() {
+        let c = Config::parse(
+            "[recovery]\non_failure = \"notify\"\nprofiles = { \"8086:10ca\" = \"replace\" }\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let req = |profile: &str, on_failure: &str| Request {
+            profile: profile.into(),
+            on_failure: on_failure.into(),
+            ..Request::default()
+        };
+        let r = &c.recovery;
+        assert_eq!(r.policy(&req("vf", "")), OnFailure::Notify);
+        assert_eq!(r.policy(&req("8086:10ca", "")), OnFailure::Replace);
+        assert_eq!(r.policy(&req("8086:10ca", "notify")), OnFailure::Notify);
+        assert_eq!(r.policy(&req("vf", "replace")), OnFailure::Replace);
+        let e = err("[recovery]\nprofiles = { vf = \"swap\" }\n");
+        assert!(
+            e.starts_with("c.toml:2:") && e.contains("give notify or replace"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,5 +13,6 @@ pub mod ch;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod vmm;
 
 pub use vfio_manager_api::error_chain;

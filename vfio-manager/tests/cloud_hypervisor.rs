@@ -4,109 +4,17 @@
 //! our side of that protocol and the lease flow. The nested-VM test with the real
 //! binary is in the emulated host's tier, run where `CLOUD_HYPERVISOR` names one.
 
+#[path = "common/ch.rs"]
+mod ch;
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
+use ch::api_server;
 use common::{driver, vfctl, Bus, Daemon};
-use serde_json::{json, Value};
+use serde_json::Value;
 use vf_provisioner::layouts;
-
-/// The VM as the API server holds it.
-#[derive(Default)]
-struct Vm {
-    /// Its devices (id -> path).
-    devices: Mutex<BTreeMap<String, String>>,
-    /// Set: the VMM exits on the next vm.info, unanswered (its socket goes).
-    exit_on_info: AtomicBool,
-    /// Set: created, not booted. cloud-hypervisor then answers vm.add-device with
-    /// 204 and no body, and keeps the device in the configuration for the boot.
-    not_booted: AtomicBool,
-}
-
-/// Serves cloud-hypervisor's API on `socket` until the socket file is removed.
-/// Adding a device whose path contains `fail_path` answers HTTP 500.
-fn api_server(socket: &Path, fail_path: Option<&str>) -> Arc<Vm> {
-    let listener = UnixListener::bind(socket).unwrap();
-    let vm: Arc<Vm> = Arc::default();
-    let (v, fail, path) = (vm.clone(), fail_path.map(str::to_string), socket.to_owned());
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            serve(s, &v, fail.as_deref(), &path);
-        }
-    });
-    vm
-}
-
-fn serve(s: UnixStream, vm: &Vm, fail: Option<&str>, socket: &Path) {
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut len = 0;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).unwrap();
-        if h.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).unwrap();
-    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    if path == "/api/v1/vm.info" && vm.exit_on_info.load(Ordering::SeqCst) {
-        std::fs::remove_file(socket).unwrap();
-        return;
-    }
-    let mut devs = vm.devices.lock().unwrap();
-    let (status, answer) = match path.as_str() {
-        "/api/v1/vm.add-device" => {
-            let p = req["path"].as_str().unwrap().to_string();
-            if fail.is_some_and(|f| p.contains(f)) {
-                (500, json!("Failed to add VFIO device").to_string())
-            } else {
-                let id = req["id"].as_str().unwrap().to_string();
-                devs.insert(id.clone(), p);
-                let bdf = format!("0000:00:{:02x}.0", 5 + devs.len());
-                if vm.not_booted.load(Ordering::SeqCst) {
-                    (204, String::new())
-                } else {
-                    (200, json!({ "id": id, "bdf": bdf }).to_string())
-                }
-            }
-        }
-        "/api/v1/vm.remove-device" => {
-            devs.remove(req["id"].as_str().unwrap());
-            (204, String::new())
-        }
-        "/api/v1/vm.info" => {
-            let list: Vec<Value> = devs
-                .iter()
-                .map(|(id, p)| json!({ "id": id, "path": p }))
-                .collect();
-            (
-                200,
-                json!({ "state": if vm.not_booted.load(Ordering::SeqCst) { "Created" } else { "Running" }, "config": { "devices": list } }).to_string(),
-            )
-        }
-        "/api/v1/vmm.ping" => (200, json!({ "version": "v45.0" }).to_string()),
-        _ => (404, String::new()),
-    };
-    let mut w = s;
-    let _ = write!(
-        w,
-        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{answer}",
-        answer.len()
-    );
-}
 
 fn socket(d: &Daemon) -> PathBuf {
     d.dir.path().join("ch.sock")

@@ -333,7 +333,10 @@ fn one_time_credentials_that_are_not_a_bundle_are_refused_before_anything_moves(
     // cannot hold them); a long text file, the daemon refuses by its size.
     let big = _d.dir.path().join("big.pem");
     std::fs::write(&big, "A".repeat(1 << 20)).unwrap();
-    for (file, says) in [("/dev/zero", "NUL"), (big.to_str().unwrap(), "over 16384 bytes")] {
+    for (file, says) in [
+        ("/dev/zero", "NUL"),
+        (big.to_str().unwrap(), "over 16384 bytes"),
+    ] {
         let send = [
             "migrate",
             "send",
@@ -355,7 +358,10 @@ fn one_time_credentials_that_are_not_a_bundle_are_refused_before_anything_moves(
             .migrate_out_with(&m.uuid, "127.0.0.1:9", bundle)
             .unwrap_err();
         assert_eq!(error_name(&e), "BadInput", "{e}");
-        assert!(e.to_string().contains("one-time migration credentials"), "{e}");
+        assert!(
+            e.to_string().contains("one-time migration credentials"),
+            "{e}"
+        );
         assert!(e.to_string().len() < 1000, "bounded: {e}");
     }
     assert!(

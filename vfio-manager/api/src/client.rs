@@ -48,6 +48,7 @@ pub trait Manager {
     fn restore_status(&self) -> zbus::Result<String>;
     fn quarantine(&self, name: &str, reason: &str) -> zbus::Result<()>;
     fn clear(&self, name: &str) -> zbus::Result<()>;
+    fn replace(&self, name: &str, reason: &str) -> zbus::Result<String>;
     fn prepare_incoming_once(
         &self,
         uuid: &str,
@@ -238,6 +239,11 @@ impl Client {
 
     pub fn clear(&self, name: &str) -> Result<()> {
         self.run(self.proxy.clear(name))
+    }
+
+    /// Swaps leased device `name` for a healthy equivalent; returns its address.
+    pub fn replace(&self, name: &str, reason: &str) -> Result<String> {
+        self.run(self.proxy.replace(name, reason))
     }
 
     /// The endpoint and the source's one-time credentials.

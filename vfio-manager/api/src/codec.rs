@@ -6,7 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use zbus::zvariant::{OwnedValue, Value};
 
-use crate::ids::{parse_uuid, quote, IdError, PciAddress, Profile, RequestId, VmName};
+use crate::ids::{
+    parse_uuid, quote, IdError, OnFailure, PciAddress, Profile, RequestId, VmName, Vmm,
+};
 use crate::{ApiError, Request};
 
 /// The most devices one request may ask for (and the longest `pfs` list).
@@ -42,6 +44,12 @@ pub fn encode(r: &Request) -> HashMap<&'static str, Value<'_>> {
     if r.adopt {
         opts.insert("adopt", true.into());
     }
+    if !r.on_failure.is_empty() {
+        opts.insert("on_failure", r.on_failure.as_str().into());
+    }
+    if !r.vmm.is_empty() {
+        opts.insert("vmm", r.vmm.as_str().into());
+    }
     opts
 }
 
@@ -69,9 +77,11 @@ pub fn decode(
             "pfs" => r.pfs = Vec::<String>::try_from(v).map_err(bad)?,
             "devices" => r.devices = Vec::<String>::try_from(v).map_err(bad)?,
             "adopt" => r.adopt = bool::try_from(v).map_err(bad)?,
+            "on_failure" => r.on_failure = String::try_from(v).map_err(bad)?,
+            "vmm" => r.vmm = String::try_from(v).map_err(bad)?,
             _ => {
                 return Err(ApiError::BadInput(format!(
-                    "unknown request key \"{}\"; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt",
+                    "unknown request key \"{}\"; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt, on_failure, vmm",
                     quote(&k)
                 )))
             }
@@ -93,6 +103,10 @@ pub fn check(r: &Request) -> Result<(), ApiError> {
     let vm = VmName::new(&r.vm_name)?;
     RequestId::new(&r.request_id)?;
     Profile::new(&r.profile)?;
+    if !r.on_failure.is_empty() {
+        r.on_failure.parse::<OnFailure>()?;
+    }
+    r.vmm.parse::<Vmm>()?;
     if r.count == 0 || r.count > MAX_COUNT {
         return bad(format!(
             "count {} for VM {vm}: ask for 1 to {MAX_COUNT} devices",
@@ -155,6 +169,8 @@ mod tests {
             pfs: vec!["0000:10:00.0".into()],
             devices: vec!["0000:10:00.1".into(), "0000:10:00.2".into()],
             adopt: true,
+            on_failure: "replace".into(),
+            vmm: "ch:/run/ch/vm1.sock".into(),
         };
         let back = decode("vm1".into(), owned(encode(&r)), || unreachable!()).unwrap();
         assert_eq!(back, r);

@@ -28,7 +28,8 @@ pub fn device_path(address: &str) -> OwnedObjectPath {
 }
 
 /// What a VM asks for. Sent as the `a{sv}` of `Provision` (keys: `request_id`,
-/// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`, `devices`, `adopt`), so that
+/// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`, `devices`, `adopt`,
+/// `on_failure`, `vmm`), so that
 /// fields can be added without a new API version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -50,6 +51,13 @@ pub struct Request {
     /// Take the devices even if their VFIO group is already open: a running VM whose
     /// lease was lost (libvirt's `reconnect` after the table was wiped).
     pub adopt: bool,
+    /// When a device fails: `notify` or `replace` (`ids::OnFailure`); empty: the
+    /// configuration's `[recovery]` decides.
+    pub on_failure: String,
+    /// Where the VM is, for a swap (`ids::Vmm`): `libvirt` (the domain `vm_name`),
+    /// `ch:SOCKET` (cloud-hypervisor's API), or empty (none: a signal names the
+    /// replacement).
+    pub vmm: String,
 }
 
 impl Default for Request {
@@ -64,6 +72,8 @@ impl Default for Request {
             pfs: Vec::new(),
             devices: Vec::new(),
             adopt: false,
+            on_failure: String::new(),
+            vmm: String::new(),
         }
     }
 }

@@ -54,15 +54,15 @@ pub fn detach(c: &Client, ch: &ChClient, vm: &str) -> Result<Vec<String>, CliErr
 }
 
 /// Waits until the VM has exited or no longer has any of `lease`'s devices, then
-/// releases the lease.
+/// releases the lease. The devices are read from the lease each time: the daemon
+/// may have swapped a failed one (`on_failure = replace`).
 pub fn watch(c: &Client, ch: &ChClient, lease: &Lease) -> Result<(), CliError> {
-    let ids: Vec<String> = lease
-        .devices
-        .iter()
-        .map(|d| device_id(&d.address))
-        .collect();
     loop {
         std::thread::sleep(Duration::from_secs(1));
+        let Some(now) = c.leases()?.into_iter().find(|l| l.id == lease.id) else {
+            return Ok(()); // released by someone else
+        };
+        let ids: Vec<String> = now.devices.iter().map(|d| device_id(&d.address)).collect();
         if !ch.alive() {
             break;
         }

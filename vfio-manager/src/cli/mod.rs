@@ -82,6 +82,11 @@ pub struct Want {
     /// Exactly this function (repeatable; --count is then their number).
     #[arg(long = "device")]
     devices: Vec<String>,
+    /// When a leased device fails: `notify` (hold it back, signal LeaseDegraded) or
+    /// `replace` (also swap a healthy VF of the same model into the running VM);
+    /// default: the daemon's `[recovery]` configuration.
+    #[arg(long, value_parser = ["notify", "replace"])]
+    on_failure: Option<String>,
 }
 
 impl Want {
@@ -96,6 +101,7 @@ impl Want {
                 self.devices.len() as u32
             },
             devices: self.devices.clone(),
+            on_failure: self.on_failure.clone().unwrap_or_default(),
             ..Request::default()
         }
     }
@@ -169,6 +175,10 @@ enum Command {
         /// as cloud-hypervisor `--device` arguments, or as QEMU `-device` arguments.
         #[arg(long, value_parser = ["libvirt", "cloud-hypervisor", "qemu"])]
         format: Option<String>,
+        /// Where the VM runs, for a swap when a device fails: `libvirt` (the domain
+        /// named --vm) or `ch:SOCKET` (cloud-hypervisor's API socket).
+        #[arg(long, default_value = "")]
+        vmm: String,
     },
     /// Lease devices and hot-add them to a running cloud-hypervisor VM over its API
     /// socket (daemon only). Changes the host (as provision) and the VM (vm.add-device);
@@ -226,6 +236,16 @@ enum Command {
     /// offer it again; one that still fails its probe stays held back (daemon
     /// only; audited).
     Clear { device: String },
+    /// Swap a leased VF for a healthy one of the same model (on its NUMA node first)
+    /// in the running VM, through the VMM its lease names (daemon only; audited).
+    /// Changes the host and the VM: binds the replacement to vfio-pci, plugs it into
+    /// the VM, unplugs DEVICE, and holds DEVICE back with REASON. The lease keeps its id.
+    Replace {
+        device: String,
+        /// Why, for `vfctl health` and the audit log (1-256 bytes).
+        #[arg(long)]
+        reason: String,
+    },
     /// Configuration file commands (change nothing).
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -508,6 +528,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         | Command::Health
         | Command::Quarantine { .. }
         | Command::Clear { .. }
+        | Command::Replace { .. }
         | Command::Leases => Err(vf_provisioner::Error::InvalidInput {
             what: "mode",
             input: "--direct".into(),
@@ -559,6 +580,7 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Health
             | Command::Quarantine { .. }
             | Command::Clear { .. }
+            | Command::Replace { .. }
             | Command::Migrate(_)
     ) || matches!(c, Command::Mdev(m) if mdev::through_daemon(m))
 }
@@ -589,6 +611,12 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 "{device} cleared: it answers its probe and is offered again"
             ))
         }
+        Command::Replace { device, reason } => {
+            let new = c.replace(device, reason)?;
+            r.done(&format!(
+                "{device} replaced by {new} in its lease; {device} is held back (`vfctl health`)"
+            ))
+        }
         Command::Orphan(OrphanCommand::Adopt { name }) => {
             c.adopt_orphan(name)?;
             r.done(&format!("{name} adopted: offered again as it is"))
@@ -604,6 +632,7 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
             vm_uuid,
             pfs,
             format,
+            vmm,
         } => {
             let id = request_id
                 .clone()
@@ -612,6 +641,7 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 vm_uuid: vm_uuid.clone(),
                 numa_node: numa.map_or(-1, |n| n as i32),
                 pfs: pfs.clone(),
+                vmm: vmm.clone(),
                 ..want.request(id)
             };
             let lease = c.provision(&req)?;
@@ -627,7 +657,12 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
             want,
             watch,
         } => {
-            let req = want.request(format!("ch-{}-{}", want.vm, crate::daemon::core::new_id()));
+            let socket = std::path::absolute(ch_socket).unwrap_or_else(|_| ch_socket.clone());
+            let req = Request {
+                // Where the daemon swaps a failed device (policy `replace`).
+                vmm: format!("ch:{}", socket.display()),
+                ..want.request(format!("ch-{}-{}", want.vm, crate::daemon::core::new_id()))
+            };
             let ch = crate::ch::ChClient::new(ch_socket);
             let (lease, added) = attach::attach(&c, &ch, &req)?;
             let code = r.attached(&lease, &added)?;

@@ -11,7 +11,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedValue;
 use zbus::{fdo, interface, Connection};
 
-use super::core::{verdict, Core, LeaseRef, Prepared};
+use super::core::{verdict, Core, LeaseRef, Prepared, Swap};
 use crate::api::ids::{IdError, LeaseId, RequestId};
 use crate::api::{
     self, ApiError, DeviceInfo, HealthInfo, Lease, MdevInfo, MigrationInfo, MigrationStats,
@@ -217,14 +217,34 @@ impl Manager {
 /// Adds and removes device objects and signals the change.
 /// Devices that failed since the last look: `DeviceFailed` for each,
 /// `LeaseDegraded` for the lease holding it, and its `Health` property changed.
+/// Then the lease's recovery policy: with `replace`, `LeaseRecovered` names the
+/// device swapped in, or a second `LeaseDegraded` says why there is none.
 pub async fn announce_failures(core: &Arc<Core>, conn: &Connection, emitter: &SignalEmitter<'_>) {
     for (addr, why) in core.take_failures() {
         let _ = Manager::device_failed(emitter, &addr, &why).await;
-        if let Some((lease, _)) = core.holder(&addr) {
-            let _ = Manager::lease_degraded(emitter, &lease, &addr, &why).await;
-        }
+        let Some((lease, _)) = core.holder(&addr) else {
+            health_changed(conn, &addr).await;
+            continue;
+        };
+        let _ = Manager::lease_degraded(emitter, &lease, &addr, &why).await;
         health_changed(conn, &addr).await;
+        let c = core.clone();
+        let (a, w) = (addr.clone(), why.clone());
+        let swap = blocking(move || Ok(c.recovery().after_failure(&a, &w))).await;
+        match swap {
+            Ok(Some(Ok(s))) => recovered(emitter, &s).await,
+            Ok(Some(Err(e))) | Err(e) => {
+                let why = format!("it was not replaced: {e}");
+                let _ = Manager::lease_degraded(emitter, &lease, &addr, &why).await;
+            }
+            Ok(None) => {}
+        }
     }
+}
+
+async fn recovered(emitter: &SignalEmitter<'_>, s: &Swap) {
+    let _ =
+        Manager::lease_recovered(emitter, &s.lease, &s.failed, &s.replacement, &s.vm_side).await;
 }
 
 /// `PropertiesChanged` for device `addr`'s `Health` (a function we publish).
@@ -466,6 +486,33 @@ impl Manager {
         .await
     }
 
+    /// Swaps leased function `name` for a healthy equivalent (a VF of the same PF
+    /// model, on its NUMA node first) in the running VM, through the VMM its lease
+    /// names; the lease keeps its id, and `name` is held back with `reason`.
+    /// Returns the replacement's address; `LeaseRecovered` says what the VMM did.
+    async fn replace(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        name: String,
+        reason: String,
+    ) -> Result<String, ApiError> {
+        let uid = self.authorize(&hdr, "replace devices").await?;
+        let core = self.core.clone();
+        let r = blocking(move || {
+            let why = super::core::operator_reason(&name, &reason)?;
+            core.recovery().replace(&name, &why, uid)
+        })
+        .await;
+        if let Ok(s) = &r {
+            recovered(&emitter, s).await;
+            health_changed(conn, &s.failed).await;
+        }
+        self.after(conn, &emitter).await;
+        r.map(|s| s.replacement)
+    }
+
     /// Probes a held-back device again and, if it answers, offers it again.
     async fn clear(
         &self,
@@ -623,6 +670,17 @@ impl Manager {
         lease_id: &str,
         device: &str,
         reason: &str,
+    ) -> zbus::Result<()>;
+    /// Device `failed` of lease `lease_id` was swapped for `replacement`: the lease
+    /// holds it now and keeps its id. `vm_side` says what the VM's manager did
+    /// (plugged it, or that nobody could: then whoever runs the VM plugs it).
+    #[zbus(signal)]
+    pub async fn lease_recovered(
+        emitter: &SignalEmitter<'_>,
+        lease_id: &str,
+        failed: &str,
+        replacement: &str,
+        vm_side: &str,
     ) -> zbus::Result<()>;
     #[zbus(signal)]
     pub async fn lease_created(

@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
 CREATE INDEX IF NOT EXISTS released_by_age ON released(released_at);
 -- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
 -- AUTOINCREMENT's sequence table would cost a page write per intent.
+-- Devices swapped in a lease that kept its id: the failed one out, its replacement in.
+CREATE TABLE IF NOT EXISTS lease_swaps (
+    lease_id TEXT NOT NULL, failed TEXT NOT NULL, replacement TEXT NOT NULL,
+    reason TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS lease_swaps_by_lease ON lease_swaps(lease_id);
 CREATE TABLE IF NOT EXISTS intents (
     id INTEGER PRIMARY KEY, op TEXT NOT NULL, lease_id TEXT NOT NULL,
     body TEXT NOT NULL, started_at INTEGER NOT NULL);
@@ -73,6 +78,8 @@ const RELEASED_LEASE: &str = "SELECT lease_id FROM released WHERE lease_id = ?1"
 pub const PAGE: usize = 16;
 /// Released request ids older than the retention window.
 const FORGET_RELEASED: &str = "DELETE FROM released WHERE released_at < ?1";
+const FORGET_SWAPS: &str =
+    "DELETE FROM lease_swaps WHERE at < ?1 AND lease_id NOT IN (SELECT id FROM leases)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -455,6 +462,58 @@ impl Store {
         })
     }
 
+    /// Swaps device `failed` of lease `lease_id` for `replacement` (the lease keeps
+    /// its id), records the swap and the drivers now, and ends its intent, in one
+    /// transaction.
+    pub fn commit_swap(
+        &self,
+        lease_id: &str,
+        failed: &str,
+        replacement: &Held,
+        reason: &str,
+        intent: i64,
+        drivers: &[(String, String)],
+    ) -> Result<()> {
+        let (addr, kind, before) = replacement.to_row();
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM lease_devices WHERE address = ?1 AND lease_id = ?2")?
+                .execute([failed, lease_id])?;
+            tx.prepare_cached(
+                "INSERT INTO lease_devices (address, lease_id, driver_before, kind) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![addr, lease_id, before, kind])?;
+            tx.prepare_cached("UPDATE devices SET provisions = provisions + 1 WHERE address = ?1")?
+                .execute([&addr])?;
+            tx.prepare_cached(
+                "INSERT INTO lease_swaps (lease_id, failed, replacement, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![lease_id, failed, addr, reason, now() as i64])?;
+            // Held back (a failed one already is, with its own reason).
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO quarantine (name, reason, since) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![failed, reason, now() as i64])?;
+            end_intent(tx, intent)?;
+            set_drivers(tx, drivers)
+        })
+    }
+
+    /// The swaps of lease `lease_id`, oldest first: (failed, replacement, reason, at).
+    pub fn swaps(&self, lease_id: &str) -> Result<Vec<(String, String, String, u64)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT failed, replacement, reason, at FROM lease_swaps WHERE lease_id = ?1 ORDER BY rowid",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([lease_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64))
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+
     pub fn leases(&self) -> Result<Vec<LeaseRow>> {
         self.lease_query("ORDER BY created_at, id", [])
     }
@@ -534,7 +593,11 @@ impl Store {
     /// Forgets the request ids released before `before` (seconds since the epoch):
     /// they may name a new lease again. Returns how many were forgotten.
     pub fn forget_released(&self, before: u64) -> Result<usize> {
-        self.write(|tx| tx.prepare_cached(FORGET_RELEASED)?.execute([before as i64]))
+        self.write(|tx| {
+            // With them, the swaps of leases that are gone.
+            tx.prepare_cached(FORGET_SWAPS)?.execute([before as i64])?;
+            tx.prepare_cached(FORGET_RELEASED)?.execute([before as i64])
+        })
     }
 
     /// The lease holding `address`, with its VM name.

@@ -238,31 +238,34 @@ impl Daemon {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
-    /// A thread that SIGKILLs the daemon after `after` (it may have ended by then).
-    pub fn kill_after(&self, after: Duration) -> std::thread::JoinHandle<()> {
+    /// A thread that SIGKILLs the daemon after `after` (the call it cuts may have
+    /// ended by then) and returns the pid it killed.
+    pub fn kill_after(&self, after: Duration) -> std::thread::JoinHandle<u32> {
         let victim = self.pid();
         assert!(victim > 0, "the daemon runs");
         std::thread::spawn(move || {
             std::thread::sleep(after);
             // SAFETY: kill(2) on the daemon's pid, a child of this test.
             unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+            victim
         })
     }
 
     /// After a call failed on the bus: waits until `killer` has fired, restarts.
-    pub fn restart_after(&mut self, killer: Option<&std::thread::JoinHandle<()>>) {
+    pub fn restart_after(&mut self, killer: Option<&std::thread::JoinHandle<u32>>) {
         while killer.is_some_and(|k| !k.is_finished()) {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.restart();
     }
 
-    /// After an operation: joins `killer` and restarts the daemon if it killed it
-    /// (between calls). Returns whether it did.
-    pub fn reap(&mut self, killer: Option<std::thread::JoinHandle<()>>) -> bool {
+    /// After an operation: joins `killer` and restarts the daemon if it killed the
+    /// one running now (between calls; a SIGKILL always lands, but the child may
+    /// not be reaped yet). Returns whether it did.
+    pub fn reap(&mut self, killer: Option<std::thread::JoinHandle<u32>>) -> bool {
         killer.is_some_and(|k| {
-            k.join().unwrap();
-            let killed = !self.alive();
+            let victim = k.join().unwrap();
+            let killed = self.pid() == victim;
             if killed {
                 self.restart();
             }

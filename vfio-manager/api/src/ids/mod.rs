@@ -16,10 +16,13 @@
 //! | [`LeaseId`]   | 16 lowercase hex digits (the daemon makes them)              | 16 bytes |
 //! | [`VmName`]    | libvirt's rule (no `/`), and no control characters           | 256 bytes |
 //! | [`Endpoint`]  | `HOST:PORT`: a name, IPv4 or [IPv6] address, and a port       | 261 bytes |
+//! | [`OnFailure`] | `notify` or `replace`                                        | 7 bytes |
+//! | [`Vmm`]       | empty, `libvirt`, or `ch:` and an absolute socket path without `..` or control characters | 110 bytes |
 
 mod held;
 mod names;
 mod pci;
+mod recovery;
 
 pub use held::Held;
 pub use names::{
@@ -27,6 +30,7 @@ pub use names::{
     RequestId, VmName, MAX_NAME,
 };
 pub use pci::PciAddress;
+pub use recovery::{OnFailure, Vmm};
 
 /// How a caller should classify an error (the CLI maps these to exit codes, the
 /// daemon to D-Bus error names).

@@ -150,13 +150,7 @@ impl Health<'_> {
 
     fn quarantine_checked(&self, name: &str, reason: &str) -> Result<(), ApiError> {
         let name = self.known(name)?;
-        if reason.is_empty() || reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
-            return Err(ApiError::BadInput(format!(
-                "{name}: reason \"{}\": give 1 to {MAX_REASON} bytes of text without control characters",
-                quote(reason)
-            )));
-        }
-        let why = format!("by an operator: {reason}");
+        let why = operator_reason(&name, reason)?;
         match self.store().quarantine(&name, &why).map_err(failed)? {
             true => Ok(()),
             false => Err(ApiError::Refused(format!(
@@ -215,6 +209,19 @@ impl Health<'_> {
             "{name}: not a device this daemon manages; `vfctl list` and `vfctl mdev list` show them"
         )))
     }
+}
+
+/// An operator's reason for holding device `name` back, checked: 1 to
+/// [`MAX_REASON`] bytes without control characters.
+pub fn operator_reason(name: &str, reason: &str) -> Result<String, ApiError> {
+    if reason.is_empty() || reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
+        return Err(ApiError::BadInput(format!(
+            "{}: reason \"{}\": give 1 to {MAX_REASON} bytes of text without control characters",
+            quote(name),
+            quote(reason)
+        )));
+    }
+    Ok(format!("by an operator: {reason}"))
 }
 
 fn info(name: &str, state: &str, reason: String, since: u64, c: Aer) -> HealthInfo {

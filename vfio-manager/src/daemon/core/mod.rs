@@ -6,7 +6,8 @@
 //! - [`Restore`] (`restore.rs`): boot restore, crash recovery, reconcile, orphans;
 //! - [`Mediated`] (`mediated.rs`): mdevs made and removed, mediated leases;
 //! - [`Migration`] (`migration.rs`): device state between two daemons;
-//! - [`Health`] (`health.rs`): device health, an operator's quarantine and clear.
+//! - [`Health`] (`health.rs`): device health, an operator's quarantine and clear;
+//! - [`Recovery`] (`recovery.rs`): a failed device of a lease swapped for a healthy one.
 //!
 //! None of them decides whether a device may be touched: they ask the gate
 //! (`vf_provisioner::ops::gate`). Every change to the host is written as an intent
@@ -30,11 +31,14 @@ mod health;
 mod mediated;
 mod migration;
 mod pool;
+mod recovery;
 mod restore;
 
+pub use health::operator_reason;
 pub use mediated::is_mediated;
 pub use migration::{Incoming, Prepared};
 pub use pool::LeaseRef;
+pub use recovery::Swap;
 
 /// Declares a service: a view of the context for one concern, reading the shared
 /// state through `Deref`.
@@ -71,6 +75,8 @@ services! {
     Migration => migration;
     /// Device health, quarantine and clear.
     Health => health;
+    /// A lease's devices swapped when they fail.
+    Recovery => recovery;
 }
 
 use super::audit::Audit;
@@ -515,6 +521,11 @@ impl Core {
             self.audit
                 .record(0, "quarantine", "", "", &[addr.to_string()], why);
         }
+        self.note_failure(addr, why);
+    }
+
+    /// Queues `addr`'s failure for the bus layer (signals, then the lease's policy).
+    fn note_failure(&self, addr: &str, why: &str) {
         self.failures
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -161,7 +161,7 @@ impl Pool<'_> {
 
     /// Free functions for `req`, claimed, enabling VFs on managed PFs that have none
     /// if short.
-    fn choose(&self, req: &Request) -> Result<(Vec<Passed>, Claim<'_>), ApiError> {
+    pub(super) fn choose(&self, req: &Request) -> Result<(Vec<Passed>, Claim<'_>), ApiError> {
         if !req.devices.is_empty() {
             return self.take_named(req);
         }

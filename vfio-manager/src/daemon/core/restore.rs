@@ -55,6 +55,7 @@ impl Restore<'_> {
                         None => self.store().end_intent(i.id).map_err(failed)?,
                     }
                 }
+                "swap" => log.push(self.recovery().settle(&i)),
                 op if op.starts_with("mdev-") => {
                     log.push(self.mediated().recover_mdev(op, &i.body));
                     self.store().end_intent(i.id).map_err(failed)?;

@@ -1,0 +1,117 @@
+//! The running VM's side of a device swap: plugging a leased device into the VM and
+//! unplugging one from it, through the VM's own manager. A small trait, one
+//! implementation per VMM the daemon can reach (a lease's `vmm`):
+//! - libvirt, through `virsh` (libvirt's own client; the daemon is root and talks
+//!   to the URI of the configuration). The daemon is not libvirt's hook, so it may
+//!   call libvirt. Live and, for a persistent domain, its configuration too, so that
+//!   the next start names the replacement;
+//! - cloud-hypervisor, through its REST API (`vm.add-device`, `vm.remove-device`).
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::api::ids::Vmm;
+use crate::api::LeasedDevice;
+use crate::ch::{device_id, ChClient};
+use crate::config::RecoveryConfig;
+
+/// A running VM's device slots.
+pub trait Hotplug: Send + Sync {
+    /// Adds `dev` (leased, on vfio-pci) to the running VM.
+    fn plug(&self, dev: &LeasedDevice) -> Result<(), String>;
+    /// Removes `dev` from the running VM (the guest is asked to let go).
+    fn unplug(&self, dev: &LeasedDevice) -> Result<(), String>;
+}
+
+/// How to reach the VM of a lease, if its `vmm` says.
+pub fn reach(vmm: &Vmm, vm_name: &str, cfg: &RecoveryConfig) -> Option<Box<dyn Hotplug>> {
+    match vmm {
+        Vmm::Other => None,
+        Vmm::Libvirt => Some(Box::new(Libvirt {
+            virsh: cfg.virsh.clone(),
+            uri: cfg.libvirt_uri.clone(),
+            domain: vm_name.to_string(),
+        })),
+        Vmm::CloudHypervisor(socket) => Some(Box::new(ChClient::new(Path::new(socket)))),
+    }
+}
+
+impl Hotplug for ChClient {
+    fn plug(&self, dev: &LeasedDevice) -> Result<(), String> {
+        self.add_device(&dev.sysfs_path, &device_id(&dev.address))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn unplug(&self, dev: &LeasedDevice) -> Result<(), String> {
+        self.remove_device(&device_id(&dev.address))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A libvirt domain, by name.
+struct Libvirt {
+    virsh: std::path::PathBuf,
+    uri: String,
+    domain: String,
+}
+
+impl Hotplug for Libvirt {
+    fn plug(&self, dev: &LeasedDevice) -> Result<(), String> {
+        self.device("attach-device", dev)
+    }
+
+    fn unplug(&self, dev: &LeasedDevice) -> Result<(), String> {
+        self.device("detach-device", dev)
+    }
+}
+
+impl Libvirt {
+    /// `virsh attach-device|detach-device` of `dev`'s `<hostdev>`: live, and in the
+    /// persistent configuration when the domain has one.
+    fn device(&self, verb: &str, dev: &LeasedDevice) -> Result<(), String> {
+        let file = tempfile::NamedTempFile::new().map_err(|e| format!("{verb}: {e}"))?;
+        std::fs::write(file.path(), &dev.libvirt_hostdev).map_err(|e| format!("{verb}: {e}"))?;
+        let scope = if self.persistent()? {
+            "--persistent"
+        } else {
+            "--live"
+        };
+        let path = file.path().display().to_string();
+        self.virsh(&[verb, &self.domain_arg(), &format!("--file={path}"), scope])
+            .map(drop)
+    }
+
+    fn persistent(&self) -> Result<bool, String> {
+        let info = self.virsh(&["dominfo", &self.domain_arg()])?;
+        Ok(info.lines().any(|l| {
+            l.split_once(':')
+                .is_some_and(|(k, v)| k.trim() == "Persistent" && v.trim() == "yes")
+        }))
+    }
+
+    /// `--domain=NAME`: one argument, so that a name starting with `-` is a name.
+    fn domain_arg(&self) -> String {
+        format!("--domain={}", self.domain)
+    }
+
+    /// Runs `virsh -c URI ARGS` (no shell) and returns its output, or its error.
+    fn virsh(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.virsh)
+            .arg("-c")
+            .arg(&self.uri)
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.virsh.display()))?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+        match out.status.success() {
+            true => Ok(text(&out.stdout)),
+            false => Err(format!(
+                "virsh {} of domain {}: {}",
+                args[0],
+                self.domain,
+                text(&out.stderr)
+            )),
+        }
+    }
+}
