@@ -57,7 +57,7 @@ domain() {
 <initrd>/var/lib/libvirt/images/nested-initramfs.cpio.gz</initrd><cmdline>console=ttyS0 panic=-1 quiet swap=150</cmdline></os>
 <features><acpi/></features><cpu mode='host-passthrough'/><on_poweroff>destroy</on_poweroff>
 <devices><serial type='file'><source path='/tmp/$1.console'/><target port='0'/></serial>
-<controller type='pci' model='pcie-root-port'/><controller type='pci' model='pcie-root-port'/>
+<controller type='pci' index='8' model='pcie-root-port'/><controller type='pci' index='9' model='pcie-root-port'/>
 <hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x10' function='0x0'/></source></hostdev>
 <memballoon model='none'/></devices></domain>
 XML

@@ -179,8 +179,8 @@ pub struct DaemonConfig {
     /// again (idempotency); after that the table forgets it and it may name a new
     /// lease. 0 remembers every one (the table then grows with every lease).
     pub released_retention_days: u32,
-    /// Correctable PCIe errors (AER) within an hour that make a device degraded;
-    /// any uncorrectable one makes it degraded.
+    /// Correctable PCIe errors (AER) within an hour that make a device degraded
+    /// (after an uncorrectable one, the kernel's recovery decides).
     pub degraded_correctable_per_hour: u64,
     /// How often every managed function's configuration space is read (a device
     /// that answers all ones has failed); 0: never.

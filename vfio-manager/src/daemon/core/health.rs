@@ -36,7 +36,7 @@ impl Health<'_> {
                 (_, None) if recovering.is_some() => {
                     ("degraded", recovering.unwrap_or_default(), 0)
                 }
-                (_, None) => self.by_errors(counts, self.per_hour(&d.address, counts.correctable)),
+                (_, None) => self.by_errors(self.per_hour(&d.address, counts.correctable)),
             };
             out.push(info(&d.address, state, reason, since, counts));
         }
@@ -117,17 +117,13 @@ impl Health<'_> {
         count.saturating_sub(samples[0].1)
     }
 
-    /// Healthy or degraded, by the kernel's error counts: any uncorrectable error
-    /// since boot, or `degraded_correctable_per_hour` correctable ones in an hour.
-    fn by_errors(&self, c: Aer, per_hour: u64) -> (&'static str, String, u64) {
+    /// Healthy or degraded, by the rate of correctable errors:
+    /// `degraded_correctable_per_hour` in an hour. An uncorrectable one is the
+    /// kernel's to recover from, and its verdict is the state (`on_error_event`):
+    /// degraded while it recovers, failed if it could not, healthy if it did.
+    fn by_errors(&self, per_hour: u64) -> (&'static str, String, u64) {
         let limit = self.config().daemon.degraded_correctable_per_hour;
-        if c.nonfatal + c.fatal > 0 {
-            let why = format!(
-                "{} uncorrectable PCIe errors since boot",
-                c.nonfatal + c.fatal
-            );
-            ("degraded", why, 0)
-        } else if per_hour >= limit {
+        if per_hour >= limit {
             let why = format!(
                 "{per_hour} correctable PCIe errors in the last hour (degraded_correctable_per_hour = {limit})"
             );
