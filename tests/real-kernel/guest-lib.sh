@@ -50,6 +50,17 @@ nested_sees() {
     fi
 }
 
+# inject N COMMAND: asks the emulated host's QEMU to run monitor COMMAND
+# (`pcie_aer_inject_error ...` or `device_del ID`, through run.sh's inject.py) and
+# prints its answer. N names the request: one answer file each.
+inject() {
+    n=$1; shift
+    # To the console even when the caller keeps the answer (stdout).
+    echo "GUEST-INJECT $n $*" >&2
+    for i in $(seq 1 300); do [ -e /mnt/host/out/injected-$n ] && break; sleep 0.1; done
+    cat /mnt/host/out/injected-$n 2>/dev/null || echo "no answer from the host's monitor"
+}
+
 # start_bus NAME: a dbus-daemon (the host's, with its own libraries: the guest has
 # no libc) with a system-bus configuration listening on /tmp/NAME/socket.
 start_bus() {

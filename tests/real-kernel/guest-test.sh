@@ -101,12 +101,62 @@ expect "vfctl disable NVMe" 0 $V disable 0000:02:00.0
 expect "vfctl unbind VF" 0 $V unbind 0000:01:10.0
 expect "vfctl disable" 0 $V disable 0000:01:00.0
 
+# PCIe errors injected through QEMU's monitor (run.sh's inject.py) into the
+# virtio-rng behind its own root port, both with AER (the stand-in whose errors QEMU
+# delivers; docs/kernel.md). The kernel runs its recovery and the daemon's health
+# follows what it reports (kernel rule 12); then the device is hot-removed
+# from under its lease.
+health_of() { ./vfctl health | grep "^$1 " | head -1; }
+# uncorrectable N: a non-fatal error (Completion Timeout) into the virtio-rng; waits
+# for the kernel's recovery to end and prints its verdict.
+uncorrectable() {
+    n0=$(dmesg | grep -c 'device recovery \(successful\|failed\)')
+    inject $1 "pcie_aer_inject_error rng0 0x4000" > /tmp/inject.out
+    for i in $(seq 1 100); do [ "$(dmesg | grep -c 'device recovery \(successful\|failed\)')" -gt "$n0" ] && break; sleep 0.2; done
+    dmesg | grep -o 'device recovery \(successful\|failed\)' | tail -1
+}
+# follows DEV VERDICT STATE WHAT: the daemon's health of DEV after the kernel's VERDICT.
+follows() {
+    for i in $(seq 1 50); do health_of $1 | grep -q " $3 " && break; sleep 0.2; done
+    seen=$(grep "recovery: .*_RECOVERY" /tmp/daemon.log | sed 's/.*vfio-manager: //' | tail -2 | tr '\n' ';')
+    case "$2" in *"$4"*) ;; *) false ;; esac && health_of $1 | grep -q " $3 " \
+        && pass "$5: the kernel says \"$2\", the daemon saw \"$seen\" and says $3" \
+        || { fail "$5: the kernel says \"$2\", the daemon saw \"$seen\": $(health_of $1)"; cat /tmp/inject.out; dmesg | grep -iE 'aer|recover' | tail -8; }
+}
+pcie_errors() {
+    rng=0000:04:00.0
+    [ -e /sys/bus/pci/devices/$rng/aer_dev_nonfatal ] || { fail "AER: $rng has no AER counters"; return; }
+    # On virtio-pci, which has no error handler: the kernel cannot recover it and
+    # says so once, on the root port above it.
+    kernel=$(uncorrectable u1)
+    follows $rng "$kernel" failed failed "a non-fatal error injected into the virtio-rng on virtio-pci"
+    expect "the failed device answers its probe again: clear" 0 ./vfctl clear $rng
+    # On vfio-pci, whose error handler lets the kernel recover it.
+    ./vfctl bind $rng > /dev/null
+    kernel=$(uncorrectable u2)
+    follows $rng "$kernel" healthy successful "a non-fatal error injected into the virtio-rng on vfio-pci"
+    echo "GUEST-INFO AER counts of $rng: $(./vfctl health | grep "^$rng" | awk '{print $3}') (correctable/non-fatal/fatal)"
+    # Hot-removed from under its lease (QEMU device_del; pciehp takes 5 s to let go).
+    ./vfctl unbind $rng > /dev/null
+    ./vfctl provision --vm gone --device $rng --request-id gone > /dev/null
+    inject d1 "device_del rng0" > /tmp/inject.out
+    for i in $(seq 1 150); do [ ! -e /sys/bus/pci/devices/$rng ] && ! ./vfctl leases | grep -q "$rng" && break; sleep 0.2; done
+    [ ! -e /sys/bus/pci/devices/$rng ] && ./vfctl leases | grep -q "VM gone" && ! ./vfctl leases | grep -q "$rng" \
+        && health_of $rng | grep -q " gone " && grep -q "$rng of lease .*its lease lets it go" /tmp/daemon.log \
+        && pass "the leased virtio-rng hot-removed: its lease lets it go and keeps its id, health says gone" \
+        || { fail "surprise removal: $(cat /tmp/inject.out)"; ./vfctl leases; health_of $rng; tail -5 /tmp/daemon.log; }
+    expect "the emptied lease is released" 0 ./vfctl release --request-id gone
+    dmesg | grep -iE 'AER|recover|pciehp' | grep -v 'enabled with IRQ\|_OSC' | sed 's/^/GUEST-INFO kernel: /' | tail -16
+    grep "recovery: .*_RECOVERY\|lets it go" /tmp/daemon.log | sed 's/^/GUEST-INFO daemon: /'
+}
+
 # The daemon on the real kernel, through a real dbus-daemon: provision and release
 # real VFs over D-Bus, and follow uevents for changes made behind its back.
 start_bus bus
 export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
 # Desired state: 2 NVMe VFs restored at start (boot restore on the real kernel).
-cp /tmp/config.toml /tmp/daemon.toml
+# The daemon also manages the virtio-rng (PCIe errors, hot removal).
+sed 's/^manage = \[/manage = ["0000:04:00.0", /' /tmp/config.toml > /tmp/daemon.toml
 printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n' >> /tmp/daemon.toml
 ./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log > /tmp/daemon.log 2>&1 &
 daemon=$!
@@ -153,6 +203,7 @@ for i in $(seq 1 50); do ./vfctl list | grep -q '^0000:02:00.2 ' || { gone=1; br
 # QEMU with KVM (nested SVM) gets the lease's -device arguments as libvirt passes a
 # <hostdev>; cloud-hypervisor, where a binary was given, cold and hot-plugged.
 nested_vms
+pcie_errors
 expect "daemon disables the igb VFs it enabled" 0 ./vfctl disable 0000:01:00.0
 kill $daemon; wait $daemon 2>/dev/null
 grep -q 'vfio-manager: stopping' /tmp/daemon.log && pass "daemon stops on SIGTERM" || { fail "daemon stops on SIGTERM"; cat /tmp/daemon.log; }

@@ -91,12 +91,21 @@ log=$OUT/console-${MODE#--}.log
 # the benchmark, a few.
 GUEST_TIMEOUT=${GUEST_TIMEOUT:-$([ "$MODE" = --bench ] && echo 600 || echo 400)}
 TESTS=$([ "$MODE" = --test ] || [ "$MODE" = --libvirt ] && echo 1 || true)
-# Three root ports: igb; NVMe with SR-IOV; a multifunction slot of two e1000e
-# functions that share an IOMMU group (igb there would hide function 1 behind ARI).
+# Four root ports: igb; NVMe with SR-IOV; a multifunction slot of two e1000e
+# functions that share an IOMMU group (igb there would hide function 1 behind ARI);
+# a virtio-rng with AER, the one stand-in whose injected PCIe errors QEMU delivers to
+# the kernel (docs/kernel.md, the emulated host's findings), and hot-unpluggable.
+# Faults on the guest's request (GUEST-INJECT lines): tests/real-kernel/inject.py runs
+# them on QEMU's QMP socket (PCIe errors through the root ports' AER, device_del). The
+# console is written to the log line by line (stdbuf) so that it sees them at once.
+QMP=$(mktemp -u /tmp/vfm-qmp.XXXXXX)
 boot() {
     echo "real-kernel: booting the emulated host (kernel $(cat build/images/KVER)); console log in $log" >&2
+    rm -f "$log"
+    python3 tests/real-kernel/inject.py "$log" "$QMP" "$SHARE/out" &
+    local injector=$!
     timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -machine q35,kernel-irqchip=split -accel tcg,thread=${TCG_THREAD:-multi} -cpu max -m 2G -smp 2 \
-        -nodefaults -nographic -serial mon:stdio -no-reboot \
+        -nodefaults -nographic -serial mon:stdio -no-reboot -qmp unix:"$QMP",server=on,wait=off \
         -kernel build/images/vmlinuz -initrd build/images/initramfs.cpio.gz \
         -virtfs local,path="$SHARE",mount_tag=hostshare,security_model=none,id=hs \
         -device intel-iommu,intremap=on,caching-mode=on \
@@ -104,9 +113,12 @@ boot() {
         -device pcie-root-port,id=rp2,bus=pcie.0,chassis=2,slot=2 -device nvme-subsys,id=subsys0,nqn=s0 \
         -device nvme,id=nvme0,bus=rp2,serial=s0001,subsys=subsys0,sriov_max_vfs=4,sriov_vq_flexible=8,sriov_vi_flexible=4,max_ioqpairs=12,msix_qsize=8 \
         -device pcie-root-port,id=rp3,bus=pcie.0,chassis=3,slot=3 \
-        -device e1000e,id=e0,bus=rp3,addr=0.0,multifunction=on -device e1000e,id=e1,bus=rp3,addr=0.1 "${DISK[@]}" \
-        -append "console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet${DISK:+ vfmroot=/dev/vda}" </dev/null 2>&1 | tr -d '\r' | tee "$log" \
-        | { if [ "$MODE" = --bench ]; then grep -E '^(one syscall|operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|where|  |GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
+        -device e1000e,id=e0,bus=rp3,addr=0.0,multifunction=on -device e1000e,id=e1,bus=rp3,addr=0.1 \
+        -device pcie-root-port,id=rp4,bus=pcie.0,chassis=4,slot=4 -device virtio-rng-pci,id=rng0,bus=rp4,aer=on "${DISK[@]}" \
+        -append "console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet${DISK:+ vfmroot=/dev/vda}" </dev/null 2>&1 | stdbuf -oL tr -d '\r' | tee "$log" \
+        | { if [ "$MODE" = --bench ]; then grep -E '^(one syscall|operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|where|pcie error|  |GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
+    kill "$injector" 2>/dev/null || true
+    rm -f "$QMP"
 }
 boot
 # Under TCG on a loaded 2-core machine the guest has been seen to hang (rarely: once

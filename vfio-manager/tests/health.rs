@@ -209,6 +209,20 @@ fn leases_outlive_a_reboot_and_what_cannot_come_back_is_reported() {
         "{}",
         d.log_text()
     );
+    // Reported, its lease lets it go; the mdev's lease keeps its device.
+    let now = held();
+    assert!(
+        !now.iter()
+            .any(|(_, devs)| devs.iter().any(|x| x == "0000:01:10.2")),
+        "{now:?}"
+    );
+    assert!(now.iter().any(|(_, devs)| devs.contains(&uuid)), "{now:?}");
+    assert!(
+        d.log_text().contains("its lease lets it go"),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.audit_text().contains("\"op\":\"let-go\""));
 }
 
 /// The periodic probe finds a leased function that stopped answering: failed,

@@ -220,22 +220,21 @@ impl Manager {
 /// Then the lease's recovery policy: with `replace`, `LeaseRecovered` names the
 /// device swapped in, or a second `LeaseDegraded` says why there is none.
 pub async fn announce_failures(core: &Arc<Core>, conn: &Connection, emitter: &SignalEmitter<'_>) {
-    for (addr, why) in core.take_failures() {
-        let _ = Manager::device_failed(emitter, &addr, &why).await;
-        let Some((lease, _)) = core.holder(&addr) else {
-            health_changed(conn, &addr).await;
+    for f in core.take_failures() {
+        let _ = Manager::device_failed(emitter, &f.device, &f.why).await;
+        health_changed(conn, &f.device).await;
+        let Some(lease) = f.lease else {
             continue;
         };
-        let _ = Manager::lease_degraded(emitter, &lease, &addr, &why).await;
-        health_changed(conn, &addr).await;
+        let _ = Manager::lease_degraded(emitter, &lease, &f.device, &f.why).await;
         let c = core.clone();
-        let (a, w) = (addr.clone(), why.clone());
+        let (a, w) = (f.device.clone(), f.why.clone());
         let swap = blocking(move || Ok(c.recovery().after_failure(&a, &w))).await;
         match swap {
             Ok(Some(Ok(s))) => recovered(emitter, &s).await,
             Ok(Some(Err(e))) | Err(e) => {
                 let why = format!("it was not replaced: {e}");
-                let _ = Manager::lease_degraded(emitter, &lease, &addr, &why).await;
+                let _ = Manager::lease_degraded(emitter, &lease, &f.device, &why).await;
             }
             Ok(None) => {}
         }

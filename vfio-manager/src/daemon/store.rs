@@ -498,6 +498,20 @@ impl Store {
         })
     }
 
+    /// Lease `lease_id` lets go of device `name`, which vanished; recorded as a
+    /// swap with no replacement.
+    pub fn let_go(&self, lease_id: &str, name: &str, reason: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM lease_devices WHERE address = ?1 AND lease_id = ?2")?
+                .execute([name, lease_id])?;
+            tx.prepare_cached(
+                "INSERT INTO lease_swaps (lease_id, failed, replacement, reason, at) VALUES (?1, ?2, '', ?3, ?4)",
+            )?
+            .execute(params![lease_id, name, reason, now() as i64])?;
+            Ok(())
+        })
+    }
+
     /// The swaps of lease `lease_id`, oldest first: (failed, replacement, reason, at).
     pub fn swaps(&self, lease_id: &str) -> Result<Vec<(String, String, String, u64)>> {
         let conn = self.conn();

@@ -17,6 +17,8 @@ pub struct Uevent {
     pub subsystem: String,
     pub devpath: String,
     pub error_event: Option<String>,
+    /// When it was read: the start of the daemon's reaction time.
+    pub at: std::time::Instant,
 }
 
 impl Uevent {
@@ -111,6 +113,7 @@ pub fn parse(msg: &[u8]) -> Option<Uevent> {
         subsystem,
         devpath: devpath?,
         error_event,
+        at: std::time::Instant::now(),
     })
 }
 

@@ -52,30 +52,58 @@ impl Health<'_> {
         self.recovering.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Follows the kernel's PCIe error recovery of function `name` (its `change`
-    /// uevents, kernel rule 12, docs/kernel.md): degraded while it runs, failed
-    /// (held back) when it fails, as before when it succeeds. `DEVICE_ONLINE` says
-    /// nothing more: the kernel sends 0 with BEGIN_RECOVERY too.
+    /// Follows the kernel's PCIe error recovery (its `change` uevents, kernel rule
+    /// 12, docs/kernel.md) for function `name`: degraded while it runs, failed (held
+    /// back) when it fails, as before when it succeeds. A recovery that fails is
+    /// also reported on the bridge above the functions it walked: every function of
+    /// ours below `name` fails with it. `DEVICE_ONLINE` says nothing more: the
+    /// kernel sends 0 with BEGIN_RECOVERY too.
     pub fn on_error_event(&self, name: &str, event: &str) {
         let Ok(a) = name.parse::<PciAddress>() else {
             return;
         };
         let name = a.to_string();
+        eprintln!("vfio-manager: {name}: the kernel's PCIe error recovery: {event}");
         match event {
             "FAILED_RECOVERY" => {
-                self.recovering().remove(&name);
-                let why = format!("the kernel's PCIe error recovery ended in {event}");
-                self.mark_failed(&name, &why);
+                for f in self.at_or_below(&name) {
+                    self.recovering().remove(&f);
+                    let why = match f == name {
+                        true => format!("the kernel's PCIe error recovery ended in {event}"),
+                        false => format!(
+                            "the kernel's PCIe error recovery below {name} ended in {event}"
+                        ),
+                    };
+                    self.mark_failed(&f, &why);
+                }
             }
             "SUCCESSFUL_RECOVERY" => {
                 self.recovering().remove(&name);
             }
-            "BEGIN_RECOVERY" => {
+            "BEGIN_RECOVERY" if self.device(&name).is_some() => {
                 let why = format!("PCIe error recovery in progress ({event})");
                 self.recovering().insert(name, why);
             }
             _ => {}
         }
+    }
+
+    /// The functions we manage that are `name` or sit below it (it is a bridge
+    /// above them in sysfs's device tree).
+    fn at_or_below(&self, name: &str) -> Vec<String> {
+        let devices = self.devices().unwrap_or_default();
+        devices
+            .into_iter()
+            .filter(|d| d.health != "missing")
+            .map(|d| d.address)
+            .filter(|d| {
+                let Ok(a) = d.parse::<PciAddress>() else {
+                    return false;
+                };
+                let path = std::fs::canonicalize(self.sys.device_dir(&a)).unwrap_or_default();
+                d == name || path.components().any(|c| c.as_os_str() == name)
+            })
+            .collect()
     }
 
     /// Reads every managed function's configuration space; one that answers all

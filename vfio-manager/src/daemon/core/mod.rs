@@ -106,8 +106,8 @@ pub struct Core {
     enabling: Mutex<()>,
     /// Mediated changes, one at a time (see `mediated`).
     mediating: Mutex<()>,
-    /// Devices that failed since the bus layer last looked, with why.
-    failures: Mutex<Vec<(String, String)>>,
+    /// Devices that failed (or vanished) since the bus layer last looked.
+    failures: Mutex<Vec<Failure>>,
     /// Functions that appeared and vanished, not yet published.
     changes: Mutex<(Vec<String>, Vec<String>)>,
     /// Devices of leases that start-up could not bring back (`Restore::status`).
@@ -120,6 +120,15 @@ pub struct Core {
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
+}
+
+/// A device that failed or vanished, for the bus layer's signals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub device: String,
+    pub why: String,
+    /// The lease that held it when it failed.
+    pub lease: Option<String>,
 }
 
 /// Names (device addresses, `request ID`) held by operations in flight.
@@ -524,12 +533,18 @@ impl Core {
         self.note_failure(addr, why);
     }
 
-    /// Queues `addr`'s failure for the bus layer (signals, then the lease's policy).
+    /// Queues `addr`'s failure for the bus layer (signals, then the lease's policy),
+    /// with the lease holding it now.
     fn note_failure(&self, addr: &str, why: &str) {
+        let lease = self.holder(addr).map(|(id, _)| id);
         self.failures
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((addr.to_string(), why.to_string()));
+            .push(Failure {
+                device: addr.to_string(),
+                why: why.to_string(),
+                lease,
+            });
     }
 
     /// `r`, written to the audit log as operation `op` of `uid` on device `name`.
@@ -550,7 +565,7 @@ impl Core {
         self.store().holder(name).ok().flatten()
     }
 
-    pub fn take_failures(&self) -> Vec<(String, String)> {
+    pub fn take_failures(&self) -> Vec<Failure> {
         std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -740,6 +755,13 @@ mod tests {
         let e = core.pool().provision(req, 0).unwrap_err();
         assert!(matches!(e, ApiError::Refused(_)), "{e}");
         assert_eq!(core.take_failures().len(), 1, "announced once");
+        // A failed recovery reported on a bridge that is not ours (in this flat
+        // fake tree, above none of ours): nothing is held back, the bridge least.
+        core.health()
+            .on_error_event("0000:00:02.0", "FAILED_RECOVERY");
+        assert!(core.take_failures().is_empty());
+        let held = core.store().quarantine_list().unwrap();
+        assert!(!held.iter().any(|(n, ..)| n == "0000:00:02.0"), "{held:?}");
     }
 
     #[test]

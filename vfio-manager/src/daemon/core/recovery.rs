@@ -116,7 +116,7 @@ impl Recovery<'_> {
                 break;
             }
         }
-        let (chosen, _claim) =
+        let (chosen, _spare) =
             tried.map_err(|e| ApiError::NoDevice(format!("{name}: no replacement: {e}")))?;
         self.swap(&row, &f, &chosen[0], why)
     }

@@ -103,6 +103,37 @@ impl Restore<'_> {
         Ok((log, lost))
     }
 
+    /// Every leased function that is gone from sysfs (hot-removed, or its PF's VFs
+    /// disabled behind the daemon's back) is let go by its lease, which keeps the
+    /// rest, and reported (`LeaseDegraded`). Returns a line for the log each.
+    pub fn let_go_of_vanished(&self) -> Vec<String> {
+        let _shared = self.shared();
+        let gone: Vec<String> = self
+            .devices()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| d.health == "missing" && !d.lease_id.is_empty())
+            .map(|d| d.address)
+            .collect();
+        let mut log = Vec::new();
+        for name in gone {
+            let Some((lease, vm)) = self.holder(&name) else {
+                continue;
+            };
+            let _claim = self.claims.wait(vec![name.clone()]);
+            let why = "it is gone from the host (hot-removed, or its PF's VFs disabled behind the daemon's back); its lease lets it go";
+            self.note_failure(&name, why);
+            let r = self.store().let_go(&lease, &name, why).map_err(failed);
+            self.audit
+                .record(0, "let-go", &lease, &vm, &[name.clone()], &outcome(&r));
+            log.push(format!(
+                "{name} of lease {lease} (VM {vm}): {why}: {}",
+                outcome(&r)
+            ));
+        }
+        log
+    }
+
     /// Start-up's last pass, after the configured state is back (a lease's VFs
     /// exist again only then): every lease's devices restored, and what could not
     /// be kept for [`Restore::status`].
