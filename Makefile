@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE := target/release
 
-.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench bench-real-kernel regenerate-layouts install clean fuzz
+.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench bench-real-kernel bench-scale regenerate-layouts install clean fuzz
 
 all: build
 
@@ -56,6 +56,11 @@ bench: build bench-real-kernel
 
 bench-real-kernel: deps
 	bash tests/real-kernel/run.sh --bench
+
+# Restore, provision, release and disable with SCALE_PFS (12) igb PFs, 84 VFs, beside
+# the bare sysfs writes, in one emulated-host boot. Not part of CI or `make bench`.
+bench-scale: deps
+	bash tests/real-kernel/run.sh --scale
 
 # Each fuzz target for FUZZ_S seconds (cargo-fuzz, nightly toolchain). New inputs go
 # to build/fuzz/<target>; the committed seeds in vfio-manager/fuzz/corpus are read only.

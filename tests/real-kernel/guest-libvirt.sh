@@ -83,7 +83,7 @@ swap_in_running_domain() {
         && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf2/driver)")" = vfio-pci ] \
         && pass "vfctl replace: lease $lease keeps its id and holds $vf2 on vfio-pci ($(awk -v t=$t0 '{printf "%.1f s", $1 - t}' /proc/uptime))" \
         || { fail "the lease after the swap"; in_root vfctl leases; }
-    for i in $(seq 1 150); do grep -q NESTED-SWAPPED $R/tmp/nested.console && break; sleep 1; done
+    for i in $(seq 1 150); do grep -q NESTED-SWAP-DONE $R/tmp/nested.console && break; sleep 1; done
     echo "GUEST-INFO the nested guest after the swap: $(grep NESTED-SWAPPED $R/tmp/nested.console | grep 8086:10ca | tr '\n' ' ')"
     first=$(grep -o 'NESTED-READY igbvf on [0-9a-f:.]*' $R/tmp/nested.console | cut -d' ' -f4)
     grep "^NESTED-SWAPPED .* 8086:10ca igbvf" $R/tmp/nested.console | grep -qv " $first " \

@@ -7,7 +7,10 @@
 #   --libvirt         libvirt end to end: the emulated host mounts a Debian root
 #                     filesystem (images/rootfs.sh) and runs libvirtd with the hook,
 #                     the daemon on the system bus, and a domain with a leased VF;
-#   --bench           each provisioning operation beside the bare sysfs writes.
+#   --bench           each provisioning operation beside the bare sysfs writes;
+#   --scale           restore, provision, release and disable with SCALE_PFS igb PFs
+#                     (12 by default, 7 VFs each) beside the bare writes (`make
+#                     bench-scale`; not part of CI).
 # Prints a summary line "N passed, N failed, N skipped" (each skip says why) and
 # exits non-zero on any failure.
 set -euo pipefail
@@ -89,7 +92,14 @@ chmod +x "$SHARE/job.sh"
 log=$OUT/console-${MODE#--}.log
 # A healthy test run takes about two minutes, the libvirt run about one and a half;
 # the benchmark, a few.
-GUEST_TIMEOUT=${GUEST_TIMEOUT:-$([ "$MODE" = --bench ] && echo 600 || echo 400)}
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-$(case "$MODE" in --bench | --scale) echo 600 ;; *) echo 400 ;; esac)}
+# --scale: SCALE_PFS more igb PFs, each behind a root port of its own.
+SCALE=()
+if [ "$MODE" = --scale ]; then
+    for i in $(seq 1 "${SCALE_PFS:-12}"); do
+        SCALE+=(-device pcie-root-port,id=sp$i,bus=pcie.0,chassis=$((10 + i)),slot=$((10 + i)) -device igb,id=sigb$i,bus=sp$i)
+    done
+fi
 TESTS=$([ "$MODE" = --test ] || [ "$MODE" = --libvirt ] && echo 1 || true)
 # Four root ports: igb; NVMe with SR-IOV; a multifunction slot of two e1000e
 # functions that share an IOMMU group (igb there would hide function 1 behind ARI);
@@ -114,9 +124,9 @@ boot() {
         -device nvme,id=nvme0,bus=rp2,serial=s0001,subsys=subsys0,sriov_max_vfs=4,sriov_vq_flexible=8,sriov_vi_flexible=4,max_ioqpairs=12,msix_qsize=8 \
         -device pcie-root-port,id=rp3,bus=pcie.0,chassis=3,slot=3 \
         -device e1000e,id=e0,bus=rp3,addr=0.0,multifunction=on -device e1000e,id=e1,bus=rp3,addr=0.1 \
-        -device pcie-root-port,id=rp4,bus=pcie.0,chassis=4,slot=4 -device virtio-rng-pci,id=rng0,bus=rp4,aer=on "${DISK[@]}" \
+        -device pcie-root-port,id=rp4,bus=pcie.0,chassis=4,slot=4 -device virtio-rng-pci,id=rng0,bus=rp4,aer=on "${DISK[@]}" "${SCALE[@]}" \
         -append "console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet${DISK:+ vfmroot=/dev/vda}" </dev/null 2>&1 | stdbuf -oL tr -d '\r' | tee "$log" \
-        | { if [ "$MODE" = --bench ]; then grep -E '^(one syscall|operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|where|pcie error|  |GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
+        | { if [ "$MODE" = --scale ]; then grep -E '^(scale|GUEST-FAIL)'; elif [ "$MODE" = --bench ]; then grep -E '^(one syscall|operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|where|pcie error|  |GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
     kill "$injector" 2>/dev/null || true
     rm -f "$QMP"
 }

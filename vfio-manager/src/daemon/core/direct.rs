@@ -15,14 +15,45 @@ impl Direct<'_> {
         uid: u32,
     ) -> Result<Vec<String>, ApiError> {
         let pf: PciAddress = pf.parse()?;
-        self.run("enable", uid, &pf, || {
-            Ok(self
-                .guarded
-                .enable_vfs(&pf, count)?
+        self.run("enable", uid, &pf, || self.enable_now(&pf, count))
+    }
+
+    /// Enables each PF's VFs, the PFs side by side (start-up's restore): one PF's
+    /// enable waits on that device (VF probes, a driver's reset), not on the others.
+    /// Each is retried as [`super::retry`] does, recorded and audited.
+    pub(super) fn enable_each(
+        &self,
+        pfs: &[(PciAddress, u32)],
+    ) -> Vec<Result<Vec<String>, ApiError>> {
+        let _alone = self.exclusive();
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = pfs
                 .iter()
-                .map(ToString::to_string)
-                .collect())
+                .map(|(pf, n)| {
+                    s.spawn(move || {
+                        super::retry(|| {
+                            self.recorded("enable", 0, pf, || self.enable_now(pf, Some(*n)))
+                        })
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .map(|j| {
+                    j.join().unwrap_or_else(|_| {
+                        Err(ApiError::Failed("an enable thread panicked".into()))
+                    })
+                })
+                .collect()
         })
+    }
+
+    fn enable_now(&self, pf: &PciAddress, count: Option<u32>) -> Result<Vec<String>, ApiError> {
+        Ok(self
+            .guarded
+            .enable_vfs(pf, count)?
+            .iter()
+            .map(ToString::to_string)
+            .collect())
     }
 
     pub fn disable_vfs(&self, pf: &str, uid: u32) -> Result<Vec<String>, ApiError> {
@@ -47,8 +78,7 @@ impl Direct<'_> {
         })
     }
 
-    /// One direct operation: serialized, recorded as an intent, audited, and the
-    /// table re-read after it.
+    /// One direct operation: serialized, recorded as an intent, audited.
     pub(super) fn run(
         &self,
         op: &str,
@@ -56,8 +86,20 @@ impl Direct<'_> {
         dev: &PciAddress,
         f: impl FnOnce() -> Result<Vec<String>, ApiError>,
     ) -> Result<Vec<String>, ApiError> {
+        let _alone = self.exclusive();
+        self.recorded(op, uid, dev, f)
+    }
+
+    /// `f` as operation `op` on `dev`: an intent around it, timed and audited; the
+    /// caller holds the lock that keeps other operations off.
+    fn recorded(
+        &self,
+        op: &str,
+        uid: u32,
+        dev: &PciAddress,
+        f: impl FnOnce() -> Result<Vec<String>, ApiError>,
+    ) -> Result<Vec<String>, ApiError> {
         let r = self.timed(op, || {
-            let _alone = self.exclusive();
             let intent = self
                 .store()
                 .begin_intent(op, "", &dev.to_string(), Guards::Kernel)

@@ -54,10 +54,10 @@ impl Health<'_> {
 
     /// Follows the kernel's PCIe error recovery (its `change` uevents, kernel rule
     /// 12, docs/kernel.md) for function `name`: degraded while it runs, failed (held
-    /// back) when it fails, as before when it succeeds. A recovery that fails is
-    /// also reported on the bridge above the functions it walked: every function of
-    /// ours below `name` fails with it. `DEVICE_ONLINE` says nothing more: the
-    /// kernel sends 0 with BEGIN_RECOVERY too.
+    /// back) when it fails, as before when it succeeds. A failure reported for a
+    /// bridge (6.12 reports it for the function) fails every function of ours below
+    /// it. `DEVICE_ONLINE` says nothing more: the kernel sends 0 with BEGIN_RECOVERY
+    /// too.
     pub fn on_error_event(&self, name: &str, event: &str) {
         let Ok(a) = name.parse::<PciAddress>() else {
             return;

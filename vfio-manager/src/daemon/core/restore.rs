@@ -250,11 +250,13 @@ impl Restore<'_> {
     /// Brings the host to the configured state: VFs first (autoprobe off), then
     /// bindings, then the mdevs defined `auto` in mdevctl's files. Each step is retried a few times; what still fails is reported.
     pub fn restore_desired(&self) -> Vec<String> {
-        let mut log = Vec::new();
-        for (pf, n) in self.config.pfs.clone() {
-            let r = retry(|| self.direct().enable_vfs(&pf.to_string(), Some(n), 0));
-            log.push(format!("restore: {pf}: {n} VFs: {}", outcome(&r)));
-        }
+        let pfs = &self.config.pfs;
+        let results = self.direct().enable_each(pfs);
+        let mut log: Vec<String> = pfs
+            .iter()
+            .zip(&results)
+            .map(|((pf, n), r)| format!("restore: {pf}: {n} VFs: {}", outcome(r)))
+            .collect();
         for a in self.config.bind.clone() {
             let r = retry(|| self.direct().bind(&a.to_string(), false, 0));
             log.push(format!("restore: {a}: vfio-pci: {}", outcome(&r)));
