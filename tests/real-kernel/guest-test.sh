@@ -155,9 +155,11 @@ pcie_errors() {
 start_bus bus
 export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
 # Desired state: 2 NVMe VFs restored at start (boot restore on the real kernel).
+# Every lease passes the DMA-mapping probe first (memory mapped and unmapped for it
+# through the emulated IOMMU, with vfio-ioctls and vm-memory).
 # The daemon also manages the virtio-rng (PCIe errors, hot removal).
 sed 's/^manage = \[/manage = ["0000:04:00.0", /' /tmp/config.toml > /tmp/daemon.toml
-printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n' >> /tmp/daemon.toml
+printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n[daemon]\ndma_probe = true\n' >> /tmp/daemon.toml
 ./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log > /tmp/daemon.log 2>&1 &
 daemon=$!
 up=0
@@ -168,7 +170,7 @@ for i in $(seq 1 100); do ./vfctl leases > /dev/null 2>&1 && { up=1; break; }; s
 ./vfctl provision --vm nested-1 --profile 8086:10c9 --count 2 --request-id r1 -o json > /tmp/lease.json 2>&1
 vfs=$(grep -o '"address": "[^"]*"' /tmp/lease.json | cut -d'"' -f4)
 n=0; for v in $vfs; do [ "$(basename "$(readlink /sys/bus/pci/devices/$v/driver)")" = vfio-pci ] && n=$((n+1)); done
-[ $n = 2 ] && pass "daemon provisions 2 real VFs on vfio-pci over D-Bus ($(echo $vfs))" || { fail "daemon provision"; cat /tmp/lease.json /tmp/daemon.log; }
+[ $n = 2 ] && pass "daemon provisions 2 real VFs on vfio-pci over D-Bus, each past the DMA-mapping probe ($(echo $vfs))" || { fail "daemon provision"; cat /tmp/lease.json /tmp/daemon.log; }
 ./vfctl provision --vm nested-1 --profile 8086:10c9 --count 2 --request-id r1 -o json > /tmp/lease2.json 2>&1
 cmp -s /tmp/lease.json /tmp/lease2.json && pass "the same request id returns the same lease" || fail "idempotent provision"
 expect "daemon refuses unbinding a leased VF" 3 ./vfctl unbind $(echo $vfs | cut -d' ' -f1)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 use vfio_ioctls::{VfioContainer, VfioDevice};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::address::PciAddress;
 use crate::error::{Error, Result};
@@ -16,8 +17,11 @@ pub struct OpenDevice {
     address: PciAddress,
     device: VfioDevice,
     // The device borrows the container's group: keep it alive as long as the device.
-    _container: Arc<VfioContainer>,
+    container: Arc<VfioContainer>,
 }
+
+/// How much memory the DMA-mapping probe maps: one 2 MiB page's worth.
+const PROBE_BYTES: usize = 2 << 20;
 
 fn vfio_err(
     device: PciAddress,
@@ -51,7 +55,7 @@ impl OpenDevice {
         Ok(OpenDevice {
             address: *addr,
             device,
-            _container: container,
+            container,
         })
     }
 
@@ -70,6 +74,36 @@ impl OpenDevice {
         self.device
             .region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut buf, offset);
         Ok(buf)
+    }
+
+    /// The DMA-mapping probe: maps 2 MiB of memory of its own (vm-memory) for the
+    /// device through its IOMMU at IO address 0, then unmaps it. It proves what a VMM
+    /// will do first with the device (its group in a container, the type-1 IOMMU
+    /// set, a mapping the IOMMU accepts) before the device is handed out.
+    pub fn dma_probe(&self) -> Result<()> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PROBE_BYTES)])
+            .map_err(|e| vfio_err(self.address, "allocating the probe's memory", e))?;
+        // SAFETY: `mem` is this function's own anonymous mapping, shared with no one
+        // and never referenced from Rust while it is mapped for DMA; the device is
+        // not started (bound to vfio-pci, opened here only), so it does not use the
+        // mapping; the mapping is undone below before `mem` can be dropped, and on
+        // a failed unmap `mem` is leaked instead of freed.
+        unsafe { self.container.vfio_map_guest_memory(&mem) }.map_err(|e| {
+            vfio_err(
+                self.address,
+                "mapping memory for DMA (VFIO_IOMMU_MAP_DMA)",
+                e,
+            )
+        })?;
+        if let Err(e) = self.container.vfio_unmap_guest_memory(&mem) {
+            std::mem::forget(mem);
+            return Err(vfio_err(
+                self.address,
+                "unmapping the probe's memory (VFIO_IOMMU_UNMAP_DMA)",
+                e,
+            ));
+        }
+        Ok(())
     }
 
     /// Vendor and device id as the device itself reports them.

@@ -17,6 +17,7 @@
 //! released_retention_days = 90     # a released request id is refused this long; 0: for ever
 //! degraded_correctable_per_hour = 100 # correctable PCIe errors (AER) in an hour that make a device degraded
 //! probe_interval_s = 30             # read each managed function's config space this often; 0: never
+//! dma_probe = false                 # map memory for each leased function through its IOMMU first
 //! [recovery]                        # when a leased device fails (a request's on_failure wins)
 //! on_failure = "notify"             # notify: hold it back, signal; replace: swap in a healthy one
 //! profiles = { "8086:10ca" = "replace" } # per profile
@@ -104,6 +105,7 @@ struct RawDaemon {
     released_retention_days: Option<u32>,
     degraded_correctable_per_hour: Option<u64>,
     probe_interval_s: Option<Spanned<u64>>,
+    dma_probe: Option<bool>,
 }
 
 /// The validated configuration.
@@ -185,6 +187,9 @@ pub struct DaemonConfig {
     /// How often every managed function's configuration space is read (a device
     /// that answers all ones has failed); 0: never.
     pub probe_interval_s: u64,
+    /// Before a leased function is handed out, map memory for it through its IOMMU
+    /// and unmap it (VFIO, real kernels only); one that fails is held back.
+    pub dma_probe: bool,
 }
 
 impl Default for DaemonConfig {
@@ -199,6 +204,7 @@ impl Default for DaemonConfig {
             released_retention_days: 90,
             degraded_correctable_per_hour: 100,
             probe_interval_s: 30,
+            dma_probe: false,
         }
     }
 }
@@ -378,6 +384,7 @@ impl Config {
                     .daemon
                     .probe_interval_s
                     .map_or(d.probe_interval_s, Spanned::into_inner),
+                dma_probe: raw.daemon.dma_probe.unwrap_or(d.dma_probe),
             },
         })
     }

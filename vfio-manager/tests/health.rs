@@ -260,3 +260,32 @@ fn a_probe_finds_a_device_that_stopped_answering() {
         eprintln!("SKIPPED the signal check: dbus-monitor is not installed");
     }
 }
+
+/// With `dma_probe`, a leased function is handed out only once memory was mapped
+/// for it through its IOMMU. The fake host has no VFIO, so the probe fails here as
+/// it would on a host whose IOMMU refuses the mapping: the lease is refused, undone,
+/// and the function held back. (It passes in the emulated host, whose daemon
+/// probes every lease.)
+#[test]
+fn a_function_that_fails_the_dma_probe_is_held_back_and_not_handed_out() {
+    let bus = Bus::open();
+    let d = Daemon::start(
+        &bus,
+        layouts::large(1, 2),
+        "[daemon]\ndma_probe = true\n",
+        &[],
+    );
+    let c = bus.client();
+    let vf = "0000:10:00.1";
+    let e = c.provision(&req("p1", &[vf])).unwrap_err();
+    assert_eq!(error_name(&e), "Failed", "{e}");
+    assert!(
+        e.to_string().contains("DMA-mapping probe failed") && e.to_string().contains(vf),
+        "{e}"
+    );
+    assert!(c.leases().unwrap().is_empty());
+    let (state, why) = state_of(&bus, vf);
+    assert_eq!(state, "failed", "{why}");
+    assert!(why.contains("DMA-mapping probe"), "{why}");
+    assert!(d.audit_text().contains("DMA-mapping probe"));
+}

@@ -547,6 +547,22 @@ impl Core {
             });
     }
 
+    /// The DMA-mapping probe of leased function `a`, freshly bound to vfio-pci, when
+    /// the configuration asks for it (`dma_probe`): one that fails is held back.
+    fn probe_dma(&self, a: &PciAddress) -> Result<(), ApiError> {
+        if !self.config.daemon.dma_probe {
+            return Ok(());
+        }
+        let r = vf_provisioner::vfio::OpenDevice::open(&self.sys, a).and_then(|d| d.dma_probe());
+        r.map_err(|e| {
+            let why = format!("its DMA-mapping probe failed: {e}");
+            self.mark_failed(&a.to_string(), &why);
+            ApiError::Failed(format!(
+                "{a}: {why}; it is held back (`vfctl health`); ask again for another device"
+            ))
+        })
+    }
+
     /// `r`, written to the audit log as operation `op` of `uid` on device `name`.
     fn audited<T>(
         &self,

@@ -108,10 +108,16 @@ impl Pool<'_> {
             .collect();
         // `choose` has just read each one and passed it through the gate, and holds it.
         let row = self.new_lease(req, uid, planned, chosen.len(), |i| {
-            self.raw.bind_passed(&chosen[i]).map(|_| ()).map_err(|e| {
-                self.mark_failed(&chosen[i].function().address.to_string(), &e.to_string());
-                e.into()
-            })
+            let a = chosen[i].function().address;
+            self.raw.bind_passed(&chosen[i]).map_err(|e| {
+                self.mark_failed(&a.to_string(), &e.to_string());
+                ApiError::from(e)
+            })?;
+            // A running VM adopting its devices holds them open: no probe.
+            match req.adopt {
+                true => Ok(()),
+                false => self.probe_dma(&a),
+            }
         })?;
         Ok((self.lease_view(&row), true))
     }

@@ -182,6 +182,7 @@ impl Recovery<'_> {
             self.mark_failed(&new.address.to_string(), &e.to_string());
             return Err(undo(e.into()));
         }
+        self.probe_dma(&new.address).map_err(undo)?;
         let vmm: Vmm = row.request.vmm.parse().unwrap_or(Vmm::Other);
         let hands = reach(&vmm, &row.request.vm_name, &self.config().recovery);
         let vm_side = match &hands {
