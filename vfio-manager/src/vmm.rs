@@ -17,6 +17,8 @@ use crate::config::RecoveryConfig;
 
 /// A running VM's device slots.
 pub trait Hotplug: Send + Sync {
+    /// Who plugs: `libvirt`, `cloud-hypervisor`.
+    fn name(&self) -> &'static str;
     /// Adds `dev` (leased, on vfio-pci) to the running VM.
     fn plug(&self, dev: &LeasedDevice) -> Result<(), String>;
     /// Removes `dev` from the running VM (the guest is asked to let go).
@@ -37,6 +39,10 @@ pub fn reach(vmm: &Vmm, vm_name: &str, cfg: &RecoveryConfig) -> Option<Box<dyn H
 }
 
 impl Hotplug for ChClient {
+    fn name(&self) -> &'static str {
+        "cloud-hypervisor"
+    }
+
     fn plug(&self, dev: &LeasedDevice) -> Result<(), String> {
         self.add_device(&dev.sysfs_path, &device_id(&dev.address))
             .map(drop)
@@ -57,6 +63,10 @@ struct Libvirt {
 }
 
 impl Hotplug for Libvirt {
+    fn name(&self) -> &'static str {
+        "libvirt"
+    }
+
     fn plug(&self, dev: &LeasedDevice) -> Result<(), String> {
         self.device("attach-device", dev)
     }

@@ -4,8 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use vfio_manager_api::ids::{
-    check_mdev_attribute, parse_uuid, Endpoint, LeaseId, MdevParent, MdevTypeId, PciAddress,
-    Profile, RequestId, VmName,
+    check_mdev_attribute, parse_uuid, Endpoint, LeaseId, MdevParent, MdevTypeId, OnFailure,
+    PciAddress, Profile, RequestId, VmName, Vmm,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -25,6 +25,19 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = check_mdev_attribute(s);
+    // A lease's VMM: a socket the daemon connects to as root.
+    match s.parse::<Vmm>() {
+        Ok(Vmm::CloudHypervisor(p)) => {
+            assert!(p.starts_with('/') && !p.split('/').any(|c| c == ".."));
+            assert!(!p.chars().any(char::is_control));
+            assert_eq!(s.parse::<Vmm>().unwrap().to_string(), s);
+        }
+        Ok(v) => assert_eq!(v.to_string(), s),
+        Err(e) => assert!(e.to_string().len() < 600),
+    }
+    if let Ok(p) = s.parse::<OnFailure>() {
+        assert_eq!(p.to_string(), s);
+    }
     for bounded in [
         Profile::new(s).map(String::from),
         RequestId::new(s).map(String::from),

@@ -214,7 +214,6 @@ impl Manager {
     }
 }
 
-/// Adds and removes device objects and signals the change.
 /// Devices that failed since the last look: `DeviceFailed` for each,
 /// `LeaseDegraded` for the lease holding it, and its `Health` property changed.
 /// Then the lease's recovery policy: with `replace`, `LeaseRecovered` names the
@@ -265,6 +264,7 @@ pub async fn health_changed(conn: &Connection, addr: &str) {
     }
 }
 
+/// Adds and removes device objects and signals the change.
 pub async fn publish(core: &Arc<Core>, conn: &Connection, added: &[String], removed: &[String]) {
     let server = conn.object_server();
     let Ok(emitter) = SignalEmitter::new(conn, api::MANAGER_PATH) else {

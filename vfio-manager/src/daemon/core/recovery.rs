@@ -186,7 +186,7 @@ impl Recovery<'_> {
         let vmm: Vmm = row.request.vmm.parse().unwrap_or(Vmm::Other);
         let hands = reach(&vmm, &row.request.vm_name, &self.config().recovery);
         let vm_side = match &hands {
-            Some(h) => self.plug_swap(h.as_ref(), &vmm, f, &held).map_err(undo)?,
+            Some(h) => self.plug_swap(h.as_ref(), f, &held).map_err(undo)?,
             None => {
                 "no VMM to reach: whoever runs the VM plugs it (LeaseRecovered names it)".into()
             }
@@ -215,22 +215,13 @@ impl Recovery<'_> {
     /// Plugs the replacement into the VM, then unplugs the failed one. A failed
     /// plug undoes the swap (the VM keeps what it had); a failed unplug does not
     /// (the VM has both; the failed one stays held back).
-    fn plug_swap(
-        &self,
-        h: &dyn Hotplug,
-        vmm: &Vmm,
-        f: &PciFunction,
-        new: &Held,
-    ) -> Result<String, ApiError> {
+    fn plug_swap(&self, h: &dyn Hotplug, f: &PciFunction, new: &Held) -> Result<String, ApiError> {
         let view = |held: &Held| self.held_view(held);
         let old = Held::Function {
             address: f.address,
             driver_before: String::new(),
         };
-        let by = match vmm {
-            Vmm::Libvirt => "libvirt",
-            _ => "cloud-hypervisor",
-        };
+        let by = h.name();
         h.plug(&view(new)).map_err(|e| {
             ApiError::Failed(format!(
                 "{}: {by} could not take its replacement {}: {e}; the VM keeps the failed device",
@@ -301,8 +292,11 @@ impl Recovery<'_> {
                     _ => self.undo_device(&held),
                 };
                 let _ = self.store().end_intent(i.id);
-                // The policy runs again once the daemon is up.
-                self.note_failure(&s.failed, "its swap was cut off by a restart");
+                // A failed device's policy runs again once the daemon is up (an
+                // operator's swap is the operator's to ask again).
+                if matches!(self.store().held_back(&s.failed), Ok(Some((_, true)))) {
+                    self.note_failure(&s.failed, "its swap was cut off by a restart");
+                }
                 format!(
                     "undone (the replacement back to its driver: {})",
                     super::outcome(&r)

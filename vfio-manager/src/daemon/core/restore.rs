@@ -124,8 +124,14 @@ impl Restore<'_> {
             let why = "it is gone from the host (hot-removed, or its PF's VFs disabled behind the daemon's back); its lease lets it go";
             self.note_failure(&name, why);
             let r = self.store().let_go(&lease, &name, why).map_err(failed);
-            self.audit
-                .record(0, "let-go", &lease, &vm, &[name.clone()], &outcome(&r));
+            self.audit.record(
+                0,
+                "let-go",
+                &lease,
+                &vm,
+                std::slice::from_ref(&name),
+                &outcome(&r),
+            );
             log.push(format!(
                 "{name} of lease {lease} (VM {vm}): {why}: {}",
                 outcome(&r)
