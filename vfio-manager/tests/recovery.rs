@@ -222,6 +222,50 @@ fn an_operator_replaces_a_leased_vf_and_bad_requests_change_nothing() {
     drop(d);
 }
 
+/// A leased VF that vanished while the daemon was down (its PF's VFs disabled
+/// behind its back) is replaced at start when its lease says `replace`: an
+/// equivalent is plugged into the running VM, and the lease keeps its id.
+#[test]
+fn a_vanished_vf_is_replaced_in_the_running_vm() {
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::large(2, 2), REPLACE, &[]);
+    let sock = d.dir.path().join("ch.sock");
+    let vm = ch::api_server(&sock, None);
+    let gone = "0000:10:00.1";
+    let s = sock.to_str().unwrap();
+    let (code, _, err) = vfctl(
+        &bus,
+        &["attach", "--ch-socket", s, "--vm", "vm1", "--device", gone],
+    );
+    assert_eq!(code, 0, "{err}");
+    let before = bus.client().leases().unwrap().remove(0);
+    d.kill();
+    let sys = vf_provisioner::Sysfs::open_fake(&d.root).unwrap();
+    let pf: vf_provisioner::PciAddress = "0000:10:00.0".parse().unwrap();
+    sys.write(&pf, &sys.device_attr(&pf, "sriov_numvfs"), "0")
+        .unwrap();
+    d.restart();
+    let after = lease(&bus, &before.id).expect("the lease keeps its id");
+    let now = names(&after);
+    assert_eq!(now.len(), 1, "{now:?}");
+    // Its NUMA node first: the pool enables the idle PF's VFs again for it (PF 11
+    // is on node 1).
+    assert!(
+        now[0].starts_with("0000:10:00.") && now[0] != gone,
+        "{now:?}"
+    );
+    assert_eq!(
+        health(&bus, gone).0,
+        "quarantined",
+        "the vanished VF, back with its PF's VFs, is held back"
+    );
+    assert_eq!(driver(&d.root, &now[0]).as_deref(), Some("vfio-pci"));
+    let devs = vm.devices.lock().unwrap().clone();
+    assert!(devs.contains_key(&device_id(&now[0])), "{devs:?}");
+    assert!(d.log_text().contains("replaced by"), "{}", d.log_text());
+    assert!(d.audit_text().contains("\"op\":\"replace\""));
+}
+
 /// SIGKILL at random points of swaps: after each restart exactly one lease holds
 /// the device the VM was told about, no function is on vfio-pci that neither a
 /// lease holds nor the quarantine explains, and the lease keeps its size.

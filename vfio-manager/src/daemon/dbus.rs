@@ -226,16 +226,24 @@ pub async fn announce_failures(core: &Arc<Core>, conn: &Connection, emitter: &Si
             continue;
         };
         let _ = Manager::lease_degraded(emitter, &lease, &f.device, &f.why).await;
-        let c = core.clone();
-        let (a, w) = (f.device.clone(), f.why.clone());
-        let swap = blocking(move || Ok(c.recovery().after_failure(&a, &w))).await;
+        let swap = match f.recovered {
+            // A vanished function: its policy ran already, and a let-go says so.
+            Some(done) => done.ok().map(Ok),
+            None => {
+                let c = core.clone();
+                let (a, w) = (f.device.clone(), f.why.clone());
+                blocking(move || Ok(c.recovery().after_failure(&a, &w)))
+                    .await
+                    .unwrap_or_else(|e| Some(Err(e)))
+            }
+        };
         match swap {
-            Ok(Some(Ok(s))) => recovered(emitter, &s).await,
-            Ok(Some(Err(e))) | Err(e) => {
+            Some(Ok(s)) => recovered(emitter, &s).await,
+            Some(Err(e)) => {
                 let why = format!("it was not replaced: {e}");
                 let _ = Manager::lease_degraded(emitter, &lease, &f.device, &why).await;
             }
-            Ok(None) => {}
+            None => {}
         }
     }
 }

@@ -129,6 +129,8 @@ pub struct Failure {
     pub why: String,
     /// The lease that held it when it failed.
     pub lease: Option<String>,
+    /// What its lease's policy already did about it (a vanished function's swap).
+    pub recovered: Option<Result<Swap, String>>,
 }
 
 /// Names (device addresses, `request ID`) held by operations in flight.
@@ -544,6 +546,20 @@ impl Core {
                 device: addr.to_string(),
                 why: why.to_string(),
                 lease,
+                recovered: None,
+            });
+    }
+
+    /// Queues a vanished function of `lease` with what its policy did about it.
+    fn note_vanished(&self, addr: &str, why: &str, lease: &str, r: Result<Swap, String>) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Failure {
+                device: addr.to_string(),
+                why: why.to_string(),
+                lease: Some(lease.to_string()),
+                recovered: Some(r),
             });
     }
 

@@ -102,47 +102,76 @@ impl Recovery<'_> {
         {
             return Err(not_leased());
         }
-        let f = PciFunction::read_brief(&self.sys, &a).ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "{name}: gone from sysfs; release lease {} instead",
-                row.id
-            ))
-        })?;
+        self.swap_in(&row, a, why)
+    }
+
+    /// A vanished function of lease `lease`, whose policy is `replace`: swapped for
+    /// an equivalent as a failed one is. `None` when the policy is `notify`.
+    pub fn replace_vanished(
+        &self,
+        lease: &str,
+        gone: PciAddress,
+    ) -> Option<Result<Swap, ApiError>> {
+        let row = self.lease_row(lease).ok()??;
+        if self.config().recovery.policy(&row.request) != OnFailure::Replace {
+            return None;
+        }
+        let r = self.swap_in(&row, gone, "it is gone from the host");
+        let line = match &r {
+            Ok(s) => format!("ok: replaced by {} ({})", s.replacement, s.vm_side),
+            Err(e) => e.to_string(),
+        };
+        self.audit.record(
+            0,
+            "replace",
+            lease,
+            &row.request.vm_name,
+            &[gone.to_string()],
+            &line,
+        );
+        Some(r)
+    }
+
+    /// Leases an equivalent of `broken` and swaps it into `row` (steps 1-5).
+    fn swap_in(&self, row: &LeaseRow, broken: PciAddress, why: &str) -> Result<Swap, ApiError> {
         let pool = self.pool();
         let mut tried = Err(ApiError::NoDevice(String::new()));
-        for want in self.equivalents(&row.request, &f)? {
+        for want in self.equivalents(&row.request, broken)? {
             tried = pool.choose(&want);
             if tried.is_ok() {
                 break;
             }
         }
         let (chosen, _spare) =
-            tried.map_err(|e| ApiError::NoDevice(format!("{name}: no replacement: {e}")))?;
-        self.swap(&row, &f, &chosen[0], why)
+            tried.map_err(|e| ApiError::NoDevice(format!("{broken}: no replacement: {e}")))?;
+        self.swap(row, broken, &chosen[0], why)
     }
 
-    /// What a replacement of `f` may be, best first: a VF of the same PF model on
-    /// `f`'s NUMA node, then (when the lease did not ask for a node) on any.
-    fn equivalents(&self, req: &Request, f: &PciFunction) -> Result<Vec<Request>, ApiError> {
-        let pf = f
-            .physfn
-            .and_then(|p| PciFunction::read_ids(&self.sys, &p))
+    /// What a replacement of `broken` may be, best first: a VF of the same PF model
+    /// on its NUMA node, then (when the lease did not ask for a node) on any. From
+    /// the table: a failed function may not answer for its attributes, and a
+    /// vanished one has none.
+    fn equivalents(&self, req: &Request, broken: PciAddress) -> Result<Vec<Request>, ApiError> {
+        let me = self.device(&broken.to_string());
+        let model = me
+            .as_ref()
+            .filter(|d| !d.pf.is_empty())
+            .and_then(|d| self.device(&d.pf))
+            .map(|pf| pf.id)
             .ok_or_else(|| {
                 ApiError::Refused(format!(
-                    "{}: not a VF: a whole device has no equivalent to swap in; stop its VM and lease another",
-                    f.address
+                    "{broken}: not a VF of a PF we manage: a whole device has no equivalent to swap in; stop its VM and lease another"
                 ))
             })?;
         let want = |numa_node: i32| Request {
             vm_name: req.vm_name.clone(),
-            profile: pf.id.clone(),
+            profile: model.clone(),
             count: 1,
             numa_node,
             ..Request::default()
         };
-        // The table's node: a failed function may not answer for its attributes.
-        let node = self.device(&f.address.to_string()).map(|d| d.numa_node);
-        let near = node.filter(|n| *n >= 0).unwrap_or(req.numa_node);
+        let node = me.map_or(-1, |d| d.numa_node);
+        let near = if node >= 0 { node } else { req.numa_node };
         let mut out = vec![want(near)];
         if req.numa_node < 0 && near >= 0 {
             out.push(want(-1));
@@ -154,7 +183,7 @@ impl Recovery<'_> {
     fn swap(
         &self,
         row: &LeaseRow,
-        f: &PciFunction,
+        broken: PciAddress,
         chosen: &Passed,
         why: &str,
     ) -> Result<Swap, ApiError> {
@@ -164,7 +193,7 @@ impl Recovery<'_> {
             driver_before: new.driver.clone().unwrap_or_default(),
         };
         let body = SwapIntent {
-            failed: f.address.to_string(),
+            failed: broken.to_string(),
             replacement: new.address.to_string(),
             driver_before: held.driver_before().to_string(),
         };
@@ -186,7 +215,7 @@ impl Recovery<'_> {
         let vmm: Vmm = row.request.vmm.parse().unwrap_or(Vmm::Other);
         let hands = reach(&vmm, &row.request.vm_name, &self.config().recovery);
         let vm_side = match &hands {
-            Some(h) => self.plug_swap(h.as_ref(), f, &held).map_err(undo)?,
+            Some(h) => self.plug_swap(h.as_ref(), broken, &held).map_err(undo)?,
             None => {
                 "no VMM to reach: whoever runs the VM plugs it (LeaseRecovered names it)".into()
             }
@@ -196,7 +225,7 @@ impl Recovery<'_> {
         self.store()
             .commit_swap(
                 &row.id,
-                &f.address.to_string(),
+                &broken.to_string(),
                 &held,
                 &reason,
                 intent,
@@ -206,7 +235,7 @@ impl Recovery<'_> {
         Ok(Swap {
             lease: row.id.clone(),
             vm: row.request.vm_name.clone(),
-            failed: f.address.to_string(),
+            failed: broken.to_string(),
             replacement: new.address.to_string(),
             vm_side,
         })
@@ -215,26 +244,29 @@ impl Recovery<'_> {
     /// Plugs the replacement into the VM, then unplugs the failed one. A failed
     /// plug undoes the swap (the VM keeps what it had); a failed unplug does not
     /// (the VM has both; the failed one stays held back).
-    fn plug_swap(&self, h: &dyn Hotplug, f: &PciFunction, new: &Held) -> Result<String, ApiError> {
+    fn plug_swap(
+        &self,
+        h: &dyn Hotplug,
+        broken: PciAddress,
+        new: &Held,
+    ) -> Result<String, ApiError> {
         let view = |held: &Held| self.held_view(held);
         let old = Held::Function {
-            address: f.address,
+            address: broken,
             driver_before: String::new(),
         };
         let by = h.name();
         h.plug(&view(new)).map_err(|e| {
             ApiError::Failed(format!(
-                "{}: {by} could not take its replacement {}: {e}; the VM keeps the failed device",
-                f.address,
+                "{broken}: {by} could not take its replacement {}: {e}; the VM keeps the failed device",
                 new.name()
             ))
         })?;
         Ok(match h.unplug(&view(&old)) {
-            Ok(()) => format!("{by} plugged {} and unplugged {}", new.name(), f.address),
+            Ok(()) => format!("{by} plugged {} and unplugged {broken}", new.name()),
             Err(e) => format!(
-                "{by} plugged {} but could not unplug {}: {e}; it stays held back",
-                new.name(),
-                f.address
+                "{by} plugged {} but could not unplug {broken}: {e}; it stays held back",
+                new.name()
             ),
         })
     }

@@ -104,8 +104,10 @@ impl Restore<'_> {
     }
 
     /// Every leased function that is gone from sysfs (hot-removed, or its PF's VFs
-    /// disabled behind the daemon's back) is let go by its lease, which keeps the
-    /// rest, and reported (`LeaseDegraded`). Returns a line for the log each.
+    /// disabled behind the daemon's back): with its lease's policy `replace`, an
+    /// equivalent is swapped in; otherwise (or when none can be) the lease lets it
+    /// go and keeps the rest. Each is reported (`LeaseDegraded`, `LeaseRecovered`).
+    /// Returns a line for the log each.
     pub fn let_go_of_vanished(&self) -> Vec<String> {
         let _shared = self.shared();
         let gone: Vec<String> = self
@@ -117,13 +119,26 @@ impl Restore<'_> {
             .collect();
         let mut log = Vec::new();
         for name in gone {
-            let Some((lease, vm)) = self.holder(&name) else {
+            let (Some((lease, vm)), Ok(a)) = (self.holder(&name), name.parse::<PciAddress>())
+            else {
                 continue;
             };
             let _claim = self.claims.wait(vec![name.clone()]);
-            let why = "it is gone from the host (hot-removed, or its PF's VFs disabled behind the daemon's back); its lease lets it go";
-            self.note_failure(&name, why);
-            let r = self.store().let_go(&lease, &name, why).map_err(failed);
+            let gone_why = "it is gone from the host (hot-removed, or its PF's VFs disabled behind the daemon's back)";
+            let not_replaced = match self.recovery().replace_vanished(&lease, a) {
+                Some(Ok(s)) => {
+                    log.push(format!(
+                        "{name} of lease {lease} (VM {vm}): {gone_why}; replaced by {} ({})",
+                        s.replacement, s.vm_side
+                    ));
+                    self.note_vanished(&name, gone_why, &lease, Ok(s));
+                    continue;
+                }
+                Some(Err(e)) => format!("; not replaced: {e}"),
+                None => String::new(),
+            };
+            let why = format!("{gone_why}; its lease lets it go{not_replaced}");
+            let r = self.store().let_go(&lease, &name, &why).map_err(failed);
             self.audit.record(
                 0,
                 "let-go",
@@ -132,6 +147,7 @@ impl Restore<'_> {
                 std::slice::from_ref(&name),
                 &outcome(&r),
             );
+            self.note_vanished(&name, &why, &lease, Err(why.clone()));
             log.push(format!(
                 "{name} of lease {lease} (VM {vm}): {why}: {}",
                 outcome(&r)
