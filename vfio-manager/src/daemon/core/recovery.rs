@@ -65,14 +65,8 @@ impl Recovery<'_> {
             self.replace_shared(name, why, uid)
         });
         let shown = device_name(name).unwrap_or_else(|_| crate::api::ids::quote(name));
-        let line = match &r {
-            Ok(s) => format!(
-                "ok: replaced by {} in lease {} ({})",
-                s.replacement, s.lease, s.vm_side
-            ),
-            Err(e) => e.to_string(),
-        };
-        self.audit.record(uid, "replace", "", "", &[shown], &line);
+        self.audit
+            .record(uid, "replace", "", "", &[shown], &swap_verdict(&r));
         r
     }
 
@@ -117,18 +111,10 @@ impl Recovery<'_> {
             return None;
         }
         let r = self.swap_in(&row, gone, "it is gone from the host");
-        let line = match &r {
-            Ok(s) => format!("ok: replaced by {} ({})", s.replacement, s.vm_side),
-            Err(e) => e.to_string(),
-        };
-        self.audit.record(
-            0,
-            "replace",
-            lease,
-            &row.request.vm_name,
-            &[gone.to_string()],
-            &line,
-        );
+        let vm = &row.request.vm_name;
+        let verdict = swap_verdict(&r);
+        self.audit
+            .record(0, "replace", lease, vm, &[gone.to_string()], &verdict);
         Some(r)
     }
 
@@ -339,5 +325,16 @@ impl Recovery<'_> {
             "recovery: the swap of {old} for {new} in lease {} was cut off; {what}",
             i.lease_id
         )
+    }
+}
+
+/// A swap's outcome for the audit log.
+fn swap_verdict(r: &Result<Swap, ApiError>) -> String {
+    match r {
+        Ok(s) => format!(
+            "ok: replaced by {} in lease {} ({})",
+            s.replacement, s.lease, s.vm_side
+        ),
+        Err(e) => e.to_string(),
     }
 }
