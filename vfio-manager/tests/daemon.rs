@@ -586,6 +586,16 @@ fn metrics_are_valid_prometheus_text() {
         "{body}"
     );
     assert!(body.contains("vfio_manager_leases 1"));
+    // Health as `vfctl health` has it: 1 PF and 3 VFs, healthy; AER counts per device.
+    assert!(
+        body.contains("vfio_manager_device_health{state=\"healthy\"} 4")
+            && body.contains("vfio_manager_device_health{state=\"failed\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains("vfio_manager_aer_errors{device=\"0000:10:00.1\",severity=\"nonfatal\"} 0"),
+        "{body}"
+    );
     assert!(body.contains("vfio_manager_operation_duration_seconds_count{op=\"provision\"} 2"));
     assert!(body
         .contains("vfio_manager_operation_errors_total{op=\"provision\",error=\"no_device\"} 1"));

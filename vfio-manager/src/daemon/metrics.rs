@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::api::{ApiError, DeviceInfo};
+use crate::api::{ApiError, DeviceInfo, HealthInfo};
 
 /// Upper bounds, seconds: sysfs writes take microseconds on a fake host and up to
 /// seconds on hardware (disabling VFs).
@@ -64,8 +64,9 @@ impl Metrics {
     }
 
     /// The exposition text for the current table.
-    pub fn render(&self, devices: &[DeviceInfo], leases: usize) -> String {
+    pub fn render(&self, devices: &[DeviceInfo], health: &[HealthInfo], leases: usize) -> String {
         let mut o = String::new();
+        render_health(&mut o, health);
         let mut by_state: BTreeMap<&str, u64> =
             ["free", "leased", "missing", "failed", "quarantined"]
                 .iter()
@@ -123,5 +124,39 @@ impl Metrics {
             );
         }
         o
+    }
+}
+
+/// Each device's health as a count per state, and the kernel's AER counts per
+/// device (since boot, as sysfs keeps them).
+fn render_health(o: &mut String, health: &[HealthInfo]) {
+    let mut by_state: BTreeMap<&str, u64> =
+        ["healthy", "degraded", "failed", "quarantined", "gone"]
+            .iter()
+            .map(|s| (*s, 0))
+            .collect();
+    for h in health {
+        *by_state.entry(h.state.as_str()).or_default() += 1;
+    }
+    let _ = writeln!(o, "# HELP vfio_manager_device_health Managed devices by health (`vfctl health`).\n# TYPE vfio_manager_device_health gauge");
+    for (s, n) in by_state {
+        let _ = writeln!(o, "vfio_manager_device_health{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(o, "# HELP vfio_manager_aer_errors PCIe errors the kernel counted for a device since boot (AER).\n# TYPE vfio_manager_aer_errors gauge");
+    for h in health
+        .iter()
+        .filter(|h| h.name.parse::<crate::api::ids::PciAddress>().is_ok())
+    {
+        for (severity, n) in [
+            ("correctable", h.aer_correctable),
+            ("nonfatal", h.aer_nonfatal),
+            ("fatal", h.aer_fatal),
+        ] {
+            let _ = writeln!(
+                o,
+                "vfio_manager_aer_errors{{device=\"{}\",severity=\"{severity}\"}} {n}",
+                h.name
+            );
+        }
     }
 }

@@ -340,8 +340,9 @@ fn follow_uevents(core: Arc<Core>, conn: Connection) {
 
 fn exposition(core: &Core) -> String {
     let devices = core.devices().unwrap_or_default();
+    let health = core.health().list().unwrap_or_default();
     let leases = core.leases().map_or(0, |l| l.len());
-    core.metrics.render(&devices, leases)
+    core.metrics.render(&devices, &health, leases)
 }
 
 /// A minimal HTTP/1.0 responder: `GET /metrics` only.
