@@ -263,8 +263,16 @@ expect "daemon B removes the destination mdev" 0 $B mdev remove $dst
 $A provision --vm mvm --profile mtty-1 --count 2 --request-id m1 --format libvirt > /tmp/mlease.xml 2>&1
 n=$(grep -o 'type="mdev"' /tmp/mlease.xml | wc -l); u1=$(grep -o 'uuid="[^"]*"' /tmp/mlease.xml | head -1 | cut -d'"' -f2)
 [ "$n" = 2 ] && [ -e /sys/bus/mdev/devices/$u1/driver ] && pass "a lease of profile mtty-1 creates 2 bound mdevs as libvirt mdev hostdevs" || { fail "mdev lease"; cat /tmp/mlease.xml; }
+# A swap of one of its mdevs for a new one of the profile (no VMM to reach here).
+out=$($A replace $u1 --reason "real-kernel swap" 2>&1)
+u3=$(echo "$out" | grep -o 'replaced by [0-9a-f-]*' | cut -d' ' -f3)
+[ -n "$u3" ] && [ -e /sys/bus/mdev/devices/$u3/driver ] && $A leases | grep -q "$u3" && ! $A leases | grep -q "$u1" \
+    && $A health | grep "^$u1" | grep -q quarantined \
+    && pass "vfctl replace swaps a leased mtty mdev for a new bound one; the old one is held back" || { fail "mdev swap: $out"; $A leases; }
 expect "releasing it" 0 $A release --request-id m1
-gone $u1 && pass "its release removes the mdevs" || fail "mdev lease release"
+gone $u3 && pass "its release removes the mdevs it holds" || fail "mdev lease release"
+expect "the swapped-out mdev is freed (removed)" 0 $A orphan free $u1
+gone $u1 || fail "the swapped-out mdev is removed"
 # A domain naming its own mdev: the hook leases exactly that UUID (made here).
 mu=5a5a0000-0000-4000-8000-0000000000d1
 mdom="<domain type='kvm'><name>mdomain</name><uuid>5dea22b3-1d52-d8f3-2516-782e98ab3fa1</uuid><metadata><vfm:lease xmlns:vfm='http://vfio-manager.org/xmlns/lease/1' profile='mtty-1' count='1'/></metadata><devices><hostdev mode='subsystem' type='mdev' model='vfio-pci'><source><address uuid='$mu'/></source></hostdev></devices></domain>"

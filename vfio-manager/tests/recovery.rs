@@ -266,6 +266,57 @@ fn a_vanished_vf_is_replaced_in_the_running_vm() {
     assert!(d.audit_text().contains("\"op\":\"replace\""));
 }
 
+/// A leased mdev swapped for a new one of the lease's profile in the running VM:
+/// the lease keeps its id, the VM (cloud-hypervisor's API) has the new mdev and not
+/// the old, which is held back until freed; the release removes the new one.
+#[test]
+fn a_leased_mdev_is_swapped_for_a_new_one_of_its_profile() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let sock = d.dir.path().join("ch.sock");
+    let vm = ch::api_server(&sock, None);
+    let s = sock.to_str().unwrap();
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "attach",
+            "--ch-socket",
+            s,
+            "--vm",
+            "vm1",
+            "--profile",
+            "mtty-2",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let c = bus.client();
+    let before = c.leases().unwrap().remove(0);
+    let old = before.devices[0].address.clone();
+    let new = c.replace(&old, "its parent logs errors").unwrap();
+    assert_ne!(new, old);
+    let after = lease(&bus, &before.id).expect("the lease keeps its id");
+    assert_eq!(names(&after), [new.clone()]);
+    let devs = vm.devices.lock().unwrap().clone();
+    assert!(
+        devs.contains_key(&device_id(&new)) && !devs.contains_key(&device_id(&old)),
+        "{devs:?}"
+    );
+    let mdevs = c.mdevs().unwrap();
+    assert!(mdevs.iter().any(|m| m.uuid == new && m.active), "{mdevs:?}");
+    assert_eq!(health(&bus, &old).0, "quarantined");
+    assert!(c.release(&after.id).unwrap());
+    let mdevs = c.mdevs().unwrap();
+    assert!(
+        !mdevs.iter().any(|m| m.uuid == new),
+        "the release removes what the swap made"
+    );
+    c.free_orphan(&old).unwrap();
+    assert!(
+        c.mdevs().unwrap().is_empty(),
+        "freed, the old one is removed"
+    );
+}
+
 /// SIGKILL at random points of swaps: after each restart exactly one lease holds
 /// the device the VM was told about, no function is on vfio-pci that neither a
 /// lease holds nor the quarantine explains, and the lease keeps its size.

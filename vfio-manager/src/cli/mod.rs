@@ -236,10 +236,11 @@ enum Command {
     /// offer it again; one that still fails its probe stays held back (daemon
     /// only; audited).
     Clear { device: String },
-    /// Swap a leased VF for a healthy one of the same model (on its NUMA node first)
-    /// in the running VM, through the VMM its lease names (daemon only; audited).
-    /// Changes the host and the VM: binds the replacement to vfio-pci, plugs it into
-    /// the VM, unplugs DEVICE, and holds DEVICE back with REASON. The lease keeps its id.
+    /// Swap a leased VF for a healthy one of the same model (on its NUMA node first),
+    /// or a leased mdev for a new one of the lease's profile, in the running VM,
+    /// through the VMM its lease names (daemon only; audited). Changes the host and
+    /// the VM: binds (or creates) the replacement, plugs it into the VM, unplugs
+    /// DEVICE, and holds DEVICE back with REASON. The lease keeps its id.
     Replace {
         device: String,
         /// Why, for `vfctl health` and the audit log (1-256 bytes).

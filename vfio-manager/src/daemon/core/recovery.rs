@@ -3,10 +3,11 @@
 //! (`on_failure`, `RecoveryConfig::policy`) says `notify` (the bus layer signals
 //! `LeaseDegraded`; nothing here) or `replace`:
 //!
-//! 1. a healthy equivalent is chosen like a pool VF (a VF of the same PF model, on
-//!    the failed one's NUMA node first) and passed by the gate;
+//! 1. a healthy equivalent is chosen: for a VF, like a pool VF (a VF of the same PF
+//!    model, on the failed one's NUMA node first, passed by the gate); for an mdev,
+//!    a new one of the lease's profile where there is room;
 //! 2. the swap's intent is written;
-//! 3. the replacement is bound to vfio-pci;
+//! 3. the replacement is made usable: bound to vfio-pci (and probed), or created;
 //! 4. the VM's manager plugs it in, then unplugs the failed one (`vmm`); a VM the
 //!    daemon cannot reach gets it through the `LeaseRecovered` signal;
 //! 5. the lease, keeping its id, holds the replacement instead, and the swap is
@@ -16,8 +17,8 @@
 //! crash is settled at start: kept if the VM already holds the replacement open,
 //! undone otherwise.
 
+use mediated_dev::host::read_mdev;
 use serde::{Deserialize, Serialize};
-use vf_provisioner::ops::Passed;
 use vf_provisioner::{holders, PciAddress, PciFunction};
 
 use super::{device_name, failed, Guards, Recovery};
@@ -41,8 +42,10 @@ pub struct Swap {
 #[derive(Serialize, Deserialize)]
 struct SwapIntent {
     failed: String,
+    /// The replacement as the table's columns (`Held::to_row`).
     replacement: String,
     driver_before: String,
+    kind: String,
 }
 
 impl Recovery<'_> {
@@ -71,8 +74,7 @@ impl Recovery<'_> {
     }
 
     fn replace_shared(&self, name: &str, why: &str, uid: u32) -> Result<Swap, ApiError> {
-        let a: PciAddress = name.parse()?;
-        let name = a.to_string();
+        let name = device_name(name)?;
         let not_leased = || {
             ApiError::NotFound(format!(
                 "{name}: no lease holds it; only a leased device is replaced (`vfctl leases`)"
@@ -89,14 +91,27 @@ impl Recovery<'_> {
                 row.id, row.request.vm_name, row.owner
             )));
         }
-        if !row
+        let old = row
             .devices
             .iter()
-            .any(|h| matches!(h, Held::Function { address, .. } if *address == a))
-        {
-            return Err(not_leased());
+            .find(|h| h.name() == name)
+            .ok_or_else(not_leased)?;
+        match old {
+            Held::Function { address, .. } => self.swap_in(&row, *address, why),
+            Held::MadeMdev(_) | Held::KeptMdev(_) => self.swap_mdev(&row, old, why),
+            Held::Vgpu(_) => Err(ApiError::Refused(format!(
+                "{name}: a VF with a vGPU type is not swapped yet; stop its VM and lease another"
+            ))),
         }
-        self.swap_in(&row, a, why)
+    }
+
+    /// A new mdev of the lease's profile (placed as a lease's is: where there is
+    /// room, on a parent the gate allows) in place of mdev `old`.
+    fn swap_mdev(&self, row: &LeaseRow, old: &Held, why: &str) -> Result<Swap, ApiError> {
+        let uuid = uuid::Uuid::new_v4();
+        let profile = row.request.profile.clone();
+        let make = || self.make_one(uuid, &profile);
+        self.swap(row, old, Held::MadeMdev(uuid), make, why)
     }
 
     /// A vanished function of lease `lease`, whose policy is `replace`: swapped for
@@ -118,8 +133,15 @@ impl Recovery<'_> {
         Some(r)
     }
 
-    /// Leases an equivalent of `broken` and swaps it into `row` (steps 1-5).
+    /// Leases an equivalent of function `broken` and swaps it into `row` (steps 1-5).
     fn swap_in(&self, row: &LeaseRow, broken: PciAddress, why: &str) -> Result<Swap, ApiError> {
+        let old = row
+            .devices
+            .iter()
+            .find(|h| h.pci() == Some(broken))
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("{broken}: lease {} does not hold it", row.id))
+            })?;
         let pool = self.pool();
         let mut tried = Err(ApiError::NoDevice(String::new()));
         for want in self.equivalents(&row.request, broken)? {
@@ -130,7 +152,19 @@ impl Recovery<'_> {
         }
         let (chosen, _spare) =
             tried.map_err(|e| ApiError::NoDevice(format!("{broken}: no replacement: {e}")))?;
-        self.swap(row, broken, &chosen[0], why)
+        let f = chosen[0].function();
+        let new = Held::Function {
+            address: f.address,
+            driver_before: f.driver.clone().unwrap_or_default(),
+        };
+        let make = || {
+            self.raw.bind_passed(&chosen[0]).map_err(|e| {
+                self.mark_failed(&f.address.to_string(), &e.to_string());
+                ApiError::from(e)
+            })?;
+            self.probe_dma(&f.address)
+        };
+        self.swap(row, old, new, make, why)
     }
 
     /// What a replacement of `broken` may be, best first: a VF of the same PF model
@@ -165,23 +199,23 @@ impl Recovery<'_> {
         Ok(out)
     }
 
-    /// Steps 2-5 of the module's list: intent, bind, the VM's side, commit.
+    /// Steps 2-5 of the module's list: the intent, `make` (the replacement made
+    /// usable: a function bound and probed, an mdev created), the VM's side, the
+    /// commit.
     fn swap(
         &self,
         row: &LeaseRow,
-        broken: PciAddress,
-        chosen: &Passed,
+        old: &Held,
+        new: Held,
+        make: impl FnOnce() -> Result<(), ApiError>,
         why: &str,
     ) -> Result<Swap, ApiError> {
-        let new = chosen.function();
-        let held = Held::Function {
-            address: new.address,
-            driver_before: new.driver.clone().unwrap_or_default(),
-        };
+        let (name, kind, before) = new.to_row();
         let body = SwapIntent {
-            failed: broken.to_string(),
-            replacement: new.address.to_string(),
-            driver_before: held.driver_before().to_string(),
+            failed: old.name(),
+            replacement: name.clone(),
+            driver_before: before,
+            kind: kind.to_string(),
         };
         let body = serde_json::to_string(&body).expect("serializes");
         let intent = self
@@ -189,40 +223,29 @@ impl Recovery<'_> {
             .begin_intent("swap", &row.id, &body, Guards::Kernel)
             .map_err(failed)?;
         let undo = |e: ApiError| {
-            let _ = self.undo_device(&held);
+            let _ = self.undo_device(&new);
             let _ = self.store().end_intent(intent);
             e
         };
-        if let Err(e) = self.raw.bind_passed(chosen) {
-            self.mark_failed(&new.address.to_string(), &e.to_string());
-            return Err(undo(e.into()));
-        }
-        self.probe_dma(&new.address).map_err(undo)?;
+        make().map_err(undo)?;
         let vmm: Vmm = row.request.vmm.parse().unwrap_or(Vmm::Other);
         let hands = reach(&vmm, &row.request.vm_name, &self.config().recovery);
         let vm_side = match &hands {
-            Some(h) => self.plug_swap(h.as_ref(), broken, &held).map_err(undo)?,
+            Some(h) => self.plug_swap(h.as_ref(), old, &new).map_err(undo)?,
             None => {
                 "no VMM to reach: whoever runs the VM plugs it (LeaseRecovered names it)".into()
             }
         };
-        let reason = format!("replaced in lease {} by {}: {why}", row.id, new.address);
-        let drivers = self.drivers_now(&[new.address.to_string()]);
+        let reason = format!("replaced in lease {} by {name}: {why}", row.id);
+        let drivers = self.drivers_now(std::slice::from_ref(&name));
         self.store()
-            .commit_swap(
-                &row.id,
-                &broken.to_string(),
-                &held,
-                &reason,
-                intent,
-                &drivers,
-            )
+            .commit_swap(&row.id, &old.name(), &new, &reason, intent, &drivers)
             .map_err(failed)?;
         Ok(Swap {
             lease: row.id.clone(),
             vm: row.request.vm_name.clone(),
-            failed: broken.to_string(),
-            replacement: new.address.to_string(),
+            failed: old.name(),
+            replacement: name,
             vm_side,
         })
     }
@@ -230,70 +253,51 @@ impl Recovery<'_> {
     /// Plugs the replacement into the VM, then unplugs the failed one. A failed
     /// plug undoes the swap (the VM keeps what it had); a failed unplug does not
     /// (the VM has both; the failed one stays held back).
-    fn plug_swap(
-        &self,
-        h: &dyn Hotplug,
-        broken: PciAddress,
-        new: &Held,
-    ) -> Result<String, ApiError> {
-        let view = |held: &Held| self.held_view(held);
-        let old = Held::Function {
-            address: broken,
-            driver_before: String::new(),
-        };
-        let by = h.name();
-        h.plug(&view(new)).map_err(|e| {
+    fn plug_swap(&self, h: &dyn Hotplug, old: &Held, new: &Held) -> Result<String, ApiError> {
+        let (by, gone, came) = (h.name(), old.name(), new.name());
+        h.plug(&self.held_view(new)).map_err(|e| {
             ApiError::Failed(format!(
-                "{broken}: {by} could not take its replacement {}: {e}; the VM keeps the failed device",
-                new.name()
+                "{gone}: {by} could not take its replacement {came}: {e}; the VM keeps the failed device"
             ))
         })?;
-        Ok(match h.unplug(&view(&old)) {
-            Ok(()) => format!("{by} plugged {} and unplugged {broken}", new.name()),
-            Err(e) => format!(
-                "{by} plugged {} but could not unplug {broken}: {e}; it stays held back",
-                new.name()
-            ),
+        Ok(match h.unplug(&self.held_view(old)) {
+            Ok(()) => format!("{by} plugged {came} and unplugged {gone}"),
+            Err(e) => {
+                format!("{by} plugged {came} but could not unplug {gone}: {e}; it stays held back")
+            }
         })
     }
 
     /// Settles a swap that a crash cut off: kept if the VM holds the replacement
     /// open (its manager plugged it), undone otherwise. Returns the line for the log.
     pub fn settle(&self, i: &Intent) -> String {
-        let Ok(s) = serde_json::from_str::<SwapIntent>(&i.body) else {
+        let parsed = serde_json::from_str::<SwapIntent>(&i.body)
+            .ok()
+            .and_then(|s| {
+                Some((
+                    Held::from_row(&s.replacement, &s.kind, &s.driver_before).ok()?,
+                    s,
+                ))
+            });
+        let Some((new, s)) = parsed else {
+            let _ = self.store().end_intent(i.id);
             return format!(
                 "recovery: swap in lease {} was cut off; its record is unreadable",
                 i.lease_id
             );
         };
-        let (Ok(new), Ok(old)) = (
-            s.replacement.parse::<PciAddress>(),
-            s.failed.parse::<PciAddress>(),
-        ) else {
-            return format!(
-                "recovery: swap in lease {} was cut off; its record names no devices",
-                i.lease_id
-            );
-        };
-        let held = Held::Function {
-            address: new,
-            driver_before: s.driver_before.clone(),
-        };
-        let open = PciFunction::read_brief(&self.sys, &new)
-            .and_then(|f| f.iommu_group)
-            .is_some_and(|g| !holders::of_group(&self.sys, g).is_empty());
         let leased = self.store().holder(&s.failed).ok().flatten();
-        let what = match (open, leased) {
+        let what = match (self.held_open(&new), leased) {
             (true, Some((lease, _))) if lease == i.lease_id => {
                 let drivers = self.drivers_now(std::slice::from_ref(&s.replacement));
                 let reason = format!(
-                    "replaced in lease {} by {new} (finished at start-up)",
-                    i.lease_id
+                    "replaced in lease {} by {} (finished at start-up)",
+                    i.lease_id, s.replacement
                 );
                 match self.store().commit_swap(
                     &i.lease_id,
                     &s.failed,
-                    &held,
+                    &new,
                     &reason,
                     i.id,
                     &drivers,
@@ -305,9 +309,9 @@ impl Recovery<'_> {
                 }
             }
             _ => {
-                let r = match s.driver_before.as_str() {
+                let r = match new.driver_before() {
                     super::VFIO_PCI => Ok(()),
-                    _ => self.undo_device(&held),
+                    _ => self.undo_device(&new),
                 };
                 let _ = self.store().end_intent(i.id);
                 // A failed device's policy runs again once the daemon is up (an
@@ -316,15 +320,29 @@ impl Recovery<'_> {
                     self.note_failure(&s.failed, "its swap was cut off by a restart");
                 }
                 format!(
-                    "undone (the replacement back to its driver: {})",
+                    "undone (the replacement removed or back to its driver: {})",
                     super::outcome(&r)
                 )
             }
         };
         format!(
-            "recovery: the swap of {old} for {new} in lease {} was cut off; {what}",
-            i.lease_id
+            "recovery: the swap of {} for {} in lease {} was cut off; {what}",
+            s.failed, s.replacement, i.lease_id
         )
+    }
+
+    /// Whether a process holds `held`'s VFIO group open (a VMM that took it).
+    fn held_open(&self, held: &Held) -> bool {
+        let group = match held {
+            Held::Function { address, .. } => {
+                PciFunction::read_brief(&self.sys, address).and_then(|f| f.iommu_group)
+            }
+            Held::MadeMdev(u) | Held::KeptMdev(u) => {
+                read_mdev(&self.sys, u).and_then(|m| m.iommu_group)
+            }
+            Held::Vgpu(_) => None,
+        };
+        group.is_some_and(|g| !holders::of_group(&self.sys, g).is_empty())
     }
 }
 
