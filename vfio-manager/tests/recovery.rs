@@ -317,6 +317,74 @@ fn a_leased_mdev_is_swapped_for_a_new_one_of_its_profile() {
     );
 }
 
+/// Two T4s, each an mdev parent (NVIDIA before vGPU 17).
+fn two_t4s() -> vf_provisioner::fake::Layout {
+    let mut l = layouts::nvidia_mdev();
+    let gpu = "0000:af:00.0";
+    let mut f = l
+        .functions
+        .iter()
+        .find(|f| f.address.to_string() == gpu)
+        .unwrap()
+        .clone();
+    f.address = "0000:b0:00.0".parse().unwrap();
+    f.iommu_group = Some(51);
+    l.functions.push(f);
+    let mut p = l.mdev_parents[0].clone();
+    p.parent = "0000:b0:00.0".into();
+    l.mdev_parents.push(p);
+    l
+}
+
+/// A GPU slice whose GPU fails moves to the healthy GPU: the probe finds the
+/// parent answering all ones, its leased mdev fails with it, and the lease's
+/// `replace` swaps in a new mdev of the profile on the other parent, in the VM.
+#[test]
+fn a_failed_gpus_leased_mdev_moves_to_a_healthy_gpu() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, two_t4s(), REPLACE, &[]);
+    let sock = d.dir.path().join("ch.sock");
+    let vm = ch::api_server(&sock, None);
+    let s = sock.to_str().unwrap();
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "attach",
+            "--ch-socket",
+            s,
+            "--vm",
+            "vm1",
+            "--profile",
+            "GRID T4-2Q",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let c = bus.client();
+    let before = c.leases().unwrap().remove(0);
+    let old = before.devices[0].address.clone();
+    let parent_of = |u: &str| {
+        let m = c.mdevs().unwrap();
+        m.into_iter().find(|m| m.uuid == u).map(|m| m.parent)
+    };
+    let sick = parent_of(&old).unwrap();
+    fake::fail_device(&d.root, &sick.parse().unwrap()).unwrap();
+    wait_for(&d, "the slice moved", || {
+        lease(&bus, &before.id).is_some_and(|l| names(&l) != [old.clone()])
+    });
+    let new = names(&lease(&bus, &before.id).unwrap()).remove(0);
+    let healthy = parent_of(&new).unwrap();
+    assert_ne!(healthy, sick, "placed on the healthy GPU");
+    let devs = vm.devices.lock().unwrap().clone();
+    assert!(
+        devs.contains_key(&device_id(&new)) && !devs.contains_key(&device_id(&old)),
+        "{devs:?}"
+    );
+    assert_eq!(health(&bus, &sick).0, "failed");
+    let (state, why) = health(&bus, &old);
+    assert_eq!(state, "quarantined");
+    assert!(why.contains(&sick), "{why}");
+}
+
 /// SIGKILL at random points of swaps: after each restart exactly one lease holds
 /// the device the VM was told about, no function is on vfio-pci that neither a
 /// lease holds nor the quarantine explains, and the lease keeps its size.

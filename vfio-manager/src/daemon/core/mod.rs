@@ -533,6 +533,30 @@ impl Core {
                 .record(0, "quarantine", "", "", &[addr.to_string()], why);
         }
         self.note_failure(addr, why);
+        self.fail_leased_mdevs_of(addr, why);
+    }
+
+    /// The mdevs that leases hold on parent `parent` fail with it (held back and
+    /// announced), so that each lease's policy may move them to a healthy parent.
+    fn fail_leased_mdevs_of(&self, parent: &str, why: &str) {
+        let leases = self.store().leases().unwrap_or_default();
+        let mdevs = leases
+            .iter()
+            .flat_map(|l| l.devices.iter())
+            .filter_map(Held::mdev);
+        for u in mdevs {
+            let on_it = mediated_dev::host::read_mdev(&self.sys, &u)
+                .is_some_and(|m| m.parent.as_str() == parent);
+            if on_it {
+                let why = format!("its parent {parent} failed: {why}");
+                let name = u.to_string();
+                if let Ok(true) = self.store().quarantine(&name, &why) {
+                    self.audit
+                        .record(0, "quarantine", "", "", &[name.clone()], &why);
+                }
+                self.note_failure(&name, &why);
+            }
+        }
     }
 
     /// Queues `addr`'s failure for the bus layer (signals, then the lease's policy),
