@@ -69,7 +69,7 @@ bench-scale: deps
 # assertions are on) and unbounded allocations; ASan would triple the build (SQLite's
 # C) and halve the runs.
 FUZZ_S ?= 60
-FUZZ_TARGETS := ids config domain_xml dbus_request migration_stream
+FUZZ_TARGETS := ids config domain_xml dbus_request migration_stream agent_frame
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
 	@for t in $(FUZZ_TARGETS); do \

@@ -1,0 +1,167 @@
+//! The in-guest agent: tells the host which PCI devices the guest sees (with their
+//! drivers) and how much each moves, and lets go of a device when the host asks.
+//! It speaks [`protocol`] over virtio-vsock to the host (CID 2). What it reads is
+//! under an injected root, so that tests run it on a tree of files.
+
+pub mod protocol;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use protocol::{GuestDevice, Usage};
+use vfio_manager_api::ids::PciAddress;
+
+/// The guest's sysfs, under `root` (`/` in a guest).
+pub struct Guest {
+    root: PathBuf,
+}
+
+fn read_trim(p: &Path) -> Option<String> {
+    fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+fn link_name(p: &Path) -> Option<String> {
+    Some(fs::read_link(p).ok()?.file_name()?.to_string_lossy().into_owned())
+}
+
+impl Guest {
+    pub fn new(root: impl Into<PathBuf>) -> Guest {
+        Guest { root: root.into() }
+    }
+
+    fn devices_dir(&self) -> PathBuf {
+        self.root.join("sys/bus/pci/devices")
+    }
+
+    /// The kernel release (`uname -r`), as procfs has it.
+    pub fn kernel(&self) -> String {
+        read_trim(&self.root.join("proc/sys/kernel/osrelease")).unwrap_or_default()
+    }
+
+    /// Every PCI function, in address order, with its ids and driver.
+    pub fn devices(&self) -> Vec<GuestDevice> {
+        let Ok(entries) = fs::read_dir(self.devices_dir()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<GuestDevice> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let address = name.parse::<PciAddress>().ok()?.to_string();
+                let dir = e.path();
+                let hex = |f: &str| read_trim(&dir.join(f)).map(|v| v.trim_start_matches("0x").to_string());
+                Some(GuestDevice {
+                    id: format!("{}:{}", hex("vendor")?, hex("device")?),
+                    driver: link_name(&dir.join("driver")).unwrap_or_default(),
+                    address,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.address.cmp(&b.address));
+        out.truncate(protocol::MAX_DEVICES);
+        out
+    }
+
+    /// A sample for each device whose usage the guest can tell. For the emulated
+    /// stand-ins (NICs): the bytes its network interfaces moved since boot.
+    pub fn usage(&self) -> Vec<Usage> {
+        let mut out = Vec::new();
+        for d in self.devices() {
+            let net = self.devices_dir().join(&d.address).join("net");
+            let Ok(ifaces) = fs::read_dir(&net) else {
+                continue;
+            };
+            let mut bytes = 0u64;
+            for i in ifaces.flatten() {
+                for f in ["rx_bytes", "tx_bytes"] {
+                    let p = i.path().join("statistics").join(f);
+                    bytes = bytes.saturating_add(read_trim(&p).and_then(|v| v.parse().ok()).unwrap_or(0));
+                }
+            }
+            out.push(Usage {
+                address: d.address,
+                source: "net".into(),
+                busy_percent: None,
+                bytes: Some(bytes),
+            });
+        }
+        out
+    }
+
+    /// Unbinds the guest driver of the device at `address` (the host's `let-go`).
+    /// Returns what happened, for `let-go-done`.
+    pub fn let_go(&self, address: &str) -> Result<String, String> {
+        let a: PciAddress = address.parse().map_err(|e| format!("{e}"))?;
+        let dir = self.devices_dir().join(a.to_string());
+        let Some(driver) = link_name(&dir.join("driver")) else {
+            return Ok(format!("{a} has no driver here"));
+        };
+        fs::write(dir.join("driver/unbind"), a.to_string())
+            .map(|()| format!("{a} unbound from {driver}"))
+            .map_err(|e| format!("{a}: unbinding {driver}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest tree: an igbvf VF with one interface, a bridge without a driver, and
+    /// an entry that is not an address.
+    fn guest() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        let devs = t.path().join("sys/bus/pci/devices");
+        let vf = devs.join("0000:04:00.0");
+        fs::create_dir_all(vf.join("net/eth0/statistics")).unwrap();
+        fs::write(vf.join("vendor"), "0x8086\n").unwrap();
+        fs::write(vf.join("device"), "0x10ca\n").unwrap();
+        fs::write(vf.join("net/eth0/statistics/rx_bytes"), "1000\n").unwrap();
+        fs::write(vf.join("net/eth0/statistics/tx_bytes"), "24\n").unwrap();
+        let drv = t.path().join("sys/bus/pci/drivers/igbvf");
+        fs::create_dir_all(&drv).unwrap();
+        fs::write(drv.join("unbind"), "").unwrap();
+        std::os::unix::fs::symlink(&drv, vf.join("driver")).unwrap();
+        let br = devs.join("0000:00:01.0");
+        fs::create_dir_all(&br).unwrap();
+        fs::write(br.join("vendor"), "0x1b36\n").unwrap();
+        fs::write(br.join("device"), "0x000c\n").unwrap();
+        fs::create_dir_all(devs.join("not-an-address")).unwrap();
+        fs::create_dir_all(t.path().join("proc/sys/kernel")).unwrap();
+        fs::write(t.path().join("proc/sys/kernel/osrelease"), "6.12.0-test\n").unwrap();
+        t
+    }
+
+    #[test]
+    fn the_hello_lists_devices_with_ids_and_drivers_and_usage_counts_bytes() {
+        let t = guest();
+        let g = Guest::new(t.path());
+        assert_eq!(g.kernel(), "6.12.0-test");
+        let d = g.devices();
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            d[1],
+            GuestDevice {
+                address: "0000:04:00.0".into(),
+                id: "8086:10ca".into(),
+                driver: "igbvf".into()
+            }
+        );
+        assert_eq!(d[0].driver, "");
+        let u = g.usage();
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].bytes, Some(1024));
+    }
+
+    #[test]
+    fn let_go_unbinds_and_refuses_what_is_not_an_address() {
+        let t = guest();
+        let g = Guest::new(t.path());
+        assert_eq!(g.let_go("0000:04:00.0").unwrap(), "0000:04:00.0 unbound from igbvf");
+        let unbind = t.path().join("sys/bus/pci/drivers/igbvf/unbind");
+        assert_eq!(fs::read_to_string(unbind).unwrap(), "0000:04:00.0");
+        assert!(g.let_go("0000:00:01.0").unwrap().contains("no driver"));
+        for hostile in ["../../../etc/passwd", "0000:04:00.0/../x", ""] {
+            assert!(g.let_go(hostile).is_err(), "{hostile}");
+        }
+    }
+}
