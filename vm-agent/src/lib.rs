@@ -21,7 +21,13 @@ fn read_trim(p: &Path) -> Option<String> {
 }
 
 fn link_name(p: &Path) -> Option<String> {
-    Some(fs::read_link(p).ok()?.file_name()?.to_string_lossy().into_owned())
+    Some(
+        fs::read_link(p)
+            .ok()?
+            .file_name()?
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 impl Guest {
@@ -49,7 +55,9 @@ impl Guest {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let address = name.parse::<PciAddress>().ok()?.to_string();
                 let dir = e.path();
-                let hex = |f: &str| read_trim(&dir.join(f)).map(|v| v.trim_start_matches("0x").to_string());
+                let hex = |f: &str| {
+                    read_trim(&dir.join(f)).map(|v| v.trim_start_matches("0x").to_string())
+                };
                 Some(GuestDevice {
                     id: format!("{}:{}", hex("vendor")?, hex("device")?),
                     driver: link_name(&dir.join("driver")).unwrap_or_default(),
@@ -75,7 +83,8 @@ impl Guest {
             for i in ifaces.flatten() {
                 for f in ["rx_bytes", "tx_bytes"] {
                     let p = i.path().join("statistics").join(f);
-                    bytes = bytes.saturating_add(read_trim(&p).and_then(|v| v.parse().ok()).unwrap_or(0));
+                    bytes = bytes
+                        .saturating_add(read_trim(&p).and_then(|v| v.parse().ok()).unwrap_or(0));
                 }
             }
             out.push(Usage {
@@ -156,7 +165,10 @@ mod tests {
     fn let_go_unbinds_and_refuses_what_is_not_an_address() {
         let t = guest();
         let g = Guest::new(t.path());
-        assert_eq!(g.let_go("0000:04:00.0").unwrap(), "0000:04:00.0 unbound from igbvf");
+        assert_eq!(
+            g.let_go("0000:04:00.0").unwrap(),
+            "0000:04:00.0 unbound from igbvf"
+        );
         let unbind = t.path().join("sys/bus/pci/drivers/igbvf/unbind");
         assert_eq!(fs::read_to_string(unbind).unwrap(), "0000:04:00.0");
         assert!(g.let_go("0000:00:01.0").unwrap().contains("no driver"));

@@ -25,7 +25,7 @@ struct Args {
     /// Seconds between heartbeats and usage samples.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     interval_s: u64,
-    /// Print the hello as JSON and exit (what the host would be told).
+    /// Print the hello's frame body and exit (what the host would be told).
     #[arg(long)]
     once: bool,
     /// Read sysfs and procfs under this root (tests).
@@ -37,7 +37,10 @@ fn main() {
     let a = Args::parse();
     let g = Guest::new(&a.root);
     if a.once {
-        println!("{}", serde_json::to_string_pretty(&hello(&g)).expect("serializes"));
+        match protocol::body(&hello(&g)) {
+            Ok(b) => println!("{}", String::from_utf8_lossy(&b)),
+            Err(e) => eprintln!("vm-agent: {e}"),
+        }
         return;
     }
     let every = Duration::from_secs(a.interval_s);
@@ -81,7 +84,11 @@ fn serve(g: &Guest, port: u32, every: Duration) -> Result<(), String> {
                     detail: r.unwrap_or_else(|e| e),
                 }
             }
-            other => return Err(format!("the host sent {other:?}, which only an agent sends")),
+            other => {
+                return Err(format!(
+                    "the host sent {other:?}, which only an agent sends"
+                ))
+            }
         };
         protocol::write(&mut s, &answer).map_err(err)?;
     }

@@ -91,17 +91,23 @@ pub enum ProtocolError {
     Io(#[from] io::Error),
 }
 
-/// Writes `m` as one frame.
-pub fn write(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
+/// `m`'s frame body, checked: what goes on the wire after the length.
+pub fn body(m: &Message) -> Result<Vec<u8>, ProtocolError> {
     check(m)?;
     let body = serde_json::to_vec(&Envelope {
         v: VERSION,
         message: m.clone(),
     })
     .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    if body.len() > MAX_FRAME {
-        return Err(ProtocolError::TooLong(body.len()));
+    match body.len() > MAX_FRAME {
+        true => Err(ProtocolError::TooLong(body.len())),
+        false => Ok(body),
     }
+}
+
+/// Writes `m` as one frame.
+pub fn write(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
+    let body = body(m)?;
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
     w.write_all(&frame)?;
@@ -180,9 +186,7 @@ fn check(m: &Message) -> Result<(), ProtocolError> {
                 text("address", &u.address)?;
                 text("source", &u.source)?;
                 if u.busy_percent.is_some_and(|b| !(0.0..=100.0).contains(&b)) {
-                    return Err(ProtocolError::OutOfBounds(
-                        "busy_percent: 0 to 100".into(),
-                    ));
+                    return Err(ProtocolError::OutOfBounds("busy_percent: 0 to 100".into()));
                 }
             }
         }
