@@ -7,13 +7,18 @@
 //!   the next start names the replacement;
 //! - cloud-hypervisor, through its REST API (`vm.add-device`, `vm.remove-device`).
 
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::api::ids::Vmm;
 use crate::api::LeasedDevice;
 use crate::ch::{device_id, ChClient};
 use crate::config::RecoveryConfig;
+
+/// The longest a `virsh` call may take.
+const VIRSH_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A running VM's device slots.
 pub trait Hotplug: Send + Sync {
@@ -105,22 +110,46 @@ impl Libvirt {
         format!("--domain={}", self.domain)
     }
 
-    /// Runs `virsh -c URI ARGS` (no shell) and returns its output, or its error.
+    /// Runs `virsh -c URI ARGS` (no shell) and returns its output, or its error. A
+    /// virsh that has not finished after [`VIRSH_DEADLINE`] is killed: a swap holds
+    /// its lease's devices, and a stuck libvirtd must not hold them for ever.
     fn virsh(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(&self.virsh)
+        let what = format!("virsh {} of domain {}", args[0], self.domain);
+        let mut child = Command::new(&self.virsh)
             .arg("-c")
             .arg(&self.uri)
             .args(args)
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.virsh.display()))?;
-        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
-        match out.status.success() {
-            true => Ok(text(&out.stdout)),
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait().map_err(|e| format!("{what}: {e}"))? {
+                Some(st) => break st,
+                None if start.elapsed() > VIRSH_DEADLINE => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "{what}: no answer in {}s; is libvirtd stuck?",
+                        VIRSH_DEADLINE.as_secs()
+                    ));
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        // virsh says little: its pipes hold all of it until it exits.
+        let text = |p: Option<&mut dyn Read>| {
+            let mut s = String::new();
+            p.map(|p| p.read_to_string(&mut s));
+            s.trim().to_string()
+        };
+        match status.success() {
+            true => Ok(text(child.stdout.as_mut().map(|p| p as &mut dyn Read))),
             false => Err(format!(
-                "virsh {} of domain {}: {}",
-                args[0],
-                self.domain,
-                text(&out.stderr)
+                "{what}: {}",
+                text(child.stderr.as_mut().map(|p| p as &mut dyn Read))
             )),
         }
     }

@@ -295,7 +295,7 @@ fn a_leased_mdev_is_swapped_for_a_new_one_of_its_profile() {
     let new = c.replace(&old, "its parent logs errors").unwrap();
     assert_ne!(new, old);
     let after = lease(&bus, &before.id).expect("the lease keeps its id");
-    assert_eq!(names(&after), [new.clone()]);
+    assert_eq!(names(&after), std::slice::from_ref(&new));
     let devs = vm.devices.lock().unwrap().clone();
     assert!(
         devs.contains_key(&device_id(&new)) && !devs.contains_key(&device_id(&old)),

@@ -552,7 +552,7 @@ impl Core {
                 let name = u.to_string();
                 if let Ok(true) = self.store().quarantine(&name, &why) {
                     self.audit
-                        .record(0, "quarantine", "", "", &[name.clone()], &why);
+                        .record(0, "quarantine", "", "", std::slice::from_ref(&name), &why);
                 }
                 self.note_failure(&name, &why);
             }
