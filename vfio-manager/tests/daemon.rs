@@ -334,7 +334,12 @@ fn a_non_privileged_caller_is_refused_by_the_daemon_and_by_the_bus_policy() {
     let (code, err, _) = run_as_nobody(&bus, &["provision", "--vm", "intruder"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("the system bus refused the call"), "{err}");
-    for reading in [&["leases"][..], &["list"], &["mdev", "list"]] {
+    for reading in [
+        &["leases"][..],
+        &["list"],
+        &["mdev", "list"],
+        &["swaps", "0123456789abcdef"],
+    ] {
         let (code, err, _) = run_as_nobody(&bus, reading);
         assert_eq!(code, 0, "{reading:?}: {err}");
     }

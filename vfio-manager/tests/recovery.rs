@@ -215,6 +215,18 @@ fn an_operator_replaces_a_leased_vf_and_bad_requests_change_nothing() {
     let (state, why) = health(&bus, old);
     assert_eq!(state, "quarantined");
     assert!(why.contains("fan noise") && why.contains(&l.id), "{why}");
+    // The lease records it.
+    let swaps = c.lease_swaps(&l.id).unwrap();
+    assert_eq!(swaps.len(), 1, "{swaps:?}");
+    assert_eq!(
+        (swaps[0].0.as_str(), swaps[0].1.as_str()),
+        (old, now[0].as_str())
+    );
+    assert!(swaps[0].2.contains("fan noise"), "{swaps:?}");
+    let (code, out, err) = vfctl(&bus, &["swaps", &l.id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(old) && out.contains(&now[0]), "{out}");
+    assert_eq!(error_name(&c.lease_swaps("../x").unwrap_err()), "BadInput");
     if let Some(m) = monitor {
         let out = m.stop(Duration::from_millis(300));
         assert!(out.contains("no VMM to reach"), "{out}");

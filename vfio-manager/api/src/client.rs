@@ -21,6 +21,7 @@ use crate::{
 pub trait Manager {
     fn list_devices(&self) -> zbus::Result<Vec<DeviceInfo>>;
     fn list_leases(&self) -> zbus::Result<Vec<Lease>>;
+    fn lease_swaps(&self, lease_id: &str) -> zbus::Result<Vec<(String, String, String, u64)>>;
     fn provision(&self, vm: &str, request: HashMap<&str, Value<'_>>) -> zbus::Result<Lease>;
     fn release(&self, lease: &str) -> zbus::Result<bool>;
     fn release_request(&self, request_id: &str) -> zbus::Result<bool>;
@@ -148,6 +149,11 @@ impl Client {
 
     pub fn leases(&self) -> Result<Vec<Lease>> {
         self.run(self.proxy.list_leases())
+    }
+
+    /// The devices swapped in a lease: (swapped out, replacement, why, when).
+    pub fn lease_swaps(&self, lease_id: &str) -> Result<Vec<(String, String, String, u64)>> {
+        self.run(self.proxy.lease_swaps(lease_id))
     }
 
     pub fn provision(&self, r: &Request) -> Result<Lease> {

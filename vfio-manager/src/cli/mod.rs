@@ -213,6 +213,8 @@ enum Command {
     },
     /// List leases (daemon only; changes nothing).
     Leases,
+    /// The devices swapped in a lease, oldest first (daemon only; changes nothing).
+    Swaps { lease: String },
     /// List devices quarantined as orphans: on vfio-pci with our driver_override, or
     /// an mdev nobody defined, with no lease (daemon only; changes nothing).
     Orphans,
@@ -530,6 +532,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         | Command::Quarantine { .. }
         | Command::Clear { .. }
         | Command::Replace { .. }
+        | Command::Swaps { .. }
         | Command::Leases => Err(vf_provisioner::Error::InvalidInput {
             what: "mode",
             input: "--direct".into(),
@@ -576,6 +579,7 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Attach { .. }
             | Command::Detach { .. }
             | Command::Leases
+            | Command::Swaps { .. }
             | Command::Orphans
             | Command::Orphan(_)
             | Command::Health
@@ -598,6 +602,7 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Migrate(cmd) => mdev::migrate(&c, cmd, r),
         Command::List { .. } => r.devices(&c.devices()?),
         Command::Leases => r.leases(&c.leases()?),
+        Command::Swaps { lease } => r.swaps(&c.lease_swaps(lease)?),
         Command::Orphans => r.orphans(&c.orphans()?),
         Command::Health => r.health(&c.health()?),
         Command::Quarantine { device, reason } => {

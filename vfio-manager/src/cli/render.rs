@@ -342,6 +342,40 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    /// A lease's swaps: (swapped out, replacement, why, when).
+    pub fn swaps(mut self, swaps: &[(String, String, String, u64)]) -> Res {
+        if self.format == Output::Json {
+            let list: Vec<_> = swaps
+                .iter()
+                .map(
+                    |(out, new, why, at)| json!({ "out": out, "in": new, "reason": why, "at": at }),
+                )
+                .collect();
+            return self.json(&json!({ "swaps": list }));
+        }
+        if swaps.is_empty() {
+            return self.line("no swaps");
+        }
+        let mut rows = vec![vec![
+            "OUT".to_string(),
+            "IN".into(),
+            "AT".into(),
+            "REASON".into(),
+        ]];
+        rows.extend(swaps.iter().map(|(out, new, why, at)| {
+            let new = if new.is_empty() {
+                "-".to_string()
+            } else {
+                new.clone()
+            };
+            vec![out.clone(), new, at.to_string(), why.clone()]
+        }));
+        for l in table(&rows) {
+            self.line(&l)?;
+        }
+        Ok(exit::OK)
+    }
+
     pub fn health(mut self, list: &[crate::api::HealthInfo]) -> Res {
         if self.format == Output::Json {
             return self.json(&json!({ "health": list }));

@@ -323,6 +323,16 @@ impl Manager {
         blocking(move || core.leases()).await
     }
 
+    /// The devices swapped in a lease, oldest first: (swapped out, replacement,
+    /// why, when).
+    async fn lease_swaps(
+        &self,
+        lease_id: String,
+    ) -> Result<Vec<(String, String, String, u64)>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || core.recovery().swaps(&lease_id)).await
+    }
+
     /// Leases devices to VM `vm` and binds them to vfio-pci (or creates its mdevs).
     /// `request` keys: request_id (s, idempotency key), vm_uuid (s), profile (s:
     /// `vf`, `vvvv:dddd`, an mdev type or vGPU type), count (u), numa_node (i), pfs

@@ -114,6 +114,13 @@ impl Recovery<'_> {
         self.swap(row, old, Held::MadeMdev(uuid), make, why)
     }
 
+    /// The swaps of lease `lease` (`LeaseSwaps`): (swapped out, replacement,
+    /// reason, when), oldest first.
+    pub fn swaps(&self, lease: &str) -> Result<Vec<(String, String, String, u64)>, ApiError> {
+        let id = crate::api::ids::LeaseId::new(lease)?;
+        self.store().swaps(id.as_str()).map_err(failed)
+    }
+
     /// A vanished function of lease `lease`, whose policy is `replace`: swapped for
     /// an equivalent as a failed one is. `None` when the policy is `notify`.
     pub fn replace_vanished(
