@@ -369,3 +369,73 @@ fn one_time_credentials_that_are_not_a_bundle_are_refused_before_anything_moves(
         "the mdev is as it was"
     );
 }
+
+/// A lease's recovery keys as an attacker would send them: the VMM is a socket the
+/// daemon, as root, would later connect to, and a policy it would act on. Each is
+/// refused at the request, bounded, and nothing is leased or bound.
+#[test]
+fn hostile_recovery_keys_are_refused_before_anything_is_leased() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), "", &[]);
+    let c = bus.client();
+    let host = capture(&d);
+    let long = format!("ch:/{}", "a".repeat(1 << 20));
+    for (on_failure, vmm) in [
+        ("", "ch:relative.sock"),
+        ("", "ch:/run/../etc/shadow"),
+        ("", "ch:/run/a\u{1b}[2Jb"),
+        ("", long.as_str()),
+        ("", "qemu:///system"),
+        // (A NUL cannot cross the bus: D-Bus strings hold none.)
+        ("", "libvirt "),
+        ("Replace", ""),
+        ("replace\n", ""),
+        ("x".repeat(1 << 20).as_str(), ""),
+    ] {
+        let mut r = req("k1", "vm1", "vf", 1);
+        r.on_failure = on_failure.into();
+        r.vmm = vmm.into();
+        let e = c.provision(&r).unwrap_err();
+        assert_eq!(error_name(&e), "BadInput", "{on_failure:?} {vmm:?}: {e}");
+        let text = e.to_string();
+        assert!(text.len() < 1024 && !text.contains('\u{1b}'), "{text}");
+    }
+    assert!(c.leases().unwrap().is_empty());
+    assert_eq!(capture(&d), host, "the host is unchanged");
+}
+
+/// A flood of swaps of one leased VF from many clients at once: each either swaps
+/// or is refused with a type; the lease ends holding one device, and no function
+/// is on vfio-pci that neither a lease holds nor the quarantine explains.
+#[test]
+fn a_flood_of_replace_calls_leaves_one_device_in_the_lease() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(2, 4), "", &[]);
+    let c = bus.client();
+    let l = c.provision(&req("f1", "vm1", "vf", 1)).unwrap();
+    let dev = l.devices[0].address.clone();
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, dev) = (bus.client(), dev.clone());
+            std::thread::spawn(move || c.replace(&dev, "flood").map_err(|e| error_name(&e)))
+        })
+        .collect();
+    let mut swapped = 0;
+    for t in threads {
+        match t.join().unwrap() {
+            Ok(_) => swapped += 1,
+            Err(name) => assert!(
+                matches!(name.as_str(), "NotFound" | "NoDevice"),
+                "a refusal with a type: {name}"
+            ),
+        }
+    }
+    assert_eq!(
+        swapped, 1,
+        "the first swaps; the rest find {dev} no longer leased"
+    );
+    let now = c.leases().unwrap();
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].devices.len(), 1);
+    nothing_stray(&bus, &d.root, "after the flood");
+}

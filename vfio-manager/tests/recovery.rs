@@ -54,6 +54,25 @@ fn wait_for(d: &Daemon, what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A VM behind an API socket that answers as cloud-hypervisor's, given devices by
+/// `vfctl attach --vm vm1` and `want` (its other arguments); returns the VM and the
+/// lease.
+fn attached(bus: &Bus, d: &Daemon, want: &[&str]) -> (std::sync::Arc<ch::Vm>, Lease) {
+    let sock = d.dir.path().join("ch.sock");
+    let vm = ch::api_server(&sock, None);
+    let mut args = vec![
+        "attach",
+        "--ch-socket",
+        sock.to_str().unwrap(),
+        "--vm",
+        "vm1",
+    ];
+    args.extend_from_slice(want);
+    let (code, _, err) = vfctl(bus, &args);
+    assert_eq!(code, 0, "{err}");
+    (vm, bus.client().leases().unwrap().remove(0))
+}
+
 fn health(bus: &Bus, name: &str) -> (String, String) {
     let h = bus.client().health().unwrap();
     let i = h.into_iter().find(|i| i.name == name).expect("listed");
@@ -65,25 +84,8 @@ fn a_failed_vf_is_swapped_into_the_running_vm_on_its_numa_node() {
     let bus = Bus::open();
     // PFs 10 and 12 on NUMA node 0, 11 on node 1.
     let d = Daemon::start(&bus, layouts::large(3, 2), REPLACE, &[]);
-    let sock = d.dir.path().join("ch.sock");
-    let vm = ch::api_server(&sock, None);
     let (failed, kept) = ("0000:10:00.1", "0000:10:00.2");
-    let (code, out, err) = vfctl(
-        &bus,
-        &[
-            "attach",
-            "--ch-socket",
-            sock.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--device",
-            failed,
-            "--device",
-            kept,
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let before = bus.client().leases().unwrap().remove(0);
+    let (vm, before) = attached(&bus, &d, &["--device", failed, "--device", kept]);
     let monitor = Monitor::start(&bus, "member='LeaseRecovered'");
     fake::fail_device(&d.root, &failed.parse().unwrap()).unwrap();
     wait_for(&d, "the swap", || {
@@ -94,7 +96,7 @@ fn a_failed_vf_is_swapped_into_the_running_vm_on_its_numa_node() {
     assert_eq!(
         after.devices.len(),
         2,
-        "the lease keeps its id and its size: {out}"
+        "the lease keeps its id and its size: {after:?}"
     );
     assert!(
         new.starts_with("0000:12:00."),
@@ -241,16 +243,8 @@ fn an_operator_replaces_a_leased_vf_and_bad_requests_change_nothing() {
 fn a_vanished_vf_is_replaced_in_the_running_vm() {
     let bus = Bus::open();
     let mut d = Daemon::start(&bus, layouts::large(2, 2), REPLACE, &[]);
-    let sock = d.dir.path().join("ch.sock");
-    let vm = ch::api_server(&sock, None);
     let gone = "0000:10:00.1";
-    let s = sock.to_str().unwrap();
-    let (code, _, err) = vfctl(
-        &bus,
-        &["attach", "--ch-socket", s, "--vm", "vm1", "--device", gone],
-    );
-    assert_eq!(code, 0, "{err}");
-    let before = bus.client().leases().unwrap().remove(0);
+    let (vm, before) = attached(&bus, &d, &["--device", gone]);
     d.kill();
     let sys = vf_provisioner::Sysfs::open_fake(&d.root).unwrap();
     let pf: vf_provisioner::PciAddress = "0000:10:00.0".parse().unwrap();
@@ -285,24 +279,8 @@ fn a_vanished_vf_is_replaced_in_the_running_vm() {
 fn a_leased_mdev_is_swapped_for_a_new_one_of_its_profile() {
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
-    let sock = d.dir.path().join("ch.sock");
-    let vm = ch::api_server(&sock, None);
-    let s = sock.to_str().unwrap();
-    let (code, _, err) = vfctl(
-        &bus,
-        &[
-            "attach",
-            "--ch-socket",
-            s,
-            "--vm",
-            "vm1",
-            "--profile",
-            "mtty-2",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
+    let (vm, before) = attached(&bus, &d, &["--profile", "mtty-2"]);
     let c = bus.client();
-    let before = c.leases().unwrap().remove(0);
     let old = before.devices[0].address.clone();
     let new = c.replace(&old, "its parent logs errors").unwrap();
     assert_ne!(new, old);
@@ -355,24 +333,8 @@ fn two_t4s() -> vf_provisioner::fake::Layout {
 fn a_failed_gpus_leased_mdev_moves_to_a_healthy_gpu() {
     let bus = Bus::open();
     let d = Daemon::start(&bus, two_t4s(), REPLACE, &[]);
-    let sock = d.dir.path().join("ch.sock");
-    let vm = ch::api_server(&sock, None);
-    let s = sock.to_str().unwrap();
-    let (code, _, err) = vfctl(
-        &bus,
-        &[
-            "attach",
-            "--ch-socket",
-            s,
-            "--vm",
-            "vm1",
-            "--profile",
-            "GRID T4-2Q",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
+    let (vm, before) = attached(&bus, &d, &["--profile", "GRID T4-2Q"]);
     let c = bus.client();
-    let before = c.leases().unwrap().remove(0);
     let old = before.devices[0].address.clone();
     let parent_of = |u: &str| {
         let m = c.mdevs().unwrap();
@@ -441,23 +403,7 @@ fn sigkill_during_swaps_loses_and_doubles_nothing() {
             Some("vfio-pci"),
             "round {round}"
         );
-        let leased: Vec<String> = c.leases().unwrap().iter().flat_map(names).collect();
-        let back: Vec<String> = c
-            .health()
-            .unwrap()
-            .into_iter()
-            .filter(|h| h.state != "healthy")
-            .map(|h| h.name)
-            .collect();
-        for f in c.devices().unwrap() {
-            if f.driver == "vfio-pci" {
-                assert!(
-                    leased.contains(&f.address) || back.contains(&f.address),
-                    "round {round} (seed {seed}): {} on vfio-pci, neither leased nor held back",
-                    f.address
-                );
-            }
-        }
+        let back = nothing_stray(&bus, &d.root, &format!("round {round} (seed {seed})"));
         assert!(c.release(&now.id).unwrap());
         // What a swap held back goes back to the pool for the next round.
         for name in back {

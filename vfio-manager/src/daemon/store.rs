@@ -57,13 +57,13 @@ CREATE INDEX IF NOT EXISTS released_by_lease ON released(lease_id);
 CREATE TABLE IF NOT EXISTS quarantine (
     name TEXT PRIMARY KEY, reason TEXT NOT NULL, since INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS released_by_age ON released(released_at);
--- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
--- AUTOINCREMENT's sequence table would cost a page write per intent.
 -- Devices swapped in a lease that kept its id: the failed one out, its replacement in.
 CREATE TABLE IF NOT EXISTS lease_swaps (
     lease_id TEXT NOT NULL, failed TEXT NOT NULL, replacement TEXT NOT NULL,
     reason TEXT NOT NULL, at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS lease_swaps_by_lease ON lease_swaps(lease_id);
+-- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
+-- AUTOINCREMENT's sequence table would cost a page write per intent.
 CREATE TABLE IF NOT EXISTS intents (
     id INTEGER PRIMARY KEY, op TEXT NOT NULL, lease_id TEXT NOT NULL,
     body TEXT NOT NULL, started_at INTEGER NOT NULL);
@@ -160,6 +160,24 @@ fn set_drivers(tx: &Transaction, drivers: &[(String, String)]) -> rusqlite::Resu
     for (a, d) in drivers {
         st.execute([a, d])?;
     }
+    Ok(())
+}
+
+/// Takes `failed` out of lease `lease_id` and records the swap (`replacement`
+/// empty: none).
+fn swap_out(
+    tx: &Transaction,
+    lease_id: &str,
+    failed: &str,
+    replacement: &str,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached("DELETE FROM lease_devices WHERE address = ?1 AND lease_id = ?2")?
+        .execute([failed, lease_id])?;
+    tx.prepare_cached(
+        "INSERT INTO lease_swaps (lease_id, failed, replacement, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![lease_id, failed, replacement, reason, now() as i64])?;
     Ok(())
 }
 
@@ -476,18 +494,13 @@ impl Store {
     ) -> Result<()> {
         let (addr, kind, before) = replacement.to_row();
         self.write(|tx| {
-            tx.prepare_cached("DELETE FROM lease_devices WHERE address = ?1 AND lease_id = ?2")?
-                .execute([failed, lease_id])?;
+            swap_out(tx, lease_id, failed, &addr, reason)?;
             tx.prepare_cached(
                 "INSERT INTO lease_devices (address, lease_id, driver_before, kind) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![addr, lease_id, before, kind])?;
             tx.prepare_cached("UPDATE devices SET provisions = provisions + 1 WHERE address = ?1")?
                 .execute([&addr])?;
-            tx.prepare_cached(
-                "INSERT INTO lease_swaps (lease_id, failed, replacement, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![lease_id, failed, addr, reason, now() as i64])?;
             // Held back (a failed one already is, with its own reason).
             tx.prepare_cached(
                 "INSERT OR IGNORE INTO quarantine (name, reason, since) VALUES (?1, ?2, ?3)",
@@ -501,15 +514,7 @@ impl Store {
     /// Lease `lease_id` lets go of device `name`, which vanished; recorded as a
     /// swap with no replacement.
     pub fn let_go(&self, lease_id: &str, name: &str, reason: &str) -> Result<()> {
-        self.write(|tx| {
-            tx.prepare_cached("DELETE FROM lease_devices WHERE address = ?1 AND lease_id = ?2")?
-                .execute([name, lease_id])?;
-            tx.prepare_cached(
-                "INSERT INTO lease_swaps (lease_id, failed, replacement, reason, at) VALUES (?1, ?2, '', ?3, ?4)",
-            )?
-            .execute(params![lease_id, name, reason, now() as i64])?;
-            Ok(())
-        })
+        self.write(|tx| swap_out(tx, lease_id, name, "", reason))
     }
 
     /// The swaps of lease `lease_id`, oldest first: (failed, replacement, reason, at).

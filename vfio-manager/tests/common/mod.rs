@@ -466,3 +466,32 @@ impl Monitor {
         text
     }
 }
+
+/// Checks that every function on vfio-pci is held by a lease or held back (failed,
+/// quarantined): nothing was lost on the way. Returns the held-back names.
+pub fn nothing_stray(bus: &Bus, root: &Path, context: &str) -> Vec<String> {
+    let c = bus.client();
+    let leased: Vec<String> = c
+        .leases()
+        .unwrap()
+        .into_iter()
+        .flat_map(|l| l.devices.into_iter().map(|d| d.address))
+        .collect();
+    let back: Vec<String> = c
+        .health()
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.state != "healthy")
+        .map(|h| h.name)
+        .collect();
+    for f in c.devices().unwrap() {
+        if driver(root, &f.address).as_deref() == Some("vfio-pci") {
+            assert!(
+                leased.contains(&f.address) || back.contains(&f.address),
+                "{context}: {} on vfio-pci, neither leased nor held back",
+                f.address
+            );
+        }
+    }
+    back
+}

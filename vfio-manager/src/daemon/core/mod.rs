@@ -563,28 +563,31 @@ impl Core {
     /// with the lease holding it now.
     fn note_failure(&self, addr: &str, why: &str) {
         let lease = self.holder(addr).map(|(id, _)| id);
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Failure {
-                device: addr.to_string(),
-                why: why.to_string(),
-                lease,
-                recovered: None,
-            });
+        self.queue(addr, why, lease, None);
     }
 
     /// Queues a vanished function of `lease` with what its policy did about it.
     fn note_vanished(&self, addr: &str, why: &str, lease: &str, r: Result<Swap, String>) {
+        self.queue(addr, why, Some(lease.to_string()), Some(r));
+    }
+
+    fn queue(
+        &self,
+        addr: &str,
+        why: &str,
+        lease: Option<String>,
+        recovered: Option<Result<Swap, String>>,
+    ) {
+        let f = Failure {
+            device: addr.to_string(),
+            why: why.to_string(),
+            lease,
+            recovered,
+        };
         self.failures
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Failure {
-                device: addr.to_string(),
-                why: why.to_string(),
-                lease: Some(lease.to_string()),
-                recovered: Some(r),
-            });
+            .push(f);
     }
 
     /// The DMA-mapping probe of leased function `a`, freshly bound to vfio-pci, when
