@@ -371,19 +371,35 @@ pub fn is_root() -> bool {
 }
 
 /// A copy of vfctl that any uid can run: the checkout may sit under a directory
-/// only root enters.
-static VFCTL_FOR_ALL: LazyLock<(tempfile::TempDir, PathBuf)> = LazyLock::new(|| {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let copy = dir.path().join("vfctl");
-    std::fs::copy(&*VFCTL, &copy).unwrap();
-    (dir, copy)
+/// only root enters. One copy per build, named by the build's size and mtime and
+/// shared by every test process (nextest runs each test in its own): a temporary
+/// directory in a static is never dropped, and leaked 136 MB per process.
+static VFCTL_FOR_ALL: LazyLock<PathBuf> = LazyLock::new(|| {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&*VFCTL).unwrap();
+    let dir = std::env::temp_dir().join("vfio-manager-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.join(format!("vfctl-{}-{}", meta.size(), meta.mtime_nsec() ^ meta.mtime()));
+    if !copy.exists() {
+        // Older builds' copies go; a process still running one keeps its inode.
+        for old in std::fs::read_dir(&dir).unwrap().flatten() {
+            let name = old.file_name().to_string_lossy().into_owned();
+            if name.starts_with("vfctl-") && old.path() != copy {
+                let _ = std::fs::remove_file(old.path());
+            }
+        }
+        let part = dir.join(format!(".part-{}", std::process::id()));
+        std::fs::copy(&*VFCTL, &part).unwrap();
+        std::fs::rename(&part, &copy).unwrap();
+    }
+    copy
 });
 
 /// `vfctl ARGS` as `uid` (and the same gid): (exit code, stdout, stderr). Needs root.
 pub fn vfctl_as(bus: &Bus, uid: u32, args: &[&str]) -> (i32, String, String) {
     use std::os::unix::process::CommandExt;
-    let o = Command::new(&VFCTL_FOR_ALL.1)
+    let o = Command::new(&*VFCTL_FOR_ALL)
         .args(args)
         .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
         .uid(uid)
