@@ -9,7 +9,7 @@ use vfio_manager_api::ids::PciAddress;
 
 /// The namespace of our metadata element:
 /// `<vfm:lease xmlns:vfm="http://vfio-manager.org/xmlns/lease/1" profile="vf" count="2"
-/// on_failure="replace"/>`.
+/// on_failure="replace" on_idle="unplug"/>`.
 pub const NAMESPACE: &str = "http://vfio-manager.org/xmlns/lease/1";
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,13 @@ pub struct Wanted {
     pub count: u32,
     /// `notify` or `replace` (checked by the daemon); empty: its configuration's.
     pub on_failure: String,
+    /// `notify`, `unplug` or `release-on-stop` (checked by the daemon); empty: its
+    /// configuration's.
+    pub on_idle: String,
 }
+
+/// The virtio-serial port name vm-agent opens when the guest has no vsock.
+pub const AGENT_PORT: &str = "org.vfiomanager.agent.0";
 
 #[derive(Debug, Clone)]
 pub struct Domain {
@@ -46,6 +52,10 @@ pub struct Domain {
     /// UUIDs of `<hostdev type='mdev'>` devices.
     pub mdevs: Vec<String>,
     pub wanted: Option<Wanted>,
+    /// Where the guest's agent speaks (`ids::AgentChannel`, checked by the daemon):
+    /// `cid:N` from `<vsock><cid address='N'/>`, or `serial:PATH` from a `<channel
+    /// type='unix'>` QEMU binds whose target is [`AGENT_PORT`]; empty: none.
+    pub agent: String,
 }
 
 impl Domain {
@@ -81,6 +91,7 @@ impl Domain {
             hostdevs: Vec::new(),
             mdevs: Vec::new(),
             wanted: None,
+            agent: agent_channel(&root),
         };
         for n in root.descendants().filter(|n| n.has_tag_name("hostdev")) {
             let source = n.children().find(|c| c.has_tag_name("source"));
@@ -106,6 +117,7 @@ impl Domain {
                     invalid(format!("lease metadata: count {count:?} is not a number"))
                 })?,
                 on_failure: m.attribute("on_failure").unwrap_or_default().to_string(),
+                on_idle: m.attribute("on_idle").unwrap_or_default().to_string(),
             });
         }
         Ok(d)
@@ -125,6 +137,30 @@ impl Domain {
             None => Vec::new(),
         }
     }
+}
+
+/// The agent's channel: a vsock with a fixed context id (one libvirt picks with
+/// `auto='yes'` is not in the XML the hook is given before the start), else the
+/// agent's virtio-serial port.
+fn agent_channel(root: &roxmltree::Node) -> String {
+    fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltree::Node<'a, 'i>> {
+        n.children().find(|c| c.has_tag_name(tag))
+    }
+    for n in root.descendants() {
+        if n.has_tag_name("vsock") {
+            if let Some(a) = child(n, "cid").and_then(|c| c.attribute("address")) {
+                return format!("cid:{a}");
+            }
+        }
+        let is_agent = child(n, "target").and_then(|t| t.attribute("name")) == Some(AGENT_PORT);
+        if n.has_tag_name("channel") && n.attribute("type") == Some("unix") && is_agent {
+            let source = child(n, "source").filter(|s| s.attribute("mode") == Some("bind"));
+            if let Some(p) = source.and_then(|s| s.attribute("path")) {
+                return format!("serial:{p}");
+            }
+        }
+    }
+    String::new()
 }
 
 /// The deepest nesting a domain may have: libvirt's go about ten deep.
@@ -238,12 +274,39 @@ mod tests {
                 profile: "8086:10c9".into(),
                 count: 2,
                 on_failure: String::new(),
+                on_idle: String::new(),
             })
         );
         assert_eq!(
             d.lease_slots().len(),
             2,
             "managed='yes' is libvirt's, not a slot"
+        );
+    }
+
+    #[test]
+    fn the_agent_channel_is_a_fixed_vsock_cid_else_the_agents_serial_port() {
+        let with = |devices: &str| {
+            let xml = XML.replace("</devices>", &format!("{devices}</devices>"));
+            Domain::parse(&xml).unwrap().agent
+        };
+        assert_eq!(Domain::parse(XML).unwrap().agent, "");
+        assert_eq!(
+            with("<vsock model='virtio'><cid auto='no' address='5'/></vsock>"),
+            "cid:5"
+        );
+        // auto='yes' before the start: libvirt has not picked one yet.
+        assert_eq!(with("<vsock model='virtio'><cid auto='yes'/></vsock>"), "");
+        let channel = |mode: &str, name: &str| {
+            format!("<channel type='unix'><source mode='{mode}' path='/run/a.sock'/><target type='virtio' name='{name}'/></channel>")
+        };
+        assert_eq!(with(&channel("bind", AGENT_PORT)), "serial:/run/a.sock");
+        assert_eq!(with(&channel("connect", AGENT_PORT)), "");
+        assert_eq!(with(&channel("bind", "org.qemu.guest_agent.0")), "");
+        // What it says is the daemon's to check (ids::AgentChannel), not the hook's.
+        assert_eq!(
+            with("<vsock><cid address='../../x'/></vsock>"),
+            "cid:../../x"
         );
     }
 

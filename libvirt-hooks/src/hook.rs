@@ -136,10 +136,12 @@ impl Session<'_> {
             vm_uuid: self.d.uuid.clone(),
             // The daemon swaps a failed device in the running domain through libvirt.
             vmm: "libvirt".into(),
+            agent: self.d.agent.clone(),
             ..Request::default()
         };
         if let Some(w) = &self.d.wanted {
             req.on_failure = w.on_failure.clone();
+            req.on_idle = w.on_idle.clone();
             req.profile = w.profile.clone();
             req.count = w.count;
             req.devices = if is_mediated(&w.profile) {

@@ -31,6 +31,21 @@
 //! client_key = "/etc/pki/libvirt/private/clientkey.pem"
 //! deadline_s = 600                  # a whole incoming migration, handshake to verdict
 //! max_state_mib = 65536             # the most an incoming migration may send
+//! [usage]                           # in-guest agents (vm-agent); these are the defaults
+//! vsock_port = 22086                # agents connect to the host (CID 2) on this port
+//! net_full_bytes_per_s = 125000000  # a NIC moving this much is 100 % busy
+//! busy_alert_percent = 90           # UsageAlert when busy stays above this ...
+//! busy_alert_for_s = 300            # ... this long
+//! memory_alert_percent = [75, 85, 95] # warning, high, critical
+//! temperature_alert_c = 80
+//! hysteresis = 5                    # an alert clears this far below its threshold
+//! idle_below_percent = 5            # a lease whose devices all stay below this ...
+//! idle_for_s = 1800                 # ... this long is idle
+//! on_idle = "notify"                # notify, unplug (let go, detach, return to the pool), release-on-stop
+//! profiles = { "8086:10ca" = "unplug" } # per profile (a request's on_idle wins)
+//! let_go_timeout_s = 10             # the agent's time to unbind its driver before the unplug
+//! minutes_kept_h = 24               # minute averages kept; then hour averages ...
+//! hours_kept_d = 30                 # ... kept this many days
 //! ```
 
 use std::net::SocketAddr;
@@ -44,7 +59,7 @@ use toml::Spanned;
 use vf_provisioner::vendors::{is_selector, GpuVendor};
 use vf_provisioner::{DeviceConfig, PciAddress};
 
-use crate::api::ids::OnFailure;
+use crate::api::ids::{OnFailure, OnIdle};
 use crate::api::Request;
 
 pub const DEFAULT_PATH: &str = "/etc/vfio-manager/config.toml";
@@ -60,6 +75,49 @@ struct Raw {
     daemon: RawDaemon,
     migration: RawMigration,
     recovery: RawRecovery,
+    usage: RawUsage,
+}
+
+/// `[usage]`: the in-guest agents, alert thresholds and idle reclamation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUsage {
+    vsock_port: u32,
+    net_full_bytes_per_s: u64,
+    busy_alert_percent: f64,
+    busy_alert_for_s: u64,
+    memory_alert_percent: [f64; 3],
+    temperature_alert_c: f64,
+    hysteresis: f64,
+    idle_below_percent: f64,
+    idle_for_s: u64,
+    on_idle: Spanned<String>,
+    profiles: BTreeMap<String, Spanned<String>>,
+    let_go_timeout_s: u64,
+    minutes_kept_h: u64,
+    hours_kept_d: u64,
+}
+
+impl Default for RawUsage {
+    fn default() -> Self {
+        let u = UsageConfig::default();
+        RawUsage {
+            vsock_port: u.vsock_port,
+            net_full_bytes_per_s: u.net_full_bytes_per_s,
+            busy_alert_percent: u.busy_alert_percent,
+            busy_alert_for_s: u.busy_alert_for_s,
+            memory_alert_percent: u.memory_alert_percent,
+            temperature_alert_c: u.temperature_alert_c,
+            hysteresis: u.hysteresis,
+            idle_below_percent: u.idle_below_percent,
+            idle_for_s: u.idle_for_s,
+            on_idle: Spanned::new(0..0, u.on_idle.to_string()),
+            profiles: BTreeMap::new(),
+            let_go_timeout_s: u.let_go_timeout_s,
+            minutes_kept_h: u.minutes_kept_h,
+            hours_kept_d: u.hours_kept_d,
+        }
+    }
 }
 
 /// `[recovery]`: what a lease asks for when one of its devices fails.
@@ -119,6 +177,72 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub migration: MigrationConfig,
     pub recovery: RecoveryConfig,
+    pub usage: UsageConfig,
+}
+
+/// The in-guest agents, what usage raises an alert, and what idle devices cost
+/// their lease. The defaults follow GPU operations practice: busy above 90 %
+/// for 5 minutes, memory at 75/85/95 %, above 80 °C.
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    /// The vsock port agents connect to (on the host, CID 2).
+    pub vsock_port: u32,
+    /// A NIC moving this many bytes a second counts as 100 % busy (the emulated
+    /// stand-ins report bytes, not a busy share).
+    pub net_full_bytes_per_s: u64,
+    pub busy_alert_percent: f64,
+    /// How long busy must stay above its threshold to raise the alert.
+    pub busy_alert_for_s: u64,
+    /// warning, high, critical.
+    pub memory_alert_percent: [f64; 3],
+    pub temperature_alert_c: f64,
+    /// An alert clears this far below its threshold (percent or °C).
+    pub hysteresis: f64,
+    /// Every device of a lease below this busy share for `idle_for_s` makes the
+    /// lease idle.
+    pub idle_below_percent: f64,
+    pub idle_for_s: u64,
+    pub on_idle: OnIdle,
+    /// Per profile; a request's own `on_idle` comes first.
+    pub profiles: BTreeMap<String, OnIdle>,
+    /// How long an agent has to let go of a device before it is unplugged anyway.
+    pub let_go_timeout_s: u64,
+    /// Minute averages are kept this many hours, hour averages this many days.
+    pub minutes_kept_h: u64,
+    pub hours_kept_d: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            vsock_port: 22086,
+            net_full_bytes_per_s: 125_000_000,
+            busy_alert_percent: 90.0,
+            busy_alert_for_s: 300,
+            memory_alert_percent: [75.0, 85.0, 95.0],
+            temperature_alert_c: 80.0,
+            hysteresis: 5.0,
+            idle_below_percent: 5.0,
+            idle_for_s: 1800,
+            on_idle: OnIdle::Notify,
+            profiles: BTreeMap::new(),
+            let_go_timeout_s: 10,
+            minutes_kept_h: 24,
+            hours_kept_d: 30,
+        }
+    }
+}
+
+impl UsageConfig {
+    /// The idle action for a lease made by `req`: its own, else its profile's,
+    /// else the default. A request's was checked when it was made.
+    pub fn on_idle(&self, req: &Request) -> OnIdle {
+        req.on_idle
+            .parse()
+            .ok()
+            .or_else(|| self.profiles.get(&req.profile).copied())
+            .unwrap_or(self.on_idle)
+    }
 }
 
 /// What the daemon does when a leased device fails, and how it reaches libvirt.
@@ -334,6 +458,32 @@ impl Config {
             virsh: rr.virsh.unwrap_or(r.virsh),
             libvirt_uri: rr.libvirt_uri.unwrap_or(r.libvirt_uri),
         };
+        let ru = raw.usage;
+        let on_idle = |s: &Spanned<String>| {
+            s.get_ref()
+                .parse::<OnIdle>()
+                .map_err(|e| at(Some(s.span()), e.to_string()))
+        };
+        let usage = UsageConfig {
+            vsock_port: ru.vsock_port,
+            net_full_bytes_per_s: ru.net_full_bytes_per_s.max(1),
+            busy_alert_percent: ru.busy_alert_percent,
+            busy_alert_for_s: ru.busy_alert_for_s,
+            memory_alert_percent: ru.memory_alert_percent,
+            temperature_alert_c: ru.temperature_alert_c,
+            hysteresis: ru.hysteresis.max(0.0),
+            idle_below_percent: ru.idle_below_percent,
+            idle_for_s: ru.idle_for_s,
+            on_idle: on_idle(&ru.on_idle)?,
+            profiles: ru
+                .profiles
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), on_idle(v)?)))
+                .collect::<Result<_, ConfigError>>()?,
+            let_go_timeout_s: ru.let_go_timeout_s,
+            minutes_kept_h: ru.minutes_kept_h.max(1),
+            hours_kept_d: ru.hours_kept_d,
+        };
         let d = DaemonConfig::default();
         let m = MigrationConfig::default();
         let rm = raw.migration;
@@ -358,6 +508,7 @@ impl Config {
         Ok(Config {
             migration,
             recovery,
+            usage,
             devices: DeviceConfig {
                 gpu: raw.gpu,
                 manage: raw.manage.into_iter().map(Spanned::into_inner).collect(),

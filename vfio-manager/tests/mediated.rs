@@ -317,7 +317,7 @@ fn migration_of_an_mdev_the_fake_host_cannot_open_is_refused_by_name() {
 
 /// One step of the crash test, repeated until the daemon gives a definite answer.
 enum Step {
-    Provision(Request),
+    Provision(Box<Request>),
     Release(String),
     Create(String),
     Remove(String),
@@ -344,7 +344,7 @@ fn sigkill_during_mediated_operations_loses_doubles_and_leaks_nothing() {
         next += 1;
         let step = match rng.below(4) {
             0 | 1 if held.len() < 4 => {
-                Step::Provision(req(&format!("m{next}"), MTTY_2, 1 + rng.below(2) as u32))
+                Step::Provision(Box::new(req(&format!("m{next}"), MTTY_2, 1 + rng.below(2) as u32)))
             }
             0..=2 if !held.is_empty() => Step::Release(
                 held.keys()

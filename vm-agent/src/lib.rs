@@ -91,6 +91,8 @@ impl Guest {
                 address: d.address,
                 source: "net".into(),
                 busy_percent: None,
+                memory_percent: None,
+                temperature_c: None,
                 bytes: Some(bytes),
             });
         }

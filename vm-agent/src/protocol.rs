@@ -39,6 +39,12 @@ pub struct Usage {
     pub busy_percent: Option<f32>,
     /// Bytes moved since boot, where the source counts them.
     pub bytes: Option<u64>,
+    /// Device memory in use, 0-100, where the source says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_percent: Option<f32>,
+    /// Degrees Celsius, where the source gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<f32>,
 }
 
 /// One message, by its `type`.
@@ -185,8 +191,16 @@ fn check(m: &Message) -> Result<(), ProtocolError> {
             for u in samples {
                 text("address", &u.address)?;
                 text("source", &u.source)?;
-                if u.busy_percent.is_some_and(|b| !(0.0..=100.0).contains(&b)) {
-                    return Err(ProtocolError::OutOfBounds("busy_percent: 0 to 100".into()));
+                let out = |v: Option<f32>, range: std::ops::RangeInclusive<f32>| {
+                    v.is_some_and(|b| !range.contains(&b)) // NaN too
+                };
+                if out(u.busy_percent, 0.0..=100.0) || out(u.memory_percent, 0.0..=100.0) {
+                    return Err(ProtocolError::OutOfBounds(
+                        "busy_percent and memory_percent: 0 to 100".into(),
+                    ));
+                }
+                if out(u.temperature_c, -273.0..=1000.0) {
+                    return Err(ProtocolError::OutOfBounds("temperature_c: -273 to 1000".into()));
                 }
             }
         }
@@ -229,6 +243,8 @@ mod tests {
                 address: "0000:04:00.0".into(),
                 source: "net".into(),
                 busy_percent: None,
+                memory_percent: None,
+                temperature_c: None,
                 bytes: Some(1 << 40),
             }],
         });

@@ -9,7 +9,7 @@ use zbus::zvariant::Value;
 
 use crate::error::ErrorName;
 use crate::{
-    DeviceInfo, HealthInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request, BUS_NAME,
+    AgentInfo, UsageInfo, DeviceInfo, HealthInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request, BUS_NAME,
 };
 
 #[zbus::proxy(
@@ -22,6 +22,9 @@ pub trait Manager {
     fn list_devices(&self) -> zbus::Result<Vec<DeviceInfo>>;
     fn list_leases(&self) -> zbus::Result<Vec<Lease>>;
     fn lease_swaps(&self, lease_id: &str) -> zbus::Result<Vec<(String, String, String, u64)>>;
+    fn list_agents(&self) -> zbus::Result<Vec<AgentInfo>>;
+    fn usage_now(&self) -> zbus::Result<Vec<UsageInfo>>;
+    fn usage_history(&self, device: &str, span: u64, since: u64) -> zbus::Result<Vec<(u64, f64, f64)>>;
     fn provision(&self, vm: &str, request: HashMap<&str, Value<'_>>) -> zbus::Result<Lease>;
     fn release(&self, lease: &str) -> zbus::Result<bool>;
     fn release_request(&self, request_id: &str) -> zbus::Result<bool>;
@@ -154,6 +157,20 @@ impl Client {
     /// The devices swapped in a lease: (swapped out, replacement, why, when).
     pub fn lease_swaps(&self, lease_id: &str) -> Result<Vec<(String, String, String, u64)>> {
         self.run(self.proxy.lease_swaps(lease_id))
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentInfo>> {
+        self.run(self.proxy.list_agents())
+    }
+
+    pub fn usage_now(&self) -> Result<Vec<UsageInfo>> {
+        self.run(self.proxy.usage_now())
+    }
+
+    /// A device's busy share: (start, average, maximum) per `span` (60 or 3600 s)
+    /// since `since`.
+    pub fn usage_history(&self, device: &str, span: u64, since: u64) -> Result<Vec<(u64, f64, f64)>> {
+        self.run(self.proxy.usage_history(device, span, since))
     }
 
     pub fn provision(&self, r: &Request) -> Result<Lease> {

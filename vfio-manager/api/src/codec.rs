@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use zbus::zvariant::{OwnedValue, Value};
 
 use crate::ids::{
-    parse_uuid, quote, IdError, OnFailure, PciAddress, Profile, RequestId, VmName, Vmm,
+    parse_uuid, quote, AgentChannel, IdError, OnFailure, OnIdle, PciAddress, Profile, RequestId, VmName, Vmm,
 };
 use crate::{ApiError, Request};
 
@@ -50,6 +50,12 @@ pub fn encode(r: &Request) -> HashMap<&'static str, Value<'_>> {
     if !r.vmm.is_empty() {
         opts.insert("vmm", r.vmm.as_str().into());
     }
+    if !r.agent.is_empty() {
+        opts.insert("agent", r.agent.as_str().into());
+    }
+    if !r.on_idle.is_empty() {
+        opts.insert("on_idle", r.on_idle.as_str().into());
+    }
     opts
 }
 
@@ -79,9 +85,11 @@ pub fn decode(
             "adopt" => r.adopt = bool::try_from(v).map_err(bad)?,
             "on_failure" => r.on_failure = String::try_from(v).map_err(bad)?,
             "vmm" => r.vmm = String::try_from(v).map_err(bad)?,
+            "agent" => r.agent = String::try_from(v).map_err(bad)?,
+            "on_idle" => r.on_idle = String::try_from(v).map_err(bad)?,
             _ => {
                 return Err(ApiError::BadInput(format!(
-                    "unknown request key \"{}\"; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt, on_failure, vmm",
+                    "unknown request key \"{}\"; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt, on_failure, vmm, agent, on_idle",
                     quote(&k)
                 )))
             }
@@ -107,6 +115,10 @@ pub fn check(r: &Request) -> Result<(), ApiError> {
         r.on_failure.parse::<OnFailure>()?;
     }
     r.vmm.parse::<Vmm>()?;
+    r.agent.parse::<AgentChannel>()?;
+    if !r.on_idle.is_empty() {
+        r.on_idle.parse::<OnIdle>()?;
+    }
     if r.count == 0 || r.count > MAX_COUNT {
         return bad(format!(
             "count {} for VM {vm}: ask for 1 to {MAX_COUNT} devices",
@@ -171,6 +183,8 @@ mod tests {
             adopt: true,
             on_failure: "replace".into(),
             vmm: "ch:/run/ch/vm1.sock".into(),
+            agent: "cid:7".into(),
+            on_idle: "unplug".into(),
         };
         let back = decode("vm1".into(), owned(encode(&r)), || unreachable!()).unwrap();
         assert_eq!(back, r);

@@ -29,7 +29,7 @@ pub fn device_path(address: &str) -> OwnedObjectPath {
 
 /// What a VM asks for. Sent as the `a{sv}` of `Provision` (keys: `request_id`,
 /// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`, `devices`, `adopt`,
-/// `on_failure`, `vmm`), so that
+/// `on_failure`, `vmm`, `agent`, `on_idle`), so that
 /// fields can be added without a new API version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -58,6 +58,12 @@ pub struct Request {
     /// `ch:SOCKET` (cloud-hypervisor's API), or empty (none: a signal names the
     /// replacement).
     pub vmm: String,
+    /// Where the VM's agent (vm-agent) speaks to the daemon (`ids::AgentChannel`):
+    /// `cid:N`, `unix:/PATH`, `serial:/PATH`, or empty (no agent).
+    pub agent: String,
+    /// When the devices sit idle: `notify`, `unplug` or `release-on-stop`
+    /// (`ids::OnIdle`); empty: the configuration's `[usage]` decides.
+    pub on_idle: String,
 }
 
 impl Default for Request {
@@ -74,6 +80,8 @@ impl Default for Request {
             adopt: false,
             on_failure: String::new(),
             vmm: String::new(),
+            agent: String::new(),
+            on_idle: String::new(),
         }
     }
 }
@@ -119,6 +127,40 @@ impl LeasedDevice {
             libvirt_hostdev: crate::xml::pci_hostdev(address),
         }
     }
+}
+
+/// A lease's in-guest agent (`ListAgents`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct AgentInfo {
+    pub lease_id: String,
+    pub vm_name: String,
+    /// The channel it spoke on (`cid:N`, `unix:PATH`, `serial:PATH`).
+    pub channel: String,
+    pub connected: bool,
+    /// What the agent calls itself (`vm-agent 0.1.0`), and the guest's kernel.
+    pub agent: String,
+    pub kernel: String,
+    /// When it said hello, and its last heartbeat (seconds since the epoch).
+    pub since: u64,
+    pub last_heartbeat: u64,
+    /// Each leased device and the guest address it has there (`HOST=GUEST`).
+    pub devices: Vec<String>,
+}
+
+/// A leased device's latest usage sample (`UsageNow`). NaN: the guest's source
+/// does not say (JSON: null).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Type)]
+pub struct UsageInfo {
+    pub lease_id: String,
+    pub vm_name: String,
+    pub device: String,
+    /// Where the guest read it: `net`, `drm-fdinfo`, `amdgpu`, `nvidia-smi`.
+    pub source: String,
+    pub busy_percent: f64,
+    pub memory_percent: f64,
+    pub temperature_c: f64,
+    /// When the sample came (seconds since the epoch).
+    pub at: u64,
 }
 
 /// A device's health (`Health`): a managed function, or a held-back mdev.

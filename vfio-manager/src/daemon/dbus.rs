@@ -333,6 +333,36 @@ impl Manager {
         blocking(move || core.recovery().swaps(&lease_id)).await
     }
 
+    /// The leases' in-guest agents (vm-agent): connected or not, what they said.
+    async fn list_agents(&self) -> Result<Vec<api::AgentInfo>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || Ok(core.usage().agent_infos())).await
+    }
+
+    /// Each leased device's latest usage sample, as its guest's agent reported it.
+    async fn usage_now(&self) -> Result<Vec<api::UsageInfo>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || Ok(core.usage().now())).await
+    }
+
+    /// Device `device`'s busy share, (start, average, maximum) per `span` seconds
+    /// (60: minutes, 3600: hours) since `since` (seconds since the epoch).
+    async fn usage_history(
+        &self,
+        device: String,
+        span: u64,
+        since: u64,
+    ) -> Result<Vec<(u64, f64, f64)>, ApiError> {
+        if span != 60 && span != 3600 {
+            return Err(ApiError::BadInput(format!(
+                "span {span} for {}: give 60 (minute averages) or 3600 (hour averages)",
+                api::ids::quote(&device)
+            )));
+        }
+        let core = self.core.clone();
+        blocking(move || core.usage().history(&device, span, since)).await
+    }
+
     /// Leases devices to VM `vm` and binds them to vfio-pci (or creates its mdevs).
     /// `request` keys: request_id (s, idempotency key), vm_uuid (s), profile (s:
     /// `vf`, `vvvv:dddd`, an mdev type or vGPU type), count (u), numa_node (i), pfs
@@ -698,6 +728,46 @@ impl Manager {
         failed: &str,
         replacement: &str,
         vm_side: &str,
+    ) -> zbus::Result<()>;
+    /// Lease `lease_id`'s agent said hello: `agent` is its name and version,
+    /// `kernel` the guest's.
+    #[zbus(signal)]
+    pub async fn agent_connected(
+        emitter: &SignalEmitter<'_>,
+        lease_id: &str,
+        vm_name: &str,
+        agent: &str,
+        kernel: &str,
+    ) -> zbus::Result<()>;
+    /// Lease `lease_id`'s agent is gone (`why`: closed, or dropped for what it sent).
+    #[zbus(signal)]
+    pub async fn agent_lost(
+        emitter: &SignalEmitter<'_>,
+        lease_id: &str,
+        vm_name: &str,
+        why: &str,
+    ) -> zbus::Result<()>;
+    /// A usage threshold crossed (`[usage]`): `metric` busy, memory or
+    /// temperature; `level` high (memory: warning, high, critical), or ok when it
+    /// clears (with hysteresis).
+    #[zbus(signal)]
+    pub async fn usage_alert(
+        emitter: &SignalEmitter<'_>,
+        lease_id: &str,
+        device: &str,
+        metric: &str,
+        level: &str,
+        value: f64,
+    ) -> zbus::Result<()>;
+    /// Every device of lease `lease_id` stayed idle past the threshold; `action`
+    /// is its `on_idle`, `detail` what came of it.
+    #[zbus(signal)]
+    pub async fn lease_idle(
+        emitter: &SignalEmitter<'_>,
+        lease_id: &str,
+        vm_name: &str,
+        action: &str,
+        detail: &str,
     ) -> zbus::Result<()>;
     #[zbus(signal)]
     pub async fn lease_created(

@@ -3,10 +3,11 @@
 //! systemd it is ready; then serve D-Bus, follow uevents and export metrics until
 //! SIGTERM.
 //!
-//! Layout: requests enter in [`dbus`]; policy decides in [`core`]; state is
+//! Layout: requests enter in [`dbus`] (the guests' agents in `agents`); policy decides in [`core`]; state is
 //! written in [`store`] (and [`audit`]); the kernel is touched only through
 //! `vf_provisioner`.
 
+mod agents;
 pub mod audit;
 mod auth;
 pub mod core;
@@ -176,6 +177,7 @@ async fn run(opts: Options) -> Result<(), String> {
         follow_uevents(core.clone(), conn.clone());
     }
     tokio::spawn(forget_released_hourly(core.clone()));
+    tokio::spawn(agents::serve(core.clone(), conn.clone()));
     tokio::spawn(probe_periodically(core.clone(), conn.clone()));
     if let Some(addr) = core.config().daemon.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -62,6 +62,13 @@ CREATE TABLE IF NOT EXISTS lease_swaps (
     lease_id TEXT NOT NULL, failed TEXT NOT NULL, replacement TEXT NOT NULL,
     reason TEXT NOT NULL, at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS lease_swaps_by_lease ON lease_swaps(lease_id);
+-- Each leased device's busy share, downsampled: `span` 60 rows are minute averages,
+-- 3600 rows hour averages, each kept for its own retention (`[usage]`).
+CREATE TABLE IF NOT EXISTS usage (
+    device TEXT NOT NULL, span INTEGER NOT NULL, at INTEGER NOT NULL, lease_id TEXT NOT NULL,
+    busy_avg REAL NOT NULL, busy_max REAL NOT NULL, samples INTEGER NOT NULL,
+    PRIMARY KEY (device, span, at)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_by_age ON usage(span, at);
 -- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
 -- AUTOINCREMENT's sequence table would cost a page write per intent.
 CREATE TABLE IF NOT EXISTS intents (
@@ -137,6 +144,18 @@ pub struct Intent {
     pub lease_id: String,
     /// JSON: what the operation was about to do (devices and their drivers before).
     pub body: String,
+}
+
+/// A minute (or less) of one device's busy samples, for [`Store::add_usage`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageMinute {
+    pub device: String,
+    pub lease: String,
+    /// Any time within the minute.
+    pub at: u64,
+    pub avg: f64,
+    pub max: f64,
+    pub samples: u32,
 }
 
 pub struct Store {
@@ -511,10 +530,74 @@ impl Store {
         })
     }
 
+    /// Lease `lease_id` gave idle device `name` back (reset and returned to the
+    /// host): recorded as a swap with no replacement.
+    pub fn commit_reclaim(
+        &self,
+        lease_id: &str,
+        name: &str,
+        reason: &str,
+        intent: i64,
+        drivers: &[(String, String)],
+    ) -> Result<()> {
+        self.write(|tx| {
+            swap_out(tx, lease_id, name, "", reason)?;
+            end_intent(tx, intent)?;
+            set_drivers(tx, drivers)
+        })
+    }
+
     /// Lease `lease_id` lets go of device `name`, which vanished; recorded as a
     /// swap with no replacement.
     pub fn let_go(&self, lease_id: &str, name: &str, reason: &str) -> Result<()> {
         self.write(|tx| swap_out(tx, lease_id, name, "", reason))
+    }
+
+    /// Adds a minute of a device's busy share, and folds it into its hour; then
+    /// forgets minutes older than `minutes_kept_s` and hours older than
+    /// `hours_kept_s`. Committed, not synced: a host crash may lose the last
+    /// minutes of a series, never a lease.
+    pub fn add_usage(&self, m: &UsageMinute, minutes_kept_s: u64, hours_kept_s: u64) -> Result<()> {
+        let now = now() as i64;
+        self.commit(|tx| {
+            let add = "INSERT INTO usage (device, span, at, lease_id, busy_avg, busy_max, samples)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                ON CONFLICT (device, span, at) DO UPDATE SET
+                  busy_avg = (busy_avg * samples + excluded.busy_avg * excluded.samples)
+                             / (samples + excluded.samples),
+                  busy_max = max(busy_max, excluded.busy_max),
+                  samples = samples + excluded.samples,
+                  lease_id = excluded.lease_id";
+            for span in [60i64, 3600] {
+                let at = m.at as i64 / span * span;
+                tx.prepare_cached(add)?.execute(params![
+                    m.device, span, at, m.lease, m.avg, m.max, m.samples as i64
+                ])?;
+            }
+            let forget = "DELETE FROM usage WHERE span = ?1 AND at < ?2";
+            tx.prepare_cached(forget)?
+                .execute(params![60, now - minutes_kept_s as i64])?;
+            tx.prepare_cached(forget)?
+                .execute(params![3600, now - hours_kept_s as i64])?;
+            Ok(())
+        })
+    }
+
+    /// A device's series at `span` seconds (60 or 3600) since `since`, oldest
+    /// first: (start, average, maximum) busy percent.
+    pub fn usage(&self, device: &str, span: u64, since: u64) -> Result<Vec<(u64, f64, f64)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT at, busy_avg, busy_max FROM usage WHERE device = ?1 AND span = ?2 AND at >= ?3 ORDER BY at",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![device, span as i64, since as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
     }
 
     /// The swaps of lease `lease_id`, oldest first: (failed, replacement, reason, at).

@@ -18,11 +18,14 @@
 //! | [`Endpoint`]  | `HOST:PORT`: a name, IPv4 or [IPv6] address, and a port       | 261 bytes |
 //! | [`OnFailure`] | `notify` or `replace`                                        | 7 bytes |
 //! | [`Vmm`]       | empty, `libvirt`, or `ch:` and an absolute socket path without `..` or control characters | 110 bytes |
+//! | [`AgentChannel`] | empty, `cid:N` (3 to 2^32-2), `unix:` or `serial:` and such a socket path | 114 bytes |
+//! | [`OnIdle`]    | `notify`, `unplug` or `release-on-stop`                      | 15 bytes |
 
 mod held;
 mod names;
 mod pci;
 mod recovery;
+mod usage;
 
 pub use held::Held;
 pub use names::{
@@ -31,6 +34,7 @@ pub use names::{
 };
 pub use pci::PciAddress;
 pub use recovery::{OnFailure, Vmm};
+pub use usage::{AgentChannel, OnIdle};
 
 /// How a caller should classify an error (the CLI maps these to exit codes, the
 /// daemon to D-Bus error names).

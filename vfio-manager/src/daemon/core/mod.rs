@@ -7,7 +7,8 @@
 //! - [`Mediated`] (`mediated.rs`): mdevs made and removed, mediated leases;
 //! - [`Migration`] (`migration.rs`): device state between two daemons;
 //! - [`Health`] (`health.rs`): device health, an operator's quarantine and clear;
-//! - [`Recovery`] (`recovery.rs`): a failed device of a lease swapped for a healthy one.
+//! - [`Recovery`] (`recovery.rs`): a failed device of a lease swapped for a healthy one;
+//! - [`Usage`] (`usage.rs`): what the guests' agents say: usage, alerts, idle reclaim.
 //!
 //! None of them decides whether a device may be touched: they ask the gate
 //! (`vf_provisioner::ops::gate`). Every change to the host is written as an intent
@@ -33,12 +34,14 @@ mod migration;
 mod pool;
 mod recovery;
 mod restore;
+mod usage;
 
 pub use health::operator_reason;
 pub use mediated::is_mediated;
 pub use migration::{Incoming, Prepared};
 pub use pool::LeaseRef;
 pub use recovery::Swap;
+pub use usage::{Agent, DeviceUsage, UsageEvent};
 
 /// Declares a service: a view of the context for one concern, reading the shared
 /// state through `Deref`.
@@ -77,6 +80,8 @@ services! {
     Health => health;
     /// A lease's devices swapped when they fail.
     Recovery => recovery;
+    /// How leased devices are used (the guests' agents): alerts, idle reclaim.
+    Usage => usage;
 }
 
 use super::audit::Audit;
@@ -117,6 +122,8 @@ pub struct Core {
     /// Each function's correctable error count as sampled in the last hour (time,
     /// count), oldest first: the rate the `degraded` threshold is about.
     aer_seen: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, u64)>>>,
+    /// Each lease's agent, by lease id (`usage`).
+    agents: Mutex<BTreeMap<String, Agent>>,
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
@@ -289,6 +296,7 @@ impl Core {
             unrestored: Mutex::new(Vec::new()),
             recovering: Mutex::new(BTreeMap::new()),
             aer_seen: Mutex::new(BTreeMap::new()),
+            agents: Mutex::new(BTreeMap::new()),
             config,
             audit,
             metrics: Metrics::default(),

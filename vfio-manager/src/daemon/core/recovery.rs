@@ -339,7 +339,7 @@ impl Recovery<'_> {
     }
 
     /// Whether a process holds `held`'s VFIO group open (a VMM that took it).
-    fn held_open(&self, held: &Held) -> bool {
+    pub(super) fn held_open(&self, held: &Held) -> bool {
         let group = match held {
             Held::Function { address, .. } => {
                 PciFunction::read_brief(&self.sys, address).and_then(|f| f.iommu_group)

@@ -1,0 +1,405 @@
+//! Where the guests' agents (vm-agent) enter the daemon: a vsock listener (QEMU's
+//! vhost-vsock), a Unix listener per `unix:` channel (cloud-hypervisor's vsock),
+//! and a connector per `serial:` channel (a virtio-serial port QEMU binds). Each
+//! connection is one agent, whose lease is known by its channel alone
+//! (`core::usage`). What it says is checked (`vm_agent::protocol`), and a frame
+//! that is too long, malformed, too slow or too frequent ends the connection with
+//! a log line naming the VM; it never changes another lease.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use vm_agent::protocol::{self, Message, ProtocolError, MAX_FRAME};
+use zbus::object_server::SignalEmitter;
+use zbus::Connection;
+
+use super::core::{Core, UsageEvent};
+use super::dbus::Manager;
+use crate::api::ids::{AgentChannel, OnIdle};
+use crate::api::{self, ApiError};
+
+/// The most one agent may send: a frame a second is its pace; bursts (report-now
+/// answers) are allowed up to this many in the window.
+const MAX_FRAMES_PER_WINDOW: usize = 50;
+const WINDOW: Duration = Duration::from_secs(10);
+/// A frame's body must follow its length within this (a slow drip is dropped).
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
+/// The hello must come this soon after the connection.
+const HELLO_DEADLINE: Duration = Duration::from_secs(30);
+/// A silent agent (no heartbeat) is dropped after this.
+const SILENCE: Duration = Duration::from_secs(3600 * 2);
+
+/// Who waits for a let-go's answer (whether the agent let go, and its words).
+type Answer = oneshot::Sender<(bool, String)>;
+
+/// The agents connected now: how to send each a request, and the let-goes they
+/// owe an answer, by (lease, guest address).
+#[derive(Default)]
+pub struct Agents {
+    senders: Mutex<BTreeMap<String, mpsc::Sender<Message>>>,
+    let_goes: Mutex<BTreeMap<(String, String), Answer>>,
+}
+
+impl Agents {
+    fn sender(&self, lease: &str) -> Option<mpsc::Sender<Message>> {
+        self.senders.lock().ok()?.get(lease).cloned()
+    }
+
+    /// Asks `lease`'s agent to let go of its device at `guest`; its answer, or why
+    /// there is none within `wait`.
+    pub async fn let_go(&self, lease: &str, guest: &str, wait: Duration) -> Result<String, String> {
+        let tx = self.sender(lease).ok_or("its agent is not connected")?;
+        let (done, answer) = oneshot::channel();
+        if let Ok(mut l) = self.let_goes.lock() {
+            l.insert((lease.to_string(), guest.to_string()), done);
+        }
+        let address = guest.to_string();
+        tx.send(Message::LetGo { address }).await.map_err(|_| "its agent left")?;
+        match tokio::time::timeout(wait, answer).await {
+            Ok(Ok((true, detail))) => Ok(detail),
+            Ok(Ok((false, detail))) => Err(format!("the agent could not: {detail}")),
+            Ok(Err(_)) => Err("its agent left before answering".into()),
+            Err(_) => Err(format!("no answer in {} s", wait.as_secs())),
+        }
+    }
+}
+
+/// Serves every agent channel until the daemon stops.
+pub async fn serve(core: Arc<Core>, conn: Connection) {
+    let agents = Arc::new(Agents::default());
+    let port = core.config().usage.vsock_port;
+    let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
+    match tokio_vsock::VsockListener::bind(addr) {
+        Ok(l) => {
+            tokio::spawn(vsock_accept(l, core.clone(), conn.clone(), agents.clone()));
+        }
+        Err(e) => eprintln!(
+            "vfio-manager: agents: not listening on vsock port {port} ({e}); unix: and serial: channels only"
+        ),
+    }
+    let mut served = BTreeSet::new();
+    loop {
+        let c = core.clone();
+        let wanted = tokio::task::spawn_blocking(move || {
+            c.usage().forget_released();
+            c.usage().channels()
+        })
+        .await
+        .unwrap_or_default();
+        for ch in wanted {
+            if served.contains(&ch) {
+                continue;
+            }
+            let (core, conn, agents) = (core.clone(), conn.clone(), agents.clone());
+            match &ch {
+                AgentChannel::Unix(p) => {
+                    tokio::spawn(unix_accept(p.clone(), ch.clone(), core, conn, agents));
+                }
+                AgentChannel::Serial(p) => {
+                    tokio::spawn(serial_connect(p.clone(), ch.clone(), core, conn, agents));
+                }
+                _ => continue,
+            }
+            served.insert(ch);
+        }
+        // A channel whose task ended (its lease went) may come back with a new lease.
+        served.retain(|ch| core.usage().lease_of(ch).is_some());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn vsock_accept(
+    l: tokio_vsock::VsockListener,
+    core: Arc<Core>,
+    conn: Connection,
+    agents: Arc<Agents>,
+) {
+    loop {
+        match l.accept().await {
+            Ok((s, peer)) => {
+                let ch = AgentChannel::Vsock(peer.cid());
+                tokio::spawn(session(s, ch, core.clone(), conn.clone(), agents.clone()));
+            }
+            Err(e) => {
+                eprintln!("vfio-manager: agents: vsock accept: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Listens on a `unix:` channel while a lease names it. A stale socket file is
+/// replaced; anything else there is left alone.
+async fn unix_accept(
+    path: String,
+    ch: AgentChannel,
+    core: Arc<Core>,
+    conn: Connection,
+    agents: Arc<Agents>,
+) {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(&path) {
+        if m.file_type().is_socket() {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let l = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vfio-manager: agents: cannot listen on {path}: {e}");
+            return;
+        }
+    };
+    while core.usage().lease_of(&ch).is_some() {
+        match tokio::time::timeout(Duration::from_secs(1), l.accept()).await {
+            Ok(Ok((s, _))) => {
+                tokio::spawn(session(s, ch.clone(), core.clone(), conn.clone(), agents.clone()));
+            }
+            Ok(Err(e)) => eprintln!("vfio-manager: agents: {path}: {e}"),
+            Err(_) => {}
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Connects to a `serial:` channel's socket while a lease names it, again after
+/// each session ends (the VM restarted, or QEMU is not up yet).
+async fn serial_connect(
+    path: String,
+    ch: AgentChannel,
+    core: Arc<Core>,
+    conn: Connection,
+    agents: Arc<Agents>,
+) {
+    while core.usage().lease_of(&ch).is_some() {
+        if let Ok(s) = tokio::net::UnixStream::connect(&path).await {
+            session(s, ch.clone(), core.clone(), conn.clone(), agents.clone()).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Reads one frame: the length, refused before the body when too long; the body
+/// within `FRAME_DEADLINE`.
+async fn read_frame(r: &mut (impl AsyncRead + Unpin), idle: Duration) -> Result<Message, ProtocolError> {
+    let mut len = [0u8; 4];
+    match tokio::time::timeout(idle, r.read_exact(&mut len)).await {
+        Err(_) => return Err(ProtocolError::Malformed(format!("silent for {} s", idle.as_secs()))),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
+        Ok(r) => r?,
+    };
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLong(len));
+    }
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(FRAME_DEADLINE, r.read_exact(&mut body))
+        .await
+        .map_err(|_| {
+            ProtocolError::Malformed(format!(
+                "a frame of {len} bytes did not arrive in {} s",
+                FRAME_DEADLINE.as_secs()
+            ))
+        })??;
+    protocol::decode(&body)
+}
+
+async fn write_frame(w: &mut (impl AsyncWrite + Unpin), m: &Message) -> Result<(), ProtocolError> {
+    let body = protocol::body(m)?;
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// One agent's connection, until it ends or breaks the protocol.
+async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    ch: AgentChannel,
+    core: Arc<Core>,
+    conn: Connection,
+    agents: Arc<Agents>,
+) {
+    let c = core.clone();
+    let ch2 = ch.clone();
+    let Ok(Some((lease, vm))) = tokio::task::spawn_blocking(move || c.usage().lease_of(&ch2)).await
+    else {
+        eprintln!("vfio-manager: agents: {ch}: no lease names this channel; connection dropped");
+        return;
+    };
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Message>(8);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if write_frame(&mut wr, &m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let why = converse(&mut rd, &tx, &ch, &lease, &vm, &core, &conn, &agents).await;
+    eprintln!("vfio-manager: agents: VM {vm} (lease {lease}, {ch}): {why}");
+    if let Ok(mut s) = agents.senders.lock() {
+        if s.get(&lease).is_some_and(|t| t.same_channel(&tx)) {
+            s.remove(&lease);
+        }
+    }
+    writer.abort();
+    let c = core.clone();
+    let l = lease.clone();
+    let release = tokio::task::spawn_blocking(move || c.usage().lost(&l))
+        .await
+        .unwrap_or(false);
+    if let Ok(e) = SignalEmitter::new(&conn, api::MANAGER_PATH) {
+        let _ = Manager::agent_lost(&e, &lease, &vm, &why).await;
+    }
+    if release {
+        // The VMM closes the devices as it exits, just after the guest's vsock goes.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let c = core.clone();
+        if let Ok(Some(line)) =
+            tokio::task::spawn_blocking(move || c.usage().release_if_stopped(&lease)).await
+        {
+            eprintln!("vfio-manager: usage: {line}");
+        }
+    }
+}
+
+/// The messages of one session; returns why it ended.
+#[allow(clippy::too_many_arguments)]
+async fn converse(
+    rd: &mut (impl AsyncRead + Unpin),
+    tx: &mpsc::Sender<Message>,
+    ch: &AgentChannel,
+    lease: &str,
+    vm: &str,
+    core: &Arc<Core>,
+    conn: &Connection,
+    agents: &Arc<Agents>,
+) -> String {
+    let mut recent: std::collections::VecDeque<Instant> = Default::default();
+    let mut helloed = false;
+    loop {
+        let idle = if helloed { SILENCE } else { HELLO_DEADLINE };
+        let m = match read_frame(rd, idle).await {
+            Ok(m) => m,
+            Err(ProtocolError::Closed) => return "the agent closed the connection".into(),
+            Err(e) => return format!("dropped: {e}"),
+        };
+        let now = Instant::now();
+        recent.push_back(now);
+        while recent.front().is_some_and(|t| now - *t > WINDOW) {
+            recent.pop_front();
+        }
+        if recent.len() > MAX_FRAMES_PER_WINDOW {
+            return format!(
+                "dropped: more than {MAX_FRAMES_PER_WINDOW} frames in {} s",
+                WINDOW.as_secs()
+            );
+        }
+        let c = core.clone();
+        let l = lease.to_string();
+        match m {
+            Message::Hello { agent, kernel, devices } => {
+                helloed = true;
+                let (ch2, a2, k2) = (ch.clone(), agent.clone(), kernel.clone());
+                let pairs = tokio::task::spawn_blocking(move || {
+                    c.usage().hello(&l, &ch2, &a2, &k2, devices)
+                })
+                .await
+                .unwrap_or_default();
+                if let Ok(mut s) = agents.senders.lock() {
+                    s.insert(lease.to_string(), tx.clone());
+                }
+                eprintln!(
+                    "vfio-manager: agents: VM {vm} (lease {lease}) connected: {agent}, kernel {kernel}, sees {}",
+                    pairs.iter().map(|(h, g)| format!("{h} as {g}")).collect::<Vec<_>>().join(", ")
+                );
+                if let Ok(e) = SignalEmitter::new(conn, api::MANAGER_PATH) {
+                    let _ = Manager::agent_connected(&e, lease, vm, &agent, &kernel).await;
+                }
+            }
+            _ if !helloed => return "dropped: it spoke before its hello".into(),
+            Message::Heartbeat { .. } => {
+                let _ = tokio::task::spawn_blocking(move || c.usage().heartbeat(&l)).await;
+            }
+            Message::Usage { samples } => {
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let events = tokio::task::spawn_blocking(move || c.usage().sample(&l, &samples, at))
+                    .await
+                    .unwrap_or_default();
+                for e in events {
+                    act(e, core, conn, agents).await;
+                }
+            }
+            Message::LetGoDone { address, ok, detail } => {
+                let waiting = agents
+                    .let_goes
+                    .lock()
+                    .ok()
+                    .and_then(|mut l| l.remove(&(lease.to_string(), address)));
+                if let Some(w) = waiting {
+                    let _ = w.send((ok, detail));
+                }
+            }
+            other => return format!("dropped: it sent {other:?}, which only the host sends"),
+        }
+    }
+}
+
+/// What a usage event sets off: its signal, and for an idle lease its policy.
+async fn act(e: UsageEvent, core: &Arc<Core>, conn: &Connection, agents: &Arc<Agents>) {
+    let Ok(emitter) = SignalEmitter::new(conn, api::MANAGER_PATH) else {
+        return;
+    };
+    match e {
+        UsageEvent::Alert { lease, device, metric, level, value, .. } => {
+            let _ = Manager::usage_alert(&emitter, &lease, &device, metric, level, value).await;
+        }
+        UsageEvent::Idle { lease, vm, devices, action } => {
+            let detail = match action {
+                OnIdle::Notify => "idle; on_idle is notify: nothing changes".to_string(),
+                OnIdle::ReleaseOnStop => {
+                    core.usage().release_on_stop(&lease);
+                    "idle; on_idle is release-on-stop: the lease ends when its VM stops".to_string()
+                }
+                OnIdle::Unplug => {
+                    let mut done = Vec::new();
+                    for d in &devices {
+                        done.push(format!("{d}: {}", unplug(&lease, d, core, agents).await));
+                    }
+                    done.join("; ")
+                }
+            };
+            eprintln!("vfio-manager: usage: VM {vm} (lease {lease}): {detail}");
+            let _ = Manager::lease_idle(&emitter, &lease, &vm, &action.to_string(), &detail).await;
+        }
+    }
+}
+
+/// `unplug` of one idle device: the agent lets go first, then `core` reclaims it.
+async fn unplug(lease: &str, device: &str, core: &Arc<Core>, agents: &Arc<Agents>) -> String {
+    let wait = Duration::from_secs(core.config().usage.let_go_timeout_s);
+    let let_go = match core.usage().guest_address(lease, device) {
+        Some(g) => agents.let_go(lease, &g, wait).await,
+        None => Err("the guest does not list it".into()),
+    };
+    // A guest that could not let go still loses the device: it was idle.
+    let said = match let_go {
+        Ok(d) => format!("the guest let go ({d})"),
+        Err(e) => format!("the guest did not let go ({e})"),
+    };
+    let (c, l, d) = (core.clone(), lease.to_string(), device.to_string());
+    let why = format!("idle; {said}");
+    let r = tokio::task::spawn_blocking(move || c.usage().reclaim(&l, &d, &why))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Failed(e.to_string())));
+    match r {
+        Ok(s) => format!("{said}; {s}"),
+        Err(e) => format!("{said}; not reclaimed: {e}"),
+    }
+}
