@@ -31,7 +31,19 @@ struct Args {
     /// Read sysfs and procfs under this root (tests).
     #[arg(long, default_value = "/")]
     root: PathBuf,
+    /// Speak on this path instead of vsock: a virtio-serial port (for guests
+    /// without vsock: /dev/virtio-ports/org.vfiomanager.agent.0), or a Unix socket
+    /// (tests, and hosts that relay one).
+    #[arg(long)]
+    channel: Option<PathBuf>,
 }
+
+/// The virtio-serial port the agent uses when the guest has no vsock and it has one.
+const SERIAL_PORT: &str = "dev/virtio-ports/org.vfiomanager.agent.0";
+
+/// A connection to the host, whatever carries it.
+trait Channel: std::io::Read + std::io::Write + AsRawFd {}
+impl<T: std::io::Read + std::io::Write + AsRawFd> Channel for T {}
 
 fn main() {
     let a = Args::parse();
@@ -45,7 +57,7 @@ fn main() {
     }
     let every = Duration::from_secs(a.interval_s);
     loop {
-        if let Err(e) = serve(&g, a.port, every) {
+        if let Err(e) = connect(&a).and_then(|mut s| serve(&g, &mut *s, every)) {
             eprintln!("vm-agent: {e}; trying again in {}s", a.interval_s);
         }
         std::thread::sleep(every);
@@ -60,21 +72,56 @@ fn hello(g: &Guest) -> Message {
     }
 }
 
+/// The channel: `--channel`, else vsock, else the virtio-serial port if the guest
+/// has one.
+fn connect(a: &Args) -> Result<Box<dyn Channel>, String> {
+    let open = |p: &std::path::Path| -> Result<Box<dyn Channel>, String> {
+        let is_socket = std::fs::metadata(p).map(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        });
+        match is_socket {
+            Ok(true) => std::os::unix::net::UnixStream::connect(p)
+                .map(|s| Box::new(s) as Box<dyn Channel>),
+            _ => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map(|f| Box::new(f) as Box<dyn Channel>),
+        }
+        .map_err(|e| format!("opening {}: {e}", p.display()))
+    };
+    if let Some(p) = &a.channel {
+        return open(p);
+    }
+    match vsock::VsockStream::connect_with_cid_port(HOST_CID, a.port) {
+        Ok(s) => Ok(Box::new(s)),
+        Err(e) => {
+            let serial = a.root.join(SERIAL_PORT);
+            match serial.exists() {
+                true => open(&serial),
+                false => Err(format!(
+                    "connecting to the host (vsock {HOST_CID}:{}): {e}; no virtio-serial port either",
+                    a.port
+                )),
+            }
+        }
+    }
+}
+
 /// One connection to the host, until it ends.
-fn serve(g: &Guest, port: u32, every: Duration) -> Result<(), String> {
-    let mut s = vsock::VsockStream::connect_with_cid_port(HOST_CID, port)
-        .map_err(|e| format!("connecting to the host (vsock {HOST_CID}:{port}): {e}"))?;
+fn serve(g: &Guest, s: &mut dyn Channel, every: Duration) -> Result<(), String> {
     let err = |e: ProtocolError| e.to_string();
-    protocol::write(&mut s, &hello(g)).map_err(err)?;
+    protocol::write(s, &hello(g)).map_err(err)?;
     let mut seq = 0;
     loop {
-        if !readable(&s, every)? {
+        if !readable(s, every)? {
             seq += 1;
-            protocol::write(&mut s, &Message::Heartbeat { seq }).map_err(err)?;
-            protocol::write(&mut s, &Message::Usage { samples: g.usage() }).map_err(err)?;
+            protocol::write(s, &Message::Heartbeat { seq }).map_err(err)?;
+            protocol::write(s, &Message::Usage { samples: g.usage() }).map_err(err)?;
             continue;
         }
-        let answer = match protocol::read(&mut s).map_err(err)? {
+        let answer = match protocol::read(s).map_err(err)? {
             Message::ReportNow => Message::Usage { samples: g.usage() },
             Message::LetGo { address } => {
                 let r = g.let_go(&address);
@@ -90,13 +137,13 @@ fn serve(g: &Guest, port: u32, every: Duration) -> Result<(), String> {
                 ))
             }
         };
-        protocol::write(&mut s, &answer).map_err(err)?;
+        protocol::write(s, &answer).map_err(err)?;
     }
 }
 
 /// Whether the host sent something within `wait` (a whole frame is then read
 /// blocking: a timeout never cuts one).
-fn readable(s: &impl AsRawFd, wait: Duration) -> Result<bool, String> {
+fn readable(s: &dyn Channel, wait: Duration) -> Result<bool, String> {
     let mut p = libc::pollfd {
         fd: s.as_raw_fd(),
         events: libc::POLLIN,

@@ -112,7 +112,7 @@ pub fn body(m: &Message) -> Result<Vec<u8>, ProtocolError> {
 }
 
 /// Writes `m` as one frame.
-pub fn write(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
+pub fn write(w: &mut (impl Write + ?Sized), m: &Message) -> Result<(), ProtocolError> {
     let body = body(m)?;
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
@@ -123,7 +123,7 @@ pub fn write(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
 
 /// Reads one frame: its length first, refused before the body is read when too
 /// long, then the body, checked.
-pub fn read(r: &mut impl Read) -> Result<Message, ProtocolError> {
+pub fn read(r: &mut (impl Read + ?Sized)) -> Result<Message, ProtocolError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),

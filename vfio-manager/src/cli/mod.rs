@@ -87,6 +87,17 @@ pub struct Want {
     /// default: the daemon's `[recovery]` configuration.
     #[arg(long, value_parser = ["notify", "replace"])]
     on_failure: Option<String>,
+    /// Where the VM's agent (vm-agent) speaks to the daemon: `cid:N` (vsock),
+    /// `unix:/PATH` (the daemon listens there: cloud-hypervisor's vsock socket and
+    /// port, `S_22086`), or `serial:/PATH` (the daemon connects to a virtio-serial
+    /// port's socket). Without one the daemon does not know how the devices are used.
+    #[arg(long)]
+    agent: Option<String>,
+    /// When all the lease's devices sit idle (`[usage]` thresholds): `notify`,
+    /// `unplug` (the agent lets go, the VMM removes the device, it returns to the
+    /// pool) or `release-on-stop`; default: the daemon's `[usage]` configuration.
+    #[arg(long, value_parser = ["notify", "unplug", "release-on-stop"])]
+    on_idle: Option<String>,
 }
 
 impl Want {
@@ -102,6 +113,8 @@ impl Want {
             },
             devices: self.devices.clone(),
             on_failure: self.on_failure.clone().unwrap_or_default(),
+            agent: self.agent.clone().unwrap_or_default(),
+            on_idle: self.on_idle.clone().unwrap_or_default(),
             ..Request::default()
         }
     }
@@ -211,8 +224,18 @@ enum Command {
         #[arg(long)]
         request_id: Option<String>,
     },
-    /// List leases (daemon only; changes nothing).
+    /// List leases, with their agents' state (daemon only; changes nothing).
     Leases,
+    /// Leased devices' usage as the guests' agents report it, refreshed in place
+    /// on a terminal, printed once when piped (daemon only; changes nothing).
+    Top {
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval_s: u64,
+    },
     /// The devices swapped in a lease, oldest first (daemon only; changes nothing).
     Swaps { lease: String },
     /// List devices quarantined as orphans: on vfio-pci with our driver_override, or
@@ -533,6 +556,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         | Command::Clear { .. }
         | Command::Replace { .. }
         | Command::Swaps { .. }
+        | Command::Top { .. }
         | Command::Leases => Err(vf_provisioner::Error::InvalidInput {
             what: "mode",
             input: "--direct".into(),
@@ -580,6 +604,7 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Detach { .. }
             | Command::Leases
             | Command::Swaps { .. }
+            | Command::Top { .. }
             | Command::Orphans
             | Command::Orphan(_)
             | Command::Health
@@ -588,6 +613,23 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Replace { .. }
             | Command::Migrate(_)
     ) || matches!(c, Command::Mdev(m) if mdev::through_daemon(m))
+}
+
+/// `vfctl top`: the usage table, redrawn every `every` seconds on a terminal.
+fn top(c: &client::Client, mut r: render::Renderer, once: bool, every: u64) -> Result<u8, CliError> {
+    use std::io::IsTerminal;
+    let live = !once && r.format == Output::Table && std::io::stdout().is_terminal();
+    loop {
+        let usage = c.usage_now()?;
+        if live {
+            r.clear()?;
+        }
+        r.usage(&usage)?;
+        if !live {
+            return Ok(exit::OK);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(every));
+    }
 }
 
 /// One command through the daemon.
@@ -601,7 +643,8 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Mdev(cmd) => mdev::mdev_daemon(&c, cmd, r),
         Command::Migrate(cmd) => mdev::migrate(&c, cmd, r),
         Command::List { .. } => r.devices(&c.devices()?),
-        Command::Leases => r.leases(&c.leases()?),
+        Command::Leases => r.leases(&c.leases()?, &c.agents()?),
+        Command::Top { once, interval_s } => top(&c, r, *once, *interval_s),
         Command::Swaps { lease } => r.swaps(&c.lease_swaps(lease)?),
         Command::Orphans => r.orphans(&c.orphans()?),
         Command::Health => r.health(&c.health()?),
@@ -655,7 +698,7 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
                 Some("libvirt") => r.libvirt_hostdevs(&lease),
                 Some("qemu") => r.qemu_devices(&lease),
                 Some(_) => r.ch_devices(&lease),
-                None => r.leases(&[lease]),
+                None => r.leases(&[lease], &[]),
             }
         }
         Command::Attach {

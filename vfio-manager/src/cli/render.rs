@@ -9,7 +9,7 @@ use vf_provisioner::ops::bind::Moved;
 use vf_provisioner::{Finding, Host, Level, PciAddress, PciFunction, Provisioner};
 
 use super::{exit, CliError, Output};
-use crate::api::{DeviceInfo, Lease};
+use crate::api::{AgentInfo, DeviceInfo, Lease, UsageInfo};
 
 pub struct Renderer<'a> {
     pub out: &'a mut dyn Write,
@@ -50,6 +50,13 @@ impl Renderer<'_> {
     pub(super) fn json(&mut self, v: &impl Serialize) -> Res {
         serde_json::to_writer_pretty(&mut *self.out, v).map_err(|e| io(e.into()))?;
         writeln!(self.out).map_err(io)?;
+        Ok(exit::OK)
+    }
+
+    /// Clears a terminal for the next frame (`vfctl top`).
+    pub(super) fn clear(&mut self) -> Res {
+        self.out.write_all(b"\x1b[H\x1b[2J").map_err(io)?;
+        self.out.flush().map_err(io)?;
         Ok(exit::OK)
     }
 
@@ -410,24 +417,70 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
-    pub fn leases(mut self, leases: &[Lease]) -> Res {
+    pub fn leases(mut self, leases: &[Lease], agents: &[AgentInfo]) -> Res {
         if self.format == Output::Json {
-            return self.json(&json!({ "leases": leases }));
+            return self.json(&json!({ "leases": leases, "agents": agents }));
         }
         if leases.is_empty() {
             return self.line("no leases");
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         for l in leases {
             self.line(&format!(
                 "lease {} for VM {} (request {}, profile {})",
                 l.id, l.vm_name, l.request_id, l.profile
             ))?;
+            let agent = match agents.iter().find(|a| a.lease_id == l.id) {
+                None => "none has spoken".to_string(),
+                Some(a) => format!(
+                    "{} on {} ({}, kernel {}), last heartbeat {} s ago",
+                    if a.connected { "connected" } else { "gone" },
+                    a.channel,
+                    a.agent,
+                    a.kernel,
+                    now.saturating_sub(a.last_heartbeat)
+                ),
+            };
+            self.line(&format!("  agent: {agent}"))?;
             for d in &l.devices {
                 self.line(&format!(
                     "  {}  {}  {}  {}",
                     d.address, d.id, d.vfio_path, d.sysfs_path
                 ))?;
             }
+        }
+        Ok(exit::OK)
+    }
+
+    /// `vfctl top`'s table (and `-o json`'s list); a value the guest does not
+    /// report is `-` (null).
+    pub fn usage(&mut self, usage: &[UsageInfo]) -> Res {
+        if self.format == Output::Json {
+            return self.json(&json!({ "usage": usage }));
+        }
+        if usage.is_empty() {
+            return self.line("no usage: no lease's agent has reported (vfctl leases shows them)");
+        }
+        let v = |x: f64| if x.is_nan() { "-".to_string() } else { format!("{x:.1}") };
+        let mut rows = vec![["LEASE", "VM", "DEVICE", "SOURCE", "BUSY%", "MEM%", "TEMP°C", "AT"]
+            .map(String::from)
+            .to_vec()];
+        rows.extend(usage.iter().map(|u| {
+            vec![
+                u.lease_id.clone(),
+                u.vm_name.clone(),
+                u.device.clone(),
+                u.source.clone(),
+                v(u.busy_percent),
+                v(u.memory_percent),
+                v(u.temperature_c),
+                u.at.to_string(),
+            ]
+        }));
+        for l in table(&rows) {
+            self.line(&l)?;
         }
         Ok(exit::OK)
     }
