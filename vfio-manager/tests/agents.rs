@@ -129,7 +129,14 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::large(1, 2), CONFIG, &[]);
     let dev = "0000:10:00.1";
-    let id = bus.client().devices().unwrap().into_iter().find(|i| i.address == dev).unwrap().id;
+    let id = bus
+        .client()
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.address == dev)
+        .unwrap()
+        .id;
     let sock = d.dir.path().join("ch.sock");
     let agent_sock = d.dir.path().join("vm1.vsock_22086");
     let vm = ch::api_server(&sock, None);
@@ -138,24 +145,43 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
     let (code, _, err) = vfctl(
         &bus,
         &[
-            "attach", "--ch-socket", sock.to_str().unwrap(), "--vm", "vm1", "--device", dev,
-            "--agent", &agent_arg, "--on-idle", "unplug",
+            "attach",
+            "--ch-socket",
+            sock.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--device",
+            dev,
+            "--agent",
+            &agent_arg,
+            "--on-idle",
+            "unplug",
         ],
     );
     assert_eq!(code, 0, "{err}");
     let lease = bus.client().leases().unwrap().remove(0);
-    wait_for(&d, "the daemon listening for the agent", || agent_sock.exists());
+    wait_for(&d, "the daemon listening for the agent", || {
+        agent_sock.exists()
+    });
 
     // Nobody speaks for a lease on another's channel: a peer that lies and one
     // that floods are dropped, named, and change nothing.
     for (i, (what, bytes)) in [
         ("too long", (1u32 << 30).to_be_bytes().to_vec()),
         ("not JSON", frame(b"\x00\x01garbage")),
-        ("before its hello", frame(br#"{"v":1,"type":"heartbeat","seq":1}"#)),
-        ("host's message", frame(br#"{"v":1,"type":"hello","agent":"x","kernel":"k","devices":[]}"#)
-            .into_iter()
-            .chain(frame(br#"{"v":1,"type":"let-go","address":"0000:00:04.0"}"#))
-            .collect()),
+        (
+            "before its hello",
+            frame(br#"{"v":1,"type":"heartbeat","seq":1}"#),
+        ),
+        (
+            "host's message",
+            frame(br#"{"v":1,"type":"hello","agent":"x","kernel":"k","devices":[]}"#)
+                .into_iter()
+                .chain(frame(
+                    br#"{"v":1,"type":"let-go","address":"0000:00:04.0"}"#,
+                ))
+                .collect(),
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -166,8 +192,16 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
         wait_for(&d, what, || d.log_text().matches("dropped").count() > i);
     }
     let log = d.log_text();
-    assert!(log.contains("VM vm1 (lease"), "dropped peers are named by VM: {log}");
-    for why in ["a frame of 1073741824 bytes", "not a message", "before its hello", "only the host sends"] {
+    assert!(
+        log.contains("VM vm1 (lease"),
+        "dropped peers are named by VM: {log}"
+    );
+    for why in [
+        "a frame of 1073741824 bytes",
+        "not a message",
+        "before its hello",
+        "only the host sends",
+    ] {
         assert!(log.contains(why), "{why}: {log}");
     }
 
@@ -176,33 +210,66 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
     let busy = traffic(counter, 2000); // 20 kB/s: over net_full_bytes_per_s
     let _agent = start_agent(&agent_sock, root.path());
     wait_for(&d, "the agent's hello", || {
-        bus.client().agents().unwrap().iter().any(|a| a.connected && a.lease_id == lease.id)
+        bus.client()
+            .agents()
+            .unwrap()
+            .iter()
+            .any(|a| a.connected && a.lease_id == lease.id)
     });
     let a = bus.client().agents().unwrap().remove(0);
-    assert_eq!(a.devices, [format!("{dev}=0000:00:04.0")], "paired by PCI id: {a:?}");
+    assert_eq!(
+        a.devices,
+        [format!("{dev}=0000:00:04.0")],
+        "paired by PCI id: {a:?}"
+    );
     assert_eq!(a.kernel, "6.12.0-guest");
     wait_for(&d, "usage above the alert", || {
-        bus.client().usage_now().unwrap().iter().any(|u| u.device == dev && u.busy_percent > 50.0)
+        bus.client()
+            .usage_now()
+            .unwrap()
+            .iter()
+            .any(|u| u.device == dev && u.busy_percent > 50.0)
     });
     let (code, out, _) = vfctl(&bus, &["top", "--once"]);
     assert_eq!(code, 0);
-    assert!(out.contains(dev) && out.contains("net") && out.contains("vm1"), "{out}");
+    assert!(
+        out.contains(dev) && out.contains("net") && out.contains("vm1"),
+        "{out}"
+    );
 
     // Quiet: usage falls, the lease goes idle, and its device is unplugged.
     busy.store(false, Ordering::SeqCst);
     wait_for(&d, "the lease reclaimed", || {
-        bus.client().leases().unwrap().iter().all(|l| l.devices.is_empty())
+        bus.client()
+            .leases()
+            .unwrap()
+            .iter()
+            .all(|l| l.devices.is_empty())
     });
-    let unbound = std::fs::read_to_string(root.path().join("sys/bus/pci/drivers/igbvf/unbind")).unwrap();
+    let unbound =
+        std::fs::read_to_string(root.path().join("sys/bus/pci/drivers/igbvf/unbind")).unwrap();
     assert_eq!(unbound, "0000:00:04.0", "the agent let go first");
-    assert!(!vm.devices.lock().unwrap().contains_key(&device_id(dev)), "the VM lost it");
-    assert_ne!(driver(&d.root, dev).as_deref(), Some("vfio-pci"), "back to the host");
+    assert!(
+        !vm.devices.lock().unwrap().contains_key(&device_id(dev)),
+        "the VM lost it"
+    );
+    assert_ne!(
+        driver(&d.root, dev).as_deref(),
+        Some("vfio-pci"),
+        "back to the host"
+    );
     let swaps = bus.client().lease_swaps(&lease.id).unwrap();
     assert!(
-        swaps.iter().any(|(out, new, why, _)| out == dev && new.is_empty() && why.contains("idle")),
+        swaps
+            .iter()
+            .any(|(out, new, why, _)| out == dev && new.is_empty() && why.contains("idle")),
         "the lease records it: {swaps:?}"
     );
-    assert!(d.audit_text().contains("\"op\":\"reclaim\""), "{}", d.audit_text());
+    assert!(
+        d.audit_text().contains("\"op\":\"reclaim\""),
+        "{}",
+        d.audit_text()
+    );
     // Offered again: a new request gets it.
     let again = bus.client().provision(&vfio_manager::api::Request {
         request_id: "again".into(),
@@ -214,7 +281,13 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
     match monitor {
         Some(m) => {
             let out = m.stop(Duration::from_millis(300));
-            for s in ["AgentConnected", "UsageAlert", "\"high\"", "LeaseIdle", "unplug"] {
+            for s in [
+                "AgentConnected",
+                "UsageAlert",
+                "\"high\"",
+                "LeaseIdle",
+                "unplug",
+            ] {
                 assert!(out.contains(s), "{s} in the signals: {out}");
             }
         }
@@ -239,8 +312,14 @@ fn bad_agent_channels_and_policies_are_refused_at_the_request() {
     }
     let (code, _, _) = vfctl(&bus, &["provision", "--vm", "vm1", "--on-idle", "evict"]);
     assert_ne!(code, 0);
-    assert!(bus.client().leases().unwrap().is_empty(), "nothing was leased");
-    let e = bus.client().usage_history("0000:10:00.1", 7, 0).unwrap_err();
+    assert!(
+        bus.client().leases().unwrap().is_empty(),
+        "nothing was leased"
+    );
+    let e = bus
+        .client()
+        .usage_history("0000:10:00.1", 7, 0)
+        .unwrap_err();
     assert_eq!(error_name(&e), "BadInput", "{e}");
     drop(d);
 }

@@ -343,9 +343,11 @@ fn sigkill_during_mediated_operations_loses_doubles_and_leaks_nothing() {
     for op in 0..ops {
         next += 1;
         let step = match rng.below(4) {
-            0 | 1 if held.len() < 4 => {
-                Step::Provision(Box::new(req(&format!("m{next}"), MTTY_2, 1 + rng.below(2) as u32)))
-            }
+            0 | 1 if held.len() < 4 => Step::Provision(Box::new(req(
+                &format!("m{next}"),
+                MTTY_2,
+                1 + rng.below(2) as u32,
+            ))),
             0..=2 if !held.is_empty() => Step::Release(
                 held.keys()
                     .nth(rng.below(held.len() as u64) as usize)

@@ -81,8 +81,9 @@ fn connect(a: &Args) -> Result<Box<dyn Channel>, String> {
             m.file_type().is_socket()
         });
         match is_socket {
-            Ok(true) => std::os::unix::net::UnixStream::connect(p)
-                .map(|s| Box::new(s) as Box<dyn Channel>),
+            Ok(true) => {
+                std::os::unix::net::UnixStream::connect(p).map(|s| Box::new(s) as Box<dyn Channel>)
+            }
             _ => std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)

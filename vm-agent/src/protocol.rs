@@ -200,7 +200,9 @@ fn check(m: &Message) -> Result<(), ProtocolError> {
                     ));
                 }
                 if out(u.temperature_c, -273.0..=1000.0) {
-                    return Err(ProtocolError::OutOfBounds("temperature_c: -273 to 1000".into()));
+                    return Err(ProtocolError::OutOfBounds(
+                        "temperature_c: -273 to 1000".into(),
+                    ));
                 }
             }
         }

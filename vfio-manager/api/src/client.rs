@@ -9,7 +9,8 @@ use zbus::zvariant::Value;
 
 use crate::error::ErrorName;
 use crate::{
-    AgentInfo, UsageInfo, DeviceInfo, HealthInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request, BUS_NAME,
+    AgentInfo, DeviceInfo, HealthInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request,
+    UsageInfo, BUS_NAME,
 };
 
 #[zbus::proxy(
@@ -24,7 +25,12 @@ pub trait Manager {
     fn lease_swaps(&self, lease_id: &str) -> zbus::Result<Vec<(String, String, String, u64)>>;
     fn list_agents(&self) -> zbus::Result<Vec<AgentInfo>>;
     fn usage_now(&self) -> zbus::Result<Vec<UsageInfo>>;
-    fn usage_history(&self, device: &str, span: u64, since: u64) -> zbus::Result<Vec<(u64, f64, f64)>>;
+    fn usage_history(
+        &self,
+        device: &str,
+        span: u64,
+        since: u64,
+    ) -> zbus::Result<Vec<(u64, f64, f64)>>;
     fn provision(&self, vm: &str, request: HashMap<&str, Value<'_>>) -> zbus::Result<Lease>;
     fn release(&self, lease: &str) -> zbus::Result<bool>;
     fn release_request(&self, request_id: &str) -> zbus::Result<bool>;
@@ -169,7 +175,12 @@ impl Client {
 
     /// A device's busy share: (start, average, maximum) per `span` (60 or 3600 s)
     /// since `since`.
-    pub fn usage_history(&self, device: &str, span: u64, since: u64) -> Result<Vec<(u64, f64, f64)>> {
+    pub fn usage_history(
+        &self,
+        device: &str,
+        span: u64,
+        since: u64,
+    ) -> Result<Vec<(u64, f64, f64)>> {
         self.run(self.proxy.usage_history(device, span, since))
     }
 

@@ -7,7 +7,8 @@ use std::collections::{BTreeSet, HashMap};
 use zbus::zvariant::{OwnedValue, Value};
 
 use crate::ids::{
-    parse_uuid, quote, AgentChannel, IdError, OnFailure, OnIdle, PciAddress, Profile, RequestId, VmName, Vmm,
+    parse_uuid, quote, AgentChannel, IdError, OnFailure, OnIdle, PciAddress, Profile, RequestId,
+    VmName, Vmm,
 };
 use crate::{ApiError, Request};
 

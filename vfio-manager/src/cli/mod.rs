@@ -616,7 +616,12 @@ fn through_daemon(c: &Command) -> bool {
 }
 
 /// `vfctl top`: the usage table, redrawn every `every` seconds on a terminal.
-fn top(c: &client::Client, mut r: render::Renderer, once: bool, every: u64) -> Result<u8, CliError> {
+fn top(
+    c: &client::Client,
+    mut r: render::Renderer,
+    once: bool,
+    every: u64,
+) -> Result<u8, CliError> {
     use std::io::IsTerminal;
     let live = !once && r.format == Output::Table && std::io::stdout().is_terminal();
     loop {

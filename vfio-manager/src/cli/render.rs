@@ -463,10 +463,18 @@ impl Renderer<'_> {
         if usage.is_empty() {
             return self.line("no usage: no lease's agent has reported (vfctl leases shows them)");
         }
-        let v = |x: f64| if x.is_nan() { "-".to_string() } else { format!("{x:.1}") };
-        let mut rows = vec![["LEASE", "VM", "DEVICE", "SOURCE", "BUSY%", "MEM%", "TEMP°C", "AT"]
-            .map(String::from)
-            .to_vec()];
+        let v = |x: f64| {
+            if x.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{x:.1}")
+            }
+        };
+        let mut rows = vec![[
+            "LEASE", "VM", "DEVICE", "SOURCE", "BUSY%", "MEM%", "TEMP°C", "AT",
+        ]
+        .map(String::from)
+        .to_vec()];
         rows.extend(usage.iter().map(|u| {
             vec![
                 u.lease_id.clone(),

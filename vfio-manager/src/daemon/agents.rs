@@ -57,7 +57,9 @@ impl Agents {
             l.insert((lease.to_string(), guest.to_string()), done);
         }
         let address = guest.to_string();
-        tx.send(Message::LetGo { address }).await.map_err(|_| "its agent left")?;
+        tx.send(Message::LetGo { address })
+            .await
+            .map_err(|_| "its agent left")?;
         match tokio::time::timeout(wait, answer).await {
             Ok(Ok((true, detail))) => Ok(detail),
             Ok(Ok((false, detail))) => Err(format!("the agent could not: {detail}")),
@@ -156,7 +158,13 @@ async fn unix_accept(
     while core.usage().lease_of(&ch).is_some() {
         match tokio::time::timeout(Duration::from_secs(1), l.accept()).await {
             Ok(Ok((s, _))) => {
-                tokio::spawn(session(s, ch.clone(), core.clone(), conn.clone(), agents.clone()));
+                tokio::spawn(session(
+                    s,
+                    ch.clone(),
+                    core.clone(),
+                    conn.clone(),
+                    agents.clone(),
+                ));
             }
             Ok(Err(e)) => eprintln!("vfio-manager: agents: {path}: {e}"),
             Err(_) => {}
@@ -184,11 +192,21 @@ async fn serial_connect(
 
 /// Reads one frame: the length, refused before the body when too long; the body
 /// within `FRAME_DEADLINE`.
-async fn read_frame(r: &mut (impl AsyncRead + Unpin), idle: Duration) -> Result<Message, ProtocolError> {
+async fn read_frame(
+    r: &mut (impl AsyncRead + Unpin),
+    idle: Duration,
+) -> Result<Message, ProtocolError> {
     let mut len = [0u8; 4];
     match tokio::time::timeout(idle, r.read_exact(&mut len)).await {
-        Err(_) => return Err(ProtocolError::Malformed(format!("silent for {} s", idle.as_secs()))),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
+        Err(_) => {
+            return Err(ProtocolError::Malformed(format!(
+                "silent for {} s",
+                idle.as_secs()
+            )))
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ProtocolError::Closed)
+        }
         Ok(r) => r?,
     };
     let len = u32::from_be_bytes(len) as usize;
@@ -302,7 +320,11 @@ async fn converse(
         let c = core.clone();
         let l = lease.to_string();
         match m {
-            Message::Hello { agent, kernel, devices } => {
+            Message::Hello {
+                agent,
+                kernel,
+                devices,
+            } => {
                 helloed = true;
                 let (ch2, a2, k2) = (ch.clone(), agent.clone(), kernel.clone());
                 let pairs = tokio::task::spawn_blocking(move || {
@@ -329,14 +351,19 @@ async fn converse(
                 let at = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |d| d.as_secs_f64());
-                let events = tokio::task::spawn_blocking(move || c.usage().sample(&l, &samples, at))
-                    .await
-                    .unwrap_or_default();
+                let events =
+                    tokio::task::spawn_blocking(move || c.usage().sample(&l, &samples, at))
+                        .await
+                        .unwrap_or_default();
                 for e in events {
                     act(e, core, conn, agents).await;
                 }
             }
-            Message::LetGoDone { address, ok, detail } => {
+            Message::LetGoDone {
+                address,
+                ok,
+                detail,
+            } => {
                 let waiting = agents
                     .let_goes
                     .lock()
@@ -357,10 +384,22 @@ async fn act(e: UsageEvent, core: &Arc<Core>, conn: &Connection, agents: &Arc<Ag
         return;
     };
     match e {
-        UsageEvent::Alert { lease, device, metric, level, value, .. } => {
+        UsageEvent::Alert {
+            lease,
+            device,
+            metric,
+            level,
+            value,
+            ..
+        } => {
             let _ = Manager::usage_alert(&emitter, &lease, &device, metric, level, value).await;
         }
-        UsageEvent::Idle { lease, vm, devices, action } => {
+        UsageEvent::Idle {
+            lease,
+            vm,
+            devices,
+            action,
+        } => {
             let detail = match action {
                 OnIdle::Notify => "idle; on_idle is notify: nothing changes".to_string(),
                 OnIdle::ReleaseOnStop => {

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::api::{ApiError, DeviceInfo, HealthInfo};
+use crate::api::{AgentInfo, ApiError, DeviceInfo, HealthInfo, UsageInfo};
 
 /// Upper bounds, seconds: sysfs writes take microseconds on a fake host and up to
 /// seconds on hardware (disabling VFs).
@@ -129,6 +129,69 @@ impl Metrics {
 
 /// Each device's health as a count per state, and the kernel's AER counts per
 /// device (since boot, as sysfs keeps them).
+/// A label value as the exposition format quotes it.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Per lease and per device: the agents and the latest usage they reported.
+pub fn render_usage(o: &mut String, agents: &[AgentInfo], usage: &[UsageInfo]) {
+    let _ = writeln!(o, "# HELP vfio_manager_agent_connected Whether a lease's in-guest agent is connected.\n# TYPE vfio_manager_agent_connected gauge");
+    for a in agents {
+        let _ = writeln!(
+            o,
+            "vfio_manager_agent_connected{{lease=\"{}\",vm=\"{}\"}} {}",
+            a.lease_id,
+            label(&a.vm_name),
+            u8::from(a.connected)
+        );
+    }
+    let _ = writeln!(o, "# HELP vfio_manager_agent_heartbeat_timestamp_seconds When a lease's agent last sent a heartbeat.\n# TYPE vfio_manager_agent_heartbeat_timestamp_seconds gauge");
+    for a in agents {
+        let _ = writeln!(
+            o,
+            "vfio_manager_agent_heartbeat_timestamp_seconds{{lease=\"{}\"}} {}",
+            a.lease_id, a.last_heartbeat
+        );
+    }
+    let mut lease: BTreeMap<(&str, &str), (f64, u32)> = BTreeMap::new();
+    for (name, help, pick) in [
+        ("busy_percent", "busy share", 0),
+        ("memory_percent", "memory in use, percent", 1),
+        ("temperature_celsius", "temperature", 2),
+    ] {
+        let _ = writeln!(o, "# HELP vfio_manager_device_{name} A leased device's {help}, as its guest's agent reported it.\n# TYPE vfio_manager_device_{name} gauge");
+        for u in usage {
+            let v = [u.busy_percent, u.memory_percent, u.temperature_c][pick];
+            if v.is_nan() {
+                continue;
+            }
+            if pick == 0 {
+                let e = lease.entry((&u.lease_id, &u.vm_name)).or_default();
+                *e = (e.0 + v, e.1 + 1);
+            }
+            let _ = writeln!(
+                o,
+                "vfio_manager_device_{name}{{device=\"{}\",lease=\"{}\",vm=\"{}\"}} {v}",
+                label(&u.device),
+                u.lease_id,
+                label(&u.vm_name)
+            );
+        }
+    }
+    let _ = writeln!(o, "# HELP vfio_manager_lease_busy_percent A lease's devices' mean busy share.\n# TYPE vfio_manager_lease_busy_percent gauge");
+    for ((l, vm), (sum, n)) in lease {
+        let _ = writeln!(
+            o,
+            "vfio_manager_lease_busy_percent{{lease=\"{l}\",vm=\"{}\"}} {}",
+            label(vm),
+            sum / f64::from(n)
+        );
+    }
+}
+
 fn render_health(o: &mut String, health: &[HealthInfo]) {
     let mut by_state: BTreeMap<&str, u64> =
         ["healthy", "degraded", "failed", "quarantined", "gone"]
@@ -157,6 +220,48 @@ fn render_health(o: &mut String, health: &[HealthInfo]) {
                 "vfio_manager_aer_errors{{device=\"{}\",severity=\"{severity}\"}} {n}",
                 h.name
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    #[test]
+    fn usage_gauges_quote_hostile_vm_names_and_skip_what_the_guest_does_not_say() {
+        let u = |busy: f64| UsageInfo {
+            lease_id: "0123456789abcdef".into(),
+            vm_name: "vm \"x\"\\ \n{}".into(),
+            device: "0000:10:00.1".into(),
+            source: "net".into(),
+            busy_percent: busy,
+            memory_percent: f64::NAN,
+            temperature_c: f64::NAN,
+            at: 1,
+        };
+        let mut o = String::new();
+        render_usage(&mut o, &[], &[u(40.0), u(60.0)]);
+        assert!(o.contains(r#"vm="vm \"x\"\\ \n{}""#), "{o}");
+        assert!(
+            o.contains("vfio_manager_lease_busy_percent{lease=\"0123456789abcdef\""),
+            "{o}"
+        );
+        assert!(o.contains("} 50\n"), "the lease's mean: {o}");
+        assert!(
+            !o.contains("vfio_manager_device_memory_percent{"),
+            "NaN is not exported: {o}"
+        );
+        assert!(o.lines().all(|l| !l.contains('\n')));
+    }
+
+    /// The shipped alert rules are valid (promtool, Debian package prometheus).
+    #[test]
+    fn the_alert_rules_pass_promtool() {
+        let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/vfio-manager.rules.yml");
+        match std::process::Command::new("promtool").args(["check", "rules", rules]).output() {
+            Ok(o) => assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+            Err(_) => eprintln!("SKIPPED: promtool (Debian package prometheus) is not installed; `make deps` installs it"),
         }
     }
 }

@@ -344,7 +344,10 @@ fn exposition(core: &Core) -> String {
     let devices = core.devices().unwrap_or_default();
     let health = core.health().list().unwrap_or_default();
     let leases = core.leases().map_or(0, |l| l.len());
-    core.metrics.render(&devices, &health, leases)
+    let mut text = core.metrics.render(&devices, &health, leases);
+    let usage = core.usage();
+    metrics::render_usage(&mut text, &usage.agent_infos(), &usage.now());
+    text
 }
 
 /// A minimal HTTP/1.0 responder: `GET /metrics` only.

@@ -571,7 +571,13 @@ impl Store {
             for span in [60i64, 3600] {
                 let at = m.at as i64 / span * span;
                 tx.prepare_cached(add)?.execute(params![
-                    m.device, span, at, m.lease, m.avg, m.max, m.samples as i64
+                    m.device,
+                    span,
+                    at,
+                    m.lease,
+                    m.avg,
+                    m.max,
+                    m.samples as i64
                 ])?;
             }
             let forget = "DELETE FROM usage WHERE span = ?1 AND at < ?2";

@@ -380,7 +380,11 @@ static VFCTL_FOR_ALL: LazyLock<PathBuf> = LazyLock::new(|| {
     let dir = std::env::temp_dir().join("vfio-manager-tests");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let copy = dir.join(format!("vfctl-{}-{}", meta.size(), meta.mtime_nsec() ^ meta.mtime()));
+    let copy = dir.join(format!(
+        "vfctl-{}-{}",
+        meta.size(),
+        meta.mtime_nsec() ^ meta.mtime()
+    ));
     if !copy.exists() {
         // Older builds' copies go; a process still running one keeps its inode.
         for old in std::fs::read_dir(&dir).unwrap().flatten() {

@@ -133,7 +133,13 @@ mod tests {
 
     #[test]
     fn each_spelling_round_trips() {
-        for s in ["", "cid:3", "cid:4294967294", "unix:/run/ch/vm1.vsock_22086", "serial:/run/a.sock"] {
+        for s in [
+            "",
+            "cid:3",
+            "cid:4294967294",
+            "unix:/run/ch/vm1.vsock_22086",
+            "serial:/run/a.sock",
+        ] {
             assert_eq!(s.parse::<AgentChannel>().unwrap().to_string(), s);
         }
         for s in ["notify", "unplug", "release-on-stop"] {

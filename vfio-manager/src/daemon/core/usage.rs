@@ -143,7 +143,9 @@ impl Usage<'_> {
         guest: Vec<GuestDevice>,
     ) -> BTreeMap<String, String> {
         let row = self.row(lease);
-        let pairs = row.as_ref().map_or_else(BTreeMap::new, |r| self.pair(r, &guest));
+        let pairs = row
+            .as_ref()
+            .map_or_else(BTreeMap::new, |r| self.pair(r, &guest));
         let now = crate::daemon::store::now();
         let mut agents = self.agents_mut();
         let a = agents.entry(lease.to_string()).or_default();
@@ -329,11 +331,10 @@ impl Usage<'_> {
             }
         }
         for m in minutes {
-            if let Err(e) = self.store().add_usage(
-                &m,
-                cfg.minutes_kept_h * 3600,
-                cfg.hours_kept_d * 86_400,
-            ) {
+            if let Err(e) =
+                self.store()
+                    .add_usage(&m, cfg.minutes_kept_h * 3600, cfg.hours_kept_d * 86_400)
+            {
                 eprintln!("vfio-manager: {}: cannot record its usage: {e}", m.device);
             }
         }
@@ -358,7 +359,11 @@ impl Usage<'_> {
             let _shared = self.shared();
             self.reclaim_shared(lease, device, why)
         });
-        let vm = self.agents_mut().get(lease).map(|a| a.vm.clone()).unwrap_or_default();
+        let vm = self
+            .agents_mut()
+            .get(lease)
+            .map(|a| a.vm.clone())
+            .unwrap_or_default();
         self.audit.record(
             0,
             "reclaim",
@@ -468,7 +473,6 @@ impl Usage<'_> {
         }
     }
 }
-
 
 /// A sample's busy share: the source's own, else (a NIC) its byte rate since the
 /// last sample over `full` bytes a second. A counter that went back (the guest
