@@ -7,9 +7,13 @@ cd /tmp
 
 NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-initramfs.cpio.gz"
 nested_vms() {
-    cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz /tmp/
+    cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz /mnt/host/nested-agent.cpio.gz /tmp/
     [ -c /dev/kvm ] || { fail "nested KVM: no /dev/kvm in the emulated host"; return; }
-    ./vfctl provision --vm nested --profile 8086:10c9 --request-id n1 --format qemu > /tmp/n1.args 2>&1
+    # The VM runs vm-agent over vhost-vsock (its CID names the lease), sends
+    # traffic on the VF for 10 s, then stays quiet.
+    ./vfctl provision --vm nested --profile 8086:10c9 --request-id n1 --agent cid:3 --format qemu > /tmp/n1.args 2>&1
+    NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-agent.cpio.gz -device vhost-vsock-pci,guest-cid=3"
+    NESTED_CMDLINE="agent=30 busy=10"
     nested_qemu
     # Once seen: QEMU printed nothing at all, not even an error (the nested guest
     # died before its console; an emulator fault under TCG). One more boot then;
@@ -19,19 +23,36 @@ nested_vms() {
         nested_qemu
     fi
     nested_sees /tmp/nested.log "a nested QEMU/KVM VM given the lease's $(cat /tmp/n1.args) sees the VF and binds igbvf"
+    nested_agent
     expect "the nested VM's lease is released" 0 ./vfctl release --request-id n1
+    NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-initramfs.cpio.gz"
+    NESTED_CMDLINE=
     if [ -x /mnt/host/ch/cloud-hypervisor ]; then
         nested_ch
     else
         echo "GUEST-SKIP cloud-hypervisor nested VM: CLOUD_HYPERVISOR was not set to a cloud-hypervisor binary (none is packaged; see docs/cloud-hypervisor.md)"
     fi
 }
+# What the daemon heard from the nested VM's agent, in order: its hello listing the
+# leased VF bound to igbvf, busy while the guest sent traffic, idle after.
+nested_agent() {
+    vf=$(grep -o 'host=[0-9a-f:.]*' /tmp/n1.args | head -1 | cut -d= -f2)
+    grep "NESTED-AGENT" /tmp/nested.log | sed 's/^/GUEST-INFO /' | head -8
+    grep -q "agents: VM nested (lease [0-9a-f]*) connected: vm-agent .* sees $vf as [0-9a-f:.]* (igbvf)" /tmp/daemon.log \
+        && pass "the daemon gets the nested VM's hello over vhost-vsock (CID 3): the leased VF $vf, bound to igbvf" \
+        || { fail "the agent's hello over vhost-vsock"; grep agents /tmp/daemon.log; }
+    order=$(grep -o "usage: VM nested .*: \(busy high\|busy ok\|idle\)" /tmp/daemon.log | awk '{print $NF}' | tr '\n' ' ')
+    echo "GUEST-INFO usage events of the nested VM, in order: $order"
+    echo "$order" | grep -q "high .*ok .*idle" \
+        && pass "utilisation rises while the nested guest sends traffic on the VF (UsageAlert high), and falls back to idle after" \
+        || { fail "utilisation follows the nested guest's traffic"; grep "usage:" /tmp/daemon.log; }
+}
 # The nested VM with the lease's arguments; its log ends with QEMU's exit status.
 nested_qemu() {
     t0=$(date +%s)
     timeout 240 /tmp/qemu/lib/ld-linux-x86-64.so.2 --library-path /tmp/qemu/lib /tmp/qemu/qemu-system-x86_64 \
         -L /tmp/qemu/share -machine q35 -accel kvm -cpu host -m 256M -smp 1 -nodefaults -display none \
-        -serial stdio -no-reboot $NESTED_KERNEL -append 'console=ttyS0 panic=-1 quiet' \
+        -serial stdio -no-reboot $NESTED_KERNEL -append "console=ttyS0 panic=-1 quiet $NESTED_CMDLINE" \
         $(cat /tmp/n1.args) < /dev/null > /tmp/nested.log 2>&1
     echo "NESTED-EXIT status $? after $(($(date +%s) - t0)) s" >> /tmp/nested.log
 }
@@ -160,6 +181,8 @@ export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
 # The daemon also manages the virtio-rng (PCIe errors, hot removal).
 sed 's/^manage = \[/manage = ["0000:04:00.0", /' /tmp/config.toml > /tmp/daemon.toml
 printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n[daemon]\ndma_probe = true\n' >> /tmp/daemon.toml
+# Usage thresholds for a nested VM's ping on an emulated NIC, in seconds.
+printf '[usage]\nnet_full_bytes_per_s = 20000\nbusy_alert_percent = 50\nbusy_alert_for_s = 0\nidle_for_s = 3\n' >> /tmp/daemon.toml
 ./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log > /tmp/daemon.log 2>&1 &
 daemon=$!
 up=0

@@ -31,7 +31,7 @@ fi
 # static-pie binary relocates itself at each exec (vfctl: ~50,000 relocations over
 # 1.4 MB), and under TCG each page touched costs.
 export RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static'
-cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p integration-tests --bin bench-ops --bin mtty-scratch 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
+cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p vm-agent --bin vm-agent -p integration-tests --bin bench-ops --bin mtty-scratch 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
 tests_json=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --test mdev_scenarios --test gate_table --no-run --message-format=json 2>/dev/null)
 test_exe() { echo "$tests_json" | grep -o "\"executable\":\"[^\"]*/$1-[^\"]*\"" | tail -1 | cut -d'"' -f4; }
 testbin=$(test_exe kernel_scenarios)
@@ -64,6 +64,10 @@ for f in bios-256k.bin linuxboot_dma.bin kvmvapic.bin; do
     cp -L "$(find /usr/share/qemu /usr/share/seabios -name $f | head -1)" "$SHARE/qemu/share/"
 done
 cp build/images/vmlinuz build/images/nested-initramfs.cpio.gz "$SHARE/"
+# The nested VM with vm-agent: the kernel unpacks concatenated archives in turn.
+agent_ir=$OUT/agent-initramfs
+rm -rf "$agent_ir" && mkdir -p "$agent_ir/bin" && cp target/$TARGET/release/vm-agent "$agent_ir/bin/"
+(cd "$agent_ir" && find . | cpio -o -H newc --quiet | gzip -1) | cat build/images/nested-initramfs.cpio.gz - > "$SHARE/nested-agent.cpio.gz"
 # cloud-hypervisor where CLOUD_HYPERVISOR names a binary (none is packaged here):
 # the guest then boots the nested VM with it too, cold and hot-plugged.
 if [ -n "${CLOUD_HYPERVISOR:-}" ]; then

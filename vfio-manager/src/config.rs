@@ -46,6 +46,12 @@
 //! let_go_timeout_s = 10             # the agent's time to unbind its driver before the unplug
 //! minutes_kept_h = 24               # minute averages kept; then hour averages ...
 //! hours_kept_d = 30                 # ... kept this many days
+//! [placement]                       # where new leases go; these are the defaults
+//! policy = "pack"                   # pack: fullest PF below the limit first (whole PFs stay free); spread: least pressed first
+//! pressure_limit_percent = 80       # pack tries a PF predicted above this last
+//! alpha = 0.5                       # the pressure prediction's smoothing (Holt: level ...
+//! beta = 0.3                        # ... and trend) ...
+//! horizon_s = 300                   # ... this far ahead
 //! ```
 
 use std::net::SocketAddr;
@@ -76,6 +82,31 @@ struct Raw {
     migration: RawMigration,
     recovery: RawRecovery,
     usage: RawUsage,
+    placement: RawPlacement,
+}
+
+/// `[placement]`: where new leases go, by predicted pressure.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPlacement {
+    policy: Spanned<String>,
+    pressure_limit_percent: f64,
+    alpha: f64,
+    beta: f64,
+    horizon_s: u64,
+}
+
+impl Default for RawPlacement {
+    fn default() -> Self {
+        let p = PlacementConfig::default();
+        RawPlacement {
+            policy: Spanned::new(0..0, "pack".into()),
+            pressure_limit_percent: p.pressure_limit_percent,
+            alpha: p.alpha,
+            beta: p.beta,
+            horizon_s: p.horizon_s,
+        }
+    }
 }
 
 /// `[usage]`: the in-guest agents, alert thresholds and idle reclamation.
@@ -178,6 +209,39 @@ pub struct Config {
     pub migration: MigrationConfig,
     pub recovery: RecoveryConfig,
     pub usage: UsageConfig,
+    pub placement: PlacementConfig,
+}
+
+/// `spread` (least pressed PF first) or `pack` (fullest PF below the limit first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementPolicy {
+    Spread,
+    Pack,
+}
+
+/// Where new leases go (`daemon::core::placement`).
+#[derive(Debug, Clone)]
+pub struct PlacementConfig {
+    pub policy: PlacementPolicy,
+    /// `pack` tries a PF predicted above this last.
+    pub pressure_limit_percent: f64,
+    /// Holt's smoothing weights: the level's and the trend's (0-1).
+    pub alpha: f64,
+    pub beta: f64,
+    /// How far ahead the pressure is predicted.
+    pub horizon_s: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            policy: PlacementPolicy::Pack,
+            pressure_limit_percent: 80.0,
+            alpha: 0.5,
+            beta: 0.3,
+            horizon_s: 300,
+        }
+    }
 }
 
 /// The in-guest agents, what usage raises an alert, and what idle devices cost
@@ -484,6 +548,30 @@ impl Config {
             minutes_kept_h: ru.minutes_kept_h.max(1),
             hours_kept_d: ru.hours_kept_d,
         };
+        let rp = raw.placement;
+        let weight = |w: f64, name: &str| match (0.0..=1.0).contains(&w) && w > 0.0 {
+            true => Ok(w),
+            false => Err(at(
+                None,
+                format!("[placement] {name} = {w}: a weight above 0, at most 1"),
+            )),
+        };
+        let placement = PlacementConfig {
+            policy: match rp.policy.get_ref().as_str() {
+                "spread" => PlacementPolicy::Spread,
+                "pack" => PlacementPolicy::Pack,
+                other => {
+                    return Err(at(
+                        Some(rp.policy.span()),
+                        format!("placement policy {other:?}: give spread or pack"),
+                    ))
+                }
+            },
+            pressure_limit_percent: rp.pressure_limit_percent,
+            alpha: weight(rp.alpha, "alpha")?,
+            beta: weight(rp.beta, "beta")?,
+            horizon_s: rp.horizon_s,
+        };
         let d = DaemonConfig::default();
         let m = MigrationConfig::default();
         let rm = raw.migration;
@@ -509,6 +597,7 @@ impl Config {
             migration,
             recovery,
             usage,
+            placement,
             devices: DeviceConfig {
                 gpu: raw.gpu,
                 manage: raw.manage.into_iter().map(Spanned::into_inner).collect(),

@@ -265,11 +265,10 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
             .any(|(out, new, why, _)| out == dev && new.is_empty() && why.contains("idle")),
         "the lease records it: {swaps:?}"
     );
-    assert!(
-        d.audit_text().contains("\"op\":\"reclaim\""),
-        "{}",
-        d.audit_text()
-    );
+    // Audited just after the table's commit.
+    wait_for(&d, "the reclaim audited", || {
+        d.audit_text().contains("\"op\":\"reclaim\"")
+    });
     // Offered again: a new request gets it.
     let again = bus.client().provision(&vfio_manager::api::Request {
         request_id: "again".into(),
@@ -322,4 +321,115 @@ fn bad_agent_channels_and_policies_are_refused_at_the_request() {
         .unwrap_err();
     assert_eq!(error_name(&e), "BadInput", "{e}");
     drop(d);
+}
+
+/// Placement by predicted pressure, and priority classes, with two VMs' real
+/// agents: `pack` fills the PF with leases unless its VFs' guests keep it busy; a
+/// `high` request takes an idle `low` lease's device, never a busy one.
+#[test]
+fn placement_avoids_a_pressed_pf_and_high_priority_takes_only_idle_low_devices() {
+    let bus = Bus::open();
+    let config = format!("{CONFIG}idle_for_s = 3600\n[placement]\npolicy = \"pack\"\n")
+        .replace("idle_for_s = 2\n", "");
+    let d = Daemon::start(&bus, layouts::large(2, 2), &config, &[]);
+    let low_dev = "0000:10:00.1";
+    let id = bus
+        .client()
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.address == low_dev)
+        .unwrap()
+        .id;
+    let sock = d.dir.path().join("ch.sock");
+    let agent_sock = d.dir.path().join("low.vsock_22086");
+    let vm = ch::api_server(&sock, None);
+    let agent_arg = format!("unix:{}", agent_sock.display());
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "attach",
+            "--ch-socket",
+            sock.to_str().unwrap(),
+            "--vm",
+            "low",
+            "--device",
+            low_dev,
+            "--agent",
+            &agent_arg,
+            "--priority",
+            "low",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let low = bus.client().leases().unwrap().remove(0);
+    wait_for(&d, "the daemon listening for the agent", || {
+        agent_sock.exists()
+    });
+    let root = tempfile::tempdir().unwrap();
+    let busy = traffic(guest(root.path(), &id), 2000);
+    let _agent = start_agent(&agent_sock, root.path());
+    wait_for(&d, "PF 10 predicted busy", || {
+        let p = bus.client().pressure().unwrap();
+        p.iter().any(|(pf, v, _)| pf == "0000:10:00.0" && *v > 80.0)
+    });
+    let (code, out, _) = vfctl(&bus, &["placement"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("0000:11:00.0")),
+        "PF 11 first: {out}"
+    );
+
+    let lease = |vm: &str, priority: &str| {
+        bus.client().provision(&vfio_manager::api::Request {
+            request_id: vm.into(),
+            vm_name: vm.into(),
+            priority: priority.into(),
+            ..Default::default()
+        })
+    };
+    // pack would take PF 10 (it has a lease); it is predicted over the limit.
+    let b = lease("b", "").unwrap();
+    assert!(b.devices[0].address.starts_with("0000:11:00."), "{b:?}");
+    lease("c", "").unwrap();
+    lease("d", "").unwrap();
+    // Full. Busy: nobody takes the low lease's device.
+    let e = lease("e", "high").unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "{e}");
+    busy.store(false, Ordering::SeqCst);
+    wait_for(&d, "the low lease idle", || {
+        bus.client()
+            .usage_now()
+            .unwrap()
+            .iter()
+            .any(|u| u.device == low_dev && u.busy_percent < 5.0)
+    });
+    std::thread::sleep(Duration::from_millis(1500)); // a second idle sample
+    let e = lease("f", "normal").unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "only high takes: {e}");
+    let has = |id: &str| {
+        bus.client()
+            .leases()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.id == id)
+            .unwrap()
+    };
+    assert_eq!(has(&low.id).devices.len(), 1);
+    let g = lease("g", "high").unwrap();
+    assert_eq!(g.devices[0].address, low_dev, "{g:?}");
+    assert!(has(&low.id).devices.is_empty(), "the low lease gave it up");
+    assert!(
+        !vm.devices.lock().unwrap().contains_key(&device_id(low_dev)),
+        "its VM lost it"
+    );
+    let swaps = bus.client().lease_swaps(&low.id).unwrap();
+    assert!(
+        swaps
+            .iter()
+            .any(|(_, _, why, _)| why.contains("high-priority VM g")),
+        "{swaps:?}"
+    );
 }

@@ -25,6 +25,7 @@ pub trait Manager {
     fn lease_swaps(&self, lease_id: &str) -> zbus::Result<Vec<(String, String, String, u64)>>;
     fn list_agents(&self) -> zbus::Result<Vec<AgentInfo>>;
     fn usage_now(&self) -> zbus::Result<Vec<UsageInfo>>;
+    fn pressure(&self) -> zbus::Result<Vec<(String, f64, u32)>>;
     fn usage_history(
         &self,
         device: &str,
@@ -167,6 +168,12 @@ impl Client {
 
     pub fn agents(&self) -> Result<Vec<AgentInfo>> {
         self.run(self.proxy.list_agents())
+    }
+
+    /// Each PF's predicted pressure (NaN: no usage known) and its place in the
+    /// next lease's order.
+    pub fn pressure(&self) -> Result<Vec<(String, f64, u32)>> {
+        self.run(self.proxy.pressure())
     }
 
     pub fn usage_now(&self) -> Result<Vec<UsageInfo>> {

@@ -7,8 +7,8 @@ use std::collections::{BTreeSet, HashMap};
 use zbus::zvariant::{OwnedValue, Value};
 
 use crate::ids::{
-    parse_uuid, quote, AgentChannel, IdError, OnFailure, OnIdle, PciAddress, Profile, RequestId,
-    VmName, Vmm,
+    parse_uuid, quote, AgentChannel, IdError, OnFailure, OnIdle, PciAddress, Priority, Profile,
+    RequestId, VmName, Vmm,
 };
 use crate::{ApiError, Request};
 
@@ -57,6 +57,9 @@ pub fn encode(r: &Request) -> HashMap<&'static str, Value<'_>> {
     if !r.on_idle.is_empty() {
         opts.insert("on_idle", r.on_idle.as_str().into());
     }
+    if !r.priority.is_empty() {
+        opts.insert("priority", r.priority.as_str().into());
+    }
     opts
 }
 
@@ -88,9 +91,10 @@ pub fn decode(
             "vmm" => r.vmm = String::try_from(v).map_err(bad)?,
             "agent" => r.agent = String::try_from(v).map_err(bad)?,
             "on_idle" => r.on_idle = String::try_from(v).map_err(bad)?,
+            "priority" => r.priority = String::try_from(v).map_err(bad)?,
             _ => {
                 return Err(ApiError::BadInput(format!(
-                    "unknown request key \"{}\"; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt, on_failure, vmm, agent, on_idle",
+                    "unknown request key \"{}\"; known: request_id, vm_uuid, profile, count, numa_node, pfs, devices, adopt, on_failure, vmm, agent, on_idle, priority",
                     quote(&k)
                 )))
             }
@@ -117,6 +121,7 @@ pub fn check(r: &Request) -> Result<(), ApiError> {
     }
     r.vmm.parse::<Vmm>()?;
     r.agent.parse::<AgentChannel>()?;
+    r.priority.parse::<Priority>()?;
     if !r.on_idle.is_empty() {
         r.on_idle.parse::<OnIdle>()?;
     }
@@ -186,6 +191,7 @@ mod tests {
             vmm: "ch:/run/ch/vm1.sock".into(),
             agent: "cid:7".into(),
             on_idle: "unplug".into(),
+            priority: "high".into(),
         };
         let back = decode("vm1".into(), owned(encode(&r)), || unreachable!()).unwrap();
         assert_eq!(back, r);

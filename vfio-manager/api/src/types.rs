@@ -29,7 +29,7 @@ pub fn device_path(address: &str) -> OwnedObjectPath {
 
 /// What a VM asks for. Sent as the `a{sv}` of `Provision` (keys: `request_id`,
 /// `vm_uuid`, `profile`, `count`, `numa_node`, `pfs`, `devices`, `adopt`,
-/// `on_failure`, `vmm`, `agent`, `on_idle`), so that
+/// `on_failure`, `vmm`, `agent`, `on_idle`, `priority`), so that
 /// fields can be added without a new API version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -64,6 +64,9 @@ pub struct Request {
     /// When the devices sit idle: `notify`, `unplug` or `release-on-stop`
     /// (`ids::OnIdle`); empty: the configuration's `[usage]` decides.
     pub on_idle: String,
+    /// `low`, `normal` (empty) or `high` (`ids::Priority`): a high request may take
+    /// the devices of idle low leases.
+    pub priority: String,
 }
 
 impl Default for Request {
@@ -82,6 +85,7 @@ impl Default for Request {
             vmm: String::new(),
             agent: String::new(),
             on_idle: String::new(),
+            priority: String::new(),
         }
     }
 }

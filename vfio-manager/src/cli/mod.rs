@@ -98,6 +98,10 @@ pub struct Want {
     /// pool) or `release-on-stop`; default: the daemon's `[usage]` configuration.
     #[arg(long, value_parser = ["notify", "unplug", "release-on-stop"])]
     on_idle: Option<String>,
+    /// `high` may take the devices of `low` leases that sit idle when too few are
+    /// free (they are unplugged from their VMs); default `normal`.
+    #[arg(long, value_parser = ["low", "normal", "high"])]
+    priority: Option<String>,
 }
 
 impl Want {
@@ -115,6 +119,7 @@ impl Want {
             on_failure: self.on_failure.clone().unwrap_or_default(),
             agent: self.agent.clone().unwrap_or_default(),
             on_idle: self.on_idle.clone().unwrap_or_default(),
+            priority: self.priority.clone().unwrap_or_default(),
             ..Request::default()
         }
     }
@@ -226,6 +231,9 @@ enum Command {
     },
     /// List leases, with their agents' state (daemon only; changes nothing).
     Leases,
+    /// Where the next lease goes: each PF's predicted compute pressure and its
+    /// place in the order (`[placement]`; daemon only; changes nothing).
+    Placement,
     /// Leased devices' usage as the guests' agents report it, refreshed in place
     /// on a terminal, printed once when piped (daemon only; changes nothing).
     Top {
@@ -557,6 +565,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         | Command::Replace { .. }
         | Command::Swaps { .. }
         | Command::Top { .. }
+        | Command::Placement
         | Command::Leases => Err(vf_provisioner::Error::InvalidInput {
             what: "mode",
             input: "--direct".into(),
@@ -605,6 +614,7 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Leases
             | Command::Swaps { .. }
             | Command::Top { .. }
+            | Command::Placement
             | Command::Orphans
             | Command::Orphan(_)
             | Command::Health
@@ -650,6 +660,7 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::List { .. } => r.devices(&c.devices()?),
         Command::Leases => r.leases(&c.leases()?, &c.agents()?),
         Command::Top { once, interval_s } => top(&c, r, *once, *interval_s),
+        Command::Placement => r.pressure(&c.pressure()?),
         Command::Swaps { lease } => r.swaps(&c.lease_swaps(lease)?),
         Command::Orphans => r.orphans(&c.orphans()?),
         Command::Health => r.health(&c.health()?),

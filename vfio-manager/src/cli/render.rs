@@ -454,6 +454,30 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    /// `vfctl placement`: the PFs in the order the next lease tries them.
+    pub fn pressure(mut self, pfs: &[(String, f64, u32)]) -> Res {
+        if self.format == Output::Json {
+            let list: Vec<_> = pfs
+                .iter()
+                .map(|(pf, p, i)| json!({ "pf": pf, "predicted_percent": p, "order": i }))
+                .collect();
+            return self.json(&json!({ "pfs": list }));
+        }
+        let mut rows = vec![["ORDER", "PF", "PREDICTED%"].map(String::from).to_vec()];
+        rows.extend(pfs.iter().map(|(pf, p, i)| {
+            let p = if p.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{p:.1}")
+            };
+            vec![i.to_string(), pf.clone(), p]
+        }));
+        for l in table(&rows) {
+            self.line(&l)?;
+        }
+        Ok(exit::OK)
+    }
+
     /// `vfctl top`'s table (and `-o json`'s list); a value the guest does not
     /// report is `-` (null).
     pub fn usage(&mut self, usage: &[UsageInfo]) -> Res {

@@ -337,7 +337,7 @@ async fn converse(
                 }
                 eprintln!(
                     "vfio-manager: agents: VM {vm} (lease {lease}) connected: {agent}, kernel {kernel}, sees {}",
-                    pairs.iter().map(|(h, g)| format!("{h} as {g}")).collect::<Vec<_>>().join(", ")
+                    pairs.join(", ")
                 );
                 if let Ok(e) = SignalEmitter::new(conn, api::MANAGER_PATH) {
                     let _ = Manager::agent_connected(&e, lease, vm, &agent, &kernel).await;
@@ -386,12 +386,15 @@ async fn act(e: UsageEvent, core: &Arc<Core>, conn: &Connection, agents: &Arc<Ag
     match e {
         UsageEvent::Alert {
             lease,
+            vm,
             device,
             metric,
             level,
             value,
-            ..
         } => {
+            eprintln!(
+                "vfio-manager: usage: VM {vm} (lease {lease}): {metric} {level} on {device} ({value:.1})"
+            );
             let _ = Manager::usage_alert(&emitter, &lease, &device, metric, level, value).await;
         }
         UsageEvent::Idle {

@@ -345,6 +345,25 @@ impl Manager {
         blocking(move || Ok(core.usage().now())).await
     }
 
+    /// Each PF's predicted compute pressure (`[placement] horizon_s` ahead), and
+    /// its place in the order the next lease tries PFs (0: first).
+    async fn pressure(&self) -> Result<Vec<(String, f64, u32)>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || {
+            let p = core.placement();
+            let predicted = p.predictions();
+            Ok(p.order()
+                .into_iter()
+                .enumerate()
+                .map(|(i, pf)| {
+                    let v = predicted.get(&pf).copied().unwrap_or(f64::NAN);
+                    (pf, v, i as u32)
+                })
+                .collect())
+        })
+        .await
+    }
+
     /// Device `device`'s busy share, (start, average, maximum) per `span` seconds
     /// (60: minutes, 3600: hours) since `since` (seconds since the epoch).
     async fn usage_history(

@@ -20,6 +20,7 @@
 //! | [`Vmm`]       | empty, `libvirt`, or `ch:` and an absolute socket path without `..` or control characters | 110 bytes |
 //! | [`AgentChannel`] | empty, `cid:N` (3 to 2^32-2), `unix:` or `serial:` and such a socket path | 114 bytes |
 //! | [`OnIdle`]    | `notify`, `unplug` or `release-on-stop`                      | 15 bytes |
+//! | [`Priority`]  | empty, `low`, `normal` or `high`                             | 6 bytes |
 
 mod held;
 mod names;
@@ -34,7 +35,7 @@ pub use names::{
 };
 pub use pci::PciAddress;
 pub use recovery::{OnFailure, Vmm};
-pub use usage::{AgentChannel, OnIdle};
+pub use usage::{AgentChannel, OnIdle, Priority};
 
 /// How a caller should classify an error (the CLI maps these to exit codes, the
 /// daemon to D-Bus error names).

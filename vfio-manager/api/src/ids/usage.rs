@@ -127,6 +127,37 @@ impl fmt::Display for OnIdle {
     }
 }
 
+/// A lease's priority class: a `high` request may take the devices of idle `low`
+/// leases when too few are free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    Low,
+    Normal,
+    High,
+}
+
+impl FromStr for Priority {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Priority, IdError> {
+        match s {
+            "low" => Ok(Priority::Low),
+            "" | "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            _ => Err(IdError::new("priority", s, "give low, normal or high")),
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +202,9 @@ mod tests {
             assert!(!e.contains('\n') && e.len() < 400, "{e}");
         }
         assert!("Unplug".parse::<OnIdle>().is_err());
+        for bad in ["urgent", "HIGH", " high"] {
+            assert!(bad.parse::<Priority>().is_err(), "{bad}");
+        }
+        assert_eq!("".parse::<Priority>().unwrap(), Priority::Normal);
     }
 }

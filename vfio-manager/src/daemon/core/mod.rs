@@ -8,7 +8,8 @@
 //! - [`Migration`] (`migration.rs`): device state between two daemons;
 //! - [`Health`] (`health.rs`): device health, an operator's quarantine and clear;
 //! - [`Recovery`] (`recovery.rs`): a failed device of a lease swapped for a healthy one;
-//! - [`Usage`] (`usage.rs`): what the guests' agents say: usage, alerts, idle reclaim.
+//! - [`Usage`] (`usage.rs`): what the guests' agents say: usage, alerts, idle reclaim;
+//! - [`Placement`] (`placement.rs`): where new leases go, by predicted pressure.
 //!
 //! None of them decides whether a device may be touched: they ask the gate
 //! (`vf_provisioner::ops::gate`). Every change to the host is written as an intent
@@ -31,6 +32,7 @@ mod direct;
 mod health;
 mod mediated;
 mod migration;
+mod placement;
 mod pool;
 mod recovery;
 mod restore;
@@ -82,6 +84,8 @@ services! {
     Recovery => recovery;
     /// How leased devices are used (the guests' agents): alerts, idle reclaim.
     Usage => usage;
+    /// Where new leases go, by predicted pressure; priority classes.
+    Placement => placement;
 }
 
 use super::audit::Audit;
@@ -124,6 +128,8 @@ pub struct Core {
     aer_seen: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, u64)>>>,
     /// Each lease's agent, by lease id (`usage`).
     agents: Mutex<BTreeMap<String, Agent>>,
+    /// Each PF's predicted pressure (`placement`).
+    pressure: Mutex<BTreeMap<String, placement::Holt>>,
     config: Config,
     pub audit: Audit,
     pub metrics: Metrics,
@@ -297,6 +303,7 @@ impl Core {
             recovering: Mutex::new(BTreeMap::new()),
             aer_seen: Mutex::new(BTreeMap::new()),
             agents: Mutex::new(BTreeMap::new()),
+            pressure: Mutex::new(BTreeMap::new()),
             config,
             audit,
             metrics: Metrics::default(),

@@ -43,14 +43,27 @@ struct Picker<'a> {
 impl Pool<'_> {
     pub fn provision(&self, req: Request, uid: u32) -> Result<(Lease, bool), ApiError> {
         crate::api::codec::check(&req)?;
-        let r = self.timed("provision", || {
-            let _shared = self.shared();
-            // The same request id twice at once: the second waits and gets the first's lease.
-            let _same = self
-                .claims
-                .wait(vec![format!("request {}", req.request_id)]);
-            self.provision_claimed(&req, uid)
-        });
+        let once = || {
+            self.timed("provision", || {
+                let _shared = self.shared();
+                // The same request id twice at once: the second waits and gets the first's lease.
+                let _same = self
+                    .claims
+                    .wait(vec![format!("request {}", req.request_id)]);
+                self.provision_claimed(&req, uid)
+            })
+        };
+        let mut r = once();
+        // A high-priority request short of devices takes idle low-priority ones.
+        if matches!(r, Err(ApiError::NoDevice(_))) {
+            let freed = self.placement().preempt_for(&req, req.count as usize);
+            for line in &freed {
+                eprintln!("vfio-manager: placement: {line}");
+            }
+            if !freed.is_empty() {
+                r = once();
+            }
+        }
         match &r {
             Ok((lease, true)) => self.audit.record(
                 uid,
@@ -201,7 +214,9 @@ impl Pool<'_> {
     /// many candidates it looked at: every one the table has when it found too few.
     fn free_for(&self, req: &Request) -> Result<(Vec<Passed>, usize, Claim<'_>), ApiError> {
         let mut preferred: Vec<String> = Vec::new();
-        for p in req.pfs.iter().map(|p| normalize(p)) {
+        // The request's own PFs first, then the placement policy's order.
+        let order = self.placement().order();
+        for p in req.pfs.iter().map(|p| normalize(p)).chain(order) {
             if !preferred.contains(&p) {
                 preferred.push(p);
             }

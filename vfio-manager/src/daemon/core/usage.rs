@@ -24,7 +24,7 @@ use vf_provisioner::Op;
 use vm_agent::protocol::{GuestDevice, Usage as Sample};
 
 use super::{addrs_of, failed, Usage};
-use crate::api::ids::{AgentChannel, Held, LeaseId, OnIdle, Vmm};
+use crate::api::ids::{AgentChannel, Held, LeaseId, OnIdle, Priority, Vmm};
 use crate::api::{AgentInfo, ApiError, UsageInfo};
 use crate::daemon::store::{Guards, Intent, LeaseRow, UsageMinute};
 use crate::vmm::reach;
@@ -132,8 +132,8 @@ impl Usage<'_> {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An agent's hello: who it is and what the guest sees. Returns the lease's
-    /// host devices paired with guest devices.
+    /// An agent's hello: who it is and what the guest sees. Returns each of the
+    /// lease's devices the guest has, for the log: `HOST as GUEST (DRIVER)`.
     pub fn hello(
         &self,
         lease: &str,
@@ -141,11 +141,24 @@ impl Usage<'_> {
         agent: &str,
         kernel: &str,
         guest: Vec<GuestDevice>,
-    ) -> BTreeMap<String, String> {
+    ) -> Vec<String> {
         let row = self.row(lease);
         let pairs = row
             .as_ref()
             .map_or_else(BTreeMap::new, |r| self.pair(r, &guest));
+        let seen = pairs
+            .iter()
+            .map(|(h, g)| {
+                let driver = guest
+                    .iter()
+                    .find(|d| &d.address == g)
+                    .map(|d| d.driver.as_str());
+                format!(
+                    "{h} as {g} ({})",
+                    driver.filter(|d| !d.is_empty()).unwrap_or("no driver")
+                )
+            })
+            .collect();
         let now = crate::daemon::store::now();
         let mut agents = self.agents_mut();
         let a = agents.entry(lease.to_string()).or_default();
@@ -159,10 +172,10 @@ impl Usage<'_> {
             since: now,
             last_heartbeat: now,
             guest,
-            pairs: pairs.clone(),
+            pairs,
             ..Agent::default()
         };
-        pairs
+        seen
     }
 
     /// Each host device of `row` with the guest device of the same PCI id, both
@@ -330,6 +343,7 @@ impl Usage<'_> {
                 events.extend(idle(a, now, cfg, action));
             }
         }
+        self.placement().observe(&self.pf_means(), now);
         for m in minutes {
             if let Err(e) =
                 self.store()
@@ -339,6 +353,47 @@ impl Usage<'_> {
             }
         }
         events
+    }
+
+    /// Each PF's mean busy share over its leased VFs that report one.
+    fn pf_means(&self) -> BTreeMap<String, f64> {
+        let devices = self.devices().unwrap_or_default();
+        let pf_of: BTreeMap<&str, &str> = devices
+            .iter()
+            .filter(|d| !d.pf.is_empty())
+            .map(|d| (d.address.as_str(), d.pf.as_str()))
+            .collect();
+        let mut sums: BTreeMap<String, (f64, u32)> = BTreeMap::new();
+        for a in self.agents_mut().values() {
+            for (dev, u) in &a.devices {
+                if let (Some(pf), Some(b)) = (pf_of.get(dev.as_str()), u.busy) {
+                    let e = sums.entry(pf.to_string()).or_default();
+                    *e = (e.0 + b, e.1 + 1);
+                }
+            }
+        }
+        sums.into_iter()
+            .map(|(pf, (s, n))| (pf, s / f64::from(n)))
+            .collect()
+    }
+
+    /// The devices of connected leases of `priority` whose devices are all idle
+    /// now (below `idle_below_percent`), as (lease, device).
+    pub fn idle_devices(&self, priority: Priority) -> Vec<(String, String)> {
+        let rows = self.store().leases().unwrap_or_default();
+        let agents = self.agents_mut();
+        rows.into_iter()
+            .filter(|r| r.request.priority.parse::<Priority>().ok() == Some(priority))
+            .filter(|r| {
+                agents
+                    .get(&r.id)
+                    .is_some_and(|a| a.connected && a.idle_since.is_some())
+            })
+            .flat_map(|r| {
+                let id = r.id.clone();
+                r.devices.into_iter().map(move |h| (id.clone(), h.name()))
+            })
+            .collect()
     }
 
     /// A device's series: minute (`span` 60) or hour (3600) averages since `since`.
