@@ -4,6 +4,7 @@
 //! under an injected root, so that tests run it on a tree of files.
 
 pub mod protocol;
+pub mod sources;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,9 +12,18 @@ use std::path::{Path, PathBuf};
 use protocol::{GuestDevice, Usage};
 use vfio_manager_api::ids::PciAddress;
 
+/// Engine time per (device, engine) at an instant: DRM fdinfo's last reading.
+type DrmReading = (
+    std::time::Instant,
+    std::collections::BTreeMap<(String, String), u64>,
+);
+
 /// The guest's sysfs, under `root` (`/` in a guest).
 pub struct Guest {
     root: PathBuf,
+    /// `nvidia-smi`, where the guest has it.
+    pub nvidia_smi: Option<PathBuf>,
+    drm_last: std::sync::Mutex<Option<DrmReading>>,
 }
 
 fn read_trim(p: &Path) -> Option<String> {
@@ -32,7 +42,16 @@ fn link_name(p: &Path) -> Option<String> {
 
 impl Guest {
     pub fn new(root: impl Into<PathBuf>) -> Guest {
-        Guest { root: root.into() }
+        let root = root.into();
+        let nvidia_smi = ["usr/bin/nvidia-smi", "bin/nvidia-smi"]
+            .iter()
+            .map(|p| root.join(p))
+            .find(|p| p.exists());
+        Guest {
+            root,
+            nvidia_smi,
+            drm_last: Default::default(),
+        }
     }
 
     fn devices_dir(&self) -> PathBuf {
@@ -70,33 +89,52 @@ impl Guest {
         out
     }
 
-    /// A sample for each device whose usage the guest can tell. For the emulated
-    /// stand-ins (NICs): the bytes its network interfaces moved since boot.
+    /// A sample for each device whose usage the guest can tell, from the best
+    /// source it has (`sources`).
     pub fn usage(&self) -> Vec<Usage> {
+        let nvidia = self
+            .nvidia_smi
+            .as_deref()
+            .map(sources::nvidia)
+            .unwrap_or_default();
+        let drm = self.drm_busy();
         let mut out = Vec::new();
         for d in self.devices() {
-            let net = self.devices_dir().join(&d.address).join("net");
-            let Ok(ifaces) = fs::read_dir(&net) else {
-                continue;
-            };
-            let mut bytes = 0u64;
-            for i in ifaces.flatten() {
-                for f in ["rx_bytes", "tx_bytes"] {
-                    let p = i.path().join("statistics").join(f);
-                    bytes = bytes
-                        .saturating_add(read_trim(&p).and_then(|v| v.parse().ok()).unwrap_or(0));
-                }
-            }
-            out.push(Usage {
-                address: d.address,
-                source: "net".into(),
-                busy_percent: None,
-                memory_percent: None,
-                temperature_c: None,
-                bytes: Some(bytes),
-            });
+            let dir = self.devices_dir().join(&d.address);
+            let found = nvidia
+                .get(&d.address)
+                .cloned()
+                .or_else(|| sources::amdgpu(&dir, &d.address))
+                .or_else(|| {
+                    drm.get(&d.address).map(|b| Usage {
+                        address: d.address.clone(),
+                        source: "drm-fdinfo".into(),
+                        busy_percent: Some(*b),
+                        bytes: None,
+                        memory_percent: None,
+                        temperature_c: None,
+                    })
+                })
+                .or_else(|| sources::net(&dir, &d.address));
+            out.extend(found);
         }
+        out.truncate(protocol::MAX_DEVICES);
         out
+    }
+
+    /// Each DRM device's busy share since the last call (none the first time).
+    fn drm_busy(&self) -> std::collections::BTreeMap<String, f32> {
+        let now = sources::drm_engine_ns(&self.root.join("proc"));
+        let t = std::time::Instant::now();
+        let mut last = self.drm_last.lock().unwrap_or_else(|e| e.into_inner());
+        let busy = match last.take() {
+            Some((at, before)) => {
+                sources::drm_busy(&before, &now, t.duration_since(at).as_nanos() as u64)
+            }
+            None => Default::default(),
+        };
+        *last = Some((t, now));
+        busy
     }
 
     /// Unbinds the guest driver of the device at `address` (the host's `let-go`).
