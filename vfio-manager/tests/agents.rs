@@ -433,3 +433,62 @@ fn placement_avoids_a_pressed_pf_and_high_priority_takes_only_idle_low_devices()
         "{swaps:?}"
     );
 }
+
+/// A virtio-serial port as QEMU makes one: QEMU binds the host side's socket (the
+/// daemon connects to it, `serial:` channel) and the guest's port is a character
+/// device. Here the guest side is a second socket the agent opens with
+/// `--channel`, and the test relays bytes between the two, as QEMU does.
+#[test]
+fn an_agent_on_a_virtio_serial_port_reaches_the_daemon() {
+    use std::os::unix::net::UnixListener;
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), CONFIG, &[]);
+    let dev = "0000:10:00.1";
+    let id = bus
+        .client()
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.address == dev)
+        .unwrap()
+        .id;
+    let host_side = d.dir.path().join("vm1.agent.sock");
+    let guest_side = d.dir.path().join("guest-port.sock");
+    let qemu = UnixListener::bind(&host_side).unwrap();
+    let port = UnixListener::bind(&guest_side).unwrap();
+    std::thread::spawn(move || {
+        let (daemon, _) = qemu.accept().unwrap();
+        let (guest, _) = port.accept().unwrap();
+        let relay = |mut from: UnixStream, mut to: UnixStream| {
+            std::thread::spawn(move || std::io::copy(&mut from, &mut to))
+        };
+        relay(daemon.try_clone().unwrap(), guest.try_clone().unwrap());
+        relay(guest, daemon);
+    });
+    let agent = format!("serial:{}", host_side.display());
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "provision",
+            "--vm",
+            "vm1",
+            "--device",
+            dev,
+            "--agent",
+            &agent,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let root = tempfile::tempdir().unwrap();
+    guest(root.path(), &id);
+    let _agent = start_agent(&guest_side, root.path());
+    wait_for(&d, "the agent's hello through the serial port", || {
+        bus.client()
+            .agents()
+            .unwrap()
+            .iter()
+            .any(|a| a.connected && a.channel == agent)
+    });
+    let a = bus.client().agents().unwrap().remove(0);
+    assert_eq!(a.devices, [format!("{dev}=0000:00:04.0")], "{a:?}");
+}
