@@ -50,6 +50,8 @@ demo-fake: build
 bench: build bench-real-kernel
 	$(CARGO) build --release -p integration-tests
 	$(RELEASE)/bench-list 64 64 15
+	$(CARGO) build --release -p vm-agent
+	$(RELEASE)/bench-agent 8 20 5
 	$(CARGO) bench -p vfio-manager --bench daemon
 	$(CARGO) bench -p libvirt-hooks --bench hook
 	$(CARGO) bench -p mediated-dev --bench migration

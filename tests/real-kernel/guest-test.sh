@@ -227,6 +227,9 @@ for i in $(seq 1 50); do ./vfctl list | grep -q '^0000:02:00.2 ' || { gone=1; br
 # End to end: a nested VM gets the VF its lease names and its kernel binds igbvf.
 # QEMU with KVM (nested SVM) gets the lease's -device arguments as libvirt passes a
 # <hostdev>; cloud-hypervisor, where a binary was given, cold and hot-plugged.
+# The igb PF's link up: its VFs' links follow it (the nested guest's traffic).
+pfnet=$(ls /sys/bus/pci/devices/0000:01:00.0/net 2>/dev/null | head -1)
+[ -n "$pfnet" ] && ip link set "$pfnet" up
 nested_vms
 pcie_errors
 expect "daemon disables the igb VFs it enabled" 0 ./vfctl disable 0000:01:00.0

@@ -248,6 +248,7 @@ impl Recovery<'_> {
         self.store()
             .commit_swap(&row.id, &old.name(), &new, &reason, intent, &drivers)
             .map_err(failed)?;
+        self.usage().lease_changed(&row.id);
         Ok(Swap {
             lease: row.id.clone(),
             vm: row.request.vm_name.clone(),

@@ -45,6 +45,13 @@ pub struct Agent {
     pub guest: Vec<GuestDevice>,
     /// Each host device of the lease, and the guest address paired with it.
     pub pairs: BTreeMap<String, String>,
+    /// Each paired host device's PF (placement's pressure), and the lease's idle
+    /// policy: read once per pairing, not per sample.
+    pf_of: BTreeMap<String, String>,
+    on_idle: Option<OnIdle>,
+    /// The lease's devices changed (a swap, a reclaim): paired again at the next
+    /// sample.
+    stale: bool,
     pub devices: BTreeMap<String, DeviceUsage>,
     /// Since when every device has been below the idle threshold.
     idle_since: Option<f64>,
@@ -159,6 +166,10 @@ impl Usage<'_> {
                 )
             })
             .collect();
+        let pf_of = self.pfs_of(&pairs);
+        let on_idle = row
+            .as_ref()
+            .map(|r| self.config().usage.on_idle(&r.request));
         let now = crate::daemon::store::now();
         let mut agents = self.agents_mut();
         let a = agents.entry(lease.to_string()).or_default();
@@ -173,9 +184,47 @@ impl Usage<'_> {
             last_heartbeat: now,
             guest,
             pairs,
+            pf_of,
+            on_idle,
             ..Agent::default()
         };
         seen
+    }
+
+    fn pfs_of(&self, pairs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        pairs
+            .keys()
+            .filter_map(|h| Some((h.clone(), self.device(h)?.pf)))
+            .filter(|(_, pf)| !pf.is_empty())
+            .collect()
+    }
+
+    /// Lease `lease`'s devices changed: its agent's pairs are made again from its
+    /// hello at the next sample (a device the guest did not list then is paired
+    /// once the agent says hello again).
+    pub fn lease_changed(&self, lease: &str) {
+        if let Some(a) = self.agents_mut().get_mut(lease) {
+            a.stale = true;
+        }
+    }
+
+    /// Pairs `lease`'s agent again if its lease changed.
+    fn repair(&self, lease: &str) {
+        let guest = match self.agents_mut().get(lease) {
+            Some(a) if a.stale => a.guest.clone(),
+            _ => return,
+        };
+        let pairs = self
+            .row(lease)
+            .map(|r| self.pair(&r, &guest))
+            .unwrap_or_default();
+        let pf_of = self.pfs_of(&pairs);
+        if let Some(a) = self.agents_mut().get_mut(lease) {
+            a.devices.retain(|h, _| pairs.contains_key(h));
+            a.pairs = pairs;
+            a.pf_of = pf_of;
+            a.stale = false;
+        }
     }
 
     /// Each host device of `row` with the guest device of the same PCI id, both
@@ -301,7 +350,7 @@ impl Usage<'_> {
     /// the table, and returns the alerts and the idle verdict it sets off.
     pub fn sample(&self, lease: &str, samples: &[Sample], now: f64) -> Vec<UsageEvent> {
         let cfg = &self.config().usage;
-        let policy = self.row(lease).map(|r| cfg.on_idle(&r.request));
+        self.repair(lease);
         let mut events = Vec::new();
         let mut minutes = Vec::new();
         {
@@ -339,7 +388,7 @@ impl Usage<'_> {
                     });
                 }
             }
-            if let Some(action) = policy {
+            if let Some(action) = a.on_idle {
                 events.extend(idle(a, now, cfg, action));
             }
         }
@@ -357,17 +406,11 @@ impl Usage<'_> {
 
     /// Each PF's mean busy share over its leased VFs that report one.
     fn pf_means(&self) -> BTreeMap<String, f64> {
-        let devices = self.devices().unwrap_or_default();
-        let pf_of: BTreeMap<&str, &str> = devices
-            .iter()
-            .filter(|d| !d.pf.is_empty())
-            .map(|d| (d.address.as_str(), d.pf.as_str()))
-            .collect();
         let mut sums: BTreeMap<String, (f64, u32)> = BTreeMap::new();
         for a in self.agents_mut().values() {
             for (dev, u) in &a.devices {
-                if let (Some(pf), Some(b)) = (pf_of.get(dev.as_str()), u.busy) {
-                    let e = sums.entry(pf.to_string()).or_default();
+                if let (Some(pf), Some(b)) = (a.pf_of.get(dev), u.busy) {
+                    let e = sums.entry(pf.clone()).or_default();
                     *e = (e.0 + b, e.1 + 1);
                 }
             }
@@ -494,7 +537,9 @@ impl Usage<'_> {
         let reason = format!("reclaimed from lease {}: {why}", row.id);
         self.store()
             .commit_reclaim(&row.id, &held.name(), &reason, intent, &drivers)
-            .map_err(failed)
+            .map_err(failed)?;
+        self.lease_changed(&row.id);
+        Ok(())
     }
 
     /// Settles a reclaim a crash cut off (the module's note).
