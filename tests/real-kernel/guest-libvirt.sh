@@ -5,7 +5,9 @@
 # VFs, libvirtd with the hook installed; a domain that names a VF starts, its nested
 # guest lists the VF bound to igbvf, the daemon swaps the VF for another in the
 # running domain through libvirt, and when it powers off the lease ends. A second
-# domain naming the same VF meanwhile is refused with the hook's message.
+# domain naming the same VF meanwhile is refused with the hook's message. A third
+# runs vm-agent over vsock: its usage rises with its traffic, and once idle its VF
+# is unplugged from the running domain and returns to the pool (on_idle='unplug').
 . /mnt/host/guest-lib.sh
 R=/rootfs
 [ -x $R/usr/sbin/libvirtd ] || { fail "no root filesystem with libvirt on /rootfs"; echo GUEST-DONE; exit; }
@@ -26,7 +28,12 @@ ln -sf /usr/local/bin/vfio-manager-hook $R/etc/libvirt/hooks/qemu.d/vfio-manager
 echo 'namespaces = []' >> $R/etc/libvirt/qemu.conf
 in_root chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
 printf 'manage = ["8086:10c9"]\n[[pf]]\naddress = "0000:01:00.0"\nvfs = 2\n' > $R/etc/vfio-manager/config.toml
-cp /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz $R/var/lib/libvirt/images/
+# Usage thresholds for a nested guest's ping on an emulated NIC, in seconds.
+printf '[usage]\nnet_full_bytes_per_s = 20000\nbusy_alert_percent = 50\nbusy_alert_for_s = 0\nidle_for_s = 3\n' >> $R/etc/vfio-manager/config.toml
+cp /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz /mnt/host/nested-agent.cpio.gz $R/var/lib/libvirt/images/
+# The igb PF's link up: its VFs' links follow it (the agent domain's traffic).
+pfnet=$(ls /sys/bus/pci/devices/0000:01:00.0/net 2>/dev/null | head -1)
+[ -n "$pfnet" ] && ip link set "$pfnet" up
 in_root groupadd -r vfio-manager 2>/dev/null
 
 in_root dbus-uuidgen --ensure=/etc/machine-id
@@ -62,6 +69,17 @@ domain() {
 <memballoon model='none'/></devices></domain>
 XML
 }
+# agent_domain: the same with vm-agent over vsock (CID 4) in its initramfs, idle
+# reclaim by unplug, and a guest that sends traffic for 8 s, then idles.
+agent_domain() {
+    domain agentvm 6e000000-0000-4000-8000-000000000003 | sed \
+        -e "s|on_failure='replace'|on_idle='unplug'|" \
+        -e "s|nested-initramfs.cpio.gz|nested-agent.cpio.gz|" \
+        -e "s|swap=150|agent=70 busy=8|" \
+        -e "s|<memballoon|<vsock model='virtio'><cid auto='no' address='4'/></vsock><memballoon|"
+}
+agent_domain > $R/tmp/agentvm.xml
+in_root virsh define /tmp/agentvm.xml > /dev/null || fail "virsh define agentvm"
 domain nested 6e000000-0000-4000-8000-000000000001 > $R/tmp/nested.xml
 domain second 6e000000-0000-4000-8000-000000000002 > $R/tmp/second.xml
 in_root virsh define /tmp/nested.xml > /dev/null && in_root virsh define /tmp/second.xml > /dev/null || fail "virsh define"
@@ -122,6 +140,35 @@ if in_root virsh start nested > /tmp/start.out 2>&1; then
 else
     fail "virsh start nested"; cat /tmp/start.out /tmp/daemon.log
 fi
+# vm-agent in a libvirt domain: its hello over vsock (the hook sent the domain's
+# CID with the lease), usage up with its traffic, then idle: the agent lets go,
+# libvirt unplugs the VF from the running domain, and it returns to the pool.
+agent_in_domain() {
+    in_root virsh start agentvm > /tmp/start3.out 2>&1 || { fail "virsh start agentvm"; cat /tmp/start3.out; return; }
+    lease=$(in_root vfctl --output json leases | grep -o '"id": *"[0-9a-f]*"' | head -1 | grep -o '[0-9a-f]\{16\}')
+    for i in $(seq 1 240); do grep -q "VM agentvm .* connected" /tmp/daemon.log && break; sleep 1; done
+    grep -q "agents: VM agentvm (lease $lease) connected: vm-agent .* sees $vf as [0-9a-f:.]* (igbvf)" /tmp/daemon.log \
+        && pass "the libvirt domain's vm-agent says hello over vsock (CID 4 from its XML): $vf bound to igbvf" \
+        || { fail "agent hello in the libvirt domain"; grep agents /tmp/daemon.log; cat $R/tmp/agentvm.console; }
+    for i in $(seq 1 120); do grep -q "VM agentvm .*: idle" /tmp/daemon.log && break; sleep 1; done
+    for i in $(seq 1 60); do in_root vfctl leases | grep -A2 "lease $lease" | grep -q "$vf" || break; sleep 1; done
+    order=$(grep -o "usage: VM agentvm .*: \(busy high\|busy ok\|idle\)" /tmp/daemon.log | awk '{print $NF}' | tr '\n' ' ')
+    echo "GUEST-INFO usage events of agentvm, in order: $order; $(grep 'VM agentvm .*: idle' /tmp/daemon.log | head -1)"
+    echo "$order" | grep -q "high .*ok .*idle" \
+        && pass "the domain's usage rises with its traffic (UsageAlert high) and falls to idle" \
+        || { fail "the domain's usage"; grep "usage:" /tmp/daemon.log; grep NESTED-AGENT $R/tmp/agentvm.console; }
+    in_root virsh dumpxml agentvm > /tmp/agentvm.live.xml
+    ! in_root vfctl leases | grep -A2 "lease $lease" | grep -q "$vf" \
+        && ! grep -q "slot='0x10' function='0x${vf##*.}'" /tmp/agentvm.live.xml \
+        && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver 2>/dev/null)")" != vfio-pci ] \
+        && in_root vfctl swaps $lease | grep -q "idle" \
+        && pass "idle with on_idle=unplug: the agent let go, libvirt unplugged $vf from the running domain, and it is back in the pool" \
+        || { fail "idle reclaim in the libvirt domain"; in_root vfctl leases; in_root vfctl swaps $lease; grep -E "usage|agents|reclaim" /tmp/daemon.log; }
+    for i in $(seq 1 120); do in_root virsh domstate agentvm 2>/dev/null | grep -q 'shut off' && break; sleep 1; done
+    grep "NESTED-AGENT\|NESTED-DONE" $R/tmp/agentvm.console | sed 's/^/GUEST-INFO agentvm: /' | head -6
+}
+agent_in_domain
+
 grep -q 'provision' $R/var/log/vfio-manager/audit.log 2>/dev/null && echo "GUEST-INFO audit: $(grep -c . $R/var/log/vfio-manager/audit.log) lines"
 dmesg | grep -E 'BUG|Oops|WARNING' | sed 's/^/GUEST-KERNEL-LOG /'
 echo GUEST-DONE

@@ -166,29 +166,45 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
 
     // Nobody speaks for a lease on another's channel: a peer that lies and one
     // that floods are dropped, named, and change nothing.
-    for (i, (what, bytes)) in [
-        ("too long", (1u32 << 30).to_be_bytes().to_vec()),
-        ("not JSON", frame(b"\x00\x01garbage")),
-        (
-            "before its hello",
-            frame(br#"{"v":1,"type":"heartbeat","seq":1}"#),
-        ),
-        (
-            "host's message",
-            frame(br#"{"v":1,"type":"hello","agent":"x","kernel":"k","devices":[]}"#)
-                .into_iter()
-                .chain(frame(
-                    br#"{"v":1,"type":"let-go","address":"0000:00:04.0"}"#,
+    for (i, (what, bytes)) in
+        [
+            ("too long", (1u32 << 30).to_be_bytes().to_vec()),
+            ("not JSON", frame(b"\x00\x01garbage")),
+            (
+                "before its hello",
+                frame(br#"{"v":1,"type":"heartbeat","seq":1}"#),
+            ),
+            (
+                "host's message",
+                frame(br#"{"v":1,"type":"hello","agent":"x","kernel":"k","devices":[]}"#)
+                    .into_iter()
+                    .chain(frame(
+                        br#"{"v":1,"type":"let-go","address":"0000:00:04.0"}"#,
+                    ))
+                    .collect(),
+            ),
+            (
+                "flood",
+                std::iter::once(frame(
+                    br#"{"v":1,"type":"hello","agent":"x","kernel":"k","devices":[]}"#,
                 ))
+                .chain((0..60).map(|i| {
+                    frame(format!(r#"{{"v":1,"type":"heartbeat","seq":{i}}}"#).as_bytes())
+                }))
+                .flatten()
                 .collect(),
-        ),
-    ]
-    .into_iter()
-    .enumerate()
+            ),
+            // A slow drip: a length, then nothing (held open below).
+            ("slow drip", 100u32.to_be_bytes().to_vec()),
+        ]
+        .into_iter()
+        .enumerate()
     {
         let mut s = UnixStream::connect(&agent_sock).unwrap();
         s.write_all(&bytes).unwrap();
-        let _ = s.shutdown(std::net::Shutdown::Write);
+        if what != "slow drip" {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
         wait_for(&d, what, || d.log_text().matches("dropped").count() > i);
     }
     let log = d.log_text();
@@ -197,6 +213,8 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
         "dropped peers are named by VM: {log}"
     );
     for why in [
+        "more than 50 frames in 10 s",
+        "a frame of 100 bytes did not arrive in 10 s",
         "a frame of 1073741824 bytes",
         "not a message",
         "before its hello",

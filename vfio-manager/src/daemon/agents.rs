@@ -41,9 +41,15 @@ type Answer = oneshot::Sender<(bool, String)>;
 pub struct Agents {
     senders: Mutex<BTreeMap<String, mpsc::Sender<Message>>>,
     let_goes: Mutex<BTreeMap<(String, String), Answer>>,
+    /// The channels leases name now (refreshed each second).
+    live: Mutex<BTreeSet<AgentChannel>>,
 }
 
 impl Agents {
+    fn live(&self, ch: &AgentChannel) -> bool {
+        self.live.lock().is_ok_and(|l| l.contains(ch))
+    }
+
     fn sender(&self, lease: &str) -> Option<mpsc::Sender<Message>> {
         self.senders.lock().ok()?.get(lease).cloned()
     }
@@ -82,7 +88,8 @@ pub async fn serve(core: Arc<Core>, conn: Connection) {
             "vfio-manager: agents: not listening on vsock port {port} ({e}); unix: and serial: channels only"
         ),
     }
-    let mut served = BTreeSet::new();
+    // Each Unix channel's task, until it ends (its lease went).
+    let mut served: BTreeMap<AgentChannel, tokio::task::JoinHandle<()>> = BTreeMap::new();
     loop {
         let c = core.clone();
         let wanted = tokio::task::spawn_blocking(move || {
@@ -91,24 +98,26 @@ pub async fn serve(core: Arc<Core>, conn: Connection) {
         })
         .await
         .unwrap_or_default();
+        if let Ok(mut live) = agents.live.lock() {
+            *live = wanted.iter().cloned().collect();
+        }
+        served.retain(|_, task| !task.is_finished());
         for ch in wanted {
-            if served.contains(&ch) {
+            if served.contains_key(&ch) {
                 continue;
             }
             let (core, conn, agents) = (core.clone(), conn.clone(), agents.clone());
-            match &ch {
+            let task = match &ch {
                 AgentChannel::Unix(p) => {
-                    tokio::spawn(unix_accept(p.clone(), ch.clone(), core, conn, agents));
+                    tokio::spawn(unix_accept(p.clone(), ch.clone(), core, conn, agents))
                 }
                 AgentChannel::Serial(p) => {
-                    tokio::spawn(serial_connect(p.clone(), ch.clone(), core, conn, agents));
+                    tokio::spawn(serial_connect(p.clone(), ch.clone(), core, conn, agents))
                 }
                 _ => continue,
-            }
-            served.insert(ch);
+            };
+            served.insert(ch, task);
         }
-        // A channel whose task ended (its lease went) may come back with a new lease.
-        served.retain(|ch| core.usage().lease_of(ch).is_some());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -155,7 +164,7 @@ async fn unix_accept(
             return;
         }
     };
-    while core.usage().lease_of(&ch).is_some() {
+    while agents.live(&ch) {
         match tokio::time::timeout(Duration::from_secs(1), l.accept()).await {
             Ok(Ok((s, _))) => {
                 tokio::spawn(session(
@@ -182,7 +191,7 @@ async fn serial_connect(
     conn: Connection,
     agents: Arc<Agents>,
 ) {
-    while core.usage().lease_of(&ch).is_some() {
+    while agents.live(&ch) {
         if let Ok(s) = tokio::net::UnixStream::connect(&path).await {
             session(s, ch.clone(), core.clone(), conn.clone(), agents.clone()).await;
         }
