@@ -510,3 +510,62 @@ fn an_agent_on_a_virtio_serial_port_reaches_the_daemon() {
     let a = bus.client().agents().unwrap().remove(0);
     assert_eq!(a.devices, [format!("{dev}=0000:00:04.0")], "{a:?}");
 }
+
+/// `on_idle = release-on-stop`: an idle lease ends when its VM stops (its agent
+/// leaves and nothing holds its devices open), not before.
+#[test]
+fn an_idle_lease_with_release_on_stop_ends_when_its_vm_stops() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::large(1, 2), CONFIG, &[]);
+    let dev = "0000:10:00.1";
+    let id = bus
+        .client()
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.address == dev)
+        .unwrap()
+        .id;
+    let agent_sock = d.dir.path().join("vm1.vsock_22086");
+    let agent = format!("unix:{}", agent_sock.display());
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "provision",
+            "--vm",
+            "vm1",
+            "--device",
+            dev,
+            "--agent",
+            &agent,
+            "--on-idle",
+            "release-on-stop",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_for(&d, "the daemon listening for the agent", || {
+        agent_sock.exists()
+    });
+    let root = tempfile::tempdir().unwrap();
+    guest(root.path(), &id);
+    let agent = start_agent(&agent_sock, root.path());
+    wait_for(&d, "the lease idle", || {
+        d.log_text().contains("on_idle is release-on-stop")
+    });
+    assert_eq!(
+        bus.client().leases().unwrap().len(),
+        1,
+        "idle alone ends nothing"
+    );
+    drop(agent); // the VM stops: its agent's connection goes
+    wait_for(&d, "the lease released", || {
+        bus.client().leases().unwrap().is_empty()
+    });
+    assert_ne!(driver(&d.root, dev).as_deref(), Some("vfio-pci"));
+    assert!(
+        d.log_text()
+            .contains("was idle and its VM stopped (release-on-stop): ok"),
+        "{}",
+        d.log_text()
+    );
+}

@@ -948,18 +948,29 @@ mod tests {
             samples,
         };
         let day = 86_400;
-        store.add_usage(&m(hour + 5, 10.0, 20.0, 3), day, 30 * day).unwrap();
-        store.add_usage(&m(hour + 65, 50.0, 90.0, 1), day, 30 * day).unwrap();
+        store
+            .add_usage(&m(hour + 5, 10.0, 20.0, 3), day, 30 * day)
+            .unwrap();
+        store
+            .add_usage(&m(hour + 65, 50.0, 90.0, 1), day, 30 * day)
+            .unwrap();
         // The same minute again adds to it.
-        store.add_usage(&m(hour + 70, 50.0, 50.0, 1), day, 30 * day).unwrap();
+        store
+            .add_usage(&m(hour + 70, 50.0, 50.0, 1), day, 30 * day)
+            .unwrap();
         let minutes = store.usage("0000:10:00.1", 60, 0).unwrap();
         assert_eq!(minutes, [(hour, 10.0, 20.0), (hour + 60, 50.0, 90.0)]);
         let hours = store.usage("0000:10:00.1", 3600, 0).unwrap();
         assert_eq!(hours, [(hour, 26.0, 90.0)], "(3 x 10 + 50 + 50) / 5");
         // Minutes older than their retention go; hours stay.
-        store.add_usage(&m(hour + 130, 0.0, 0.0, 1), 0, 30 * day).unwrap();
+        store
+            .add_usage(&m(hour + 130, 0.0, 0.0, 1), 0, 30 * day)
+            .unwrap();
         let minutes = store.usage("0000:10:00.1", 60, 0).unwrap();
-        assert!(minutes.iter().all(|(at, ..)| *at >= now() - 60), "{minutes:?}");
+        assert!(
+            minutes.iter().all(|(at, ..)| *at >= now() - 60),
+            "{minutes:?}"
+        );
         assert_eq!(store.usage("0000:10:00.1", 3600, 0).unwrap().len(), 1);
         // Pruning searches the age index.
         let p = plan(&store, "DELETE FROM usage WHERE span = 60 AND at < ?1");
