@@ -569,3 +569,71 @@ fn an_idle_lease_with_release_on_stop_ends_when_its_vm_stops() {
         d.log_text()
     );
 }
+
+/// A reclaim cut off by SIGKILL after the VM let go (its VMM slow to answer) is
+/// finished at start: the device is back on the host, the lease records it, and
+/// nothing is left on vfio-pci that no lease holds.
+#[test]
+fn a_reclaim_cut_off_by_sigkill_is_finished_at_start() {
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::large(1, 2), CONFIG, &[]);
+    let dev = "0000:10:00.1";
+    let id = bus
+        .client()
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.address == dev)
+        .unwrap()
+        .id;
+    let sock = d.dir.path().join("ch.sock");
+    let agent_sock = d.dir.path().join("vm1.vsock_22086");
+    let vm = ch::api_server(&sock, None);
+    vm.remove_delay_ms.store(60_000, Ordering::SeqCst);
+    let agent_arg = format!("unix:{}", agent_sock.display());
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "attach",
+            "--ch-socket",
+            sock.to_str().unwrap(),
+            "--vm",
+            "vm1",
+            "--device",
+            dev,
+            "--agent",
+            &agent_arg,
+            "--on-idle",
+            "unplug",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lease = bus.client().leases().unwrap().remove(0);
+    wait_for(&d, "the daemon listening for the agent", || {
+        agent_sock.exists()
+    });
+    let root = tempfile::tempdir().unwrap();
+    guest(root.path(), &id);
+    let _agent = start_agent(&agent_sock, root.path());
+    // Idle: the VM has dropped the device and the daemon waits for its answer.
+    wait_for(&d, "the VM dropping the device", || {
+        !vm.devices.lock().unwrap().contains_key(&device_id(dev))
+    });
+    d.restart();
+    let log = d.log_text();
+    assert!(
+        log.contains("the reclaim of 0000:10:00.1 from lease"),
+        "{log}"
+    );
+    assert!(log.contains("after the VM let go; finished"), "{log}");
+    let l = bus
+        .client()
+        .leases()
+        .unwrap()
+        .into_iter()
+        .find(|l| l.id == lease.id)
+        .unwrap();
+    assert!(l.devices.is_empty(), "{l:?}");
+    assert_ne!(driver(&d.root, dev).as_deref(), Some("vfio-pci"));
+    nothing_stray(&bus, &d.root, "after the cut-off reclaim");
+}

@@ -22,6 +22,9 @@ pub struct Vm {
     /// Set: created, not booted. cloud-hypervisor then answers vm.add-device with
     /// 204 and no body, and keeps the device in the configuration for the boot.
     pub not_booted: AtomicBool,
+    /// Set: vm.remove-device answers after this many milliseconds (a guest slow
+    /// to let go), so that a test can cut the caller off meanwhile.
+    pub remove_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Serves cloud-hypervisor's API on `socket` until the socket file is removed.
@@ -80,7 +83,12 @@ fn serve(s: UnixStream, vm: &Vm, fail: Option<&str>, socket: &Path) {
         }
         "/api/v1/vm.remove-device" => {
             devs.remove(req["id"].as_str().unwrap());
-            (204, String::new())
+            let delay = vm.remove_delay_ms.load(Ordering::SeqCst);
+            drop(devs);
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+            let mut w = s;
+            let _ = write!(w, "HTTP/1.1 204 X\r\nContent-Length: 0\r\n\r\n");
+            return;
         }
         "/api/v1/vm.info" => {
             let list: Vec<Value> = devs
