@@ -313,6 +313,9 @@ async fn converse(
         let m = match read_frame(rd, idle).await {
             Ok(m) => m,
             Err(ProtocolError::Closed) => return "the agent closed the connection".into(),
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return "the connection was reset (the VM stopped, or its agent)".into()
+            }
             Err(e) => return format!("dropped: {e}"),
         };
         let now = Instant::now();
@@ -364,9 +367,14 @@ async fn converse(
                     tokio::task::spawn_blocking(move || c.usage().sample(&l, &samples, at))
                         .await
                         .unwrap_or_default();
-                for e in events {
-                    act(e, core, conn, agents).await;
-                }
+                // Apart from this loop: an unplug waits for the agent's
+                // let-go-done, which this loop reads.
+                let (core, conn, agents) = (core.clone(), conn.clone(), agents.clone());
+                tokio::spawn(async move {
+                    for e in events {
+                        act(e, &core, &conn, &agents).await;
+                    }
+                });
             }
             Message::LetGoDone {
                 address,

@@ -11,7 +11,8 @@
 //! Reclaiming (`on_idle = unplug`) is, like a swap, written as an intent first:
 //! 1. the transport has asked the agent to let go (its driver unbound);
 //! 2. the `reclaim` intent;
-//! 3. the VMM unplugs the device (libvirt, cloud-hypervisor);
+//! 3. the VMM unplugs the device (libvirt, cloud-hypervisor), and closes it (the
+//!    return waits up to 10 s for no process to hold its group open);
 //! 4. the device is reset and returned to the host, and the lease records it as a
 //!    swap with no replacement (`vfctl swaps`), in one transaction.
 //!
@@ -486,8 +487,6 @@ impl Usage<'_> {
             .ok_or_else(|| {
                 ApiError::NotFound(format!("{device} is not in lease {lease} any more"))
             })?;
-        self.gate_held(Op::Return, &held)
-            .map_err(|r| ApiError::Refused(format!("lease {lease}: {r}")))?;
         let vmm: Vmm = row.request.vmm.parse().unwrap_or(Vmm::Other);
         let Some(hands) = reach(&vmm, &row.request.vm_name, &self.config().recovery) else {
             return Err(ApiError::Refused(format!(
@@ -506,13 +505,27 @@ impl Usage<'_> {
             .store()
             .begin_intent("reclaim", lease, &body, Guards::Kernel)
             .map_err(failed)?;
-        if let Err(e) = hands.unplug(&self.held_view(&held)) {
+        let refused = |e: ApiError| {
             let _ = self.store().end_intent(intent);
-            return Err(ApiError::Failed(format!(
+            e
+        };
+        hands.unplug(&self.held_view(&held)).map_err(|e| {
+            refused(ApiError::Failed(format!(
                 "{device} of lease {lease}: {} could not unplug it: {e}; the VM keeps it",
                 hands.name()
-            )));
+            )))
+        })?;
+        // The VMM closes the device after it answers: the return waits for that.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.recovery().held_open(&held) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        self.gate_held(Op::Return, &held).map_err(|r| {
+            refused(ApiError::Refused(format!(
+                "lease {lease}: {} unplugged it, but {r}; the lease keeps it until released",
+                hands.name()
+            )))
+        })?;
         self.finish_reclaim(&row, &held, why, intent)?;
         Ok(format!(
             "{} unplugged {device}; it is back in the pool",
