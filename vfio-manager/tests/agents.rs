@@ -642,3 +642,87 @@ fn a_reclaim_cut_off_by_sigkill_is_finished_at_start() {
     assert_ne!(driver(&d.root, dev).as_deref(), Some("vfio-pci"));
     nothing_stray(&bus, &d.root, "after the cut-off reclaim");
 }
+
+/// `vfctl plan --rebalance`: a GPU slice (an mdev) whose guest keeps its GPU over
+/// the limit is proposed to move to the other GPU, only when its vendor driver
+/// is one that migrates (`[placement] migratable_drivers`). Nothing changes.
+#[test]
+fn plan_rebalance_proposes_moving_a_migratable_slice_off_a_pressed_gpu() {
+    let bus = Bus::open();
+    let config = format!("{CONFIG}[placement]\nmigratable_drivers = [\"nvidia-vgpu-vfio\"]\n");
+    let d = Daemon::start(&bus, two_t4s(), &config, &[]);
+    let agent_sock = d.dir.path().join("vm1.vsock_22086");
+    let agent = format!("unix:{}", agent_sock.display());
+    let (code, out, err) = vfctl(
+        &bus,
+        &[
+            "provision",
+            "--vm",
+            "vm1",
+            "--profile",
+            "GRID T4-2Q",
+            "--agent",
+            &agent,
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let uuid = out
+        .split('"')
+        .skip_while(|s| *s != "address")
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let from = bus
+        .client()
+        .mdevs()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.uuid == uuid)
+        .unwrap()
+        .parent;
+    let (code, out, _) = vfctl(&bus, &["plan", "--rebalance"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("no moves"), "no usage yet: {out}");
+    // The guest sees its vGPU with the GPU's PCI id, busy (amdgpu-style counters).
+    wait_for(&d, "the daemon listening for the agent", || {
+        agent_sock.exists()
+    });
+    let root = tempfile::tempdir().unwrap();
+    let gpu = root.path().join("sys/bus/pci/devices/0000:00:05.0");
+    std::fs::create_dir_all(&gpu).unwrap();
+    std::fs::write(gpu.join("vendor"), "0x10de\n").unwrap();
+    std::fs::write(gpu.join("device"), "0x1eb8\n").unwrap();
+    std::fs::write(gpu.join("gpu_busy_percent"), "97\n").unwrap();
+    let _agent = start_agent(&agent_sock, root.path());
+    wait_for(&d, "a move proposed", || {
+        !bus.client().plan_rebalance().unwrap().is_empty()
+    });
+    let moves = bus.client().plan_rebalance().unwrap();
+    let (_, dev, f, to, fp, tp) = &moves[0];
+    assert_eq!(
+        (dev.as_str(), f.as_str()),
+        (uuid.as_str(), from.as_str()),
+        "{moves:?}"
+    );
+    assert_ne!(to, f);
+    assert!(*fp > 80.0 && *tp < *fp, "{moves:?}");
+    let (code, out, _) = vfctl(&bus, &["plan", "--rebalance"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&uuid) && out.contains("nothing was changed"),
+        "{out}"
+    );
+    let m = bus
+        .client()
+        .mdevs()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.uuid == uuid)
+        .unwrap();
+    assert_eq!(m.parent, from, "a plan moves nothing");
+    let (code, _, err) = vfctl(&bus, &["--direct", "plan", "--rebalance"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("without --direct"), "{err}");
+}

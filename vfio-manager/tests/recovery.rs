@@ -307,25 +307,6 @@ fn a_leased_mdev_is_swapped_for_a_new_one_of_its_profile() {
     );
 }
 
-/// Two T4s, each an mdev parent (NVIDIA before vGPU 17).
-fn two_t4s() -> vf_provisioner::fake::Layout {
-    let mut l = layouts::nvidia_mdev();
-    let gpu = "0000:af:00.0";
-    let mut f = l
-        .functions
-        .iter()
-        .find(|f| f.address.to_string() == gpu)
-        .unwrap()
-        .clone();
-    f.address = "0000:b0:00.0".parse().unwrap();
-    f.iommu_group = Some(51);
-    l.functions.push(f);
-    let mut p = l.mdev_parents[0].clone();
-    p.parent = "0000:b0:00.0".into();
-    l.mdev_parents.push(p);
-    l
-}
-
 /// A GPU slice whose GPU fails moves to the healthy GPU: the probe finds the
 /// parent answering all ones, its leased mdev fails with it, and the lease's
 /// `replace` swaps in a new mdev of the profile on the other parent, in the VM.

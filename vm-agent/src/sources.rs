@@ -76,7 +76,9 @@ pub fn amdgpu(dir: &Path, address: &str) -> Option<Usage> {
     u.memory_percent = used
         .zip(total)
         .map(|(u, t)| percent(u as f64 / t as f64 * 100.0));
-    let hwmon = fs::read_dir(dir.join("hwmon")).ok()?.flatten().next();
+    let hwmon = fs::read_dir(dir.join("hwmon"))
+        .ok()
+        .and_then(|d| d.flatten().next());
     u.temperature_c = hwmon
         .and_then(|h| read_u64(&h.path().join("temp1_input")))
         .map(|m| m as f32 / 1000.0);
@@ -211,6 +213,14 @@ mod tests {
             (Some(42.0), Some(25.0), Some(65.0))
         );
         assert!(amdgpu(&d.join("nothing"), "x").is_none());
+        // Without hwmon (or VRAM counters): busy alone.
+        std::fs::remove_dir_all(d.join("hwmon")).unwrap();
+        std::fs::remove_file(d.join("mem_info_vram_total")).unwrap();
+        let u = amdgpu(d, "0000:03:00.0").unwrap();
+        assert_eq!(
+            (u.busy_percent, u.memory_percent, u.temperature_c),
+            (Some(42.0), None, None)
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub trait Manager {
     fn list_agents(&self) -> zbus::Result<Vec<AgentInfo>>;
     fn usage_now(&self) -> zbus::Result<Vec<UsageInfo>>;
     fn pressure(&self) -> zbus::Result<Vec<(String, f64, u32)>>;
+    fn plan_rebalance(&self) -> zbus::Result<Vec<crate::RebalanceMove>>;
     fn usage_history(
         &self,
         device: &str,
@@ -174,6 +175,12 @@ impl Client {
     /// next lease's order.
     pub fn pressure(&self) -> Result<Vec<(String, f64, u32)>> {
         self.run(self.proxy.pressure())
+    }
+
+    /// Moves that would relieve pressed GPUs: (lease, mdev, from, to, predicted %
+    /// at each).
+    pub fn plan_rebalance(&self) -> Result<Vec<crate::RebalanceMove>> {
+        self.run(self.proxy.plan_rebalance())
     }
 
     pub fn usage_now(&self) -> Result<Vec<UsageInfo>> {

@@ -167,6 +167,10 @@ pub struct UsageInfo {
     pub at: u64,
 }
 
+/// A move `PlanRebalance` proposes: lease, mdev, from (parent), to, and the
+/// predicted pressure at each, percent.
+pub type RebalanceMove = (String, String, String, String, f64, f64);
+
 /// A device's health (`Health`): a managed function, or a held-back mdev.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct HealthInfo {

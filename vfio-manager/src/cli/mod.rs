@@ -299,9 +299,13 @@ enum Command {
     Vgpu(mdev::VgpuCommand),
     /// Dry run: where requested mdev or vGPU types would fit, as PROFILE[:COUNT]
     /// (type id, type name or vGPU type). Changes nothing; exits 3 if not all fit.
+    /// With --rebalance (daemon only): the moves that would relieve GPUs predicted
+    /// over `[placement] pressure_limit_percent`, for migratable mdevs only.
     Plan {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "rebalance")]
         wants: Vec<String>,
+        #[arg(long, conflicts_with = "wants")]
+        rebalance: bool,
     },
     /// Check the host: IOMMU, VFIO modules, SR-IOV and IOMMU group viability per GPU
     /// (changes nothing). Exits 1 if any check fails.
@@ -566,6 +570,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         | Command::Swaps { .. }
         | Command::Top { .. }
         | Command::Placement
+        | Command::Plan {
+            rebalance: true, ..
+        }
         | Command::Leases => Err(vf_provisioner::Error::InvalidInput {
             what: "mode",
             input: "--direct".into(),
@@ -577,7 +584,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         | Command::Generate { .. }
         | Command::Mdev(_)
         | Command::Vgpu(_)
-        | Command::Plan { .. }
+        | Command::Plan {
+            rebalance: false, ..
+        }
         | Command::Config(_) => unreachable!("handled above"),
     }
 }
@@ -594,7 +603,10 @@ fn mediated(
     match c {
         Command::Mdev(cmd) => Some(mdev::mdev(&m, p, cmd, r)),
         Command::Vgpu(cmd) => Some(mdev::vgpu(&m, p, cmd, r)),
-        Command::Plan { wants } => Some(mdev::plan(&m, wants, r)),
+        Command::Plan {
+            wants,
+            rebalance: false,
+        } => Some(mdev::plan(&m, wants, r)),
         _ => None,
     }
 }
@@ -615,6 +627,10 @@ fn through_daemon(c: &Command) -> bool {
             | Command::Swaps { .. }
             | Command::Top { .. }
             | Command::Placement
+            | Command::Plan {
+                rebalance: true,
+                ..
+            }
             | Command::Orphans
             | Command::Orphan(_)
             | Command::Health
@@ -661,6 +677,7 @@ fn daemon_command(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Leases => r.leases(&c.leases()?, &c.agents()?),
         Command::Top { once, interval_s } => top(&c, r, *once, *interval_s),
         Command::Placement => r.pressure(&c.pressure()?),
+        Command::Plan { .. } => r.moves(&c.plan_rebalance()?),
         Command::Swaps { lease } => r.swaps(&c.lease_swaps(lease)?),
         Command::Orphans => r.orphans(&c.orphans()?),
         Command::Health => r.health(&c.health()?),

@@ -478,6 +478,39 @@ impl Renderer<'_> {
         Ok(exit::OK)
     }
 
+    /// `vfctl plan --rebalance`: (lease, mdev, from, to, predicted % there, here).
+    pub fn moves(mut self, moves: &[crate::api::RebalanceMove]) -> Res {
+        if self.format == Output::Json {
+            let list: Vec<_> = moves
+                .iter()
+                .map(|(l, d, f, t, pf, pt)| {
+                    json!({ "lease": l, "device": d, "from": f, "to": t, "from_percent": pf, "to_percent": pt })
+                })
+                .collect();
+            return self.json(&json!({ "moves": list }));
+        }
+        if moves.is_empty() {
+            return self.line("no moves: no GPU is predicted over the limit with a migratable mdev and a less pressed GPU to take it");
+        }
+        let mut rows = vec![["LEASE", "MDEV", "FROM", "TO", "FROM%", "TO%"]
+            .map(String::from)
+            .to_vec()];
+        rows.extend(moves.iter().map(|(l, d, f, t, pf, pt)| {
+            vec![
+                l.clone(),
+                d.clone(),
+                f.clone(),
+                t.clone(),
+                format!("{pf:.1}"),
+                format!("{pt:.1}"),
+            ]
+        }));
+        for l in table(&rows) {
+            self.line(&l)?;
+        }
+        self.line("(a proposal: `vfctl migrate` moves an mdev's state; nothing was changed)")
+    }
+
     /// `vfctl top`'s table (and `-o json`'s list); a value the guest does not
     /// report is `-` (null).
     pub fn usage(&mut self, usage: &[UsageInfo]) -> Res {

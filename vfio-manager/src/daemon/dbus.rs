@@ -364,6 +364,33 @@ impl Manager {
         .await
     }
 
+    /// The moves that would relieve mdev parents predicted over the limit, for
+    /// migratable mdevs only: (lease, mdev, from, to, predicted % at each).
+    /// Changes nothing.
+    async fn plan_rebalance(
+        &self,
+    ) -> Result<Vec<api::RebalanceMove>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || {
+            Ok(core
+                .placement()
+                .rebalance()
+                .into_iter()
+                .map(|m| {
+                    (
+                        m.lease,
+                        m.device,
+                        m.from,
+                        m.to,
+                        m.from_percent,
+                        m.to_percent,
+                    )
+                })
+                .collect())
+        })
+        .await
+    }
+
     /// Device `device`'s busy share, (start, average, maximum) per `span` seconds
     /// (60: minutes, 3600: hours) since `since` (seconds since the epoch).
     async fn usage_history(

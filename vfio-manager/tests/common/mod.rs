@@ -515,3 +515,22 @@ pub fn nothing_stray(bus: &Bus, root: &Path, context: &str) -> Vec<String> {
     }
     back
 }
+
+/// Two T4s, each an mdev parent (NVIDIA before vGPU 17).
+pub fn two_t4s() -> vf_provisioner::fake::Layout {
+    let mut l = vf_provisioner::layouts::nvidia_mdev();
+    let gpu = "0000:af:00.0";
+    let mut f = l
+        .functions
+        .iter()
+        .find(|f| f.address.to_string() == gpu)
+        .unwrap()
+        .clone();
+    f.address = "0000:b0:00.0".parse().unwrap();
+    f.iommu_group = Some(51);
+    l.functions.push(f);
+    let mut p = l.mdev_parents[0].clone();
+    p.parent = "0000:b0:00.0".into();
+    l.mdev_parents.push(p);
+    l
+}

@@ -127,6 +127,82 @@ impl Placement<'_> {
     }
 }
 
+/// A proposed move of a leased mdev off a pressed parent (`vfctl plan --rebalance`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Move {
+    pub lease: String,
+    pub device: String,
+    pub from: String,
+    pub to: String,
+    pub from_percent: f64,
+    pub to_percent: f64,
+}
+
+impl Placement<'_> {
+    /// Moves that would relieve parents predicted over `pressure_limit_percent`:
+    /// each leased mdev of a migratable driver there, to the least pressed other
+    /// parent with room for its type. Passthrough VFs never migrate and are not
+    /// proposed. Changes nothing.
+    pub fn rebalance(&self) -> Vec<Move> {
+        let cfg = &self.config().placement;
+        let predicted = self.predictions();
+        let p = |parent: &str| predicted.get(parent).copied().unwrap_or(0.0);
+        let parents: Vec<_> =
+            vf_provisioner::sysfs::dir_names(&mediated_dev::host::mdev_bus(&self.sys))
+                .into_iter()
+                .filter_map(|n| crate::api::ids::MdevParent::new(&n).ok())
+                .map(|n| mediated_dev::host::read_parent(&self.sys, n))
+                .collect();
+        let mut room: BTreeMap<(String, String), u32> = parents
+            .iter()
+            .flat_map(|pa| {
+                pa.types.iter().map(move |t| {
+                    (
+                        (pa.name.to_string(), t.id.to_string()),
+                        t.available_instances,
+                    )
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for row in self.store().leases().unwrap_or_default() {
+            for u in row.devices.iter().filter_map(|h| h.mdev()) {
+                let Some(m) = mediated_dev::host::read_mdev(&self.sys, &u) else {
+                    continue;
+                };
+                let from = m.parent.to_string();
+                let migrates = m
+                    .driver
+                    .as_ref()
+                    .is_some_and(|d| cfg.migratable_drivers.contains(d));
+                if p(&from) <= cfg.pressure_limit_percent || !migrates {
+                    continue;
+                }
+                let to = room
+                    .iter()
+                    .filter(|((pa, t), n)| **n > 0 && *pa != from && *t == m.type_id.as_str())
+                    .map(|((pa, _), _)| pa.clone())
+                    .min_by(|a, b| p(a).total_cmp(&p(b)));
+                let Some(to) = to.filter(|t| p(t) < p(&from)) else {
+                    continue;
+                };
+                if let Some(n) = room.get_mut(&(to.clone(), m.type_id.to_string())) {
+                    *n -= 1;
+                }
+                out.push(Move {
+                    lease: row.id.clone(),
+                    device: u.to_string(),
+                    from_percent: p(&from),
+                    to_percent: p(&to),
+                    from,
+                    to,
+                });
+            }
+        }
+        out
+    }
+}
+
 /// The PFs in `leased` (PF -> its leased VFs) in the order `policy` tries them.
 fn rank(
     leased: BTreeMap<String, usize>,

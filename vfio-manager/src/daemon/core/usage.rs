@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 
+use mediated_dev::host::read_mdev;
 use vf_provisioner::Op;
 use vm_agent::protocol::{GuestDevice, Usage as Sample};
 
@@ -195,8 +196,7 @@ impl Usage<'_> {
     fn pfs_of(&self, pairs: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         pairs
             .keys()
-            .filter_map(|h| Some((h.clone(), self.device(h)?.pf)))
-            .filter(|(_, pf)| !pf.is_empty())
+            .filter_map(|h| Some((h.clone(), self.pressure_key(h)?)))
             .collect()
     }
 
@@ -234,16 +234,36 @@ impl Usage<'_> {
         let mut taken = vec![false; guest.len()];
         let mut out = BTreeMap::new();
         for held in &row.devices {
-            let Some(a) = held.pci() else { continue };
-            let Some(id) = self.device(&a.to_string()).map(|d| d.id) else {
+            let Some(id) = self.guest_id(held) else {
                 continue;
             };
             if let Some(i) = (0..guest.len()).find(|&i| !taken[i] && guest[i].id == id) {
                 taken[i] = true;
-                out.insert(a.to_string(), guest[i].address.clone());
+                out.insert(held.name(), guest[i].address.clone());
             }
         }
         out
+    }
+
+    /// The PCI id a guest sees for `held`: a function's own; an mdev's parent's
+    /// when the parent is a PCI function (a vGPU shows its GPU's id). An mdev of a
+    /// virtual parent (`mtty`) has none to pair by.
+    fn guest_id(&self, held: &Held) -> Option<String> {
+        let a = match (held.pci(), held.mdev()) {
+            (Some(a), _) => a,
+            (_, Some(u)) => read_mdev(&self.sys, &u)?.parent.as_str().parse().ok()?,
+            _ => return None,
+        };
+        let f = vf_provisioner::PciFunction::read_ids(&self.sys, &a)?;
+        Some(f.id)
+    }
+
+    /// Where `device`'s pressure counts: a VF's PF, an mdev's parent.
+    pub(super) fn pressure_key(&self, device: &str) -> Option<String> {
+        match device.parse::<uuid::Uuid>() {
+            Ok(u) => Some(read_mdev(&self.sys, &u)?.parent.to_string()),
+            Err(_) => Some(self.device(device)?.pf).filter(|pf| !pf.is_empty()),
+        }
     }
 
     pub fn heartbeat(&self, lease: &str) {
