@@ -267,11 +267,11 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
     let unbound =
         std::fs::read_to_string(root.path().join("sys/bus/pci/drivers/igbvf/unbind")).unwrap();
     assert_eq!(unbound, "0000:00:04.0", "the agent let go first");
-    let log = d.log_text();
-    assert!(
-        log.contains("the guest let go (0000:00:04.0 unbound from igbvf)"),
-        "{log}"
-    );
+    // Logged once the reclaim returns, just after its commit.
+    wait_for(&d, "the let-go logged", || {
+        d.log_text()
+            .contains("the guest let go (0000:00:04.0 unbound from igbvf)")
+    });
     assert!(
         !vm.devices.lock().unwrap().contains_key(&device_id(dev)),
         "the VM lost it"
