@@ -421,10 +421,10 @@ async fn act(e: UsageEvent, core: &Arc<Core>, conn: &Connection, agents: &Arc<Ag
             action,
         } => {
             let detail = match action {
-                OnIdle::Notify => "idle; on_idle is notify: nothing changes".to_string(),
+                OnIdle::Notify => "nothing changes".to_string(),
                 OnIdle::ReleaseOnStop => {
                     core.usage().release_on_stop(&lease);
-                    "idle; on_idle is release-on-stop: the lease ends when its VM stops".to_string()
+                    "the lease ends when its VM stops".to_string()
                 }
                 OnIdle::Unplug => {
                     let mut done = Vec::new();
@@ -434,7 +434,9 @@ async fn act(e: UsageEvent, core: &Arc<Core>, conn: &Connection, agents: &Arc<Ag
                     done.join("; ")
                 }
             };
-            eprintln!("vfio-manager: usage: VM {vm} (lease {lease}): {detail}");
+            eprintln!(
+                "vfio-manager: usage: VM {vm} (lease {lease}): idle; on_idle is {action}: {detail}"
+            );
             let _ = Manager::lease_idle(&emitter, &lease, &vm, &action.to_string(), &detail).await;
         }
     }

@@ -367,9 +367,7 @@ impl Manager {
     /// The moves that would relieve mdev parents predicted over the limit, for
     /// migratable mdevs only: (lease, mdev, from, to, predicted % at each).
     /// Changes nothing.
-    async fn plan_rebalance(
-        &self,
-    ) -> Result<Vec<api::RebalanceMove>, ApiError> {
+    async fn plan_rebalance(&self) -> Result<Vec<api::RebalanceMove>, ApiError> {
         let core = self.core.clone();
         blocking(move || {
             Ok(core
