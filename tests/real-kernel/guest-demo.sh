@@ -1,6 +1,7 @@
 #!/bin/sh
 # `make demo`: a walk-through of vfctl on the real kernel of the emulated host.
-cp /mnt/host/bin/vfctl /tmp/
+cp /mnt/host/bin/vfctl /mnt/host/bin/vfio-managerd /tmp/
+. /mnt/host/guest-lib.sh
 cd /tmp
 printf 'manage = ["8086:10c9", "1b36:0010", "0000:03:00.0"]\n' > /tmp/config.toml
 say() { printf '\n\033[1m# %s\033[0m\n' "$*"; }
@@ -33,4 +34,38 @@ run unbind 0000:03:00.0 --whole-group
 run unbind 0000:01:10.0
 run disable 0000:01:00.0
 run show 0000:01:00.0
+
+cat <<'TXT'
+
+That was the CLI on the host directly. A host runs the daemon instead: it owns the
+VFs and hands them to VMs as leases, over D-Bus, for libvirt's hook, orchestration
+tools and people.
+TXT
+say "Start vfio-managerd: it enables the 4 VFs its configuration asks for, and serves D-Bus"
+start_bus bus
+export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
+printf '[[pf]]\naddress = "0000:01:00.0"\nvfs = 4\n[usage]\nnet_full_bytes_per_s = 20000\nbusy_alert_percent = 50\nbusy_alert_for_s = 0\nidle_for_s = 3\n' >> /tmp/config.toml
+./vfio-managerd --config /tmp/config.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log > /tmp/daemon.log 2>&1 &
+for i in $(seq 1 100); do ./vfctl leases > /dev/null 2>&1 && break; sleep 0.1; done
+d() { printf '\033[1m$ vfctl %s\033[0m\n' "$*"; ./vfctl "$@"; rc=$?; [ $rc = 0 ] || echo "(exit $rc)"; }
+d list
+say "A VM asks for a VF of the igb model over D-Bus; its agent will speak on vsock CID 3"
+d provision --vm demo --profile 8086:10c9 --request-id demo-1 --agent cid:3 --format qemu | tee /tmp/n1.args
+say "The VM boots (QEMU/KVM, nested) with those arguments: its kernel binds igbvf, its agent reports"
+cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-agent.cpio.gz /tmp/
+NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-agent.cpio.gz -device vhost-vsock-pci,guest-cid=3"
+NESTED_CMDLINE="agent=16 busy=6"
+nested_qemu &
+vm=$!
+for i in $(seq 1 120); do grep -q "NESTED-AGENT up" /tmp/nested.log 2>/dev/null && break; sleep 1; done
+grep "^NESTED-PCI .*igbvf" /tmp/nested.log | sed 's/^NESTED-PCI/  the guest sees:/'
+sleep 3
+say "While the guest sends traffic on its VF: the lease's agent, and its usage"
+d leases
+d top --once
+wait $vm
+grep "usage: VM demo" /tmp/daemon.log | sed 's/^vfio-manager: /  daemon: /'
+say "The VM is gone; release the lease: the VF is reset and offered again"
+d release --request-id demo-1
+d list
 echo GUEST-DONE

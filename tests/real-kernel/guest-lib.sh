@@ -76,3 +76,16 @@ start_bus() {
 CONF
     /tmp/dbus/lib/ld-linux-x86-64.so.2 --library-path /tmp/dbus/lib /tmp/dbus/dbus-daemon --config-file=/tmp/$1.conf --nofork --nopidfile > /tmp/$1.log 2>&1 &
 }
+
+# The nested VM (QEMU/KVM) with the lease's arguments in /tmp/n1.args, the kernel
+# and initramfs in NESTED_KERNEL and more kernel words in NESTED_CMDLINE; its log
+# (/tmp/nested.log) ends with QEMU's exit status.
+NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-initramfs.cpio.gz"
+nested_qemu() {
+    t0=$(date +%s)
+    timeout 240 /tmp/qemu/lib/ld-linux-x86-64.so.2 --library-path /tmp/qemu/lib /tmp/qemu/qemu-system-x86_64 \
+        -L /tmp/qemu/share -machine q35 -accel kvm -cpu host -m 256M -smp 1 -nodefaults -display none \
+        -serial stdio -no-reboot $NESTED_KERNEL -append "console=ttyS0 panic=-1 quiet $NESTED_CMDLINE" \
+        $(cat /tmp/n1.args) < /dev/null > /tmp/nested.log 2>&1
+    echo "NESTED-EXIT status $? after $(($(date +%s) - t0)) s" >> /tmp/nested.log
+}

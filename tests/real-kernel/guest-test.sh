@@ -5,7 +5,6 @@ cp /mnt/host/bin/* /tmp/
 . /mnt/host/guest-lib.sh
 cd /tmp
 
-NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-initramfs.cpio.gz"
 nested_vms() {
     cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz /mnt/host/nested-agent.cpio.gz /tmp/
     [ -c /dev/kvm ] || { fail "nested KVM: no /dev/kvm in the emulated host"; return; }
@@ -46,15 +45,6 @@ nested_agent() {
     echo "$order" | grep -q "high .*ok .*idle" \
         && pass "utilisation rises while the nested guest sends traffic on the VF (UsageAlert high), and falls back to idle after" \
         || { fail "utilisation follows the nested guest's traffic"; grep "usage:" /tmp/daemon.log; }
-}
-# The nested VM with the lease's arguments; its log ends with QEMU's exit status.
-nested_qemu() {
-    t0=$(date +%s)
-    timeout 240 /tmp/qemu/lib/ld-linux-x86-64.so.2 --library-path /tmp/qemu/lib /tmp/qemu/qemu-system-x86_64 \
-        -L /tmp/qemu/share -machine q35 -accel kvm -cpu host -m 256M -smp 1 -nodefaults -display none \
-        -serial stdio -no-reboot $NESTED_KERNEL -append "console=ttyS0 panic=-1 quiet $NESTED_CMDLINE" \
-        $(cat /tmp/n1.args) < /dev/null > /tmp/nested.log 2>&1
-    echo "NESTED-EXIT status $? after $(($(date +%s) - t0)) s" >> /tmp/nested.log
 }
 # cloud-hypervisor: cold boot with the lease's --device arguments, then a VM that
 # waits for a device hot-added by `vfctl attach`, whose lease ends with the VM.
