@@ -164,6 +164,11 @@ agent_in_domain() {
         && in_root vfctl swaps $lease | grep -q "idle" \
         && pass "idle with on_idle=unplug: the agent let go, libvirt unplugged $vf from the running domain, and it is back in the pool" \
         || { fail "idle reclaim in the libvirt domain"; in_root vfctl leases; in_root vfctl swaps $lease; grep -E "usage|agents|reclaim" /tmp/daemon.log; }
+    # The guest lost the VF: its agent says hello again without it.
+    for i in $(seq 1 30); do grep -q "VM agentvm .* says hello again" /tmp/daemon.log && break; sleep 1; done
+    last=$(grep "VM agentvm .* says hello again" /tmp/daemon.log | tail -1)
+    [ -n "$last" ] && ! echo "$last" | grep -q "$vf" \
+        && pass "the agent reports the VF gone: ${last#*: }" || { fail "the agent's hello after the unplug"; grep agents /tmp/daemon.log; }
     for i in $(seq 1 120); do in_root virsh domstate agentvm 2>/dev/null | grep -q 'shut off' && break; sleep 1; done
     grep "NESTED-AGENT\|NESTED-DONE" $R/tmp/agentvm.console | sed 's/^/GUEST-INFO agentvm: /' | head -6
 }

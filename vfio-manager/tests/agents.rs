@@ -292,6 +292,16 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
     wait_for(&d, "the reclaim audited", || {
         d.audit_text().contains("\"op\":\"reclaim\"")
     });
+    // The guest lost it: its agent says hello again without it.
+    std::fs::remove_dir_all(root.path().join("sys/bus/pci/devices/0000:00:04.0")).unwrap();
+    wait_for(&d, "the agent's new hello", || {
+        d.log_text().contains("says hello again: vm-agent")
+    });
+    assert!(
+        d.log_text().contains("sees none of the lease's devices"),
+        "{}",
+        d.log_text()
+    );
     // Offered again: a new request gets it.
     let again = bus.client().provision(&vfio_manager::api::Request {
         request_id: "again".into(),

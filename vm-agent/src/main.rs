@@ -1,6 +1,7 @@
 //! `vm-agent`: runs in a Linux guest (from its systemd unit, or an initramfs) and
 //! reports to the host's vfio-managerd over virtio-vsock: a hello (the devices the
-//! guest sees and their drivers), then a heartbeat and a usage sample each interval;
+//! guest sees and their drivers; again whenever they change), then a heartbeat and
+//! a usage sample each interval;
 //! it answers the host's `report-now` and `let-go`. It changes nothing in the guest
 //! but a `let-go`, which unbinds the named device's driver. When the host is not
 //! there it tries again each interval.
@@ -113,10 +114,17 @@ fn connect(a: &Args) -> Result<Box<dyn Channel>, String> {
 /// One connection to the host, until it ends.
 fn serve(g: &Guest, s: &mut dyn Channel, every: Duration) -> Result<(), String> {
     let err = |e: ProtocolError| e.to_string();
-    protocol::write(s, &hello(g)).map_err(err)?;
+    let mut said = hello(g);
+    protocol::write(s, &said).map_err(err)?;
     let mut seq = 0;
     loop {
         if !readable(s, every)? {
+            // A device came or went (hot-plug, a host's unplug): hello again.
+            let now = hello(g);
+            if now != said {
+                protocol::write(s, &now).map_err(err)?;
+                said = now;
+            }
             seq += 1;
             protocol::write(s, &Message::Heartbeat { seq }).map_err(err)?;
             protocol::write(s, &Message::Usage { samples: g.usage() }).map_err(err)?;

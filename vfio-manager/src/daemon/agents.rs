@@ -337,7 +337,7 @@ async fn converse(
                 kernel,
                 devices,
             } => {
-                helloed = true;
+                let again = std::mem::replace(&mut helloed, true);
                 let (ch2, a2, k2) = (ch.clone(), agent.clone(), kernel.clone());
                 let pairs = tokio::task::spawn_blocking(move || {
                     c.usage().hello(&l, &ch2, &a2, &k2, devices)
@@ -347,10 +347,23 @@ async fn converse(
                 if let Ok(mut s) = agents.senders.lock() {
                     s.insert(lease.to_string(), tx.clone());
                 }
+                // A sample now, not an interval later.
+                let _ = tx.try_send(Message::ReportNow);
+                let sees = match pairs.is_empty() {
+                    true => "none of the lease's devices".to_string(),
+                    false => pairs.join(", "),
+                };
+                let what = if again {
+                    "says hello again"
+                } else {
+                    "connected"
+                };
                 eprintln!(
-                    "vfio-manager: agents: VM {vm} (lease {lease}) connected: {agent}, kernel {kernel}, sees {}",
-                    pairs.join(", ")
+                    "vfio-manager: agents: VM {vm} (lease {lease}) {what}: {agent}, kernel {kernel}, sees {sees}"
                 );
+                if again {
+                    continue;
+                }
                 if let Ok(e) = SignalEmitter::new(conn, api::MANAGER_PATH) {
                     let _ = Manager::agent_connected(&e, lease, vm, &agent, &kernel).await;
                 }
