@@ -50,7 +50,9 @@ for i in $(seq 1 100); do ./vfctl leases > /dev/null 2>&1 && break; sleep 0.1; d
 d() { printf '\033[1m$ vfctl %s\033[0m\n' "$*"; ./vfctl "$@"; rc=$?; [ $rc = 0 ] || echo "(exit $rc)"; }
 d list
 say "A VM asks for a VF of the igb model over D-Bus; its agent will speak on vsock CID 3"
-d provision --vm demo --profile 8086:10c9 --request-id demo-1 --agent cid:3 --format qemu | tee /tmp/n1.args
+printf '\033[1m$ vfctl provision --vm demo --profile 8086:10c9 --request-id demo-1 --agent cid:3 --format qemu\033[0m\n'
+./vfctl provision --vm demo --profile 8086:10c9 --request-id demo-1 --agent cid:3 --format qemu > /tmp/n1.args
+cat /tmp/n1.args
 say "The VM boots (QEMU/KVM, nested) with those arguments: its kernel binds igbvf, its agent reports"
 cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-agent.cpio.gz /tmp/
 NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-agent.cpio.gz -device vhost-vsock-pci,guest-cid=3"
@@ -58,7 +60,7 @@ NESTED_CMDLINE="agent=16 busy=6"
 nested_qemu &
 vm=$!
 for i in $(seq 1 120); do grep -q "NESTED-AGENT up" /tmp/nested.log 2>/dev/null && break; sleep 1; done
-grep "^NESTED-PCI .*igbvf" /tmp/nested.log | sed 's/^NESTED-PCI/  the guest sees:/'
+grep "^NESTED-PCI .*igbvf" /tmp/nested.log | sed 's/^NESTED-PCI/  the guest sees:/' || cat /tmp/nested.log
 sleep 3
 say "While the guest sends traffic on its VF: the lease's agent, and its usage"
 d leases
