@@ -207,6 +207,14 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
         }
         wait_for(&d, what, || d.log_text().matches("dropped").count() > i);
     }
+    // A pile of idle connections: two are served, the rest dropped.
+    let pile: Vec<UnixStream> = (0..5)
+        .map(|_| UnixStream::connect(&agent_sock).unwrap())
+        .collect();
+    wait_for(&d, "the pile dropped", || {
+        d.log_text().matches("connections open already").count() >= 3
+    });
+    drop(pile);
     let log = d.log_text();
     assert!(
         log.contains("VM vm1 (lease"),

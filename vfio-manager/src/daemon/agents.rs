@@ -43,9 +43,42 @@ pub struct Agents {
     let_goes: Mutex<BTreeMap<(String, String), Answer>>,
     /// The channels leases name now (refreshed each second).
     live: Mutex<BTreeSet<AgentChannel>>,
+    /// Each lease's open sessions: one agent per VM, and one more while it
+    /// reconnects; a guest cannot pile connections up.
+    sessions: Mutex<BTreeMap<String, usize>>,
+}
+
+/// The most sessions one lease may hold at once.
+const MAX_SESSIONS: usize = 2;
+
+/// A lease's session slot, given back when dropped.
+struct Slot<'a>(&'a Agents, String);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.sessions.lock() {
+            if let Some(n) = s.get_mut(&self.1) {
+                *n -= 1;
+                if *n == 0 {
+                    s.remove(&self.1);
+                }
+            }
+        }
+    }
 }
 
 impl Agents {
+    /// A session slot for `lease`, unless it holds [`MAX_SESSIONS`] already.
+    fn enter(&self, lease: &str) -> Option<Slot<'_>> {
+        let mut s = self.sessions.lock().ok()?;
+        let n = s.entry(lease.to_string()).or_default();
+        if *n >= MAX_SESSIONS {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self, lease.to_string()))
+    }
+
     fn live(&self, ch: &AgentChannel) -> bool {
         self.live.lock().is_ok_and(|l| l.contains(ch))
     }
@@ -255,6 +288,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let Ok(Some((lease, vm))) = tokio::task::spawn_blocking(move || c.usage().lease_of(&ch2)).await
     else {
         eprintln!("vfio-manager: agents: {ch}: no lease names this channel; connection dropped");
+        return;
+    };
+    let Some(_slot) = agents.enter(&lease) else {
+        eprintln!("vfio-manager: agents: VM {vm} (lease {lease}, {ch}): dropped: it has {MAX_SESSIONS} connections open already");
         return;
     };
     let (mut rd, mut wr) = tokio::io::split(stream);
