@@ -55,13 +55,17 @@ printf '\033[1m$ vfctl provision --vm demo --profile 8086:10c9 --request-id demo
 cat /tmp/n1.args
 say "The VM boots (QEMU/KVM, nested) with those arguments: its kernel binds igbvf, its agent reports"
 cp -r /mnt/host/qemu /mnt/host/vmlinuz /mnt/host/nested-agent.cpio.gz /tmp/
+# The VF's link follows the PF's: the PF's interface up (its traffic can flow).
+pfnet=$(ls /sys/bus/pci/devices/0000:01:00.0/net 2>/dev/null | head -1)
+[ -n "$pfnet" ] && ip link set "$pfnet" up
 NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-agent.cpio.gz -device vhost-vsock-pci,guest-cid=3"
 NESTED_CMDLINE="agent=16 busy=6"
 nested_qemu &
 vm=$!
 for i in $(seq 1 120); do grep -q "NESTED-AGENT up" /tmp/nested.log 2>/dev/null && break; sleep 1; done
-grep "^NESTED-PCI .*igbvf" /tmp/nested.log | sed 's/^NESTED-PCI/  the guest sees:/' || cat /tmp/nested.log
-sleep 3
+grep -q "^NESTED-PCI .*igbvf" /tmp/nested.log || cat /tmp/nested.log
+grep "^NESTED-PCI .*igbvf" /tmp/nested.log | sed 's/^NESTED-PCI/  the guest sees:/'
+sleep 4
 say "While the guest sends traffic on its VF: the lease's agent, and its usage"
 d leases
 d top --once
