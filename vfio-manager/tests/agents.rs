@@ -350,6 +350,20 @@ fn bad_agent_channels_and_policies_are_refused_at_the_request() {
         assert_ne!(code, 0, "{value} accepted");
         assert!(err.contains("invalid agent"), "{value}: {err}");
     }
+    // One VM's channel is not another's.
+    let (code, _, err) = vfctl(&bus, &["provision", "--vm", "vm1", "--agent", "cid:7"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = vfctl(&bus, &["provision", "--vm", "intruder", "--agent", "cid:7"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("agent channel cid:7 is lease") && err.contains("of VM vm1"),
+        "{err}"
+    );
+    let (code, _, err) = vfctl(&bus, &["provision", "--vm", "vm1", "--agent", "cid:7"]);
+    assert_eq!(code, 0, "the same VM may hold two leases: {err}");
+    for l in bus.client().leases().unwrap() {
+        bus.client().release(&l.id).unwrap();
+    }
     let (code, _, _) = vfctl(&bus, &["provision", "--vm", "vm1", "--on-idle", "evict"]);
     assert_ne!(code, 0);
     assert!(

@@ -47,9 +47,12 @@ impl Pool<'_> {
             self.timed("provision", || {
                 let _shared = self.shared();
                 // The same request id twice at once: the second waits and gets the first's lease.
-                let _same = self
-                    .claims
-                    .wait(vec![format!("request {}", req.request_id)]);
+                let mut names = vec![format!("request {}", req.request_id)];
+                if !req.agent.is_empty() {
+                    // Two requests naming one agent channel at once: checked in turn.
+                    names.push(format!("agent {}", req.agent));
+                }
+                let _same = self.claims.wait(names);
                 self.provision_claimed(&req, uid)
             })
         };
@@ -81,6 +84,23 @@ impl Pool<'_> {
         r
     }
 
+    /// A lease's agent channel names one VM: another VM's lease naming it would be
+    /// told that VM's usage, and could ask its guest to let go of a device.
+    fn agent_channel_free(&self, req: &Request) -> Result<(), ApiError> {
+        let Ok(ch) = req.agent.parse::<crate::api::ids::AgentChannel>() else {
+            return Ok(());
+        };
+        match self.usage().lease_of(&ch) {
+            Some((lease, vm)) if ch != crate::api::ids::AgentChannel::None && vm != req.vm_name => {
+                Err(ApiError::Refused(format!(
+                    "VM {}: agent channel {ch} is lease {lease}'s, of VM {vm}; give each VM its own vsock CID or socket",
+                    req.vm_name
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Returns the lease and whether it is new (false: the request id's earlier lease).
     fn provision_claimed(&self, req: &Request, uid: u32) -> Result<(Lease, bool), ApiError> {
         let rid = RequestId::new(&req.request_id)?;
@@ -99,6 +119,7 @@ impl Pool<'_> {
             }
             return Ok((self.lease_view(&old), false));
         }
+        self.agent_channel_free(req)?;
         let released = self.store().released_request(&rid).map_err(failed)?;
         if let Some(lease) = released {
             return Err(ApiError::BadInput(format!(
