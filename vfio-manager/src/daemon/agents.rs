@@ -108,14 +108,35 @@ impl Agents {
     }
 }
 
+/// What every agent task shares: the daemon's core, its bus connection (for
+/// signals) and the agents connected now.
+#[derive(Clone)]
+struct Hub {
+    core: Arc<Core>,
+    conn: Connection,
+    agents: Arc<Agents>,
+}
+
+/// Who is on one connection.
+struct Peer {
+    ch: AgentChannel,
+    lease: String,
+    vm: String,
+}
+
 /// Serves every agent channel until the daemon stops.
 pub async fn serve(core: Arc<Core>, conn: Connection) {
     let agents = Arc::new(Agents::default());
+    let hub = Hub {
+        core: core.clone(),
+        conn,
+        agents: agents.clone(),
+    };
     let port = core.config().usage.vsock_port;
     let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
     match tokio_vsock::VsockListener::bind(addr) {
         Ok(l) => {
-            tokio::spawn(vsock_accept(l, core.clone(), conn.clone(), agents.clone()));
+            tokio::spawn(vsock_accept(l, hub.clone()));
         }
         Err(e) => eprintln!(
             "vfio-manager: agents: not listening on vsock port {port} ({e}); unix: and serial: channels only"
@@ -139,13 +160,12 @@ pub async fn serve(core: Arc<Core>, conn: Connection) {
             if served.contains_key(&ch) {
                 continue;
             }
-            let (core, conn, agents) = (core.clone(), conn.clone(), agents.clone());
             let task = match &ch {
                 AgentChannel::Unix(p) => {
-                    tokio::spawn(unix_accept(p.clone(), ch.clone(), core, conn, agents))
+                    tokio::spawn(unix_accept(p.clone(), ch.clone(), hub.clone()))
                 }
                 AgentChannel::Serial(p) => {
-                    tokio::spawn(serial_connect(p.clone(), ch.clone(), core, conn, agents))
+                    tokio::spawn(serial_connect(p.clone(), ch.clone(), hub.clone()))
                 }
                 _ => continue,
             };
@@ -155,17 +175,12 @@ pub async fn serve(core: Arc<Core>, conn: Connection) {
     }
 }
 
-async fn vsock_accept(
-    l: tokio_vsock::VsockListener,
-    core: Arc<Core>,
-    conn: Connection,
-    agents: Arc<Agents>,
-) {
+async fn vsock_accept(l: tokio_vsock::VsockListener, hub: Hub) {
     loop {
         match l.accept().await {
             Ok((s, peer)) => {
                 let ch = AgentChannel::Vsock(peer.cid());
-                tokio::spawn(session(s, ch, core.clone(), conn.clone(), agents.clone()));
+                tokio::spawn(session(s, ch, hub.clone()));
             }
             Err(e) => {
                 eprintln!("vfio-manager: agents: vsock accept: {e}");
@@ -177,13 +192,7 @@ async fn vsock_accept(
 
 /// Listens on a `unix:` channel while a lease names it. A stale socket file is
 /// replaced; anything else there is left alone.
-async fn unix_accept(
-    path: String,
-    ch: AgentChannel,
-    core: Arc<Core>,
-    conn: Connection,
-    agents: Arc<Agents>,
-) {
+async fn unix_accept(path: String, ch: AgentChannel, hub: Hub) {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(&path) {
         if m.file_type().is_socket() {
@@ -197,16 +206,10 @@ async fn unix_accept(
             return;
         }
     };
-    while agents.live(&ch) {
+    while hub.agents.live(&ch) {
         match tokio::time::timeout(Duration::from_secs(1), l.accept()).await {
             Ok(Ok((s, _))) => {
-                tokio::spawn(session(
-                    s,
-                    ch.clone(),
-                    core.clone(),
-                    conn.clone(),
-                    agents.clone(),
-                ));
+                tokio::spawn(session(s, ch.clone(), hub.clone()));
             }
             Ok(Err(e)) => eprintln!("vfio-manager: agents: {path}: {e}"),
             Err(_) => {}
@@ -217,16 +220,10 @@ async fn unix_accept(
 
 /// Connects to a `serial:` channel's socket while a lease names it, again after
 /// each session ends (the VM restarted, or QEMU is not up yet).
-async fn serial_connect(
-    path: String,
-    ch: AgentChannel,
-    core: Arc<Core>,
-    conn: Connection,
-    agents: Arc<Agents>,
-) {
-    while agents.live(&ch) {
+async fn serial_connect(path: String, ch: AgentChannel, hub: Hub) {
+    while hub.agents.live(&ch) {
         if let Ok(s) = tokio::net::UnixStream::connect(&path).await {
-            session(s, ch.clone(), core.clone(), conn.clone(), agents.clone()).await;
+            session(s, ch.clone(), hub.clone()).await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -279,18 +276,15 @@ async fn write_frame(w: &mut (impl AsyncWrite + Unpin), m: &Message) -> Result<(
 async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     ch: AgentChannel,
-    core: Arc<Core>,
-    conn: Connection,
-    agents: Arc<Agents>,
+    hub: Hub,
 ) {
-    let c = core.clone();
-    let ch2 = ch.clone();
+    let (c, ch2) = (hub.core.clone(), ch.clone());
     let Ok(Some((lease, vm))) = tokio::task::spawn_blocking(move || c.usage().lease_of(&ch2)).await
     else {
         eprintln!("vfio-manager: agents: {ch}: no lease names this channel; connection dropped");
         return;
     };
-    let Some(_slot) = agents.enter(&lease) else {
+    let Some(_slot) = hub.agents.enter(&lease) else {
         eprintln!("vfio-manager: agents: VM {vm} (lease {lease}, {ch}): dropped: it has {MAX_SESSIONS} connections open already");
         return;
     };
@@ -303,26 +297,27 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             }
         }
     });
-    let why = converse(&mut rd, &tx, &ch, &lease, &vm, &core, &conn, &agents).await;
+    let peer = Peer { ch, lease, vm };
+    let why = converse(&mut rd, &tx, &peer, &hub).await;
+    let Peer { ch, lease, vm } = peer;
     eprintln!("vfio-manager: agents: VM {vm} (lease {lease}, {ch}): {why}");
-    if let Ok(mut s) = agents.senders.lock() {
+    if let Ok(mut s) = hub.agents.senders.lock() {
         if s.get(&lease).is_some_and(|t| t.same_channel(&tx)) {
             s.remove(&lease);
         }
     }
     writer.abort();
-    let c = core.clone();
-    let l = lease.clone();
+    let (c, l) = (hub.core.clone(), lease.clone());
     let release = tokio::task::spawn_blocking(move || c.usage().lost(&l))
         .await
         .unwrap_or(false);
-    if let Ok(e) = SignalEmitter::new(&conn, api::MANAGER_PATH) {
+    if let Ok(e) = SignalEmitter::new(&hub.conn, api::MANAGER_PATH) {
         let _ = Manager::agent_lost(&e, &lease, &vm, &why).await;
     }
     if release {
         // The VMM closes the devices as it exits, just after the guest's vsock goes.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let c = core.clone();
+        let c = hub.core.clone();
         if let Ok(Some(line)) =
             tokio::task::spawn_blocking(move || c.usage().release_if_stopped(&lease)).await
         {
@@ -332,17 +327,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 }
 
 /// The messages of one session; returns why it ended.
-#[allow(clippy::too_many_arguments)]
 async fn converse(
     rd: &mut (impl AsyncRead + Unpin),
     tx: &mpsc::Sender<Message>,
-    ch: &AgentChannel,
-    lease: &str,
-    vm: &str,
-    core: &Arc<Core>,
-    conn: &Connection,
-    agents: &Arc<Agents>,
+    peer: &Peer,
+    hub: &Hub,
 ) -> String {
+    let Peer { ch, lease, vm } = peer;
     let mut recent: std::collections::VecDeque<Instant> = Default::default();
     let mut helloed = false;
     loop {
@@ -366,8 +357,7 @@ async fn converse(
                 WINDOW.as_secs()
             );
         }
-        let c = core.clone();
-        let l = lease.to_string();
+        let (c, l) = (hub.core.clone(), lease.clone());
         match m {
             Message::Hello {
                 agent,
@@ -381,8 +371,8 @@ async fn converse(
                 })
                 .await
                 .unwrap_or_default();
-                if let Ok(mut s) = agents.senders.lock() {
-                    s.insert(lease.to_string(), tx.clone());
+                if let Ok(mut s) = hub.agents.senders.lock() {
+                    s.insert(lease.clone(), tx.clone());
                 }
                 // A sample now, not an interval later.
                 let _ = tx.try_send(Message::ReportNow);
@@ -401,7 +391,7 @@ async fn converse(
                 if again {
                     continue;
                 }
-                if let Ok(e) = SignalEmitter::new(conn, api::MANAGER_PATH) {
+                if let Ok(e) = SignalEmitter::new(&hub.conn, api::MANAGER_PATH) {
                     let _ = Manager::agent_connected(&e, lease, vm, &agent, &kernel).await;
                 }
             }
@@ -419,10 +409,10 @@ async fn converse(
                         .unwrap_or_default();
                 // Apart from this loop: an unplug waits for the agent's
                 // let-go-done, which this loop reads.
-                let (core, conn, agents) = (core.clone(), conn.clone(), agents.clone());
+                let hub = hub.clone();
                 tokio::spawn(async move {
                     for e in events {
-                        act(e, &core, &conn, &agents).await;
+                        act(e, &hub).await;
                     }
                 });
             }
@@ -431,11 +421,12 @@ async fn converse(
                 ok,
                 detail,
             } => {
-                let waiting = agents
+                let waiting = hub
+                    .agents
                     .let_goes
                     .lock()
                     .ok()
-                    .and_then(|mut l| l.remove(&(lease.to_string(), address)));
+                    .and_then(|mut l| l.remove(&(lease.clone(), address)));
                 if let Some(w) = waiting {
                     let _ = w.send((ok, detail));
                 }
@@ -446,8 +437,8 @@ async fn converse(
 }
 
 /// What a usage event sets off: its signal, and for an idle lease its policy.
-async fn act(e: UsageEvent, core: &Arc<Core>, conn: &Connection, agents: &Arc<Agents>) {
-    let Ok(emitter) = SignalEmitter::new(conn, api::MANAGER_PATH) else {
+async fn act(e: UsageEvent, hub: &Hub) {
+    let Ok(emitter) = SignalEmitter::new(&hub.conn, api::MANAGER_PATH) else {
         return;
     };
     match e {
@@ -473,13 +464,13 @@ async fn act(e: UsageEvent, core: &Arc<Core>, conn: &Connection, agents: &Arc<Ag
             let detail = match action {
                 OnIdle::Notify => "nothing changes".to_string(),
                 OnIdle::ReleaseOnStop => {
-                    core.usage().release_on_stop(&lease);
+                    hub.core.usage().release_on_stop(&lease);
                     "the lease ends when its VM stops".to_string()
                 }
                 OnIdle::Unplug => {
                     let mut done = Vec::new();
                     for d in &devices {
-                        done.push(format!("{d}: {}", unplug(&lease, d, core, agents).await));
+                        done.push(format!("{d}: {}", unplug(&lease, d, hub).await));
                     }
                     done.join("; ")
                 }
@@ -493,10 +484,11 @@ async fn act(e: UsageEvent, core: &Arc<Core>, conn: &Connection, agents: &Arc<Ag
 }
 
 /// `unplug` of one idle device: the agent lets go first, then `core` reclaims it.
-async fn unplug(lease: &str, device: &str, core: &Arc<Core>, agents: &Arc<Agents>) -> String {
+async fn unplug(lease: &str, device: &str, hub: &Hub) -> String {
+    let core = &hub.core;
     let wait = Duration::from_secs(core.config().usage.let_go_timeout_s);
     let let_go = match core.usage().guest_address(lease, device) {
-        Some(g) => agents.let_go(lease, &g, wait).await,
+        Some(g) => hub.agents.let_go(lease, &g, wait).await,
         None => Err("the guest does not list it".into()),
     };
     // A guest that could not let go still loses the device: it was idle.
