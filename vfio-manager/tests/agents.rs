@@ -32,18 +32,19 @@ idle_for_s = 2
 let_go_timeout_s = 5
 ";
 
-/// The agent binary: built beside this package's (cargo builds every workspace
-/// binary for `cargo test --workspace`; alone, this test builds it).
+/// The agent binary, built once per test process: cargo builds another package's
+/// binary only when asked (`cargo test` here would otherwise run a stale one).
+static AGENT: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
+    let ok = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "vm-agent", "--bin", "vm-agent"])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cargo build -p vm-agent");
+    VFCTL.parent().unwrap().join("vm-agent")
+});
+
 fn agent_bin() -> PathBuf {
-    let p = VFCTL.parent().unwrap().join("vm-agent");
-    if !p.exists() {
-        let ok = Command::new(env!("CARGO"))
-            .args(["build", "-p", "vm-agent"])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "cargo build -p vm-agent");
-    }
-    p
+    AGENT.clone()
 }
 
 /// A guest's sysfs: the leased VF at guest address 0000:00:04.0 with `id`, bound
