@@ -10,7 +10,9 @@
 #   --bench           each provisioning operation beside the bare sysfs writes;
 #   --scale           restore, provision, release and disable with SCALE_PFS igb PFs
 #                     (12 by default, 7 VFs each) beside the bare writes (`make
-#                     bench-scale`; not part of CI).
+#                     bench-scale`; not part of CI);
+#   --migrate         an experiment for a running VM's migration with its mdev (not
+#                     part of CI; it fails today: guest-migrate.sh says how).
 # Prints a summary line "N passed, N failed, N skipped" (each skip says why) and
 # exits non-zero on any failure.
 set -euo pipefail
