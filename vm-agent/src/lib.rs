@@ -89,8 +89,10 @@ impl Guest {
         out
     }
 
-    /// A sample for each device whose usage the guest can tell, from the best
-    /// source it has (`sources`).
+    /// A sample for each device whose usage the guest can tell. Each field comes
+    /// from the first source that gives it, in this order (`sources`): DRM fdinfo
+    /// engine time, amdgpu's sysfs, nvidia-smi; a device none of them knows, by
+    /// its NIC's byte counters. `source` names the one that gave the busy share.
     pub fn usage(&self) -> Vec<Usage> {
         let nvidia = self
             .nvidia_smi
@@ -101,21 +103,30 @@ impl Guest {
         let mut out = Vec::new();
         for d in self.devices() {
             let dir = self.devices_dir().join(&d.address);
-            let found = nvidia
-                .get(&d.address)
-                .cloned()
-                .or_else(|| sources::amdgpu(&dir, &d.address))
-                .or_else(|| {
-                    drm.get(&d.address).map(|b| Usage {
-                        address: d.address.clone(),
-                        source: "drm-fdinfo".into(),
-                        busy_percent: Some(*b),
-                        bytes: None,
-                        memory_percent: None,
-                        temperature_c: None,
-                    })
-                })
-                .or_else(|| sources::net(&dir, &d.address));
+            let drm = drm.get(&d.address).map(|b| Usage {
+                address: d.address.clone(),
+                source: "drm-fdinfo".into(),
+                busy_percent: Some(*b),
+                bytes: None,
+                memory_percent: None,
+                temperature_c: None,
+            });
+            let found = [
+                drm,
+                sources::amdgpu(&dir, &d.address),
+                nvidia.get(&d.address).cloned(),
+            ]
+            .into_iter()
+            .flatten()
+            .reduce(|mut u, next| {
+                u.memory_percent = u.memory_percent.or(next.memory_percent);
+                u.temperature_c = u.temperature_c.or(next.temperature_c);
+                if u.busy_percent.is_none() {
+                    (u.busy_percent, u.source) = (next.busy_percent, next.source);
+                }
+                u
+            })
+            .or_else(|| sources::net(&dir, &d.address));
             out.extend(found);
         }
         out.truncate(protocol::MAX_DEVICES);
@@ -199,6 +210,34 @@ mod tests {
         let u = g.usage();
         assert_eq!(u.len(), 1);
         assert_eq!(u[0].bytes, Some(1024));
+    }
+
+    /// Each field from the first source that gives it: busy and VRAM from
+    /// amdgpu's sysfs, the temperature from nvidia-smi; a NIC by its bytes.
+    #[test]
+    fn usage_takes_each_field_from_the_first_source_that_gives_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = guest();
+        let gpu = t.path().join("sys/bus/pci/devices/0000:05:00.0");
+        fs::create_dir_all(&gpu).unwrap();
+        fs::write(gpu.join("vendor"), "0x1002\n").unwrap();
+        fs::write(gpu.join("device"), "0x73bf\n").unwrap();
+        fs::write(gpu.join("gpu_busy_percent"), "42\n").unwrap();
+        fs::write(gpu.join("mem_info_vram_used"), "1\n").unwrap();
+        fs::write(gpu.join("mem_info_vram_total"), "4\n").unwrap();
+        let smi = t.path().join("usr/bin/nvidia-smi");
+        fs::create_dir_all(smi.parent().unwrap()).unwrap();
+        fs::write(&smi, "#!/bin/sh\necho '00000000:05:00.0, 90, 3, 4, 70'\n").unwrap();
+        fs::set_permissions(&smi, fs::Permissions::from_mode(0o755)).unwrap();
+        let u = Guest::new(t.path()).usage();
+        let g = u.iter().find(|u| u.address == "0000:05:00.0").unwrap();
+        assert_eq!(g.source, "amdgpu");
+        assert_eq!(
+            (g.busy_percent, g.memory_percent, g.temperature_c),
+            (Some(42.0), Some(25.0), Some(70.0))
+        );
+        let nic = u.iter().find(|u| u.address == "0000:04:00.0").unwrap();
+        assert_eq!((nic.source.as_str(), nic.bytes), ("net", Some(1024)));
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! Where the guest learns how busy a device is, best first (docs/agent-protocol.md):
-//! 1. `nvidia-smi` where it is installed (busy, memory, temperature);
-//! 2. amdgpu's sysfs: `gpu_busy_percent`, `mem_info_vram_used` / `_total`, hwmon;
-//! 3. DRM fdinfo (`/proc/*/fdinfo/*`, the kernel's drm-usage-stats): each client's
+//! Where the guest learns how a device is used, in this order (docs/agent-protocol.md;
+//! `Guest::usage` takes each field from the first that gives it):
+//! 1. DRM fdinfo (`/proc/*/fdinfo/*`, the kernel's drm-usage-stats): each client's
 //!    engine time, summed per device; busy is the busiest engine's share of the
 //!    time since the last sample;
-//! 4. a NIC's byte counters (the emulated stand-ins): the host turns them into a
-//!    share of `net_full_bytes_per_s`.
+//! 2. amdgpu's sysfs: `gpu_busy_percent`, `mem_info_vram_used` / `_total`, hwmon;
+//! 3. `nvidia-smi` where it is installed (busy, memory, temperature);
+//! 4. a NIC's byte counters (the emulated stand-ins), for a device none of the
+//!    above knows: the host turns them into a share of `net_full_bytes_per_s`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
