@@ -4,8 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use vfio_manager_api::ids::{
-    check_mdev_attribute, parse_uuid, Endpoint, LeaseId, MdevParent, MdevTypeId, OnFailure,
-    PciAddress, Profile, RequestId, VmName, Vmm,
+    check_mdev_attribute, parse_uuid, AgentChannel, Endpoint, LeaseId, MdevParent, MdevTypeId,
+    OnFailure, OnIdle, PciAddress, Priority, Profile, RequestId, VmName, Vmm,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -38,6 +38,21 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(p) = s.parse::<OnFailure>() {
         assert_eq!(p.to_string(), s);
     }
+    // A lease's agent channel: a socket the daemon listens on or connects to as root.
+    match s.parse::<AgentChannel>() {
+        Ok(AgentChannel::Unix(p) | AgentChannel::Serial(p)) => {
+            assert!(p.starts_with('/') && !p.split('/').any(|c| c == ".."));
+            assert!(!p.chars().any(char::is_control) && p.len() <= 107);
+            assert_eq!(s.parse::<AgentChannel>().unwrap().to_string(), s);
+        }
+        Ok(AgentChannel::Vsock(c)) => assert!(c >= 3 && c < u32::MAX),
+        Ok(c) => assert_eq!(c.to_string(), s),
+        Err(e) => assert!(e.to_string().len() < 600),
+    }
+    if let Ok(p) = s.parse::<OnIdle>() {
+        assert_eq!(p.to_string(), s);
+    }
+    let _ = s.parse::<Priority>();
     for bounded in [
         Profile::new(s).map(String::from),
         RequestId::new(s).map(String::from),
