@@ -111,29 +111,38 @@ pub fn body(m: &Message) -> Result<Vec<u8>, ProtocolError> {
     }
 }
 
-/// Writes `m` as one frame.
-pub fn write(w: &mut (impl Write + ?Sized), m: &Message) -> Result<(), ProtocolError> {
+/// `m` as one frame: the body's length, big-endian, then the body.
+pub fn frame(m: &Message) -> Result<Vec<u8>, ProtocolError> {
     let body = body(m)?;
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
-    w.write_all(&frame)?;
+    Ok(frame)
+}
+
+/// The body length a frame's prefix announces, refused before the body is read
+/// when too long.
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
+    match u32::from_be_bytes(prefix) as usize {
+        len if len > MAX_FRAME => Err(ProtocolError::TooLong(len)),
+        len => Ok(len),
+    }
+}
+
+/// Writes `m` as one frame.
+pub fn write(w: &mut (impl Write + ?Sized), m: &Message) -> Result<(), ProtocolError> {
+    w.write_all(&frame(m)?)?;
     w.flush()?;
     Ok(())
 }
 
-/// Reads one frame: its length first, refused before the body is read when too
-/// long, then the body, checked.
+/// Reads one frame: its length first ([`body_len`]), then the body, checked.
 pub fn read(r: &mut (impl Read + ?Sized)) -> Result<Message, ProtocolError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
+    let mut prefix = [0u8; 4];
+    match r.read_exact(&mut prefix) {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
         r => r?,
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(ProtocolError::TooLong(len));
-    }
-    let mut body = vec![0u8; len];
+    let mut body = vec![0u8; body_len(prefix)?];
     r.read_exact(&mut body)?;
     decode(&body)
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use vm_agent::protocol::{self, Message, ProtocolError, MAX_FRAME};
+use vm_agent::protocol::{self, Message, ProtocolError};
 use zbus::object_server::SignalEmitter;
 use zbus::Connection;
 
@@ -235,8 +235,8 @@ async fn read_frame(
     r: &mut (impl AsyncRead + Unpin),
     idle: Duration,
 ) -> Result<Message, ProtocolError> {
-    let mut len = [0u8; 4];
-    match tokio::time::timeout(idle, r.read_exact(&mut len)).await {
+    let mut prefix = [0u8; 4];
+    match tokio::time::timeout(idle, r.read_exact(&mut prefix)).await {
         Err(_) => {
             return Err(ProtocolError::Malformed(format!(
                 "silent for {} s",
@@ -248,10 +248,7 @@ async fn read_frame(
         }
         Ok(r) => r?,
     };
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(ProtocolError::TooLong(len));
-    }
+    let len = protocol::body_len(prefix)?;
     let mut body = vec![0u8; len];
     tokio::time::timeout(FRAME_DEADLINE, r.read_exact(&mut body))
         .await
@@ -265,10 +262,7 @@ async fn read_frame(
 }
 
 async fn write_frame(w: &mut (impl AsyncWrite + Unpin), m: &Message) -> Result<(), ProtocolError> {
-    let body = protocol::body(m)?;
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
-    w.write_all(&frame).await?;
+    w.write_all(&protocol::frame(m)?).await?;
     Ok(())
 }
 
