@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use vf_provisioner::layouts;
@@ -106,18 +106,6 @@ fn start_agent(channel: &Path, root: &Path) -> Agent {
     Agent(child)
 }
 
-fn wait_for(d: &Daemon, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "never: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A frame as the protocol writes one: the length, then the body.
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
@@ -125,45 +113,54 @@ fn frame(body: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Device `dev`'s PCI id, as the daemon lists it.
+fn id_of(bus: &Bus, dev: &str) -> String {
+    let devices = bus.client().devices().unwrap();
+    devices.into_iter().find(|i| i.address == dev).unwrap().id
+}
+
+/// A VM named `vm` behind an API socket that answers as cloud-hypervisor's, given
+/// `dev` by `vfctl attach` with its agent on a `unix:` channel and `extra`
+/// arguments; returns the VM, the lease and the agent's socket, once the daemon
+/// listens there.
+fn attached_with_agent(
+    bus: &Bus,
+    d: &Daemon,
+    vm: &str,
+    dev: &str,
+    extra: &[&str],
+) -> (Arc<ch::Vm>, vfio_manager::api::Lease, PathBuf) {
+    let sock = d.dir.path().join(format!("{vm}.api.sock"));
+    let agent_sock = d.dir.path().join(format!("{vm}.vsock_22086"));
+    let hypervisor = ch::api_server(&sock, None);
+    let agent_arg = format!("unix:{}", agent_sock.display());
+    let mut args = vec!["attach", "--ch-socket", sock.to_str().unwrap(), "--vm", vm];
+    args.extend(["--device", dev, "--agent", &agent_arg]);
+    args.extend_from_slice(extra);
+    let (code, _, err) = vfctl(bus, &args);
+    assert_eq!(code, 0, "{err}");
+    let lease = bus
+        .client()
+        .leases()
+        .unwrap()
+        .into_iter()
+        .find(|l| l.vm_name == vm)
+        .unwrap();
+    wait_for(d, "the daemon listening for the agent", || {
+        agent_sock.exists()
+    });
+    (hypervisor, lease, agent_sock)
+}
+
 #[test]
 fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_returned() {
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::large(1, 2), CONFIG, &[]);
     let dev = "0000:10:00.1";
-    let id = bus
-        .client()
-        .devices()
-        .unwrap()
-        .into_iter()
-        .find(|i| i.address == dev)
-        .unwrap()
-        .id;
-    let sock = d.dir.path().join("ch.sock");
-    let agent_sock = d.dir.path().join("vm1.vsock_22086");
-    let vm = ch::api_server(&sock, None);
+    let id = id_of(&bus, dev);
+    let (vm, lease, agent_sock) =
+        attached_with_agent(&bus, &d, "vm1", dev, &["--on-idle", "unplug"]);
     let monitor = Monitor::start(&bus, "interface='org.vfiomanager.VfioManager1.Manager'");
-    let agent_arg = format!("unix:{}", agent_sock.display());
-    let (code, _, err) = vfctl(
-        &bus,
-        &[
-            "attach",
-            "--ch-socket",
-            sock.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--device",
-            dev,
-            "--agent",
-            &agent_arg,
-            "--on-idle",
-            "unplug",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let lease = bus.client().leases().unwrap().remove(0);
-    wait_for(&d, "the daemon listening for the agent", || {
-        agent_sock.exists()
-    });
 
     // Nobody speaks for a lease on another's channel: a peer that lies and one
     // that floods are dropped, named, and change nothing.
@@ -389,39 +386,9 @@ fn placement_avoids_a_pressed_pf_and_high_priority_takes_only_idle_low_devices()
         .replace("idle_for_s = 2\n", "");
     let d = Daemon::start(&bus, layouts::large(2, 2), &config, &[]);
     let low_dev = "0000:10:00.1";
-    let id = bus
-        .client()
-        .devices()
-        .unwrap()
-        .into_iter()
-        .find(|i| i.address == low_dev)
-        .unwrap()
-        .id;
-    let sock = d.dir.path().join("ch.sock");
-    let agent_sock = d.dir.path().join("low.vsock_22086");
-    let vm = ch::api_server(&sock, None);
-    let agent_arg = format!("unix:{}", agent_sock.display());
-    let (code, _, err) = vfctl(
-        &bus,
-        &[
-            "attach",
-            "--ch-socket",
-            sock.to_str().unwrap(),
-            "--vm",
-            "low",
-            "--device",
-            low_dev,
-            "--agent",
-            &agent_arg,
-            "--priority",
-            "low",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let low = bus.client().leases().unwrap().remove(0);
-    wait_for(&d, "the daemon listening for the agent", || {
-        agent_sock.exists()
-    });
+    let id = id_of(&bus, low_dev);
+    let (vm, low, agent_sock) =
+        attached_with_agent(&bus, &d, "low", low_dev, &["--priority", "low"]);
     let root = tempfile::tempdir().unwrap();
     let busy = traffic(guest(root.path(), &id), 2000);
     let _agent = start_agent(&agent_sock, root.path());
@@ -500,14 +467,7 @@ fn an_agent_on_a_virtio_serial_port_reaches_the_daemon() {
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::large(1, 2), CONFIG, &[]);
     let dev = "0000:10:00.1";
-    let id = bus
-        .client()
-        .devices()
-        .unwrap()
-        .into_iter()
-        .find(|i| i.address == dev)
-        .unwrap()
-        .id;
+    let id = id_of(&bus, dev);
     let host_side = d.dir.path().join("vm1.agent.sock");
     let guest_side = d.dir.path().join("guest-port.sock");
     let qemu = UnixListener::bind(&host_side).unwrap();
@@ -556,14 +516,7 @@ fn an_idle_lease_with_release_on_stop_ends_when_its_vm_stops() {
     let bus = Bus::open();
     let d = Daemon::start(&bus, layouts::large(1, 2), CONFIG, &[]);
     let dev = "0000:10:00.1";
-    let id = bus
-        .client()
-        .devices()
-        .unwrap()
-        .into_iter()
-        .find(|i| i.address == dev)
-        .unwrap()
-        .id;
+    let id = id_of(&bus, dev);
     let agent_sock = d.dir.path().join("vm1.vsock_22086");
     let agent = format!("unix:{}", agent_sock.display());
     let (code, _, err) = vfctl(
@@ -616,40 +569,10 @@ fn a_reclaim_cut_off_by_sigkill_is_finished_at_start() {
     let bus = Bus::open();
     let mut d = Daemon::start(&bus, layouts::large(1, 2), CONFIG, &[]);
     let dev = "0000:10:00.1";
-    let id = bus
-        .client()
-        .devices()
-        .unwrap()
-        .into_iter()
-        .find(|i| i.address == dev)
-        .unwrap()
-        .id;
-    let sock = d.dir.path().join("ch.sock");
-    let agent_sock = d.dir.path().join("vm1.vsock_22086");
-    let vm = ch::api_server(&sock, None);
+    let id = id_of(&bus, dev);
+    let (vm, lease, agent_sock) =
+        attached_with_agent(&bus, &d, "vm1", dev, &["--on-idle", "unplug"]);
     vm.remove_delay_ms.store(60_000, Ordering::SeqCst);
-    let agent_arg = format!("unix:{}", agent_sock.display());
-    let (code, _, err) = vfctl(
-        &bus,
-        &[
-            "attach",
-            "--ch-socket",
-            sock.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--device",
-            dev,
-            "--agent",
-            &agent_arg,
-            "--on-idle",
-            "unplug",
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    let lease = bus.client().leases().unwrap().remove(0);
-    wait_for(&d, "the daemon listening for the agent", || {
-        agent_sock.exists()
-    });
     let root = tempfile::tempdir().unwrap();
     guest(root.path(), &id);
     let _agent = start_agent(&agent_sock, root.path());

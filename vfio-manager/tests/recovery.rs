@@ -9,7 +9,7 @@
 mod ch;
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use vf_provisioner::{fake, layouts};
@@ -39,19 +39,6 @@ fn lease(bus: &Bus, id: &str) -> Option<Lease> {
 
 fn names(l: &Lease) -> Vec<String> {
     l.devices.iter().map(|d| d.address.clone()).collect()
-}
-
-/// Waits (no timing assert: a bound for a hung daemon) until `done` holds.
-fn wait_for(d: &Daemon, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "never: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A VM behind an API socket that answers as cloud-hypervisor's, given devices by

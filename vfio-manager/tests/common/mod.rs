@@ -417,6 +417,20 @@ pub fn vfctl_as(bus: &Bus, uid: u32, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Waits until `done` holds: no timing assert, a 40 s bound for a hung daemon,
+/// whose log the failure shows.
+pub fn wait_for(d: &Daemon, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "never: {what}; log:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// xorshift64*: a reproducible sequence from the printed seed.
 pub struct Rng(pub u64);
 
