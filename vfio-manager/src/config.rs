@@ -92,8 +92,8 @@ struct Raw {
 struct RawPlacement {
     policy: Spanned<String>,
     pressure_limit_percent: f64,
-    alpha: f64,
-    beta: f64,
+    alpha: Spanned<f64>,
+    beta: Spanned<f64>,
     horizon_s: u64,
     migratable_drivers: Vec<String>,
 }
@@ -104,8 +104,8 @@ impl Default for RawPlacement {
         RawPlacement {
             policy: Spanned::new(0..0, "pack".into()),
             pressure_limit_percent: p.pressure_limit_percent,
-            alpha: p.alpha,
-            beta: p.beta,
+            alpha: Spanned::new(0..0, p.alpha),
+            beta: Spanned::new(0..0, p.beta),
             horizon_s: p.horizon_s,
             migratable_drivers: p.migratable_drivers,
         }
@@ -558,11 +558,11 @@ impl Config {
             hours_kept_d: ru.hours_kept_d,
         };
         let rp = raw.placement;
-        let weight = |w: f64, name: &str| match (0.0..=1.0).contains(&w) && w > 0.0 {
-            true => Ok(w),
-            false => Err(at(
-                None,
-                format!("[placement] {name} = {w}: a weight above 0, at most 1"),
+        let weight = |w: &Spanned<f64>, name: &str| match *w.get_ref() {
+            v if v > 0.0 && v <= 1.0 => Ok(v),
+            v => Err(at(
+                Some(w.span()),
+                format!("[placement] {name} = {v}: a weight above 0, at most 1"),
             )),
         };
         let placement = PlacementConfig {
@@ -577,8 +577,8 @@ impl Config {
                 }
             },
             pressure_limit_percent: rp.pressure_limit_percent,
-            alpha: weight(rp.alpha, "alpha")?,
-            beta: weight(rp.beta, "beta")?,
+            alpha: weight(&rp.alpha, "alpha")?,
+            beta: weight(&rp.beta, "beta")?,
             horizon_s: rp.horizon_s,
             migratable_drivers: rp.migratable_drivers,
         };
@@ -716,6 +716,53 @@ mod tests {
         )
         .starts_with("c.toml:5:11: PF 0000:01:00.0 is listed twice"));
         assert!(err("[daemon]\nreleased_retention_days = -1\n").starts_with("c.toml:2:27: "));
+    }
+
+    /// `[usage]` and `[placement]`: every bad value is named with its place, and a
+    /// good file keeps its values.
+    #[test]
+    fn usage_and_placement_refuse_bad_values_and_keep_good_ones() {
+        for (text, want) in [
+            (
+                "[usage]\non_idle = \"evict\"\n",
+                "c.toml:2:11: invalid on_idle",
+            ),
+            (
+                "[usage]\nprofiles = { vf = \"unplug\\n\" }\n",
+                "c.toml:2:19: invalid on_idle",
+            ),
+            (
+                "[usage]\nidle_fro_s = 3\n",
+                "c.toml:2:1: unknown field `idle_fro_s`",
+            ),
+            ("[usage]\nvsock_port = -1\n", "c.toml:2:14: "),
+            (
+                "[placement]\npolicy = \"random\"\n",
+                "c.toml:2:10: placement policy \"random\"",
+            ),
+            (
+                "[placement]\nalpha = 0.0\n",
+                "c.toml:2:9: [placement] alpha = 0",
+            ),
+            (
+                "[placement]\nbeta = 2.5\n",
+                "c.toml:2:8: [placement] beta = 2.5",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.starts_with(want), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let c = Config::parse(
+            "[usage]\non_idle = \"unplug\"\nidle_for_s = 3\nprofiles = { \"8086:10ca\" = \"release-on-stop\" }\n[placement]\npolicy = \"spread\"\nmigratable_drivers = []\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!((c.usage.on_idle, c.usage.idle_for_s), (OnIdle::Unplug, 3));
+        assert_eq!(c.usage.profiles["8086:10ca"], OnIdle::ReleaseOnStop);
+        assert_eq!(c.placement.policy, PlacementPolicy::Spread);
+        assert!(c.placement.migratable_drivers.is_empty());
+        assert_eq!(Config::default().placement.policy, PlacementPolicy::Pack);
     }
 
     #[test]

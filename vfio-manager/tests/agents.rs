@@ -229,6 +229,23 @@ fn an_agent_reports_usage_alerts_follow_and_an_idle_device_is_unplugged_and_retu
         assert!(log.contains(why), "{why}: {log}");
     }
 
+    // A peer that lies about what it uses: samples for a device the lease does
+    // not hold in the guest reach nothing.
+    let mut liar = UnixStream::connect(&agent_sock).unwrap();
+    let hello = br#"{"v":1,"type":"hello","agent":"x","kernel":"k","devices":[]}"#;
+    let lie = br#"{"v":1,"type":"usage","samples":[{"address":"0000:99:00.0","source":"net","busy_percent":100.0,"bytes":null}]}"#;
+    liar.write_all(&[frame(hello), frame(lie)].concat())
+        .unwrap();
+    wait_for(&d, "the liar's hello", || {
+        d.log_text().matches("connected: x").count() >= 3
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        bus.client().usage_now().unwrap().is_empty(),
+        "a lie reaches no device"
+    );
+    drop(liar);
+
     let root = tempfile::tempdir().unwrap();
     let counter = guest(root.path(), &id);
     let busy = traffic(counter, 2000); // 20 kB/s: over net_full_bytes_per_s
@@ -373,6 +390,41 @@ fn bad_agent_channels_and_policies_are_refused_at_the_request() {
         .usage_history("0000:10:00.1", 7, 0)
         .unwrap_err();
     assert_eq!(error_name(&e), "BadInput", "{e}");
+    // A megabyte device name is a lookup that finds nothing.
+    let mega = "x".repeat(1 << 20);
+    assert!(bus.client().usage_history(&mega, 60, 0).unwrap().is_empty());
+    // The keys straight over D-Bus (no CLI to check them first): each refused as
+    // BadInput, bounded, and nothing leased.
+    let hostile = [
+        ("agent", format!("unix:/{}", "a".repeat(1 << 20))),
+        ("agent", "serial:/run/a\u{1b}[2Jb".to_string()),
+        ("agent", "cid:3\n".to_string()),
+        ("on_idle", "unplug\t".to_string()), // (a NUL cannot cross D-Bus at all)
+        ("priority", "urgent".to_string()),
+        ("priority", "h".repeat(1 << 20)),
+    ];
+    for (key, value) in hostile {
+        let mut req = vfio_manager::api::Request {
+            request_id: "hostile".into(),
+            vm_name: "vm1".into(),
+            ..Default::default()
+        };
+        match key {
+            "agent" => req.agent = value,
+            "on_idle" => req.on_idle = value,
+            _ => req.priority = value,
+        }
+        let e = bus.client().provision(&req).unwrap_err();
+        assert_eq!(error_name(&e), "BadInput", "{key}: {e}");
+        assert!(
+            e.to_string().len() < 1000 && !e.to_string().contains('\u{1b}'),
+            "{e}"
+        );
+    }
+    assert!(
+        bus.client().leases().unwrap().is_empty(),
+        "nothing was leased"
+    );
     drop(d);
 }
 
