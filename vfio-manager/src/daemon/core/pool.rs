@@ -87,16 +87,16 @@ impl Pool<'_> {
     /// A lease's agent channel names one VM: another VM's lease naming it would be
     /// told that VM's usage, and could ask its guest to let go of a device.
     fn agent_channel_free(&self, req: &Request) -> Result<(), ApiError> {
-        let Ok(ch) = req.agent.parse::<crate::api::ids::AgentChannel>() else {
-            return Ok(());
+        use crate::api::ids::AgentChannel;
+        let ch = match req.agent.parse::<AgentChannel>() {
+            Ok(AgentChannel::None) | Err(_) => return Ok(()),
+            Ok(ch) => ch,
         };
         match self.usage().lease_of(&ch) {
-            Some((lease, vm)) if ch != crate::api::ids::AgentChannel::None && vm != req.vm_name => {
-                Err(ApiError::Refused(format!(
-                    "VM {}: agent channel {ch} is lease {lease}'s, of VM {vm}; give each VM its own vsock CID or socket",
-                    req.vm_name
-                )))
-            }
+            Some((lease, vm)) if vm != req.vm_name => Err(ApiError::Refused(format!(
+                "VM {}: agent channel {ch} is lease {lease}'s, of VM {vm}; give each VM its own vsock CID or socket",
+                req.vm_name
+            ))),
             _ => Ok(()),
         }
     }
