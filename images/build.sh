@@ -101,7 +101,8 @@ initramfs() {
 # virtio_blk, ext4 and crc32c (a soft dependency modprobe does not name): the root
 # filesystem of the libvirt run (images/rootfs.sh).
 # vhost_vsock: the nested VM's agent speaks to the daemon over virtio-vsock.
+# aer_inject: the kernel's own PCIe error injector (QEMU delivers no correctable error).
 initramfs initramfs images/init vfio vfio_iommu_type1 vfio-pci mdev igb igbvf e1000e nvme 9p 9pnet_virtio kvm_amd \
-    virtio_blk crc32c_generic ext4 vhost_vsock
+    virtio_blk crc32c_generic ext4 vhost_vsock aer_inject
 initramfs nested-initramfs images/nested-init igbvf vmw_vsock_virtio_transport
 log "ready: kernel $KVER, $(du -h "$OUT/initramfs.cpio.gz" | cut -f1) initramfs"

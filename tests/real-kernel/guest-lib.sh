@@ -1,5 +1,13 @@
 # Sourced by the guest jobs: what more than one of them needs.
 
+# The C library and libudev the project's binaries link (run.sh copies the host's),
+# where their loader looks. The emulated host's own initramfs has no libc.
+if [ -d /mnt/host/lib ] && [ ! -e /lib64/ld-linux-x86-64.so.2 ]; then
+    mkdir -p /lib64 /lib/x86_64-linux-gnu
+    cp /mnt/host/lib/* /lib/x86_64-linux-gnu/
+    ln -s /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
+fi
+
 pass() { echo "GUEST-PASS $*"; }
 fail() { echo "GUEST-FAIL $*"; }
 expect() { # expect NAME WANTED-EXIT COMMAND...

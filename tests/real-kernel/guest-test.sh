@@ -134,6 +134,16 @@ follows() {
         && pass "$5: the kernel says \"$2\", the daemon saw \"$seen\" and says $3" \
         || { fail "$5: the kernel says \"$2\", the daemon saw \"$seen\": $(health_of $1)"; cat /tmp/inject.out; dmesg | grep -iE 'aer|recover' | tail -8; }
 }
+# correctable N DEV: N correctable errors (Receiver Error) reported for DEV through
+# the kernel's own injector (aer_inject: its AER handler reads them from DEV as from
+# hardware). Its record: bus, device, function, a pad byte, the uncorrectable
+# status, the correctable status (1), four header-log words and the domain.
+correctable() {
+    o() { printf "\\$(printf %03o "$1")"; }
+    { o 0x$(echo $2 | cut -c6-7); o 0x$(echo $2 | cut -c9-10); o $(echo $2 | cut -c12)
+      printf '\000\000\000\000\000\001\000\000\000'; head -c 20 /dev/zero; } > /tmp/einj
+    for i in $(seq 1 $1); do dd if=/tmp/einj of=/dev/aer_inject bs=32 count=1 2>&1 | grep -v records; done
+}
 pcie_errors() {
     rng=0000:04:00.0
     [ -e /sys/bus/pci/devices/$rng/aer_dev_nonfatal ] || { fail "AER: $rng has no AER counters"; return; }
@@ -146,7 +156,14 @@ pcie_errors() {
     ./vfctl bind $rng > /dev/null
     kernel=$(uncorrectable u2)
     follows $rng "$kernel" healthy successful "a non-fatal error injected into the virtio-rng on vfio-pci"
+    # A burst of correctable errors (the daemon has looked at the counts before it).
+    ./vfctl health > /dev/null
+    correctable 6 $rng > /tmp/inject.out
+    health_of $rng | grep -q " degraded .*6 correctable PCIe errors in the last hour" \
+        && pass "a burst of 6 correctable errors (aer_inject) makes the virtio-rng degraded: $(health_of $rng | cut -c1-90)" \
+        || { fail "correctable burst: $(health_of $rng)"; cat /tmp/inject.out; dmesg | grep -i 'aer' | tail -5; }
     echo "GUEST-INFO AER counts of $rng: $(./vfctl health | grep "^$rng" | awk '{print $3}') (correctable/non-fatal/fatal)"
+    echo "GUEST-INFO an igb VF's AER capability: $(ls /sys/bus/pci/devices/0000:01:10.0/aer_dev_correctable 2>&1)"
     # Hot-removed from under its lease (QEMU device_del; pciehp takes 5 s to let go).
     ./vfctl unbind $rng > /dev/null
     ./vfctl provision --vm gone --device $rng --request-id gone > /dev/null
@@ -170,7 +187,7 @@ export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
 # through the emulated IOMMU, with vfio-ioctls and vm-memory).
 # The daemon also manages the virtio-rng (PCIe errors, hot removal).
 sed 's/^manage = \[/manage = ["0000:04:00.0", /' /tmp/config.toml > /tmp/daemon.toml
-printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n[daemon]\ndma_probe = true\n' >> /tmp/daemon.toml
+printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n[daemon]\ndma_probe = true\ndegraded_correctable_per_hour = 5\n' >> /tmp/daemon.toml
 # Usage thresholds for a nested VM's ping on an emulated NIC, in seconds.
 printf '[usage]\nnet_full_bytes_per_s = 20000\nbusy_alert_percent = 50\nbusy_alert_for_s = 0\nidle_for_s = 3\n' >> /tmp/daemon.toml
 ./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log > /tmp/daemon.log 2>&1 &

@@ -29,25 +29,31 @@ if [ "$MODE" = --libvirt ]; then
     DISK=(-drive file=build/images/rootfs.img,if=virtio,format=raw,snapshot=on)
 fi
 
-# Static binaries: the guest has no libc of its own. Not position-independent: a
-# static-pie binary relocates itself at each exec (vfctl: ~50,000 relocations over
-# 1.4 MB), and under TCG each page touched costs.
-export RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static'
-cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p vm-agent --bin vm-agent -p integration-tests --bin bench-ops --bin mtty-scratch 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
+# The project's binaries link glibc and libudev dynamically (Debian ships no static
+# libudev); the guest gets those libraries from $SHARE/lib (guest-lib.sh puts them
+# where the loader looks). Not position-independent: a PIE relocates itself at each
+# exec (vfctl: ~50,000 relocations over 1.4 MB), and under TCG each page touched costs.
+export RUSTFLAGS='-C relocation-model=static'
+cargo build --release --target $TARGET -p vfio-manager --bin vfctl --bin vfio-managerd -p libvirt-hooks --bin vfio-manager-hook -p integration-tests --bin bench-ops --bin mtty-scratch 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
 tests_json=$(cargo test --release --target $TARGET -p integration-tests --test kernel_scenarios --test mdev_scenarios --test gate_table --no-run --message-format=json 2>/dev/null)
 test_exe() { echo "$tests_json" | grep -o "\"executable\":\"[^\"]*/$1-[^\"]*\"" | tail -1 | cut -d'"' -f4; }
 testbin=$(test_exe kernel_scenarios)
 mdevbin=$(test_exe mdev_scenarios)
 gatebin=$(test_exe gate_table)
 [ -x "$testbin" ] && [ -x "$mdevbin" ] && [ -x "$gatebin" ] || { echo "real-kernel: building the scenario tests failed" >&2; exit 1; }
+# vm-agent runs in the nested VM, which has no libc: static, in a target directory
+# of its own so that the two sets of flags do not rebuild each other.
+RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static' CARGO_TARGET_DIR=target/static \
+    cargo build --release --target $TARGET -p vm-agent --bin vm-agent 2>&1 | grep -v '^\s*\(Compiling\|Finished\)' >&2 || true
 unset RUSTFLAGS
 
 SHARE=$OUT/share
 rm -rf "$SHARE"
-mkdir -p "$SHARE/bin"
+mkdir -p "$SHARE/bin" "$SHARE/lib"
 cp target/$TARGET/release/vfctl target/$TARGET/release/vfio-managerd target/$TARGET/release/vfio-manager-hook target/$TARGET/release/bench-ops target/$TARGET/release/mtty-scratch "$testbin" "$SHARE/bin/"
 # with_libs BINARY DEST LIBDIR: the binary as DEST, and the libraries and loader it
-# links into LIBDIR (the guest has no libc; a static binary brings none).
+# links into LIBDIR, run through that loader (the guest's /lib holds only what the
+# project's binaries link).
 with_libs() {
     mkdir -p "$(dirname "$2")" "$3"
     cp "$1" "$2"
@@ -55,6 +61,8 @@ with_libs() {
 }
 # The host's own dbus-daemon.
 with_libs /usr/bin/dbus-daemon "$SHARE/dbus/dbus-daemon" "$SHARE/dbus/lib"
+# The libraries the project's binaries link (one set: every binary has the same).
+ldd "$testbin" target/$TARGET/release/vfio-managerd | grep -o '/[^ ]*' | sort -u | xargs -I{} cp -L {} "$SHARE/lib/"
 mv "$SHARE/bin/$(basename "$testbin")" "$SHARE/bin/kernel_scenarios"
 cp "$mdevbin" "$SHARE/bin/mdev_scenarios"
 cp "$gatebin" "$SHARE/bin/gate_table"
@@ -68,7 +76,7 @@ done
 cp build/images/vmlinuz build/images/nested-initramfs.cpio.gz "$SHARE/"
 # The nested VM with vm-agent: the kernel unpacks concatenated archives in turn.
 agent_ir=$OUT/agent-initramfs
-rm -rf "$agent_ir" && mkdir -p "$agent_ir/bin" && cp target/$TARGET/release/vm-agent "$agent_ir/bin/"
+rm -rf "$agent_ir" && mkdir -p "$agent_ir/bin" && cp target/static/$TARGET/release/vm-agent "$agent_ir/bin/"
 (cd "$agent_ir" && find . | cpio -o -H newc --quiet | gzip -1) | cat build/images/nested-initramfs.cpio.gz - > "$SHARE/nested-agent.cpio.gz"
 # cloud-hypervisor where CLOUD_HYPERVISOR names a binary (none is packaged here):
 # the guest then boots the nested VM with it too, cold and hot-plugged.

@@ -294,6 +294,41 @@ fn a_leased_mdev_is_swapped_for_a_new_one_of_its_profile() {
     );
 }
 
+/// A VF leased with a vGPU type (NVIDIA's per-VF vGPU) swapped for another VF given
+/// the same type, in the running VM: the lease keeps its id, the VM has the new VF
+/// and not the old, which is held back with its type until freed; freeing clears
+/// its type, the release clears the new one's.
+#[test]
+fn a_vf_with_a_vgpu_type_is_swapped_for_another_of_that_type() {
+    let bus = Bus::open();
+    let config = "[[pf]]\naddress = \"0000:ca:00.0\"\nvfs = 4\n";
+    let d = Daemon::start(&bus, layouts::nvidia_dc(), config, &[]);
+    let (vm, before) = attached(&bus, &d, &["--profile", "NVIDIA A100D-20C"]);
+    let c = bus.client();
+    let old = before.devices[0].address.clone();
+    let new = c.replace(&old, "its ECC counts climb").unwrap();
+    assert_ne!(new, old);
+    let after = lease(&bus, &before.id).expect("the lease keeps its id");
+    assert_eq!(names(&after), std::slice::from_ref(&new));
+    let devs = vm.devices.lock().unwrap().clone();
+    assert!(
+        devs.contains_key(&device_id(&new)) && !devs.contains_key(&device_id(&old)),
+        "{devs:?}"
+    );
+    let typed = |vf: &str| {
+        let sys = vf_provisioner::Sysfs::open_fake(&d.root).unwrap();
+        let a = vf.parse().unwrap();
+        mediated_dev::host::read_vgpu(&sys, &a).and_then(|s| s.current)
+    };
+    assert_eq!(typed(&new), typed(&old), "the same type, set on the new VF");
+    assert!(typed(&new).is_some());
+    assert_eq!(health(&bus, &old).0, "quarantined");
+    c.free_orphan(&old).unwrap();
+    assert_eq!(typed(&old), None, "freed, the old VF's type is cleared");
+    assert!(c.release(&after.id).unwrap());
+    assert_eq!(typed(&new), None, "the release clears the new VF's type");
+}
+
 /// A GPU slice whose GPU fails moves to the healthy GPU: the probe finds the
 /// parent answering all ones, its leased mdev fails with it, and the lease's
 /// `replace` swaps in a new mdev of the profile on the other parent, in the VM.

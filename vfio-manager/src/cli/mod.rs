@@ -350,8 +350,9 @@ enum ConfigCommand {
 pub enum OrphanCommand {
     /// End NAME's quarantine and offer it again as it is. Changes what is offered.
     Adopt { name: String },
-    /// Return NAME (a PCI address) to its host driver, or remove it (an mdev UUID),
-    /// and end its quarantine. Changes the host; refused while a VM holds it open.
+    /// Return NAME (a PCI address) to its host driver, clear the vGPU type of a VF a
+    /// swap took away, or remove NAME (an mdev UUID); then end its quarantine.
+    /// Changes the host; refused while a VM holds it open.
     Free { name: String },
 }
 

@@ -289,21 +289,11 @@ async fn probe_periodically(core: Arc<Core>, conn: Connection) {
 /// recovery events are not held back for the burst: a failure is acted on at once
 /// (`make bench-real-kernel` prints the time from the uevent to the device held back).
 fn follow_uevents(core: Arc<Core>, conn: Connection) {
-    let listener = match uevent::Listener::open() {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("vfio-manager: not following uevents ({e}); the table is re-read after each operation only");
-            return;
-        }
-    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        while let Ok(ev) = listener.next() {
-            if tx.send(ev).is_err() {
-                break;
-            }
-        }
-    });
+    if let Err(e) = uevent::follow(move |ev| tx.send(ev).is_ok()) {
+        eprintln!("vfio-manager: not following uevents ({e}); the table is re-read after each operation only");
+        return;
+    }
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             // A burst is gathered for 50 ms; a PCIe error is followed at once.

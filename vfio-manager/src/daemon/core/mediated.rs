@@ -110,25 +110,38 @@ impl Core {
         Ok(())
     }
 
+    /// Where one device of mediated `profile` would go (as a lease's is placed:
+    /// where there is room, on a parent or VF the gate allows). The caller holds
+    /// `mediating()` until it has made it.
+    pub(super) fn plan_one(&self, profile: &str) -> Result<Target, ApiError> {
+        let plan = mediated_dev::plan(
+            &self.scan_ours(),
+            &[Want {
+                profile: profile.into(),
+                count: 1,
+            }],
+        );
+        let why = plan
+            .shortfalls
+            .first()
+            .map_or_else(String::new, |s| format!(" ({})", s.reason));
+        plan.placements.into_iter().next().map(|p| p.target).ok_or_else(|| {
+            ApiError::NoDevice(format!(
+                "no parent or VF here has room for {profile:?}{why}; `vfctl plan {profile}` shows why"
+            ))
+        })
+    }
+
     /// Makes one mdev of `type_id` named `uuid` wherever the plan finds room (for
     /// an incoming migration, or a lease's mdev after a reboot).
     pub(super) fn make_one(&self, uuid: Uuid, type_id: &str) -> Result<(), ApiError> {
         let _one = self.mediating();
-        let plan = mediated_dev::plan(
-            &self.scan_ours(),
-            &[Want {
-                profile: type_id.into(),
-                count: 1,
-            }],
-        );
-        match plan.placements.first().map(|p| &p.target) {
-            Some(t @ Target::Mdev { .. }) => self.make(t, Some(uuid)),
-            _ => Err(ApiError::NoDevice(format!(
-                "mdev {uuid}: no parent here has room for type {type_id:?}{}; `vfctl plan {type_id}` shows why",
-                plan.shortfalls
-                    .first()
-                    .map_or_else(String::new, |s| format!(" ({})", s.reason))
+        match self.plan_one(type_id) {
+            Ok(t @ Target::Mdev { .. }) => self.make(&t, Some(uuid)),
+            Ok(Target::Vgpu { .. }) => Err(ApiError::NoDevice(format!(
+                "mdev {uuid}: {type_id:?} is a VF's vGPU type, not an mdev type"
             ))),
+            Err(e) => Err(ApiError::NoDevice(format!("mdev {uuid}: {e}"))),
         }
     }
 

@@ -17,7 +17,8 @@
 //! crash is settled at start: kept if the VM already holds the replacement open,
 //! undone otherwise.
 
-use mediated_dev::host::read_mdev;
+use mediated_dev::host::{read_mdev, read_vgpu};
+use mediated_dev::plan::Target;
 use serde::{Deserialize, Serialize};
 use vf_provisioner::{holders, PciAddress, PciFunction};
 
@@ -99,10 +100,24 @@ impl Recovery<'_> {
         match old {
             Held::Function { address, .. } => self.swap_in(&row, *address, why),
             Held::MadeMdev(_) | Held::KeptMdev(_) => self.swap_mdev(&row, old, why),
-            Held::Vgpu(_) => Err(ApiError::Refused(format!(
-                "{name}: a VF with a vGPU type is not swapped yet; stop its VM and lease another"
-            ))),
+            Held::Vgpu(_) => self.swap_vgpu(&row, old, why),
         }
+    }
+
+    /// Another VF given the lease's vGPU type (placed as a lease's is) in place of
+    /// VF `old`. The planner stays locked until the swap ends, so that no lease
+    /// takes the planned VF meanwhile (an undo would clear that lease's type).
+    fn swap_vgpu(&self, row: &LeaseRow, old: &Held, why: &str) -> Result<Swap, ApiError> {
+        let _one = self.mediating();
+        let target = self.plan_one(&row.request.profile)?;
+        let Target::Vgpu { vf, .. } = target else {
+            return Err(ApiError::NoDevice(format!(
+                "{}: {:?} fits only as an mdev now, not on a VF; stop its VM and lease another",
+                old.name(),
+                row.request.profile
+            )));
+        };
+        self.swap(row, old, Held::Vgpu(vf), || self.make(&target, None), why)
     }
 
     /// A new mdev of the lease's profile (placed as a lease's is: where there is
@@ -348,7 +363,7 @@ impl Recovery<'_> {
             Held::MadeMdev(u) | Held::KeptMdev(u) => {
                 read_mdev(&self.sys, u).and_then(|m| m.iommu_group)
             }
-            Held::Vgpu(_) => None,
+            Held::Vgpu(vf) => read_vgpu(&self.sys, vf).and_then(|s| s.iommu_group),
         };
         group.is_some_and(|g| !holders::of_group(&self.sys, g).is_empty())
     }

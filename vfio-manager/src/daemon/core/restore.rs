@@ -319,8 +319,12 @@ impl Restore<'_> {
             // Removing an mdev ends its quarantine.
             return self.mediated().remove_mdev(&name, false, uid);
         };
-        self.direct().run("orphan-free", uid, &a, || {
-            Ok(moved(self.guarded.unbind(&a, false, None)?))
+        // A VF a swap took away with its vGPU type stays on its vendor's driver:
+        // freeing it clears the type. Any other function leaves vfio-pci.
+        let vgpu = read_vgpu(&self.sys, &a).is_some_and(|s| s.current.is_some());
+        self.direct().run("orphan-free", uid, &a, || match vgpu {
+            true => self.unmake(&Held::Vgpu(a)).map(|()| vec![name.clone()]),
+            false => Ok(moved(self.guarded.unbind(&a, false, None)?)),
         })?;
         self.store().unquarantine(&name).map_err(failed).map(drop)
     }
