@@ -62,7 +62,7 @@ with_libs() {
 # The host's own dbus-daemon.
 with_libs /usr/bin/dbus-daemon "$SHARE/dbus/dbus-daemon" "$SHARE/dbus/lib"
 # The libraries the project's binaries link (one set: every binary has the same).
-ldd "$testbin" target/$TARGET/release/vfio-managerd | grep -o '/[^ ]*' | sort -u | xargs -I{} cp -L {} "$SHARE/lib/"
+for b in "$testbin" target/$TARGET/release/vfio-managerd; do ldd "$b"; done | grep -o '/[^ ]*' | sort -u | xargs -I{} cp -L {} "$SHARE/lib/"
 mv "$SHARE/bin/$(basename "$testbin")" "$SHARE/bin/kernel_scenarios"
 cp "$mdevbin" "$SHARE/bin/mdev_scenarios"
 cp "$gatebin" "$SHARE/bin/gate_table"
