@@ -270,7 +270,8 @@ enum Command {
     /// only; audited).
     Clear { device: String },
     /// Swap a leased VF for a healthy one of the same model (on its NUMA node first),
-    /// or a leased mdev for a new one of the lease's profile, in the running VM,
+    /// a VF with a vGPU type for another VF given that type, or a leased mdev for a
+    /// new one of the lease's profile, in the running VM,
     /// through the VMM its lease names (daemon only; audited). Changes the host and
     /// the VM: binds (or creates) the replacement, plugs it into the VM, unplugs
     /// DEVICE, and holds DEVICE back with REASON. The lease keeps its id.
