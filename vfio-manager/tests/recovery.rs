@@ -259,6 +259,23 @@ fn a_vanished_vf_is_replaced_in_the_running_vm() {
     assert!(d.audit_text().contains("\"op\":\"replace\""));
 }
 
+/// An operator's `Replace` of `before`'s first device in the VM behind the API
+/// socket: the lease keeps its id and holds the replacement alone, and the VM has the
+/// replacement and not the old device. Returns (old, new, the lease after).
+fn replaced_in_vm(bus: &Bus, vm: &ch::Vm, before: &Lease, why: &str) -> (String, String, Lease) {
+    let old = before.devices[0].address.clone();
+    let new = bus.client().replace(&old, why).unwrap();
+    assert_ne!(new, old);
+    let after = lease(bus, &before.id).expect("the lease keeps its id");
+    assert_eq!(names(&after), std::slice::from_ref(&new));
+    let devs = vm.devices.lock().unwrap().clone();
+    assert!(
+        devs.contains_key(&device_id(&new)) && !devs.contains_key(&device_id(&old)),
+        "{devs:?}"
+    );
+    (old, new, after)
+}
+
 /// A leased mdev swapped for a new one of the lease's profile in the running VM:
 /// the lease keeps its id, the VM (cloud-hypervisor's API) has the new mdev and not
 /// the old, which is held back until freed; the release removes the new one.
@@ -268,16 +285,7 @@ fn a_leased_mdev_is_swapped_for_a_new_one_of_its_profile() {
     let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
     let (vm, before) = attached(&bus, &d, &["--profile", "mtty-2"]);
     let c = bus.client();
-    let old = before.devices[0].address.clone();
-    let new = c.replace(&old, "its parent logs errors").unwrap();
-    assert_ne!(new, old);
-    let after = lease(&bus, &before.id).expect("the lease keeps its id");
-    assert_eq!(names(&after), std::slice::from_ref(&new));
-    let devs = vm.devices.lock().unwrap().clone();
-    assert!(
-        devs.contains_key(&device_id(&new)) && !devs.contains_key(&device_id(&old)),
-        "{devs:?}"
-    );
+    let (old, new, after) = replaced_in_vm(&bus, &vm, &before, "its parent logs errors");
     let mdevs = c.mdevs().unwrap();
     assert!(mdevs.iter().any(|m| m.uuid == new && m.active), "{mdevs:?}");
     assert_eq!(health(&bus, &old).0, "quarantined");
@@ -305,16 +313,7 @@ fn a_vf_with_a_vgpu_type_is_swapped_for_another_of_that_type() {
     let d = Daemon::start(&bus, layouts::nvidia_dc(), config, &[]);
     let (vm, before) = attached(&bus, &d, &["--profile", "NVIDIA A100D-20C"]);
     let c = bus.client();
-    let old = before.devices[0].address.clone();
-    let new = c.replace(&old, "its ECC counts climb").unwrap();
-    assert_ne!(new, old);
-    let after = lease(&bus, &before.id).expect("the lease keeps its id");
-    assert_eq!(names(&after), std::slice::from_ref(&new));
-    let devs = vm.devices.lock().unwrap().clone();
-    assert!(
-        devs.contains_key(&device_id(&new)) && !devs.contains_key(&device_id(&old)),
-        "{devs:?}"
-    );
+    let (old, new, after) = replaced_in_vm(&bus, &vm, &before, "its ECC counts climb");
     let typed = |vf: &str| {
         let sys = vf_provisioner::Sysfs::open_fake(&d.root).unwrap();
         let a = vf.parse().unwrap();
