@@ -61,6 +61,9 @@ pub trait Manager {
     fn quarantine(&self, name: &str, reason: &str) -> zbus::Result<()>;
     fn clear(&self, name: &str) -> zbus::Result<()>;
     fn replace(&self, name: &str, reason: &str) -> zbus::Result<String>;
+    fn prepare_handover(&self, lease: &str, dest: &str) -> zbus::Result<String>;
+    fn commit_handover(&self, lease: &str) -> zbus::Result<String>;
+    fn abort_handover(&self, lease: &str) -> zbus::Result<()>;
     fn prepare_incoming_once(
         &self,
         uuid: &str,
@@ -292,6 +295,22 @@ impl Client {
     /// Swaps leased device `name` for a healthy equivalent; returns its address.
     pub fn replace(&self, name: &str, reason: &str) -> Result<String> {
         self.run(self.proxy.replace(name, reason))
+    }
+
+    /// Reserves a destination mdev for lease `lease`'s VM, which its VMM migrates;
+    /// returns its UUID.
+    pub fn prepare_handover(&self, lease: &str, dest: &str) -> Result<String> {
+        self.run(self.proxy.prepare_handover(lease, dest))
+    }
+
+    /// Moves lease `lease` to its migrated VM's destination mdev; returns its UUID.
+    pub fn commit_handover(&self, lease: &str) -> Result<String> {
+        self.run(self.proxy.commit_handover(lease))
+    }
+
+    /// Drops lease `lease`'s prepared destination after a failed migration.
+    pub fn abort_handover(&self, lease: &str) -> Result<()> {
+        self.run(self.proxy.abort_handover(lease))
     }
 
     /// The endpoint and the source's one-time credentials.

@@ -363,6 +363,31 @@ pub enum MigrateCommand {
         #[arg(long, value_name = "FILE")]
         credentials: Option<std::path::PathBuf>,
     },
+    /// A running VM that its VMM migrates to a second VMM on this host: reserve the
+    /// destination mdev for lease LEASE's mdev, after checking that it can take the
+    /// source's state (type, vendor driver and version). Changes the host: makes
+    /// the destination (of the source's type) unless --uuid names a free one. Prints
+    /// its UUID, for the destination VMM (`sysfsdev=/sys/bus/mdev/devices/UUID`).
+    PrepareVm {
+        #[arg(long)]
+        lease: String,
+        /// The destination mdev (made when absent; a new UUID when not given).
+        #[arg(long, default_value = "")]
+        uuid: String,
+    },
+    /// After the VMM's migration completed and the source VMM quit: the lease holds
+    /// the destination under the same id, and the source mdev goes (removed if the
+    /// lease made it). Changes the host and the lease.
+    Commit {
+        #[arg(long)]
+        lease: String,
+    },
+    /// After a failed or cancelled migration, once the destination VMM quit: the
+    /// destination mdev goes (removed if it was made for this). The lease is unchanged.
+    Abort {
+        #[arg(long)]
+        lease: String,
+    },
 }
 
 /// `vfctl migrate`: always through the daemon, which owns the devices' state.
@@ -396,6 +421,25 @@ pub fn migrate(c: &Client, cmd: &MigrateCommand, mut r: Renderer) -> Res {
                 return r.json(&json!({ "uuid": uuid, "endpoint": endpoint }));
             }
             r.line(&endpoint)
+        }
+        MigrateCommand::PrepareVm { lease, uuid } => {
+            let dest = c.prepare_handover(lease, uuid)?;
+            if r.format == Output::Json {
+                return r.json(&json!({ "lease": lease, "uuid": dest }));
+            }
+            r.line(&dest)
+        }
+        MigrateCommand::Commit { lease } => {
+            let dest = c.commit_handover(lease)?;
+            r.done(&format!(
+                "lease {lease} now holds mdev {dest}; the source mdev is gone"
+            ))
+        }
+        MigrateCommand::Abort { lease } => {
+            c.abort_handover(lease)?;
+            r.done(&format!(
+                "lease {lease}: the prepared destination is gone; the lease is unchanged"
+            ))
         }
         MigrateCommand::Send {
             uuid,

@@ -669,6 +669,58 @@ impl Manager {
         blocking(move || core.migration().migration_check(&uuid)).await
     }
 
+    /// `PrepareIncoming` for a running VM whose VMM migrates it to a second VMM on
+    /// this host: reserves destination mdev `dest` (made with the source's type when
+    /// absent; a new UUID when empty) for lease `lease`'s mdev, after checking it
+    /// can take the source's state. Returns the destination's UUID.
+    async fn prepare_handover(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        lease: String,
+        dest: String,
+    ) -> Result<String, ApiError> {
+        let uid = self.authorize(&hdr, "migrate leases").await?;
+        let core = self.core.clone();
+        let r = blocking(move || core.migration().prepare_handover(&lease, &dest, uid)).await;
+        self.after(conn, &emitter).await;
+        r
+    }
+
+    /// After the VMM's migration completed and the source VMM quit: the lease holds
+    /// the destination mdev under the same id; the source goes. Returns the
+    /// destination's UUID.
+    async fn commit_handover(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        lease: String,
+    ) -> Result<String, ApiError> {
+        let uid = self.authorize(&hdr, "migrate leases").await?;
+        let core = self.core.clone();
+        let r = blocking(move || core.migration().commit_handover(&lease, uid)).await;
+        self.after(conn, &emitter).await;
+        r
+    }
+
+    /// After a failed or cancelled migration, once the destination VMM quit: the
+    /// destination mdev goes; the lease is unchanged.
+    async fn abort_handover(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        lease: String,
+    ) -> Result<(), ApiError> {
+        let uid = self.authorize(&hdr, "migrate leases").await?;
+        let core = self.core.clone();
+        let r = blocking(move || core.migration().abort_handover(&lease, uid)).await;
+        self.after(conn, &emitter).await;
+        r
+    }
+
     /// Destination side: reserves mdev `uuid` (created as `type_id` if absent) and
     /// listens on `listen` (HOST:PORT; port 0 picks one) for one source, which must
     /// present a certificate of the configured PKI. Returns the endpoint for the

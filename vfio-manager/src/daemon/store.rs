@@ -200,6 +200,23 @@ fn swap_out(
     Ok(())
 }
 
+/// Lease `lease_id` holds `replacement` in place of `failed`, recorded as a swap.
+fn swap_in(
+    tx: &Transaction,
+    lease_id: &str,
+    failed: &str,
+    replacement: &Held,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    let (addr, kind, before) = replacement.to_row();
+    swap_out(tx, lease_id, failed, &addr, reason)?;
+    tx.prepare_cached(
+        "INSERT INTO lease_devices (address, lease_id, driver_before, kind) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![addr, lease_id, before, kind])?;
+    Ok(())
+}
+
 fn end_intent(conn: &Connection, id: i64) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM intents WHERE id = ?1")?
         .execute([id])?;
@@ -511,13 +528,9 @@ impl Store {
         intent: i64,
         drivers: &[(String, String)],
     ) -> Result<()> {
-        let (addr, kind, before) = replacement.to_row();
+        let addr = replacement.name();
         self.write(|tx| {
-            swap_out(tx, lease_id, failed, &addr, reason)?;
-            tx.prepare_cached(
-                "INSERT INTO lease_devices (address, lease_id, driver_before, kind) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![addr, lease_id, before, kind])?;
+            swap_in(tx, lease_id, failed, replacement, reason)?;
             tx.prepare_cached("UPDATE devices SET provisions = provisions + 1 WHERE address = ?1")?
                 .execute([&addr])?;
             // Held back (a failed one already is, with its own reason).
@@ -528,6 +541,19 @@ impl Store {
             end_intent(tx, intent)?;
             set_drivers(tx, drivers)
         })
+    }
+
+    /// Lease `lease_id`'s mdev `from` was migrated by its VMM to `to`: the lease
+    /// holds `to` in its place, recorded as a swap. The intent stays open until
+    /// the source is gone (`Migration::commit_handover`).
+    pub fn commit_handover(
+        &self,
+        lease_id: &str,
+        from: &str,
+        to: &Held,
+        reason: &str,
+    ) -> Result<()> {
+        self.write(|tx| swap_in(tx, lease_id, from, to, reason))
     }
 
     /// Lease `lease_id` gave idle device `name` back (reset and returned to the

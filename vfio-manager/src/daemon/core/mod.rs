@@ -29,6 +29,7 @@ use vf_provisioner::{
 };
 
 mod direct;
+mod handover;
 mod health;
 mod mediated;
 mod migration;

@@ -57,6 +57,7 @@ impl Restore<'_> {
                 }
                 "swap" => log.push(self.recovery().settle(&i)),
                 "reclaim" => log.push(self.usage().settle(&i)),
+                "handover" => log.push(self.migration().settle(&i)),
                 op if op.starts_with("mdev-") => {
                     log.push(self.mediated().recover_mdev(op, &i.body));
                     self.store().end_intent(i.id).map_err(failed)?;

@@ -1,0 +1,196 @@
+//! A running VM's leased mdev migrated by its VMM to a second VMM on this host
+//! (`vfctl migrate prepare-vm|commit|abort`): the daemon reserves the destination
+//! before any state moves, hands the lease over under the same id, and settles a
+//! hand-over a crash cut off by who holds which mdev open. Real dbus-daemon and
+//! vfio-managerd on the fake kernel, VMMs stood in for by `fake::hold_group`; the
+//! emulated host migrates a real nested VM the same way (tests/real-kernel).
+
+mod common;
+
+use common::*;
+use vf_provisioner::fake::{end_process, hold_group};
+use vf_provisioner::layouts;
+use vfio_manager::api::client::Client;
+use vfio_manager::api::{Lease, Request};
+
+const SOURCE_VMM: u32 = 4100;
+const DEST_VMM: u32 = 4101;
+
+/// A lease of one mtty-2 mdev, its VM running in a VMM that holds it open.
+fn running(bus: &Bus, d: &Daemon) -> (Lease, String) {
+    let req = Request {
+        request_id: "mig".into(),
+        vm_name: "vm-mig".into(),
+        profile: "mtty-2".into(),
+        count: 1,
+        ..Request::default()
+    };
+    let lease = bus.client().provision(&req).unwrap();
+    let source = lease.devices[0].address.clone();
+    hold(bus, d, SOURCE_VMM, &source);
+    (lease, source)
+}
+
+/// Process `pid` holds mdev `uuid`'s VFIO group open, as a VMM does.
+fn hold(bus: &Bus, d: &Daemon, pid: u32, uuid: &str) {
+    let group = mdev(&bus.client(), uuid).expect("the mdev").iommu_group;
+    hold_group(&d.root, pid, "qemu-system-x86", group as u32).unwrap();
+}
+
+fn mdev(c: &Client, uuid: &str) -> Option<vfio_manager::api::MdevInfo> {
+    c.mdevs().unwrap().into_iter().find(|m| m.uuid == uuid)
+}
+
+fn devices(c: &Client, lease: &str) -> Vec<String> {
+    let l = c.leases().unwrap().into_iter().find(|l| l.id == lease);
+    l.expect("the lease")
+        .devices
+        .into_iter()
+        .map(|d| d.address)
+        .collect()
+}
+
+#[test]
+fn a_migrated_vms_lease_moves_to_the_destination_under_the_same_id() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let (lease, source) = running(&bus, &d);
+    let dest = c.prepare_handover(&lease.id, "").unwrap();
+    let m = mdev(&c, &dest).expect("the destination is made");
+    assert_eq!((m.type_id.as_str(), m.lease_id.as_str()), ("mtty-2", ""));
+    let e = c.prepare_handover(&lease.id, "").unwrap_err();
+    assert_eq!(
+        error_name(&e),
+        "Refused",
+        "one prepared migration per lease: {e}"
+    );
+    // The destination VMM takes it; the source VMM still runs.
+    hold(&bus, &d, DEST_VMM, &dest);
+    let e = c.commit_handover(&lease.id).unwrap_err();
+    assert!(e.to_string().contains("still held open"), "{e}");
+    assert_eq!(devices(&c, &lease.id), [source.clone()]);
+    // The migration completed and the source VMM quit.
+    end_process(&d.root, SOURCE_VMM).unwrap();
+    assert_eq!(c.commit_handover(&lease.id).unwrap(), dest);
+    assert_eq!(
+        devices(&c, &lease.id),
+        [dest.clone()],
+        "same lease, the destination"
+    );
+    assert!(
+        mdev(&c, &source).is_none(),
+        "the source the lease made is removed"
+    );
+    let swaps = c.lease_swaps(&lease.id).unwrap();
+    assert_eq!(
+        (swaps[0].0.as_str(), swaps[0].1.as_str()),
+        (source.as_str(), dest.as_str())
+    );
+    assert!(
+        c.health().unwrap().iter().all(|h| h.name != source),
+        "nothing held back"
+    );
+    let e = c.commit_handover(&lease.id).unwrap_err();
+    assert_eq!(error_name(&e), "NotFound", "{e}");
+}
+
+#[test]
+fn a_failed_migration_removes_the_destination_and_leaves_the_lease() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let (lease, source) = running(&bus, &d);
+    let dest = c.prepare_handover(&lease.id, "").unwrap();
+    hold(&bus, &d, DEST_VMM, &dest);
+    let e = c.abort_handover(&lease.id).unwrap_err();
+    assert!(
+        e.to_string().contains("quit the destination VMM first"),
+        "{e}"
+    );
+    end_process(&d.root, DEST_VMM).unwrap();
+    c.abort_handover(&lease.id).unwrap();
+    assert!(
+        mdev(&c, &dest).is_none(),
+        "the destination made for it is removed"
+    );
+    assert_eq!(devices(&c, &lease.id), [source.clone()]);
+    assert!(mdev(&c, &source).is_some());
+}
+
+/// Refused before any state moves, with nothing changed: a destination of another
+/// type, one another lease holds, a lease that is not one mdev, bad names.
+#[test]
+fn a_destination_that_cannot_take_the_state_is_refused_first() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let (lease, source) = running(&bus, &d);
+    let other = c.create_mdev("mtty", "mtty-1", "", "").unwrap().uuid;
+    let e = c.prepare_handover(&lease.id, &other).unwrap_err();
+    assert_eq!(error_name(&e), "Refused", "{e}");
+    assert!(e.to_string().contains("mtty-1"), "names the mismatch: {e}");
+    let taken = Request {
+        request_id: "other".into(),
+        vm_name: "vm-other".into(),
+        profile: "mtty-2".into(),
+        count: 1,
+        ..Request::default()
+    };
+    let taken = c.provision(&taken).unwrap().devices[0].address.clone();
+    let e = c.prepare_handover(&lease.id, &taken).unwrap_err();
+    assert!(e.to_string().contains("holds it"), "{e}");
+    for (lease_id, want) in [("../x", "BadInput"), ("0123456789abcdef", "NotFound")] {
+        let e = c.prepare_handover(lease_id, "").unwrap_err();
+        assert_eq!(error_name(&e), want, "{lease_id}: {e}");
+    }
+    let e = c.prepare_handover(&lease.id, "not-a-uuid\n").unwrap_err();
+    assert_eq!(error_name(&e), "BadInput", "{e}");
+    let mdevs: Vec<String> = c.mdevs().unwrap().into_iter().map(|m| m.uuid).collect();
+    assert_eq!(mdevs.len(), 3, "nothing made: {mdevs:?}");
+    assert_eq!(devices(&c, &lease.id), [source]);
+    // Nothing was left prepared: a good destination is taken now.
+    c.prepare_handover(&lease.id, "").unwrap();
+}
+
+/// SIGKILL between prepare and commit: at start the daemon settles the hand-over
+/// by who holds which mdev open, and exactly one lease holds the VM's device.
+#[test]
+fn a_handover_cut_off_by_sigkill_is_settled_at_start() {
+    let bus = Bus::open();
+    let mut d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let c = bus.client();
+    let (lease, source) = running(&bus, &d);
+    // Only the destination is held: the VM moved. The lease follows it.
+    let dest = c.prepare_handover(&lease.id, "").unwrap();
+    hold(&bus, &d, DEST_VMM, &dest);
+    end_process(&d.root, SOURCE_VMM).unwrap();
+    d.restart();
+    let c = bus.client();
+    assert_eq!(devices(&c, &lease.id), [dest.clone()]);
+    assert!(mdev(&c, &source).is_none());
+    // Only the source is held: the migration never happened. Undone.
+    end_process(&d.root, DEST_VMM).unwrap();
+    hold(&bus, &d, SOURCE_VMM, &dest);
+    let second = c.prepare_handover(&lease.id, "").unwrap();
+    d.restart();
+    let c = bus.client();
+    assert_eq!(devices(&c, &lease.id), [dest.clone()]);
+    assert!(mdev(&c, &second).is_none(), "the destination is removed");
+    // Both held: the migration may still run; left for commit or abort.
+    let third = c.prepare_handover(&lease.id, "").unwrap();
+    hold(&bus, &d, DEST_VMM, &third);
+    d.restart();
+    let c = bus.client();
+    assert_eq!(devices(&c, &lease.id), [dest.clone()]);
+    end_process(&d.root, SOURCE_VMM).unwrap();
+    assert_eq!(c.commit_handover(&lease.id).unwrap(), third);
+    let holders: Vec<String> = c
+        .leases()
+        .unwrap()
+        .into_iter()
+        .flat_map(|l| l.devices)
+        .map(|d| d.address)
+        .collect();
+    assert_eq!(holders, [third], "exactly one lease holds the VM's device");
+}
