@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE := target/release
 
-.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench bench-real-kernel bench-scale regenerate-layouts install clean fuzz
+.PHONY: all build deps test test-unit check-deps real-kernel demo demo-fake bench bench-real-kernel bench-migrate bench-scale regenerate-layouts install clean fuzz
 
 all: build
 
@@ -47,7 +47,7 @@ demo: deps
 demo-fake: build
 	bash tests/demo-fake.sh
 
-bench: build bench-real-kernel
+bench: build bench-real-kernel bench-migrate
 	$(CARGO) build --release -p integration-tests
 	$(RELEASE)/bench-list 64 64 15
 	$(CARGO) build --release -p vm-agent
@@ -58,6 +58,11 @@ bench: build bench-real-kernel
 
 bench-real-kernel: deps
 	bash tests/real-kernel/run.sh --bench
+
+# QEMU's downtime and total time for the live migration of the same nested VM
+# without and with an mtty mdev, in one emulated-host boot.
+bench-migrate: deps
+	bash tests/real-kernel/run.sh --migrate
 
 # Restore, provision, release and disable with SCALE_PFS (12) igb PFs, 84 VFs, beside
 # the bare sysfs writes, in one emulated-host boot. Not part of CI or `make bench`.

@@ -89,6 +89,51 @@ CONF
 # and initramfs in NESTED_KERNEL and more kernel words in NESTED_CMDLINE; its log
 # (/tmp/nested.log) ends with QEMU's exit status.
 NESTED_KERNEL="-kernel /tmp/vmlinuz -initrd /tmp/nested-initramfs.cpio.gz"
+# qmp_vm NAME ARGS...: a nested QEMU/KVM VM in the background, its QMP monitor on
+# the pipes /tmp/monNAME.{in,out} (the emulated host has no QMP client; `qmp`
+# writes a command, /tmp/monNAME.log collects the answers), its console in
+# /tmp/NAME.console, QEMU's messages in /tmp/NAME.log. Its guest binds no driver to
+# an mtty port, writes a5 to the port's scratch register and reads it back each
+# second (nested-init scratch=HH): the device state a live migration must carry.
+qmp_vm() {
+    n=$1; shift
+    rm -f /tmp/mon$n.in /tmp/mon$n.out /tmp/$n.console
+    mkfifo /tmp/mon$n.in /tmp/mon$n.out
+    /tmp/qemu/lib/ld-linux-x86-64.so.2 --library-path /tmp/qemu/lib /tmp/qemu/qemu-system-x86_64 \
+        -L /tmp/qemu/share -machine q35 -accel kvm -cpu host -m 256M -smp 1 -nodefaults -display none -no-reboot \
+        -kernel /tmp/vmlinuz -initrd /tmp/nested-initramfs.cpio.gz -serial file:/tmp/$n.console \
+        -append "console=ttyS0 panic=-1 quiet initcall_blacklist=serial_pci_driver_init scratch=a5" \
+        -chardev pipe,id=mon0,path=/tmp/mon$n -mon chardev=mon0,mode=control "$@" > /tmp/$n.log 2>&1 &
+    cat /tmp/mon$n.out > /tmp/mon$n.log &
+    qmp $n '{"execute":"qmp_capabilities"}'
+}
+# qmp NAME JSON: one QMP command to VM NAME (given up after 10 s if it never opened
+# its monitor).
+qmp() { echo "$2" | timeout 10 tee /tmp/mon$1.in > /dev/null; }
+# migratable_mdev UUID: QEMU's device for mdev UUID with VFIO migration on. Dirty
+# pages are tracked by the VFIO container (type1), not the device: the kernel's
+# device DMA-logging report needs IOMMUFD_DRIVER, which Debian's 6.12 lacks, and
+# mtty offers DMA logging, so QEMU would otherwise fail the migration at its setup
+# (docs/kernel.md).
+migratable_mdev() {
+    echo "-device vfio-pci,sysfsdev=/sys/bus/mdev/devices/$1,enable-migration=on,x-device-dirty-page-tracking=off"
+}
+# migrate NAME: VM NAME migrates to the VM listening on tcp:127.0.0.1:4444; waits
+# until QEMU says it ended and prints its status, downtime and total time (ms).
+migrate() {
+    qmp $1 '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444"}}'
+    for i in $(seq 1 120); do
+        qmp $1 '{"execute":"query-migrate"}'
+        sleep 1
+        grep -q '"status": "\(completed\|failed\|cancelled\)"' /tmp/mon$1.log && break
+    done
+    grep -o '"status": "[a-z-]*"\|"error-desc": "[^"]*"\|"downtime": [0-9]*\|"total-time": [0-9]*' /tmp/mon$1.log | tail -3 | tr '\n' ' '
+}
+# pids_with TEXT: the processes whose command line holds TEXT (busybox has no pgrep).
+pids_with() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q -- "$1" && echo ${p#/proc/}; done; }
+# scratch NAME: what VM NAME's guest last read from the scratch register.
+scratch() { grep -o 'NESTED-SCRATCH [0-9a-f]*' /tmp/$1.console 2>/dev/null | tail -1 | cut -d' ' -f2; }
+
 nested_qemu() {
     t0=$(date +%s)
     timeout 240 /tmp/qemu/lib/ld-linux-x86-64.so.2 --library-path /tmp/qemu/lib /tmp/qemu/qemu-system-x86_64 \

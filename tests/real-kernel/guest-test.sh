@@ -178,6 +178,59 @@ pcie_errors() {
     grep "recovery: .*_RECOVERY\|lets it go" /tmp/daemon.log | sed 's/^/GUEST-INFO daemon: /'
 }
 
+# A running VM live-migrates with its mdev: the daemon leases an mtty mdev to a
+# nested QEMU/KVM VM, reserves the destination (`vfctl migrate prepare-vm`, the type,
+# driver and version checked) before any state moves, QEMU migrates over QMP to a
+# second QEMU started with -incoming, the guest reads back what it wrote to the
+# device, and the lease moves to the destination under its id once the source
+# quit (`vfctl migrate commit`). Then the failure path: the destination is killed
+# midway, the source runs on, the destination goes (`vfctl migrate abort`) and the
+# lease is unchanged.
+# lease_mdev LEASE: the mdev lease LEASE holds, as `vfctl leases` lists it.
+lease_mdev() { ./vfctl leases | sed -n "/^lease $1 /,/^lease /p" | grep -o '[0-9a-f]\{8\}-[0-9a-f]\{4\}-[0-9a-f]\{4\}-[0-9a-f]\{4\}-[0-9a-f]\{12\}' | head -1; }
+vm_migration() {
+    [ -c /dev/kvm ] || { fail "migration: no /dev/kvm in the emulated host"; return; }
+    ./vfctl provision --vm mig --profile mtty-2 --request-id mig -o json > /tmp/mig.out 2>&1 || { fail "an mdev lease to migrate: $(cat /tmp/mig.out)"; return; }
+    lease=$(grep -o '"id": *"[0-9a-f]*"' /tmp/mig.out | head -1 | grep -o '[0-9a-f]\{16\}')
+    src=$(lease_mdev $lease)
+    qmp_vm a $(migratable_mdev $src)
+    for i in $(seq 1 120); do [ "$(scratch a)" = a5 ] && break; sleep 1; done
+    dst=$(./vfctl migrate prepare-vm --lease $lease 2>&1) && [ -e /sys/bus/mdev/devices/$dst ] \
+        && pass "migrate prepare-vm: lease $lease's destination $dst made before any state moves" || { fail "prepare-vm: $dst"; return; }
+    qmp_vm b $(migratable_mdev $dst) -incoming tcp:127.0.0.1:4444
+    for i in $(seq 1 50); do grep -q return /tmp/monb.log && break; sleep 0.2; done
+    result=$(migrate a)
+    for i in $(seq 1 20); do [ -n "$(scratch b)" ] && break; sleep 0.5; done
+    echo "$result" | grep -q '"status": "completed"' && [ "$(scratch b)" = a5 ] \
+        && pass "a running nested VM live-migrated with its mtty mdev; its guest reads back a5 from the device on the destination ($result)" \
+        || { fail "live migration: $result, the destination's guest reads '$(scratch b)'"; tail -5 /tmp/a.log /tmp/b.log; }
+    expect "commit is refused while the source VMM still holds the mdev" 3 ./vfctl migrate commit --lease $lease
+    qmp a '{"execute":"quit"}'
+    for i in $(seq 1 50); do [ -n "$(pids_with "mdev/devices/$src")" ] || break; sleep 0.2; done
+    ./vfctl migrate commit --lease $lease > /tmp/commit.out 2>&1
+    [ "$(lease_mdev $lease)" = "$dst" ] && [ ! -e /sys/bus/mdev/devices/$src ] \
+        && pass "migrate commit: lease $lease holds $dst under the same id; the source mdev is removed" \
+        || { fail "commit: $(cat /tmp/commit.out)"; ./vfctl leases; }
+    # The failure path: the VM (now b) towards a third QEMU, killed midway.
+    third=$(./vfctl migrate prepare-vm --lease $lease 2>&1)
+    qmp_vm c $(migratable_mdev $third) -incoming tcp:127.0.0.1:4444
+    for i in $(seq 1 50); do grep -q return /tmp/monc.log && break; sleep 0.2; done
+    qmp b '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444"}}'
+    sleep 1
+    kill -9 $(pids_with "mdev/devices/$third") 2>/dev/null
+    for i in $(seq 1 60); do qmp b '{"execute":"query-migrate"}'; sleep 0.5; grep -q '"status": "\(failed\|completed\)"' /tmp/monb.log && break; done
+    qmp b '{"execute":"query-status"}'
+    sleep 3
+    ./vfctl migrate abort --lease $lease > /tmp/abort.out 2>&1
+    grep -q '"status": "running"' /tmp/monb.log && [ ! -e /sys/bus/mdev/devices/$third ] \
+        && [ "$(lease_mdev $lease)" = "$dst" ] && [ "$(scratch b)" = a5 ] \
+        && pass "the destination killed midway: the source runs on with its state, abort removes the destination, the lease is unchanged" \
+        || { fail "the failure path: $(grep -o '"status": "[a-z-]*"' /tmp/monb.log | tail -2 | tr '\n' ' '); $(cat /tmp/abort.out)"; ./vfctl leases; }
+    qmp b '{"execute":"quit"}'
+    sleep 1
+    expect "the migrated VM's lease is released" 0 ./vfctl release --request-id mig
+}
+
 # The daemon on the real kernel, through a real dbus-daemon: provision and release
 # real VFs over D-Bus, and follow uevents for changes made behind its back.
 start_bus bus
@@ -239,6 +292,7 @@ pfnet=$(ls /sys/bus/pci/devices/0000:01:00.0/net 2>/dev/null | head -1)
 [ -n "$pfnet" ] && ip link set "$pfnet" up
 nested_vms
 pcie_errors
+vm_migration
 expect "daemon disables the igb VFs it enabled" 0 ./vfctl disable 0000:01:00.0
 kill $daemon; wait $daemon 2>/dev/null
 grep -q 'vfio-manager: stopping' /tmp/daemon.log && pass "daemon stops on SIGTERM" || { fail "daemon stops on SIGTERM"; cat /tmp/daemon.log; }

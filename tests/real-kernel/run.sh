@@ -11,8 +11,9 @@
 #   --scale           restore, provision, release and disable with SCALE_PFS igb PFs
 #                     (12 by default, 7 VFs each) beside the bare writes (`make
 #                     bench-scale`; not part of CI);
-#   --migrate         an experiment for a running VM's migration with its mdev (not
-#                     part of CI; it fails today: guest-migrate.sh says how).
+#   --migrate         QEMU's downtime and total time for the live migration of the
+#                     same nested VM without and with an mtty mdev (`make
+#                     bench-migrate`; not part of CI).
 # Prints a summary line "N passed, N failed, N skipped" (each skip says why) and
 # exits non-zero on any failure.
 set -euo pipefail
@@ -140,7 +141,7 @@ boot() {
         -device e1000e,id=e0,bus=rp3,addr=0.0,multifunction=on -device e1000e,id=e1,bus=rp3,addr=0.1 \
         -device pcie-root-port,id=rp4,bus=pcie.0,chassis=4,slot=4 -device virtio-rng-pci,id=rng0,bus=rp4,aer=on "${DISK[@]}" "${SCALE[@]}" \
         -append "console=ttyS0 panic=-1 intel_iommu=on iommu=pt quiet${DISK:+ vfmroot=/dev/vda}" </dev/null 2>&1 | stdbuf -oL tr -d '\r' | tee "$log" \
-        | { if [ "$MODE" = --scale ]; then grep -E '^(scale|GUEST-FAIL)'; elif [ "$MODE" = --bench ]; then grep -E '^(one syscall|operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|where|pcie error|  |GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion)' ; fi; } || true
+        | { if [ "$MODE" = --scale ]; then grep -E '^(scale|GUEST-FAIL)'; elif [ "$MODE" = --bench ]; then grep -E '^(one syscall|operation|enable|disable|bind|unbind|mdev|create|mtty|vfctl|where|pcie error|  |GUEST-FAIL|thread)'; elif [ "$MODE" = --demo ]; then sed -n '/^This is the emulated GPU host/,/^GUEST-DONE/p' | grep -v '^GUEST'; else grep -E '^(test |GUEST|NESTED|init:|---- |thread |  left|  right|assertion|migration of )' ; fi; } || true
     kill "$injector" 2>/dev/null || true
     rm -f "$QMP"
 }
