@@ -16,16 +16,21 @@ use vfio_manager::api::{Lease, Request};
 const SOURCE_VMM: u32 = 4100;
 const DEST_VMM: u32 = 4101;
 
-/// A lease of one mtty-2 mdev, its VM running in a VMM that holds it open.
-fn running(bus: &Bus, d: &Daemon) -> (Lease, String) {
+/// A lease of one mtty-2 mdev for VM `vm-ID`.
+fn mtty_lease(bus: &Bus, id: &str) -> Lease {
     let req = Request {
-        request_id: "mig".into(),
-        vm_name: "vm-mig".into(),
+        request_id: id.into(),
+        vm_name: format!("vm-{id}"),
         profile: "mtty-2".into(),
         count: 1,
         ..Request::default()
     };
-    let lease = bus.client().provision(&req).unwrap();
+    bus.client().provision(&req).unwrap()
+}
+
+/// A lease of one mtty-2 mdev, its VM running in a VMM that holds it open.
+fn running(bus: &Bus, d: &Daemon) -> (Lease, String) {
+    let lease = mtty_lease(bus, "mig");
     let source = lease.devices[0].address.clone();
     hold(bus, d, SOURCE_VMM, &source);
     (lease, source)
@@ -69,13 +74,13 @@ fn a_migrated_vms_lease_moves_to_the_destination_under_the_same_id() {
     hold(&bus, &d, DEST_VMM, &dest);
     let e = c.commit_handover(&lease.id).unwrap_err();
     assert!(e.to_string().contains("still held open"), "{e}");
-    assert_eq!(devices(&c, &lease.id), [source.clone()]);
+    assert_eq!(devices(&c, &lease.id), [source.as_str()]);
     // The migration completed and the source VMM quit.
     end_process(&d.root, SOURCE_VMM).unwrap();
     assert_eq!(c.commit_handover(&lease.id).unwrap(), dest);
     assert_eq!(
         devices(&c, &lease.id),
-        [dest.clone()],
+        [dest.as_str()],
         "same lease, the destination"
     );
     assert!(
@@ -114,7 +119,7 @@ fn a_failed_migration_removes_the_destination_and_leaves_the_lease() {
         mdev(&c, &dest).is_none(),
         "the destination made for it is removed"
     );
-    assert_eq!(devices(&c, &lease.id), [source.clone()]);
+    assert_eq!(devices(&c, &lease.id), [source.as_str()]);
     assert!(mdev(&c, &source).is_some());
 }
 
@@ -130,14 +135,7 @@ fn a_destination_that_cannot_take_the_state_is_refused_first() {
     let e = c.prepare_handover(&lease.id, &other).unwrap_err();
     assert_eq!(error_name(&e), "Refused", "{e}");
     assert!(e.to_string().contains("mtty-1"), "names the mismatch: {e}");
-    let taken = Request {
-        request_id: "other".into(),
-        vm_name: "vm-other".into(),
-        profile: "mtty-2".into(),
-        count: 1,
-        ..Request::default()
-    };
-    let taken = c.provision(&taken).unwrap().devices[0].address.clone();
+    let taken = mtty_lease(&bus, "other").devices[0].address.clone();
     let e = c.prepare_handover(&lease.id, &taken).unwrap_err();
     assert!(e.to_string().contains("holds it"), "{e}");
     for (lease_id, want) in [("../x", "BadInput"), ("0123456789abcdef", "NotFound")] {
@@ -167,7 +165,7 @@ fn a_handover_cut_off_by_sigkill_is_settled_at_start() {
     end_process(&d.root, SOURCE_VMM).unwrap();
     d.restart();
     let c = bus.client();
-    assert_eq!(devices(&c, &lease.id), [dest.clone()]);
+    assert_eq!(devices(&c, &lease.id), [dest.as_str()]);
     assert!(mdev(&c, &source).is_none());
     // Only the source is held: the migration never happened. Undone.
     end_process(&d.root, DEST_VMM).unwrap();
@@ -175,14 +173,14 @@ fn a_handover_cut_off_by_sigkill_is_settled_at_start() {
     let second = c.prepare_handover(&lease.id, "").unwrap();
     d.restart();
     let c = bus.client();
-    assert_eq!(devices(&c, &lease.id), [dest.clone()]);
+    assert_eq!(devices(&c, &lease.id), [dest.as_str()]);
     assert!(mdev(&c, &second).is_none(), "the destination is removed");
     // Both held: the migration may still run; left for commit or abort.
     let third = c.prepare_handover(&lease.id, "").unwrap();
     hold(&bus, &d, DEST_VMM, &third);
     d.restart();
     let c = bus.client();
-    assert_eq!(devices(&c, &lease.id), [dest.clone()]);
+    assert_eq!(devices(&c, &lease.id), [dest.as_str()]);
     end_process(&d.root, SOURCE_VMM).unwrap();
     assert_eq!(c.commit_handover(&lease.id).unwrap(), third);
     let holders: Vec<String> = c
