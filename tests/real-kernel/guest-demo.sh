@@ -74,4 +74,31 @@ grep "usage: VM demo" /tmp/daemon.log | sed 's/^vfio-manager: /  daemon: /'
 say "The VM is gone; release the lease: the VF is reset and offered again"
 d release --request-id demo-1
 d list
+say "An mtty mdev (a mediated slice of a device) leased to a VM; its guest writes a5 into the device"
+printf '\033[1m$ vfctl provision --vm slice --profile mtty-2 --request-id demo-2 -o json\033[0m\n'
+./vfctl provision --vm slice --profile mtty-2 --request-id demo-2 -o json > /tmp/slice.json
+lease=$(grep -o '"id": *"[0-9a-f]*"' /tmp/slice.json | head -1 | grep -o '[0-9a-f]\{16\}')
+src=$(grep -o '"address": *"[^"]*"' /tmp/slice.json | head -1 | cut -d'"' -f4)
+echo "  lease $lease holds mdev $src"
+cp /mnt/host/nested-initramfs.cpio.gz /tmp/
+qmp_vm a $(migratable_mdev $src)
+for i in $(seq 1 120); do [ -n "$(scratch a)" ] && break; sleep 1; done
+echo "  the guest reads back: $(scratch a)"
+say "Live-migrate the running VM: the daemon reserves the destination mdev first (type, driver, version checked)"
+d migrate prepare-vm --lease $lease > /tmp/dst
+dst=$(cat /tmp/dst)
+echo "  destination mdev $dst; a second QEMU waits for the VM on it (-incoming)"
+qmp_vm b $(migratable_mdev $dst) -incoming tcp:127.0.0.1:4444
+for i in $(seq 1 50); do grep -q return /tmp/monb.log && break; sleep 0.2; done
+echo "  QEMU (QMP migrate): $(migrate a)"
+for i in $(seq 1 20); do [ -n "$(scratch b)" ] && break; sleep 0.5; done
+echo "  on the destination the guest reads back: $(scratch b)"
+say "The source QEMU quits; the lease moves to the destination mdev under the same id"
+qmp a '{"execute":"quit"}'
+for i in $(seq 1 50); do [ -n "$(pids_with "mdev/devices/$src")" ] || break; sleep 0.2; done
+d migrate commit --lease $lease
+d leases
+qmp b '{"execute":"quit"}'
+sleep 1
+d release --request-id demo-2
 echo GUEST-DONE

@@ -195,6 +195,9 @@ vm_migration() {
     src=$(lease_mdev $lease)
     qmp_vm a $(migratable_mdev $src)
     for i in $(seq 1 120); do [ "$(scratch a)" = a5 ] && break; sleep 1; done
+    ./vfctl migrate check --vm mig --to unix:path=/tmp/bus/socket > /tmp/check.out 2>&1 \
+        && pass "migrate check: the destination's daemon has room for VM mig's mdev, same driver version: $(cat /tmp/check.out)" \
+        || fail "migrate check: $(cat /tmp/check.out)"
     dst=$(./vfctl migrate prepare-vm --lease $lease 2>&1) && [ -e /sys/bus/mdev/devices/$dst ] \
         && pass "migrate prepare-vm: lease $lease's destination $dst made before any state moves" || { fail "prepare-vm: $dst"; return; }
     qmp_vm b $(migratable_mdev $dst) -incoming tcp:127.0.0.1:4444

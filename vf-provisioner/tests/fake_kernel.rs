@@ -198,6 +198,22 @@ fn rule10_a_held_group_is_reported_with_its_process() {
 }
 
 #[test]
+fn rule15_a_loaded_mdev_driver_has_its_module_dir_and_the_kernel_its_release() {
+    let t = build(layouts::emulated());
+    let r = t.path();
+    assert!(
+        r.join("sys/module/mtty").is_dir(),
+        "mtty is a loaded module"
+    );
+    assert!(
+        !r.join("sys/module/mtty/version").exists(),
+        "in-tree: no version of its own"
+    );
+    let release = std::fs::read_to_string(r.join("proc/sys/kernel/osrelease")).unwrap();
+    assert!(!release.trim().is_empty());
+}
+
+#[test]
 fn read_only_attributes_refuse_writes_and_missing_ones_do_not_appear() {
     let t = build(layouts::emulated());
     let r = t.path();

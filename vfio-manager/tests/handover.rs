@@ -192,3 +192,88 @@ fn a_handover_cut_off_by_sigkill_is_settled_at_start() {
         .collect();
     assert_eq!(holders, [third], "exactly one lease holds the VM's device");
 }
+
+/// `vfctl migrate check --vm NAME --to DEST` asks the destination's daemon (here on
+/// a second bus, as on a second host) whether it can take the VM's mdevs: room for
+/// them, their vendor driver at the same version. Bad destinations are refused
+/// before anything is reached; nothing changes on either side.
+#[test]
+fn migrate_check_asks_the_destination_for_room_and_the_driver() {
+    let (bus, there) = (Bus::open(), Bus::open());
+    let _d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let _e = Daemon::start(&there, layouts::emulated(), "", &[]);
+    let lease = mtty_lease(&bus, "mig");
+    let (code, out, err) = vfctl(
+        &bus,
+        &["migrate", "check", "--vm", "vm-mig", "--to", &there.address],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("VM vm-mig can migrate to")
+            && out.contains("room for 1 mtty-2, vendor driver mtty"),
+        "{out}"
+    );
+    // The destination fills up.
+    let c = there.client();
+    let fill = |i: usize| Request {
+        request_id: format!("fill-{i}"),
+        vm_name: "filler".into(),
+        profile: "mtty-2".into(),
+        count: 1,
+        ..Request::default()
+    };
+    let taken = (0..64)
+        .take_while(|i| c.provision(&fill(*i)).is_ok())
+        .count();
+    assert!((1..64).contains(&taken), "{taken} mtty-2 fit");
+    let (code, _, err) = vfctl(
+        &bus,
+        &["migrate", "check", "--vm", "vm-mig", "--to", &there.address],
+    );
+    assert_eq!(code, 3, "no room: {err}");
+    assert!(err.contains("do not fit on this host"), "{err}");
+    let e = c
+        .check_incoming("mtty-2", "mtty", "0.0-other", 1)
+        .unwrap_err();
+    assert_eq!(error_name(&e), "Refused", "another driver version: {e}");
+    let e = c
+        .check_incoming("mtty-2", "no-such-driver", "1", 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("not loaded"), "{e}");
+    for (ty, driver, version, n) in [
+        ("../x", "mtty", "1", 1),
+        ("mtty-2", "a/b", "1", 1),
+        ("mtty-2", "mtty", "1\n2", 1),
+        ("mtty-2", "mtty", "1", 0),
+    ] {
+        let e = c.check_incoming(ty, driver, version, n).unwrap_err();
+        assert_eq!(
+            error_name(&e),
+            "BadInput",
+            "{ty} {driver} {version:?} {n}: {e}"
+        );
+    }
+    for to in ["-oProxyCommand=x", "host name", "a,b", ""] {
+        let (code, _, err) = vfctl(&bus, &["migrate", "check", "--vm", "vm-mig", "--to", to]);
+        assert_eq!(code, 2, "{to:?} is refused as input: {err}");
+    }
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "migrate",
+            "check",
+            "--vm",
+            "no-such-vm",
+            "--to",
+            &there.address,
+        ],
+    );
+    assert_eq!(code, 2, "an unknown VM: {err}");
+    assert!(err.contains("no lease of it holds an mdev"), "{err}");
+    assert_eq!(devices(&bus.client(), &lease.id).len(), 1);
+    assert_eq!(
+        c.leases().unwrap().len(),
+        taken,
+        "the destination is unchanged"
+    );
+}

@@ -213,18 +213,23 @@ fn read_batch<'b>(dev: &dyn MigrationDevice, batch: &'b mut [u8]) -> Result<(Vec
 /// in-tree drivers such as mtty).
 pub fn mdev_header(sys: &vf_provisioner::Sysfs, m: &crate::Mdev) -> Header {
     let driver = m.driver.clone().unwrap_or_default();
-    let read = |p: std::path::PathBuf| vf_provisioner::sysfs::read_opt(&p);
-    let version = read(sys.module_dir(&driver).join("version"))
-        .or_else(|| read(sys.root().join("proc/sys/kernel/osrelease")))
-        .unwrap_or_default();
     Header {
         device_kind: "mdev".into(),
         profile: m.type_id.to_string(),
+        driver_version: driver_version(sys, &driver),
         driver,
-        driver_version: version,
         flags: 0,
         size_hint: 0,
     }
+}
+
+/// Vendor driver `driver`'s version as a header names it: the module's `version`,
+/// else the kernel release (in-tree drivers such as mtty).
+pub fn driver_version(sys: &vf_provisioner::Sysfs, driver: &str) -> String {
+    let read = |p: std::path::PathBuf| vf_provisioner::sysfs::read_opt(&p);
+    read(sys.module_dir(driver).join("version"))
+        .or_else(|| read(sys.root().join("proc/sys/kernel/osrelease")))
+        .unwrap_or_default()
 }
 
 /// Why a state described by `got` cannot be loaded into a device described by `want`.

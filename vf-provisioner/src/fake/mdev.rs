@@ -131,6 +131,8 @@ impl FakeKernel {
             }
         }
         self.link(&Path::new("sys/class/mdev_bus").join(&p.parent), &pdir)?;
+        // The vendor driver is a loaded module (kernel rule 15).
+        fs::create_dir_all(self.root.join("sys/module").join(&p.driver))?;
         let ddir = self.root.join("sys/bus/mdev/drivers").join(&p.driver);
         for attr in ["bind", "unbind"] {
             write_file(&ddir.join(attr), "")?;

@@ -145,6 +145,7 @@ impl Layout {
         write_file(&root.join(FAKE_MARKER), &format!("{}\n", self.name))?;
         write_file(&root.join("sys/bus/pci/drivers_probe"), "")?;
         write_file(&root.join("proc/cmdline"), &format!("{}\n", self.cmdline))?;
+        write_file(&root.join("proc/sys/kernel/osrelease"), "6.12.0-fake\n")?;
         if let Some(iommu) = &self.iommu {
             fs::create_dir_all(root.join("sys/class/iommu").join(iommu))?;
         }

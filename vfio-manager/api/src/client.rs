@@ -10,7 +10,7 @@ use zbus::zvariant::Value;
 use crate::error::ErrorName;
 use crate::{
     AgentInfo, DeviceInfo, HealthInfo, Lease, MdevInfo, MigrationInfo, MigrationStats, Request,
-    UsageInfo, BUS_NAME,
+    UsageInfo, VmMdev, BUS_NAME,
 };
 
 #[zbus::proxy(
@@ -61,6 +61,14 @@ pub trait Manager {
     fn quarantine(&self, name: &str, reason: &str) -> zbus::Result<()>;
     fn clear(&self, name: &str) -> zbus::Result<()>;
     fn replace(&self, name: &str, reason: &str) -> zbus::Result<String>;
+    fn vm_mdevs(&self, vm: &str) -> zbus::Result<Vec<VmMdev>>;
+    fn check_incoming(
+        &self,
+        type_id: &str,
+        driver: &str,
+        version: &str,
+        count: u32,
+    ) -> zbus::Result<String>;
     fn prepare_handover(&self, lease: &str, dest: &str) -> zbus::Result<String>;
     fn commit_handover(&self, lease: &str) -> zbus::Result<String>;
     fn abort_handover(&self, lease: &str) -> zbus::Result<()>;
@@ -295,6 +303,23 @@ impl Client {
     /// Swaps leased device `name` for a healthy equivalent; returns its address.
     pub fn replace(&self, name: &str, reason: &str) -> Result<String> {
         self.run(self.proxy.replace(name, reason))
+    }
+
+    /// VM `vm`'s mdevs: (lease, UUID, type, vendor driver, driver version).
+    pub fn vm_mdevs(&self, vm: &str) -> Result<Vec<VmMdev>> {
+        self.run(self.proxy.vm_mdevs(vm))
+    }
+
+    /// Whether this daemon's host can take `count` mdevs of `type_id` from `driver`
+    /// at `version`; the answer says what it has room for.
+    pub fn check_incoming(
+        &self,
+        type_id: &str,
+        driver: &str,
+        version: &str,
+        count: u32,
+    ) -> Result<String> {
+        self.run(self.proxy.check_incoming(type_id, driver, version, count))
     }
 
     /// Reserves a destination mdev for lease `lease`'s VM, which its VMM migrates;

@@ -188,6 +188,10 @@ pub struct HealthInfo {
     pub aer_fatal: u64,
 }
 
+/// An mdev that its VMM migrates with its VM (`VmMdevs`): (lease, UUID, type,
+/// vendor driver, driver version).
+pub type VmMdev = (String, String, String, String, String);
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct Lease {
     pub id: String,

@@ -328,9 +328,23 @@ pub fn mdev_daemon(c: &Client, cmd: &MdevCommand, mut r: Renderer) -> Res {
 
 #[derive(Subcommand, Debug)]
 pub enum MigrateCommand {
-    /// Preflight (changes nothing): whether an mdev can migrate now and as what;
-    /// exits 3 with the reason if not (no VFIO migration, not running, held by a VMM).
-    Check { uuid: String },
+    /// Preflight (changes nothing). With UUID: whether this daemon can migrate that
+    /// mdev now and as what; exits 3 with the reason if not (no VFIO migration, not
+    /// running, held by a VMM). With --vm and --to: whether the destination host can
+    /// take the mdevs of VM NAME's leases (their vendor driver at the same version,
+    /// room for each type), asked of the destination's daemon; exits 3 with its
+    /// answer if not.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["uuid", "vm"])))]
+    Check {
+        uuid: Option<String>,
+        /// The VM whose leased mdevs would move.
+        #[arg(long, requires = "to")]
+        vm: Option<String>,
+        /// The destination: its daemon's D-Bus address (`unix:path=...`), or a host
+        /// reached over ssh as `busctl --host` does (its systemd-stdio-bridge).
+        #[arg(long, requires = "vm")]
+        to: Option<String>,
+    },
     /// Destination: reserve mdev UUID (created as --type if absent) and wait for one
     /// source. Changes the host: may create the mdev; its state is replaced by the
     /// source's. Prints the endpoint for `vfctl migrate send` on the source host and
@@ -390,11 +404,61 @@ pub enum MigrateCommand {
     },
 }
 
+/// `vfctl migrate check --vm NAME --to DEST`: VM NAME's mdevs, by type, from this
+/// host's daemon; then each type asked of the destination's daemon.
+fn check_vm(c: &Client, vm: &str, to: &str, mut r: Renderer) -> Res {
+    let mut wants: Vec<((String, String, String), u32)> = Vec::new();
+    for (_, _, type_id, driver, version) in c.vm_mdevs(vm)? {
+        let key = (type_id, driver, version);
+        match wants.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => wants.push((key, 1)),
+        }
+    }
+    let dest = Client::connect_to(Some(&destination_address(to)?))?;
+    let mut answers = Vec::new();
+    for ((type_id, driver, version), n) in &wants {
+        answers.push(dest.check_incoming(type_id, driver, version, *n)?);
+    }
+    if r.format == Output::Json {
+        return r.json(&json!({ "vm": vm, "to": to, "ok": answers }));
+    }
+    r.line(&format!(
+        "VM {vm} can migrate to {to}: {}",
+        answers.join("; ")
+    ))
+}
+
+/// The D-Bus address of a destination given as an address (it has `=`) or a host
+/// name, reached as `busctl --host` reaches one: ssh running systemd-stdio-bridge.
+/// A host that ssh would read as an option, or that needs escaping, is refused.
+fn destination_address(to: &str) -> Result<String, crate::api::ids::IdError> {
+    if to.contains('=') {
+        return Ok(to.to_string());
+    }
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | ':');
+    if to.is_empty() || to.len() > 255 || to.starts_with('-') || !to.chars().all(plain) {
+        return Err(crate::api::ids::IdError::new(
+            "destination",
+            to,
+            "give a D-Bus address (unix:path=...) or a host name ([user@]host: letters, digits and . - _ :, not starting with '-')",
+        ));
+    }
+    Ok(format!(
+        "unixexec:path=ssh,argv1=-xT,argv2=--,argv3={to},argv4=systemd-stdio-bridge"
+    ))
+}
+
 /// `vfctl migrate`: always through the daemon, which owns the devices' state.
 pub fn migrate(c: &Client, cmd: &MigrateCommand, mut r: Renderer) -> Res {
     match cmd {
-        MigrateCommand::Check { uuid } => {
-            let i = c.migration_check(uuid)?;
+        MigrateCommand::Check {
+            vm: Some(vm),
+            to: Some(to),
+            ..
+        } => check_vm(c, vm, to, r),
+        MigrateCommand::Check { uuid, .. } => {
+            let i = c.migration_check(uuid.as_deref().unwrap_or_default())?;
             if r.format == Output::Json {
                 return r.json(&i);
             }

@@ -669,6 +669,34 @@ impl Manager {
         blocking(move || core.migration().migration_check(&uuid)).await
     }
 
+    /// What VM `vm`'s leases hold that its VMM migrates with it: each mdev as
+    /// (lease, UUID, type, vendor driver, driver version).
+    async fn vm_mdevs(
+        &self,
+        vm: String,
+    ) -> Result<Vec<(String, String, String, String, String)>, ApiError> {
+        let core = self.core.clone();
+        blocking(move || core.migration().vm_mdevs(&vm)).await
+    }
+
+    /// The destination's side of `vfctl migrate check`: whether this host can take
+    /// `count` mdevs of `type_id` whose state comes from vendor driver `driver` at
+    /// `version` (the driver here at that version, room in the plan).
+    async fn check_incoming(
+        &self,
+        type_id: String,
+        driver: String,
+        version: String,
+        count: u32,
+    ) -> Result<String, ApiError> {
+        let core = self.core.clone();
+        blocking(move || {
+            core.migration()
+                .check_incoming(&type_id, &driver, &version, count)
+        })
+        .await
+    }
+
     /// `PrepareIncoming` for a running VM whose VMM migrates it to a second VMM on
     /// this host: reserves destination mdev `dest` (made with the source's type when
     /// absent; a new UUID when empty) for lease `lease`'s mdev, after checking it

@@ -30,8 +30,8 @@ mod usage;
 
 pub use held::Held;
 pub use names::{
-    check_mdev_attribute, parse_uuid, Endpoint, LeaseId, MdevParent, MdevTypeId, Profile,
-    RequestId, VmName, MAX_NAME,
+    check_mdev_attribute, parse_uuid, DriverName, Endpoint, LeaseId, MdevParent, MdevTypeId,
+    Profile, RequestId, VmName, MAX_NAME,
 };
 pub use pci::PciAddress;
 pub use recovery::{OnFailure, Vmm};

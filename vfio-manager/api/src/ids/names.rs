@@ -58,6 +58,10 @@ fn mdev_type(s: &str) -> Result<(), IdError> {
     path_component("mdev type", s)
 }
 
+fn driver_name(s: &str) -> Result<(), IdError> {
+    path_component("driver", s)
+}
+
 /// A vendor attribute's name from an mdevctl definition: written as a file under
 /// the new mdev's directory, so one path component too.
 pub fn check_mdev_attribute(s: &str) -> Result<(), IdError> {
@@ -206,6 +210,13 @@ name_type!(
     /// An mdev type id: a directory under a parent's `mdev_supported_types/`.
     MdevTypeId,
     mdev_type
+);
+
+name_type!(
+    /// A kernel driver's name (`mtty`, `nvidia-vgpu-vfio`): a directory under
+    /// `/sys/module/` when it is a module.
+    DriverName,
+    driver_name
 );
 
 name_type!(

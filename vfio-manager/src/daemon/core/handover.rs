@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use super::mediated::uuid_arg;
 use super::{failed, outcome, Migration};
-use crate::api::ids::{Held, LeaseId};
-use crate::api::ApiError;
+use crate::api::ids::{DriverName, Held, LeaseId, MdevTypeId, VmName};
+use crate::api::{ApiError, VmMdev};
 use crate::daemon::store::{Guards, Intent, LeaseRow};
 
 /// A prepared hand-over.
@@ -201,6 +201,85 @@ impl Migration<'_> {
         self.store().end_intent(intent).map_err(failed)?;
         self.usage().lease_changed(lease);
         Ok(())
+    }
+
+    /// What VM `vm`'s leases hold that its VMM migrates with it: each mdev as
+    /// (lease, UUID, type, vendor driver, driver version). Changes nothing.
+    pub fn vm_mdevs(&self, vm: &str) -> Result<Vec<VmMdev>, ApiError> {
+        let vm = VmName::new(vm)?;
+        let rows = self.store().leases().map_err(failed)?;
+        let mut out = Vec::new();
+        for row in rows.iter().filter(|r| r.request.vm_name == vm.as_str()) {
+            for u in row.devices.iter().filter_map(Held::mdev) {
+                if let Some(m) = read_mdev(&self.sys, &u) {
+                    let h = mig::mdev_header(&self.sys, &m);
+                    out.push((
+                        row.id.clone(),
+                        u.to_string(),
+                        h.profile,
+                        h.driver,
+                        h.driver_version,
+                    ));
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(ApiError::NotFound(format!(
+                "VM {vm}: no lease of it holds an mdev; only mediated devices migrate with a running VM (`vfctl leases`)"
+            )));
+        }
+        Ok(out)
+    }
+
+    /// The destination's side of `vfctl migrate check`: whether this host can take
+    /// `count` mdevs of `type_id` whose state comes from vendor driver `driver` at
+    /// `version`. The driver must be here at that version, and the plan must find
+    /// room. Changes nothing.
+    pub fn check_incoming(
+        &self,
+        type_id: &str,
+        driver: &str,
+        version: &str,
+        count: u32,
+    ) -> Result<String, ApiError> {
+        let type_id = MdevTypeId::new(type_id)?;
+        let driver = DriverName::new(driver)?;
+        if version.is_empty() || version.len() > 128 || version.chars().any(char::is_control) {
+            return Err(ApiError::BadInput(format!(
+                "driver version {}: give 1-128 bytes without control characters",
+                crate::api::ids::quote(version)
+            )));
+        }
+        if !(1..=64).contains(&count) {
+            return Err(ApiError::BadInput(format!(
+                "{count} mdevs of {type_id}: ask for 1 to 64"
+            )));
+        }
+        if !self.sys.module_dir(driver.as_str()).exists() {
+            return Err(ApiError::Refused(format!(
+                "vendor driver {driver} is not loaded on this host; load it (modprobe {driver}) before migrating {type_id} here"
+            )));
+        }
+        let here = mig::driver_version(&self.sys, driver.as_str());
+        if here != version {
+            return Err(ApiError::Refused(format!(
+                "vendor driver {driver} is {here:?} on this host, the state is from {version:?}: {type_id} state cannot load here; migrate to a host with the same version"
+            )));
+        }
+        let want = mediated_dev::plan::Want {
+            profile: type_id.to_string(),
+            count,
+        };
+        let plan = mediated_dev::plan(&self.scan_ours(), &[want]);
+        if let Some(s) = plan.shortfalls.first() {
+            return Err(ApiError::NoDevice(format!(
+                "{} of {count} {type_id} do not fit on this host: {}; `vfctl plan {type_id}` there shows why",
+                s.missing, s.reason
+            )));
+        }
+        Ok(format!(
+            "room for {count} {type_id}, vendor driver {driver} {here}"
+        ))
     }
 
     /// Lease `lease`, which `uid` (root or its maker) may migrate.
