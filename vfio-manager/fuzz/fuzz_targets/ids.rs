@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vfio_manager_api::ids::{
-    check_mdev_attribute, parse_uuid, AgentChannel, Endpoint, LeaseId, MdevParent, MdevTypeId,
+    check_mdev_attribute, parse_uuid, AgentChannel, DriverName, Endpoint, LeaseId, MdevParent, MdevTypeId,
     OnFailure, OnIdle, PciAddress, Priority, Profile, RequestId, VmName, Vmm,
 };
 
@@ -19,7 +19,12 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(u) = parse_uuid(s) {
         assert_eq!(parse_uuid(&u.to_string()).unwrap(), u);
     }
-    for n in [MdevParent::new(s).map(String::from), MdevTypeId::new(s).map(String::from)] {
+    // Names that become a path component under /sys.
+    for n in [
+        MdevParent::new(s).map(String::from),
+        MdevTypeId::new(s).map(String::from),
+        DriverName::new(s).map(String::from),
+    ] {
         if let Ok(n) = n {
             assert!(!n.contains('/') && n != "." && n != ".." && !n.starts_with('.'));
         }
