@@ -4,8 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use vfio_manager_api::ids::{
-    check_mdev_attribute, parse_uuid, AgentChannel, DriverName, Endpoint, LeaseId, MdevParent, MdevTypeId,
-    OnFailure, OnIdle, PciAddress, Priority, Profile, RequestId, VmName, Vmm,
+    check_mdev_attribute, parse_uuid, AgentChannel, DriverName, Endpoint, LeaseId, MdevParent,
+    MdevTypeId, OnFailure, OnIdle, PciAddress, Priority, Profile, RequestId, VmName, Vmm,
 };
 
 fuzz_target!(|data: &[u8]| {
