@@ -30,6 +30,11 @@ pub trait MigrationDevice: Send + Sync {
     fn precopy_info(&self) -> io::Result<(u64, u64)>;
     /// `VFIO_DEVICE_RESET`: the way out of a failed RESUMING (mtty returns to RUNNING).
     fn reset(&self) -> io::Result<()>;
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: the driver's estimate of the state to
+    /// move after the stop (what the downtime carries); 0 when it gives none.
+    fn data_size(&self) -> io::Result<u64> {
+        Ok(0)
+    }
 }
 
 fn other(e: impl std::fmt::Display) -> io::Error {
@@ -104,6 +109,10 @@ impl MigrationDevice for VfioMigration {
     fn precopy_info(&self) -> io::Result<(u64, u64)> {
         let i = self.device.mig_get_precopy_info().map_err(other)?;
         Ok((i.initial_bytes, i.dirty_bytes))
+    }
+
+    fn data_size(&self) -> io::Result<u64> {
+        self.device.get_mig_data_size().map_err(other)
     }
 
     fn reset(&self) -> io::Result<()> {
@@ -241,6 +250,10 @@ impl MigrationDevice for MemoryDevice {
             return Err(errno(libc::EINVAL));
         }
         Ok(((m.data.len() - m.pos) as u64, 0))
+    }
+
+    fn data_size(&self) -> io::Result<u64> {
+        Ok(self.lock().data.len() as u64)
     }
 
     fn reset(&self) -> io::Result<()> {

@@ -84,6 +84,8 @@ pub trait Manager {
         endpoint: &str,
         credentials: &str,
     ) -> zbus::Result<MigrationStats>;
+    #[zbus(signal)]
+    fn migration_progress(&self, uuid: &str, bytes: u64, expected: u64) -> zbus::Result<()>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +357,43 @@ impl Client {
         credentials: &str,
     ) -> Result<MigrationStats> {
         self.run(self.proxy.migrate_out_with(uuid, endpoint, credentials))
+    }
+
+    /// `MigrateOut`, or `MigrateOutWith` given the one-time `credentials`, calling
+    /// `progress(bytes sent, bytes the stop will carry)` for each `MigrationProgress`
+    /// of `uuid` while it runs.
+    pub fn migrate_out_watching(
+        &self,
+        uuid: &str,
+        endpoint: &str,
+        credentials: Option<&str>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<MigrationStats> {
+        use futures_util::StreamExt;
+        let watched = async {
+            let mut signals = self
+                .proxy
+                .receive_migration_progress_with_args(&[(0, uuid)])
+                .await?;
+            let call = async {
+                match credentials {
+                    Some(c) => self.proxy.migrate_out_with(uuid, endpoint, c).await,
+                    None => self.proxy.migrate_out(uuid, endpoint).await,
+                }
+            };
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    r = &mut call => return r,
+                    Some(s) = signals.next() => {
+                        if let Ok(a) = s.args() {
+                            progress(a.bytes, a.expected);
+                        }
+                    }
+                }
+            }
+        };
+        self.run(watched)
     }
 }
 

@@ -368,7 +368,8 @@ pub enum MigrateCommand {
     },
     /// Source: stream an mdev's state to a destination's endpoint. Changes the host:
     /// on success the device is left stopped (its VM now runs there); on any
-    /// failure it runs again here.
+    /// failure it runs again here. Shows its progress on stderr: bytes, rate and
+    /// expected downtime (a bar on a terminal, a line a second when piped).
     Send {
         uuid: String,
         endpoint: String,
@@ -402,6 +403,78 @@ pub enum MigrateCommand {
         #[arg(long)]
         lease: String,
     },
+}
+
+/// A migration's progress on stderr, from the daemon's `MigrationProgress`: a bar
+/// redrawn in place on a terminal, a plain line at most once a second otherwise.
+struct Progress<'a> {
+    uuid: &'a str,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+    live: bool,
+}
+
+impl<'a> Progress<'a> {
+    fn new(uuid: &'a str) -> Self {
+        use std::io::IsTerminal;
+        let live = std::io::stderr().is_terminal();
+        Progress {
+            uuid,
+            start: std::time::Instant::now(),
+            last: None,
+            live,
+        }
+    }
+
+    fn update(&mut self, sent: u64, expected: u64) {
+        let now = std::time::Instant::now();
+        if !self.live
+            && self
+                .last
+                .is_some_and(|t| now - t < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last = Some(now);
+        let line = progress_line(self.uuid, sent, expected, now - self.start, self.live);
+        match self.live {
+            true => eprint!("\r\x1b[K{line}"),
+            false => eprintln!("{line}"),
+        }
+    }
+
+    fn end(&self) {
+        if self.live && self.last.is_some() {
+            eprintln!();
+        }
+    }
+}
+
+/// `UUID: [####......] 12.0 MiB sent, 96.0 MiB/s, expected downtime ~1 ms`: the bar
+/// (on a terminal, when the device said what the stop carries) is the bytes sent
+/// against that; the downtime is what the stop carries at the rate so far.
+fn progress_line(
+    uuid: &str,
+    sent: u64,
+    expected: u64,
+    took: std::time::Duration,
+    bar: bool,
+) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let rate = sent as f64 / took.as_secs_f64().max(1e-3);
+    let mut line = format!("{uuid}: ");
+    if bar && expected > 0 {
+        let filled = (sent.min(expected) * 20 / expected) as usize;
+        line += &format!("[{}{}] ", "#".repeat(filled), ".".repeat(20 - filled));
+    }
+    line += &format!("{:.1} MiB sent, {:.1} MiB/s", sent as f64 / MIB, rate / MIB);
+    if expected > 0 && rate > 0.0 {
+        line += &format!(
+            ", expected downtime ~{:.0} ms",
+            expected as f64 / rate * 1e3
+        );
+    }
+    line
 }
 
 /// `vfctl migrate check --vm NAME --to DEST`: VM NAME's mdevs, by type, from this
@@ -510,13 +583,17 @@ pub fn migrate(c: &Client, cmd: &MigrateCommand, mut r: Renderer) -> Res {
             endpoint,
             credentials,
         } => {
-            let s = match credentials {
-                None => c.migrate_out(uuid, endpoint)?,
-                Some(path) => {
-                    let bundle = read_bounded(path).map_err(|e| file_error(path, e))?;
-                    c.migrate_out_with(uuid, endpoint, &bundle)?
-                }
+            let bundle = match credentials {
+                None => None,
+                Some(path) => Some(read_bounded(path).map_err(|e| file_error(path, e))?),
             };
+            let mut shown = Progress::new(uuid);
+            let s =
+                c.migrate_out_watching(uuid, endpoint, bundle.as_deref(), &mut |sent, expected| {
+                    shown.update(sent, expected)
+                });
+            shown.end();
+            let s = s?;
             if r.format == Output::Json {
                 return r.json(&s);
             }
@@ -636,4 +713,27 @@ fn write_secret(path: &std::path::Path, text: &str) -> Result<(), super::CliErro
         .open(path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .map_err(|e| file_error(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn progress_shows_bytes_rate_and_expected_downtime() {
+        let l = super::progress_line("u", 8 << 20, 16 << 20, Duration::from_secs(2), true);
+        assert_eq!(
+            l,
+            "u: [##########..........] 8.0 MiB sent, 4.0 MiB/s, expected downtime ~4000 ms"
+        );
+        let piped = super::progress_line("u", 8 << 20, 16 << 20, Duration::from_secs(2), false);
+        assert!(!piped.contains('['), "no bar when piped: {piped}");
+        let unknown = super::progress_line("u", 1 << 20, 0, Duration::from_secs(1), true);
+        assert_eq!(
+            unknown, "u: 1.0 MiB sent, 1.0 MiB/s",
+            "no estimate without the device's"
+        );
+        let past = super::progress_line("u", 32 << 20, 16 << 20, Duration::from_secs(1), true);
+        assert!(past.contains("[####################]"), "capped: {past}");
+    }
 }

@@ -90,8 +90,8 @@ impl Manager {
         let progress = {
             let (emitter, uuid) = (emitter.to_owned(), uuid.clone());
             tokio::spawn(async move {
-                while let Some(bytes) = rx.recv().await {
-                    let _ = Manager::migration_progress(&emitter, &uuid, bytes).await;
+                while let Some((bytes, expected)) = rx.recv().await {
+                    let _ = Manager::migration_progress(&emitter, &uuid, bytes, expected).await;
                 }
             })
         };
@@ -99,8 +99,8 @@ impl Manager {
         let u = uuid.clone();
         let r = blocking(move || {
             core.migration()
-                .migrate_out(&u, &endpoint, one_time.as_deref(), uid, &mut |b| {
-                    let _ = tx.send(b);
+                .migrate_out(&u, &endpoint, one_time.as_deref(), uid, &mut |b, e| {
+                    let _ = tx.send((b, e));
                 })
         })
         .await;
@@ -809,11 +809,13 @@ impl Manager {
             .await
     }
 
+    /// `expected`: what the device said the stop will carry (0: it did not say).
     #[zbus(signal)]
     pub async fn migration_progress(
         emitter: &SignalEmitter<'_>,
         uuid: &str,
         bytes: u64,
+        expected: u64,
     ) -> zbus::Result<()>;
     /// `result`: `ok` or the error.
     #[zbus(signal)]

@@ -5,7 +5,7 @@ use std::net::TcpListener;
 
 use mediated_dev::host::read_mdev;
 use mediated_dev::migration::tls::Tls;
-use mediated_dev::migration::{self as mig, net, VfioMigration};
+use mediated_dev::migration::{self as mig, net, MigrationDevice, VfioMigration};
 use mediated_dev::{Mdev, MdevTypeId};
 use uuid::Uuid;
 use vf_provisioner::Op;
@@ -55,7 +55,7 @@ impl Migration<'_> {
         endpoint: &str,
         one_time: Option<&str>,
         uid: u32,
-        progress: &mut dyn FnMut(u64),
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<MigrationStats, ApiError> {
         let r = self.timed("migrate-out", || {
             let to = Endpoint::new(endpoint)?;
@@ -65,7 +65,14 @@ impl Migration<'_> {
             };
             let _claim = self.claims.wait(vec![uuid.to_string()]);
             let (_, dev, header) = self.migratable(uuid)?;
-            let (_, stats) = net::send_with_progress(&dev, &header, to.as_str(), &tls, progress)?;
+            // What the stop will carry, for the progress's expected downtime.
+            let expected = dev.data_size().unwrap_or(0);
+            let header = mig::Header {
+                size_hint: expected,
+                ..header
+            };
+            let report = &mut |sent| progress(sent, expected);
+            let (_, stats) = net::send_with_progress(&dev, &header, to.as_str(), &tls, report)?;
             Ok(MigrationStats {
                 bytes: stats.bytes,
                 precopy_bytes: stats.precopy_bytes,
