@@ -85,8 +85,8 @@ qmp_vm a $(migratable_mdev $src)
 for i in $(seq 1 120); do [ -n "$(scratch a)" ] && break; sleep 1; done
 echo "  the guest reads back: $(scratch a)"
 say "Live-migrate the running VM: the daemon reserves the destination mdev first (type, driver, version checked)"
-d migrate prepare-vm --lease $lease > /tmp/dst
-dst=$(cat /tmp/dst)
+printf '\033[1m$ vfctl migrate prepare-vm --lease %s\033[0m\n' "$lease"
+dst=$(./vfctl migrate prepare-vm --lease $lease)
 echo "  destination mdev $dst; a second QEMU waits for the VM on it (-incoming)"
 qmp_vm b $(migratable_mdev $dst) -incoming tcp:127.0.0.1:4444
 for i in $(seq 1 50); do grep -q return /tmp/monb.log && break; sleep 0.2; done

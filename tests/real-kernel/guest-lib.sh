@@ -130,7 +130,7 @@ migrate() {
     grep -o '"status": "[a-z-]*"\|"error-desc": "[^"]*"\|"downtime": [0-9]*\|"total-time": [0-9]*' /tmp/mon$1.log | tail -3 | tr '\n' ' '
 }
 # pids_with TEXT: the processes whose command line holds TEXT (busybox has no pgrep).
-pids_with() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q -- "$1" && echo ${p#/proc/}; done; }
+pids_with() { for p in /proc/[0-9]*; do { tr '\0' ' ' < $p/cmdline; } 2>/dev/null | grep -q -- "$1" && echo ${p#/proc/}; done; }
 # scratch NAME: what VM NAME's guest last read from the scratch register.
 scratch() { grep -o 'NESTED-SCRATCH [0-9a-f]*' /tmp/$1.console 2>/dev/null | tail -1 | cut -d' ' -f2; }
 

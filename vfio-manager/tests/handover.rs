@@ -63,6 +63,15 @@ fn a_migrated_vms_lease_moves_to_the_destination_under_the_same_id() {
     let (lease, source) = running(&bus, &d);
     let dest = c.prepare_handover(&lease.id, "").unwrap();
     let m = mdev(&c, &dest).expect("the destination is made");
+    // The migration never started and the source quit: no VM runs on the
+    // destination, and the lease does not move there.
+    end_process(&d.root, SOURCE_VMM).unwrap();
+    let e = c.commit_handover(&lease.id).unwrap_err();
+    assert!(
+        e.to_string().contains("no VMM holds the destination"),
+        "{e}"
+    );
+    hold(&bus, &d, SOURCE_VMM, &source);
     assert_eq!((m.type_id.as_str(), m.lease_id.as_str()), ("mtty-2", ""));
     let e = c.prepare_handover(&lease.id, "").unwrap_err();
     assert_eq!(

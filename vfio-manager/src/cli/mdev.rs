@@ -392,7 +392,8 @@ pub enum MigrateCommand {
     },
     /// After the VMM's migration completed and the source VMM quit: the lease holds
     /// the destination under the same id, and the source mdev goes (removed if the
-    /// lease made it). Changes the host and the lease.
+    /// lease made it). Refused while the source is held open or while no VMM holds
+    /// the destination. Changes the host and the lease.
     Commit {
         #[arg(long)]
         lease: String,

@@ -123,6 +123,15 @@ impl Migration<'_> {
                     h.from.name()
                 )));
             }
+            // The lease follows its VM: never onto a device no VMM runs it on.
+            if !self.recovery().held_open(&h.to) {
+                return Err(ApiError::Refused(format!(
+                    "lease {}: no VMM holds the destination mdev {}, so the VM does not run there; if the migration failed, `vfctl migrate abort --lease {}`",
+                    row.id,
+                    h.to.name(),
+                    row.id
+                )));
+            }
             self.finish(&row.id, intent.id, &h)?;
             Ok(h.to.name())
         });
