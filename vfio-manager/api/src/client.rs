@@ -371,8 +371,14 @@ impl Client {
     ) -> Result<MigrationStats> {
         use futures_util::StreamExt;
         let watched = async {
-            let mut signals = self
-                .proxy
+            // A proxy of its own, dropped in here: a proxy that received signals
+            // removes its match rules on a task when dropped, which needs the
+            // runtime (the client's own proxy is dropped after it).
+            let watcher = ManagerProxy::builder(&self.conn)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await?;
+            let mut signals = watcher
                 .receive_migration_progress_with_args(&[(0, uuid)])
                 .await?;
             let call = async {
