@@ -181,6 +181,7 @@ pub fn nvidia_mdev() -> Layout {
         driver: "nvidia-vgpu-vfio".into(),
         units: 16,
         types,
+        version: None,
     });
     l
 }

@@ -209,8 +209,7 @@ fn read_batch<'b>(dev: &dyn MigrationDevice, batch: &'b mut [u8]) -> Result<(Vec
 }
 
 /// What an mdev's state will be described as: its type, its vendor driver and
-/// that driver's version (the module's `version`, else the kernel release for
-/// in-tree drivers such as mtty).
+/// that driver's version (the module's `version`, else the kernel release).
 pub fn mdev_header(sys: &vf_provisioner::Sysfs, m: &crate::Mdev) -> Header {
     let driver = m.driver.clone().unwrap_or_default();
     Header {
@@ -224,7 +223,7 @@ pub fn mdev_header(sys: &vf_provisioner::Sysfs, m: &crate::Mdev) -> Header {
 }
 
 /// Vendor driver `driver`'s version as a header names it: the module's `version`,
-/// else the kernel release (in-tree drivers such as mtty).
+/// else the kernel release (a driver built in, or one that declares no version).
 pub fn driver_version(sys: &vf_provisioner::Sysfs, driver: &str) -> String {
     let read = |p: std::path::PathBuf| vf_provisioner::sysfs::read_opt(&p);
     read(sys.module_dir(driver).join("version"))

@@ -40,6 +40,10 @@ pub struct FakeMdevParent {
     /// Capacity the types draw from.
     pub units: u32,
     pub types: Vec<FakeMdevType>,
+    /// The driver module's `version` (`/sys/module/DRIVER/version`; mtty: `0.1`),
+    /// if it declares one.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,7 +136,11 @@ impl FakeKernel {
         }
         self.link(&Path::new("sys/class/mdev_bus").join(&p.parent), &pdir)?;
         // The vendor driver is a loaded module (kernel rule 15).
-        fs::create_dir_all(self.root.join("sys/module").join(&p.driver))?;
+        let module = self.root.join("sys/module").join(&p.driver);
+        fs::create_dir_all(&module)?;
+        if let Some(v) = &p.version {
+            write_file(&module.join("version"), &format!("{v}\n"))?;
+        }
         let ddir = self.root.join("sys/bus/mdev/drivers").join(&p.driver);
         for attr in ["bind", "unbind"] {
             write_file(&ddir.join(attr), "")?;
@@ -446,11 +454,13 @@ pub(crate) fn capture(root: &Path) -> Vec<FakeMdevParent> {
                     }
                 })
                 .collect();
+            let version = sysfs::read_opt(&root.join("sys/module").join(&driver).join("version"));
             Some(FakeMdevParent {
                 parent,
                 driver,
                 units,
                 types,
+                version,
             })
         })
         .collect()
