@@ -94,18 +94,20 @@ impl Migration<'_> {
                 self.refuse_unlike(&source, &m)?;
                 Held::KeptMdev(to)
             }
-            None => {
-                self.make_one(to, source.type_id.as_str())?;
-                Held::MadeMdev(to)
-            }
+            None => Held::MadeMdev(to),
         };
         let h = Handover { from, to };
-        if let Err(e) = self
+        // Intent first: a destination made and then cut off by a crash is removed
+        // at start (`settle`: neither held open, or only the source).
+        let intent = self
             .store()
             .begin_intent("handover", &row.id, &h.record(), Guards::Kernel)
-        {
-            let _ = self.undo_device(&h.to);
-            return Err(failed(e));
+            .map_err(failed)?;
+        if let Held::MadeMdev(u) = h.to {
+            if let Err(e) = self.make_one(u, source.type_id.as_str()) {
+                let _ = self.store().end_intent(intent);
+                return Err(e);
+            }
         }
         Ok(h.to.name())
     }
