@@ -147,6 +147,12 @@ fn a_destination_that_cannot_take_the_state_is_refused_first() {
     let taken = mtty_lease(&bus, "other").devices[0].address.clone();
     let e = c.prepare_handover(&lease.id, &taken).unwrap_err();
     assert!(e.to_string().contains("holds it"), "{e}");
+    // One the gate holds back (an operator's quarantine) is refused as well.
+    let held = c.create_mdev("mtty", "mtty-2", "", "").unwrap().uuid;
+    c.quarantine(&held, "suspect").unwrap();
+    let e = c.prepare_handover(&lease.id, &held).unwrap_err();
+    assert_eq!(error_name(&e), "Refused", "{e}");
+    assert!(e.to_string().contains("quarantined"), "{e}");
     for (lease_id, want) in [("../x", "BadInput"), ("0123456789abcdef", "NotFound")] {
         let e = c.prepare_handover(lease_id, "").unwrap_err();
         assert_eq!(error_name(&e), want, "{lease_id}: {e}");
@@ -154,7 +160,7 @@ fn a_destination_that_cannot_take_the_state_is_refused_first() {
     let e = c.prepare_handover(&lease.id, "not-a-uuid\n").unwrap_err();
     assert_eq!(error_name(&e), "BadInput", "{e}");
     let mdevs: Vec<String> = c.mdevs().unwrap().into_iter().map(|m| m.uuid).collect();
-    assert_eq!(mdevs.len(), 3, "nothing made: {mdevs:?}");
+    assert_eq!(mdevs.len(), 4, "nothing made: {mdevs:?}");
     assert_eq!(devices(&c, &lease.id), [source]);
     // Nothing was left prepared: a good destination is taken now.
     c.prepare_handover(&lease.id, "").unwrap();

@@ -11,6 +11,7 @@ use mediated_dev::host::read_mdev;
 use mediated_dev::migration as mig;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use vf_provisioner::Op;
 
 use super::mediated::uuid_arg;
 use super::{failed, outcome, Migration};
@@ -328,7 +329,8 @@ impl Migration<'_> {
         })
     }
 
-    /// An existing destination must be free: no lease, no VMM.
+    /// An existing destination must be free (no lease) and pass the gate as any
+    /// migration's device does: not excluded, failed, quarantined or held open.
     fn refuse_taken(&self, to: &Uuid) -> Result<(), ApiError> {
         let name = to.to_string();
         if let Some((lease, vm)) = self.store().holder(&name).map_err(failed)? {
@@ -336,12 +338,8 @@ impl Migration<'_> {
                 "mdev {to}: lease {lease} of VM {vm} holds it; name a free mdev or none"
             )));
         }
-        if self.recovery().held_open(&Held::KeptMdev(*to)) {
-            return Err(ApiError::Refused(format!(
-                "mdev {to}: a process holds it open; name a free mdev or none"
-            )));
-        }
-        Ok(())
+        self.gate_mdev(Op::Migrate, &name)
+            .map_err(|r| ApiError::Refused(r.to_string()))
     }
 
     /// The destination takes the source's state only if it is the same type under
