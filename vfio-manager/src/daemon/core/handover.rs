@@ -119,7 +119,7 @@ impl Migration<'_> {
         let r = self.timed("handover-commit", || {
             let row = self.own_lease(lease, uid)?;
             let (intent, h) = self.prepared(&row)?;
-            if self.recovery().held_open(&h.from) {
+            if self.held_open(&h.from) {
                 return Err(ApiError::Refused(format!(
                     "lease {}: the source mdev {} is still held open (its VMM has not quit); quit the source VMM once the migration completed, then commit",
                     row.id,
@@ -127,7 +127,7 @@ impl Migration<'_> {
                 )));
             }
             // The lease follows its VM: never onto a device no VMM runs it on.
-            if !self.recovery().held_open(&h.to) {
+            if !self.held_open(&h.to) {
                 return Err(ApiError::Refused(format!(
                     "lease {}: no VMM holds the destination mdev {}, so the VM does not run there; if the migration failed, `vfctl migrate abort --lease {}`",
                     row.id,
@@ -149,7 +149,7 @@ impl Migration<'_> {
         let r = self.timed("handover-abort", || {
             let row = self.own_lease(lease, uid)?;
             let (intent, h) = self.prepared(&row)?;
-            if self.recovery().held_open(&h.to) {
+            if self.held_open(&h.to) {
                 return Err(ApiError::Refused(format!(
                     "lease {}: the destination mdev {} is still held open; quit the destination VMM first",
                     row.id,
@@ -176,10 +176,7 @@ impl Migration<'_> {
             );
         };
         let moved = self.store().holder(&h.to.name()).ok().flatten().is_some();
-        let (from_open, to_open) = (
-            self.recovery().held_open(&h.from),
-            self.recovery().held_open(&h.to),
-        );
+        let (from_open, to_open) = (self.held_open(&h.from), self.held_open(&h.to));
         let what = match (moved, from_open, to_open) {
             (true, ..) | (false, false, true) => outcome(&self.finish(&i.lease_id, i.id, &h)),
             (false, true, true) => {

@@ -22,10 +22,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use mediated_dev::host::{read_mdev, read_vgpu};
 use serde::{Deserialize, Serialize};
 use vf_provisioner::sysfs::link_name;
 use vf_provisioner::{
-    DeviceFilter, Facts, Host, Op, PciAddress, PciFunction, Provisioner, Refusal, Subject, Sysfs,
+    holders, DeviceFilter, Facts, Host, Op, PciAddress, PciFunction, Provisioner, Refusal, Subject,
+    Sysfs,
 };
 
 mod direct;
@@ -444,6 +446,20 @@ impl Core {
 
     /// Undoes what a lease did to one device: removes what it made, or returns a
     /// whole function to its driver before the lease.
+    /// Whether a process holds `held`'s VFIO group open (a VMM that took it).
+    pub(super) fn held_open(&self, held: &Held) -> bool {
+        let group = match held {
+            Held::Function { address, .. } => {
+                PciFunction::read_brief(&self.sys, address).and_then(|f| f.iommu_group)
+            }
+            Held::MadeMdev(u) | Held::KeptMdev(u) => {
+                read_mdev(&self.sys, u).and_then(|m| m.iommu_group)
+            }
+            Held::Vgpu(vf) => read_vgpu(&self.sys, vf).and_then(|s| s.iommu_group),
+        };
+        group.is_some_and(|g| !holders::of_group(&self.sys, g).is_empty())
+    }
+
     fn undo_device(&self, held: &Held) -> Result<(), ApiError> {
         match held {
             Held::Function {
@@ -561,8 +577,7 @@ impl Core {
             .flat_map(|l| l.devices.iter())
             .filter_map(Held::mdev);
         for u in mdevs {
-            let on_it = mediated_dev::host::read_mdev(&self.sys, &u)
-                .is_some_and(|m| m.parent.as_str() == parent);
+            let on_it = read_mdev(&self.sys, &u).is_some_and(|m| m.parent.as_str() == parent);
             if on_it {
                 let why = format!("its parent {parent} failed: {why}");
                 let name = u.to_string();

@@ -17,10 +17,9 @@
 //! crash is settled at start: kept if the VM already holds the replacement open,
 //! undone otherwise.
 
-use mediated_dev::host::{read_mdev, read_vgpu};
 use mediated_dev::plan::Target;
 use serde::{Deserialize, Serialize};
-use vf_provisioner::{holders, PciAddress, PciFunction};
+use vf_provisioner::PciAddress;
 
 use super::{device_name, failed, Guards, Recovery};
 use crate::api::ids::{Held, OnFailure, Vmm};
@@ -352,20 +351,6 @@ impl Recovery<'_> {
             "recovery: the swap of {} for {} in lease {} was cut off; {what}",
             s.failed, s.replacement, i.lease_id
         )
-    }
-
-    /// Whether a process holds `held`'s VFIO group open (a VMM that took it).
-    pub(super) fn held_open(&self, held: &Held) -> bool {
-        let group = match held {
-            Held::Function { address, .. } => {
-                PciFunction::read_brief(&self.sys, address).and_then(|f| f.iommu_group)
-            }
-            Held::MadeMdev(u) | Held::KeptMdev(u) => {
-                read_mdev(&self.sys, u).and_then(|m| m.iommu_group)
-            }
-            Held::Vgpu(vf) => read_vgpu(&self.sys, vf).and_then(|s| s.iommu_group),
-        };
-        group.is_some_and(|g| !holders::of_group(&self.sys, g).is_empty())
     }
 }
 

@@ -294,7 +294,7 @@ impl Usage<'_> {
     /// devices open: its VM stopped. An agent that merely restarted leaves it be.
     pub fn release_if_stopped(&self, lease: &str) -> Option<String> {
         let row = self.row(lease)?;
-        if row.devices.iter().any(|h| self.recovery().held_open(h)) {
+        if row.devices.iter().any(|h| self.held_open(h)) {
             return None;
         }
         let id = LeaseId::new(lease).ok()?;
@@ -537,7 +537,7 @@ impl Usage<'_> {
         })?;
         // The VMM closes the device after it answers: the return waits for that.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.recovery().held_open(&held) && std::time::Instant::now() < deadline {
+        while self.held_open(&held) && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         self.gate_held(Op::Return, &held).map_err(|r| {
@@ -588,7 +588,7 @@ impl Usage<'_> {
                 i.lease_id
             );
         };
-        if self.recovery().held_open(&held) {
+        if self.held_open(&held) {
             let _ = self.store().end_intent(i.id);
             return format!(
                 "usage: the reclaim of {} from lease {} was cut off before the VM let go; the lease keeps it",
