@@ -52,18 +52,23 @@ SHARE=$OUT/share
 rm -rf "$SHARE"
 mkdir -p "$SHARE/bin" "$SHARE/lib"
 cp target/$TARGET/release/vfctl target/$TARGET/release/vfio-managerd target/$TARGET/release/vfio-manager-hook target/$TARGET/release/bench-ops target/$TARGET/release/mtty-scratch "$testbin" "$SHARE/bin/"
-# with_libs BINARY DEST LIBDIR: the binary as DEST, and the libraries and loader it
-# links into LIBDIR, run through that loader (the guest's /lib holds only what the
-# project's binaries link).
+# libs_of BINARY LIBDIR: the libraries and loader BINARY links, copied into LIBDIR.
+libs_of() {
+    mkdir -p "$2"
+    { ldd "$1" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | xargs -r -I{} cp -L {} "$2/"
+}
+# with_libs BINARY DEST LIBDIR: the binary as DEST and its libraries in LIBDIR, run
+# through that loader (the guest's /lib holds only what the project's binaries link).
 with_libs() {
-    mkdir -p "$(dirname "$2")" "$3"
+    mkdir -p "$(dirname "$2")"
     cp "$1" "$2"
-    { ldd "$1" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | xargs -r -I{} cp -L {} "$3/"
+    libs_of "$1" "$3"
 }
 # The host's own dbus-daemon.
 with_libs /usr/bin/dbus-daemon "$SHARE/dbus/dbus-daemon" "$SHARE/dbus/lib"
-# The libraries the project's binaries link (one set: every binary has the same).
-for b in "$testbin" target/$TARGET/release/vfio-managerd; do ldd "$b"; done | grep -o '/[^ ]*' | sort -u | xargs -I{} cp -L {} "$SHARE/lib/"
+# The libraries the project's binaries link (guest-lib.sh puts them in the guest's /lib).
+libs_of "$testbin" "$SHARE/lib"
+libs_of target/$TARGET/release/vfio-managerd "$SHARE/lib"
 mv "$SHARE/bin/$(basename "$testbin")" "$SHARE/bin/kernel_scenarios"
 cp "$mdevbin" "$SHARE/bin/mdev_scenarios"
 cp "$gatebin" "$SHARE/bin/gate_table"
