@@ -153,7 +153,12 @@ fn a_destination_that_cannot_take_the_state_is_refused_first() {
     let e = c.prepare_handover(&lease.id, &held).unwrap_err();
     assert_eq!(error_name(&e), "Refused", "{e}");
     assert!(e.to_string().contains("quarantined"), "{e}");
-    for (lease_id, want) in [("../x", "BadInput"), ("0123456789abcdef", "NotFound")] {
+    let huge = "a".repeat(1 << 20);
+    for (lease_id, want) in [
+        ("../x", "BadInput"),
+        ("0123456789abcdef", "NotFound"),
+        (huge.as_str(), "BadInput"),
+    ] {
         let e = c.prepare_handover(lease_id, "").unwrap_err();
         assert_eq!(error_name(&e), want, "{lease_id}: {e}");
     }
@@ -255,7 +260,10 @@ fn migrate_check_asks_the_destination_for_room_and_the_driver() {
         .check_incoming("mtty-2", "no-such-driver", "1", 1)
         .unwrap_err();
     assert!(e.to_string().contains("not loaded"), "{e}");
+    let huge = "1".repeat(1 << 20);
     for (ty, driver, version, n) in [
+        ("mtty-2", "mtty", huge.as_str(), 1),
+        (huge.as_str(), "mtty", "1", 1),
         ("../x", "mtty", "1", 1),
         ("mtty-2", "a/b", "1", 1),
         ("mtty-2", "mtty", "1\n2", 1),
