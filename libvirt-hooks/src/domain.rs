@@ -29,6 +29,13 @@ pub struct Hostdev {
     range: Range<usize>,
 }
 
+/// An mdev `<hostdev>`: its UUID, and where its `<source><address>` sits in the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MdevHostdev {
+    pub uuid: String,
+    range: Range<usize>,
+}
+
 /// What the metadata element asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
@@ -49,8 +56,8 @@ pub struct Domain {
     pub name: String,
     pub uuid: String,
     pub hostdevs: Vec<Hostdev>,
-    /// UUIDs of `<hostdev type='mdev'>` devices.
-    pub mdevs: Vec<String>,
+    /// `<hostdev type='mdev'>` devices.
+    pub mdevs: Vec<MdevHostdev>,
     pub wanted: Option<Wanted>,
     /// Where the guest's agent speaks (`ids::AgentChannel`, checked by the daemon):
     /// `cid:N` from `<vsock><cid address='N'/>`, or `serial:PATH` from a `<channel
@@ -102,7 +109,12 @@ impl Domain {
                     managed: n.attribute("managed") == Some("yes"),
                     range: a.range(),
                 }),
-                (Some("mdev"), Some(a)) => d.mdevs.extend(a.attribute("uuid").map(str::to_string)),
+                (Some("mdev"), Some(a)) => {
+                    d.mdevs.extend(a.attribute("uuid").map(|u| MdevHostdev {
+                        uuid: u.to_string(),
+                        range: a.range(),
+                    }))
+                }
                 _ => {}
             }
         }
@@ -127,6 +139,11 @@ impl Domain {
     /// metadata or a PCI hostdev that libvirt does not manage.
     pub fn may_be_ours(&self) -> bool {
         self.wanted.is_some() || self.hostdevs.iter().any(|h| !h.managed)
+    }
+
+    /// The UUIDs of its mdev hostdevs.
+    pub fn mdev_uuids(&self) -> Vec<String> {
+        self.mdevs.iter().map(|m| m.uuid.clone()).collect()
     }
 
     /// The hostdevs a lease's devices fill, in order: with lease metadata, every
@@ -189,17 +206,26 @@ fn too_deep(xml: &str) -> bool {
 
 /// `xml` with each of `slots` pointing at the matching address of `to`.
 pub fn rewrite(xml: &str, slots: &[&Hostdev], to: &[PciAddress]) -> String {
-    let mut pairs: Vec<(&Range<usize>, PciAddress)> = slots
+    let pairs = slots
         .iter()
-        .map(|h| &h.range)
-        .zip(to.iter().copied())
-        .collect();
+        .zip(to)
+        .map(|(h, a)| (&h.range, address_element(*a)));
+    splice(xml, pairs.collect())
+}
+
+/// `xml` with mdev hostdev `slot` naming the mdev `to` (a UUID the daemon made).
+pub fn rewrite_mdev(xml: &str, slot: &MdevHostdev, to: &uuid::Uuid) -> String {
+    splice(xml, vec![(&slot.range, format!("<address uuid='{to}'/>"))])
+}
+
+/// `xml` with each range replaced by its text; everything else byte for byte.
+fn splice(xml: &str, mut pairs: Vec<(&Range<usize>, String)>) -> String {
     pairs.sort_by_key(|(r, _)| r.start);
     let mut out = String::with_capacity(xml.len());
     let mut at = 0;
-    for (r, a) in pairs {
+    for (r, text) in pairs {
         out.push_str(&xml[at..r.start]);
-        out.push_str(&address_element(a));
+        out.push_str(&text);
         at = r.end;
     }
     out.push_str(&xml[at..]);
@@ -267,7 +293,7 @@ mod tests {
         assert_eq!(d.uuid, "4dea22b3-1d52-d8f3-2516-782e98ab3fa0");
         let addrs: Vec<String> = d.hostdevs.iter().map(|h| h.address.to_string()).collect();
         assert_eq!(addrs, ["0000:01:10.0", "0000:05:00.0", "0000:01:10.2"]);
-        assert_eq!(d.mdevs, ["c2177883-f1bb-47f0-914d-32a22e3a8804"]);
+        assert_eq!(d.mdev_uuids(), ["c2177883-f1bb-47f0-914d-32a22e3a8804"]);
         assert_eq!(
             d.wanted,
             Some(Wanted {

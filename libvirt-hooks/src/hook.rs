@@ -5,9 +5,15 @@
 //! |--------------------|-----------------------------------------------------------|
 //! | `prepare begin`    | leases the domain's devices (bound to vfio-pci; mdevs of a mediated profile made with the domain's UUIDs) or fails |
 //! | `started begin`, `reconnect begin`, `attach begin` | makes sure the lease exists, adopting devices the running VM holds (warns, never fails) |
-//! | `release end`      | releases the domain's leases                              |
+//! | `release end`      | releases the domain's leases, or ends the hand-over of a VM that migrated on this host |
 //! | `migrate begin`, `restore begin` | leases devices here and prints the XML rewritten for them |
 //! | anything else      | nothing                                                   |
+//!
+//! A VM that migrates to a second libvirtd on this host keeps its lease: at
+//! `migrate begin` the destination gets an mdev of its own (`PrepareHandover`), and
+//! the lease moves to it when the source's QEMU ends (`CommitHandover` at the
+//! source's `release end`), or the destination's goes if the destination's ends
+//! first (`AbortHandover`).
 //!
 //! Leases are found by the domain's UUID. The hook never calls back into libvirt;
 //! the daemon does, to swap a failed device (`on_failure="replace"` in the lease
@@ -18,9 +24,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use vfio_manager_api::client::{Client, ClientError};
 use vfio_manager_api::codec::is_mediated;
 use vfio_manager_api::ids::PciAddress;
-use vfio_manager_api::{Lease, Request};
+use vfio_manager_api::{ErrorName, Lease, Request};
 
-use crate::domain::{rewrite, Domain, DomainError};
+use crate::domain::{rewrite, rewrite_mdev, Domain, DomainError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -78,7 +84,11 @@ pub fn run(
             Ok(None)
         }
         ("release", "end") => c.release().map(|_| None),
-        ("migrate" | "restore", "begin") => c.incoming(xml),
+        ("migrate", "begin") => match c.handover(xml)? {
+            Some(moved) => Ok(Some(moved)),
+            None => c.incoming(xml),
+        },
+        ("restore", "begin") => c.incoming(xml),
         _ => Ok(None),
     }
 }
@@ -146,7 +156,7 @@ impl Session<'_> {
             req.count = w.count;
             req.devices = if is_mediated(&w.profile) {
                 // libvirt names mdevs by UUID: the lease makes (or takes) exactly those.
-                self.d.mdevs.clone()
+                self.d.mdev_uuids()
             } else {
                 addresses(self.d.lease_slots().iter().map(|h| h.address))
             };
@@ -177,13 +187,83 @@ impl Session<'_> {
         ))
     }
 
+    /// Ends the domain's leases. A lease with a hand-over prepared is the VM's
+    /// migration on this host: the source's end moves it to the destination, the
+    /// destination's end (a failed migration) drops the destination. A mediated
+    /// lease that no longer holds the domain's mdevs went with the VM: kept.
     fn release(&self) -> Result<(), HookError> {
         for l in self.leases()? {
-            self.client
-                .release(&l.id)
-                .map_err(|e| daemon(self.d, "cannot release its lease", e))?;
+            if self.d.mdevs.is_empty() || self.ends_mediated(&l)? {
+                self.client
+                    .release(&l.id)
+                    .map_err(|e| daemon(self.d, "cannot release its lease", e))?;
+            }
         }
         Ok(())
+    }
+
+    /// What the end of this QEMU means for mediated lease `l`: true when the lease
+    /// ends with it. With a hand-over prepared, this QEMU is one side of the VM's
+    /// migration on this host: the source's end moves the lease to the
+    /// destination, the destination's end (a failed migration) drops the
+    /// destination. A lease that does not hold this QEMU's mdevs went with the VM.
+    fn ends_mediated(&self, l: &Lease) -> Result<bool, HookError> {
+        let mine = self.d.mdev_uuids();
+        let fail = |what| move |e| daemon(self.d, what, e);
+        let abort = || {
+            self.client
+                .abort_handover(&l.id)
+                .map_err(fail("cannot drop the destination of its failed migration"))
+        };
+        let prepared = self
+            .client
+            .prepared_handover(&l.id)
+            .map_err(fail("cannot read its lease"))?;
+        match prepared {
+            Some((_, to)) if mine.contains(&to) => abort().map(|_| false),
+            Some((from, _)) if mine.contains(&from) => match self.client.commit_handover(&l.id) {
+                Ok(_) => Ok(false),
+                // No QEMU runs the destination: the VM is gone from both.
+                Err(e) if e.name() == Some(&ErrorName::Refused) => abort().map(|_| true),
+                Err(e) => Err(fail("cannot hand its lease to the migrated VM")(e)),
+            },
+            _ => Ok(l.devices.iter().any(|d| mine.contains(&d.address))),
+        }
+    }
+
+    /// A running VM migrating to a second VMM process on this host (a second
+    /// libvirtd): a lease here holds the mdev its source QEMU runs with, so the
+    /// destination gets an mdev of its own, reserved and checked before any state
+    /// moves, and the XML names it. None: no lease here holds the domain's mdevs
+    /// (another host's VM).
+    fn handover(&self, xml: &str) -> Result<Option<String>, HookError> {
+        let mine = self.d.mdev_uuids();
+        let Some(lease) = self
+            .leases()?
+            .into_iter()
+            .find(|l| l.devices.iter().any(|d| mine.contains(&d.address)))
+        else {
+            return Ok(None);
+        };
+        let [slot] = self.d.mdevs.as_slice() else {
+            return Err(HookError::Refused {
+                domain: self.d.name.clone(),
+                what: format!(
+                    "it migrates on this host with {} mdevs of lease {}; a VM migrates between two VMMs of one host with one mdev",
+                    mine.len(),
+                    lease.id
+                ),
+            });
+        };
+        let to = self
+            .client
+            .prepare_handover(&lease.id, "")
+            .map_err(|e| daemon(self.d, "cannot reserve the migration's destination mdev", e))?;
+        let to: uuid::Uuid = to.parse().map_err(|_| HookError::Refused {
+            domain: self.d.name.clone(),
+            what: format!("the daemon named destination mdev {to:?}, not a UUID"),
+        })?;
+        Ok(Some(rewrite_mdev(xml, slot, &to)))
     }
 
     /// An incoming domain (migration or restore): lease devices here, the same

@@ -371,3 +371,88 @@ fn hostile_vm_names_cannot_forge_a_hostdev_in_the_libvirt_output() {
     let (code, _, err) = common::vfctl(&bus, &["provision", "--vm", "vm\nlease 0 for VM root"]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// Process `pid` holds mdev `uuid`'s VFIO group open, as the domain's QEMU does.
+fn qemu_holds(bus: &Bus, d: &Daemon, pid: u32, uuid: &str) {
+    let m = bus.client().mdevs().unwrap();
+    let group = m
+        .iter()
+        .find(|m| m.uuid == uuid)
+        .expect("the mdev")
+        .iommu_group;
+    vf_provisioner::fake::hold_group(&d.root, pid, "qemu-system-x86", group as u32).unwrap();
+}
+
+/// A domain that migrates to a second libvirtd on this host: libvirt runs the
+/// destination's `migrate begin`, `prepare begin` and, when a QEMU ends, its
+/// `release end`, each with that QEMU's XML.
+#[test]
+fn a_vm_migrating_between_two_libvirtds_here_keeps_its_lease_on_the_destination_mdev() {
+    use vf_provisioner::fake::end_process;
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let u = "0f2c1d1e-aaaa-4bbb-8ccc-00000000000c";
+    let xml = domain("mtty-2", 1, &[]).replace(
+        "<devices></devices>",
+        &format!("<devices><hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='{u}'/></source></hostdev></devices>"),
+    );
+    assert_eq!(hook(&bus.address, "prepare", "begin", &xml).code, 0);
+    let lease = leases_of_vm1(&bus).remove(0);
+    qemu_holds(&bus, &d, 4300, u);
+    let exists = |u: &str| bus.client().mdevs().unwrap().iter().any(|m| m.uuid == u);
+
+    // The destination's QEMU dies before the migration ends: its mdev goes, and
+    // the lease stays with the source, which runs on.
+    let migrate = |pid| {
+        let r = hook(&bus.address, "migrate", "begin", &xml);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let to = libvirt_hooks::domain::Domain::parse(&r.stdout)
+            .unwrap()
+            .mdev_uuids();
+        assert!(
+            to.len() == 1 && to[0] != u && exists(&to[0]),
+            "a destination mdev of its own: {to:?}"
+        );
+        assert_eq!(
+            r.stdout,
+            xml.replace(u, &to[0]),
+            "only the mdev's UUID changes"
+        );
+        assert_eq!(hook(&bus.address, "prepare", "begin", &r.stdout).code, 0);
+        qemu_holds(&bus, &d, pid, &to[0]);
+        (r.stdout, to[0].clone())
+    };
+    let (failed_xml, failed) = migrate(4301);
+    end_process(&d.root, 4301).unwrap();
+    let r = hook(&bus.address, "release", "end", &failed_xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!exists(&failed), "the failed destination's mdev is removed");
+    assert_eq!(
+        leases_of_vm1(&bus),
+        [lease.clone()],
+        "the lease is unchanged"
+    );
+
+    // The migration completes and the source's QEMU ends: the lease moves under
+    // its id, the source's mdev goes.
+    let (moved_xml, to) = migrate(4302);
+    end_process(&d.root, 4300).unwrap();
+    let r = hook(&bus.address, "release", "end", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let now = leases_of_vm1(&bus);
+    assert_eq!((now.len(), now[0].id.as_str()), (1, lease.id.as_str()));
+    assert_eq!(addrs(&now[0]), [to.clone()]);
+    assert!(
+        !exists(u),
+        "the source's mdev, made for the lease, is removed"
+    );
+    // The source's end seen twice (libvirt retries a hook) changes nothing.
+    assert_eq!(hook(&bus.address, "release", "end", &xml).code, 0);
+    assert_eq!(leases_of_vm1(&bus), now);
+
+    // The migrated VM stops: its lease ends.
+    end_process(&d.root, 4302).unwrap();
+    assert_eq!(hook(&bus.address, "release", "end", &moved_xml).code, 0);
+    assert!(leases_of_vm1(&bus).is_empty());
+    assert!(!exists(&to));
+}

@@ -72,6 +72,7 @@ pub trait Manager {
     fn prepare_handover(&self, lease: &str, dest: &str) -> zbus::Result<String>;
     fn commit_handover(&self, lease: &str) -> zbus::Result<String>;
     fn abort_handover(&self, lease: &str) -> zbus::Result<()>;
+    fn prepared_handover(&self, lease: &str) -> zbus::Result<(String, String)>;
     fn prepare_incoming_once(
         &self,
         uuid: &str,
@@ -338,6 +339,13 @@ impl Client {
     /// Drops lease `lease`'s prepared destination after a failed migration.
     pub fn abort_handover(&self, lease: &str) -> Result<()> {
         self.run(self.proxy.abort_handover(lease))
+    }
+
+    /// Lease `lease`'s prepared hand-over as (source, destination) mdev UUIDs, if
+    /// one is prepared.
+    pub fn prepared_handover(&self, lease: &str) -> Result<Option<(String, String)>> {
+        let (from, to) = self.run(self.proxy.prepared_handover(lease))?;
+        Ok((!from.is_empty()).then_some((from, to)))
     }
 
     /// The endpoint and the source's one-time credentials.

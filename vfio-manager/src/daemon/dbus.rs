@@ -733,6 +733,15 @@ impl Manager {
         r
     }
 
+    /// Lease `lease`'s prepared hand-over: (source, destination) mdev UUIDs, both
+    /// empty when none is prepared. The libvirt hook asks it at `release end` to
+    /// tell a migrated VM's end from a stop.
+    async fn prepared_handover(&self, lease: String) -> Result<(String, String), ApiError> {
+        let core = self.core.clone();
+        let r = blocking(move || core.migration().prepared_handover(&lease)).await?;
+        Ok(r.unwrap_or_default())
+    }
+
     /// After a failed or cancelled migration, once the destination VMM quit: the
     /// destination mdev goes; the lease is unchanged.
     async fn abort_handover(

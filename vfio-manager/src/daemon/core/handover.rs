@@ -212,6 +212,20 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// Lease `lease`'s prepared hand-over as (source, destination) mdev UUIDs; none
+    /// when no migration of it is prepared. Changes nothing.
+    pub fn prepared_handover(&self, lease: &str) -> Result<Option<(String, String)>, ApiError> {
+        let id = LeaseId::new(lease)?;
+        if self.lease_row(id.as_str())?.is_none() {
+            return Err(ApiError::NotFound(format!(
+                "lease {id}: no such lease; `vfctl leases` lists them"
+            )));
+        }
+        Ok(self
+            .open_handover(id.as_str())?
+            .map(|(_, h)| (h.from.name(), h.to.name())))
+    }
+
     /// What VM `vm`'s leases hold that its VMM migrates with it: each mdev as
     /// (lease, UUID, type, vendor driver, driver version). Changes nothing.
     pub fn vm_mdevs(&self, vm: &str) -> Result<Vec<VmMdev>, ApiError> {
