@@ -131,6 +131,11 @@ migrate() {
 }
 # pids_with TEXT: the processes whose command line holds TEXT (busybox has no pgrep).
 pids_with() { for p in /proc/[0-9]*; do { tr '\0' ' ' < $p/cmdline; } 2>/dev/null | grep -q -- "$1" && echo ${p#/proc/}; done; }
+# lease_mdev LEASE: the first mdev lease LEASE holds (VFCTL: how to run vfctl).
+lease_mdev() {
+    ${VFCTL:-./vfctl} leases | sed -n "/^lease $1 /,/^lease /p" | grep -v '^lease ' \
+        | grep -o '[0-9a-f]\{8\}-[0-9a-f]\{4\}-[0-9a-f]\{4\}-[0-9a-f]\{4\}-[0-9a-f]\{12\}' | head -1
+}
 # scratch NAME: what VM NAME's guest last read from the scratch register.
 scratch() { grep -o 'NESTED-SCRATCH [0-9a-f]*' /tmp/$1.console 2>/dev/null | tail -1 | cut -d' ' -f2; }
 

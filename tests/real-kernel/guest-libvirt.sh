@@ -16,6 +16,7 @@ mount -t tmpfs tmpfs $R/run
 mount -t tmpfs tmpfs $R/tmp
 up() { echo "up $(cut -d' ' -f1 /proc/uptime)s"; }
 in_root() { chroot $R /usr/bin/env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
+VFCTL="in_root vfctl"
 
 # The project, installed as `make install` would.
 cp /mnt/host/bin/vfio-managerd /mnt/host/bin/vfctl /mnt/host/bin/vfio-manager-hook $R/usr/local/bin/
@@ -46,6 +47,9 @@ for i in $(seq 1 100); do in_root vfctl leases > /dev/null 2>&1 && { up=1; break
 vf=0000:01:10.0
 [ -e /sys/bus/pci/devices/$vf ] && pass "the daemon restored the igb VFs of its configuration" || fail "VFs restored"
 
+# A host UUID of its own: libvirt refuses a migration between two daemons that
+# share one (the second libvirtd below gets another).
+echo 'host_uuid = "6e000000-0000-4000-8000-0000000000a1"' >> $R/etc/libvirt/libvirtd.conf
 in_root virtlogd -d
 in_root libvirtd -d
 up=0
@@ -140,6 +144,84 @@ if in_root virsh start nested > /tmp/start.out 2>&1; then
 else
     fail "virsh start nested"; cat /tmp/start.out /tmp/daemon.log
 fi
+# A running domain live-migrates with its mtty mdev to a second libvirtd on this host
+# (its own /etc/libvirt with another host UUID, /run/libvirt, /var/lib/libvirt/qemu,
+# caches, logs and pid files, in a mount namespace). `virsh migrate` runs the hook's `migrate
+# begin` at the destination: the daemon reserves a destination mdev (type, vendor
+# driver and version checked) and the XML names it. The guest's device state (a5 in
+# the UART's scratch register) reads back the same on the destination, and when the
+# source's QEMU ends its `release end` moves the lease to the destination's mdev.
+# libvirt cannot say x-device-dirty-page-tracking=off in a <hostdev>: the domain sets
+# it with <qemu:override> (docs/kernel.md: the container tracks the dirty pages).
+LV2=/tmp/lv2
+DEST="qemu+unix:///system?socket=$LV2/run/libvirt-sock"
+second_libvirtd() {
+    mkdir -p $R$LV2/run $R$LV2/qemu $R$LV2/cache $R$LV2/log
+    cp -a $R/etc/libvirt $R$LV2/etc
+    sed -i 's/0000000000a1/0000000000a2/' $R$LV2/etc/libvirtd.conf
+    in_root unshare -m sh -c "mount --bind $LV2/etc /etc/libvirt && mount --bind $LV2/run /run/libvirt \
+        && mount --bind $LV2/qemu /var/lib/libvirt/qemu && mount --bind $LV2/cache /var/cache/libvirt \
+        && mount --bind $LV2/log /var/log/libvirt \
+        && virtlogd -d -p /run/libvirt/virtlogd.pid && libvirtd -d -p /run/libvirt/libvirtd.pid" > /tmp/lv2.out 2>&1
+    for i in $(seq 1 600); do in_root virsh -c "$DEST" version > /dev/null 2>&1 && return 0; sleep 0.1; done
+    cat /tmp/lv2.out
+    return 1
+}
+mig_domain() { # UUID of its mdev
+    cat <<XML
+<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>migvm</name>
+<uuid>6e000000-0000-4000-8000-000000000004</uuid><memory unit='MiB'>256</memory><vcpu>1</vcpu>
+<metadata><vfm:lease xmlns:vfm='http://vfio-manager.org/xmlns/lease/1' profile='mtty-2' count='1'/></metadata>
+<os><type arch='x86_64' machine='q35'>hvm</type><kernel>/var/lib/libvirt/images/vmlinuz</kernel>
+<initrd>/var/lib/libvirt/images/nested-initramfs.cpio.gz</initrd>
+<cmdline>console=ttyS0 panic=-1 quiet initcall_blacklist=serial_pci_driver_init scratch=a5</cmdline></os>
+<features><acpi/></features><cpu mode='host-passthrough'/><on_poweroff>destroy</on_poweroff>
+<devices><serial type='file'><source path='/tmp/migvm.console'/><target port='0'/></serial>
+<hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='$1'/></source><alias name='ua-mtty'/></hostdev>
+<memballoon model='none'/></devices>
+<qemu:override><qemu:device alias='ua-mtty'><qemu:frontend>
+<qemu:property name='enable-migration' type='string' value='on'/>
+<qemu:property name='x-device-dirty-page-tracking' type='string' value='off'/>
+</qemu:frontend></qemu:device></qemu:override></domain>
+XML
+}
+console_scratch() { grep -o 'NESTED-SCRATCH [0-9a-f]*' $R/tmp/$1 2>/dev/null | tail -1 | cut -d' ' -f2; }
+migrate_in_libvirt() {
+    second_libvirtd && pass "a second libvirtd on this host, in a mount namespace of its own ($(up))" \
+        || { fail "a second libvirtd"; return; }
+    src=6e000000-0000-4000-8000-0000000000c1
+    mig_domain $src > $R/tmp/migvm.xml
+    in_root virsh define /tmp/migvm.xml > /dev/null && in_root virsh start migvm > /tmp/migstart.out 2>&1 \
+        || { fail "virsh start migvm"; cat /tmp/migstart.out; return; }
+    lease=$(in_root vfctl leases | grep "for VM migvm" | awk '{print $2}')
+    for i in $(seq 1 120); do [ "$(console_scratch migvm.console)" = a5 ] && break; sleep 1; done
+    [ "$(console_scratch migvm.console)" = a5 ] && [ "$(lease_mdev $lease)" = $src ] \
+        && pass "virsh start: the hook made mdev $src for lease $lease, and the guest wrote a5 into the device ($(up))" \
+        || { fail "the mdev domain before migration"; cat $R/tmp/migvm.console; in_root vfctl leases; return; }
+    # The destination logs the guest's console to a file of its own.
+    in_root virsh dumpxml --migratable migvm | sed 's|/tmp/migvm.console|/tmp/migvm-dest.console|' > $R/tmp/migvm-dest.xml
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if ! in_root virsh migrate --live migvm "$DEST" tcp://127.0.0.1:49152 --xml /tmp/migvm-dest.xml > /tmp/migrate.out 2>&1; then
+        fail "virsh migrate: $(cat /tmp/migrate.out)"; tail -20 $R/var/log/libvirt/qemu/migvm.log $R$LV2/log/qemu/migvm.log 2>/dev/null; return
+    fi
+    took=$(awk -v t=$t0 '{printf "%.1f s", $1 - t}' /proc/uptime)
+    for i in $(seq 1 20); do [ -n "$(console_scratch migvm-dest.console)" ] && break; sleep 0.5; done
+    for i in $(seq 1 50); do [ "$(lease_mdev $lease)" = $src ] || break; sleep 0.2; done
+    dst=$(lease_mdev $lease)
+    in_root virsh -c "$DEST" domstate migvm | grep -q running && [ "$(console_scratch migvm-dest.console)" = a5 ] \
+        && pass "virsh migrate --live: migvm runs under the second libvirtd on mdev $dst, and its guest reads back a5 from the device there ($took)" \
+        || { fail "after virsh migrate: $(in_root virsh -c "$DEST" domstate migvm 2>&1), the destination's guest reads '$(console_scratch migvm-dest.console)'"; cat $R/tmp/migvm-dest.console; }
+    [ -n "$dst" ] && [ "$dst" != $src ] && [ ! -e /sys/bus/mdev/devices/$src ] && [ -e /sys/bus/mdev/devices/$dst ] \
+        && pass "the source's release end handed lease $lease to the destination's mdev $dst; the source's mdev $src is removed" \
+        || { fail "the lease after the migration (dst '$dst')"; in_root vfctl leases; grep -i "handover\|hook" /tmp/daemon.log | tail; }
+    in_root virsh -c "$DEST" destroy migvm > /dev/null 2>&1
+    for i in $(seq 1 50); do in_root vfctl leases | grep -q "for VM migvm" || break; sleep 0.2; done
+    ! in_root vfctl leases | grep -q "for VM migvm" && [ ! -e /sys/bus/mdev/devices/$dst ] \
+        && pass "the migrated domain destroyed at the destination: its lease ends and mdev $dst is removed" \
+        || { fail "release at the destination"; in_root vfctl leases; }
+}
+migrate_in_libvirt
+
 # vm-agent in a libvirt domain: its hello over vsock (the hook sent the domain's
 # CID with the lease), usage up with its traffic, then idle: the agent lets go,
 # libvirt unplugs the VF from the running domain, and it returns to the pool.

@@ -186,8 +186,6 @@ pcie_errors() {
 # quit (`vfctl migrate commit`). Then the failure path: the destination is killed
 # midway, the source runs on, the destination goes (`vfctl migrate abort`) and the
 # lease is unchanged.
-# lease_mdev LEASE: the mdev lease LEASE holds, as `vfctl leases` lists it.
-lease_mdev() { ./vfctl leases | sed -n "/^lease $1 /,/^lease /p" | grep -o '[0-9a-f]\{8\}-[0-9a-f]\{4\}-[0-9a-f]\{4\}-[0-9a-f]\{4\}-[0-9a-f]\{12\}' | head -1; }
 vm_migration() {
     [ -c /dev/kvm ] || { fail "migration: no /dev/kvm in the emulated host"; return; }
     ./vfctl provision --vm mig --profile mtty-2 --request-id mig -o json > /tmp/mig.out 2>&1 || { fail "an mdev lease to migrate: $(cat /tmp/mig.out)"; return; }
