@@ -200,6 +200,22 @@ migrate_in_libvirt() {
         || { fail "the mdev domain before migration"; cat $R/tmp/migvm.console; in_root vfctl leases; return; }
     # The destination logs the guest's console to a file of its own.
     in_root virsh dumpxml --migratable migvm | sed 's|/tmp/migvm.console|/tmp/migvm-dest.console|' > $R/tmp/migvm-dest.xml
+    # First the failure path: the destination's QEMU is killed midway. The source
+    # runs on with its device state, the destination's `release end` drops the mdev
+    # made for it, and the lease is unchanged.
+    # At 1 MiB/s the guest's memory takes seconds to send: the kill lands midway.
+    in_root virsh migrate --live --bandwidth 1 migvm "$DEST" tcp://127.0.0.1:49152 --xml /tmp/migvm-dest.xml > /tmp/migrate-killed.out 2>&1 &
+    for i in $(seq 1 150); do in_root virsh domjobinfo migvm 2>/dev/null | grep -q 'Memory processed: *[1-9]' && break; sleep 0.2; done
+    sent=$(in_root virsh domjobinfo migvm 2>/dev/null | grep 'Memory processed' | tr -s ' ' | cut -d' ' -f3-)
+    kill -9 $(pids_with 'incoming defer') 2>/dev/null
+    wait $!
+    for i in $(seq 1 50); do [ "$(ls /sys/bus/mdev/devices | wc -l)" = 1 ] && break; sleep 0.2; done
+    lines=$(grep -c NESTED-SCRATCH $R/tmp/migvm.console); sleep 3
+    in_root virsh domstate migvm | grep -q running && [ "$(lease_mdev $lease)" = $src ] \
+        && [ "$(ls /sys/bus/mdev/devices)" = $src ] && [ "$(grep -c NESTED-SCRATCH $R/tmp/migvm.console)" -gt $lines ] \
+        && [ "$(console_scratch migvm.console)" = a5 ] \
+        && pass "the destination's QEMU killed midway (${sent:-nothing} sent): virsh migrate fails ($(grep -o 'error: .*' /tmp/migrate-killed.out | head -1 | cut -c1-80)), the source runs on reading a5, the destination's mdev is removed, the lease is unchanged" \
+        || { fail "the killed migration: $(cat /tmp/migrate-killed.out)"; ls /sys/bus/mdev/devices; in_root vfctl leases; in_root virsh domstate migvm; }
     t0=$(cut -d' ' -f1 /proc/uptime)
     if ! in_root virsh migrate --live migvm "$DEST" tcp://127.0.0.1:49152 --xml /tmp/migvm-dest.xml > /tmp/migrate.out 2>&1; then
         fail "virsh migrate: $(cat /tmp/migrate.out)"; tail -20 $R/var/log/libvirt/qemu/migvm.log $R$LV2/log/qemu/migvm.log 2>/dev/null; return
