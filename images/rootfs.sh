@@ -2,9 +2,9 @@
 # Builds the Debian root filesystem the emulated host mounts for the libvirt end-to-end
 # test: bookworm minbase with libvirt and QEMU from bookworm-backports (libvirt 11,
 # QEMU 10: bookworm's QEMU 7.2 speaks only the VFIO migration protocol v1, which the
-# kernel no longer has, so its domains cannot migrate with an mdev), packed into a
-# raw ext4 image that QEMU attaches with snapshot=on (so it is never changed). About
-# 3 min and 700 MB; skipped while the image matches this script.
+# kernel replaced with v2 in 5.18, so its domains cannot migrate with an mdev),
+# packed into a raw ext4 image that QEMU attaches with snapshot=on (so it is never
+# changed). About a minute and 620 MB; skipped while the image matches this script.
 #
 # Output: build/images/rootfs.img
 set -euo pipefail

@@ -345,6 +345,15 @@ pub enum MigrateCommand {
         #[arg(long, requires = "vm")]
         to: Option<String>,
     },
+    /// What would move if VM NAME live-migrated (changes nothing): each device of its
+    /// leases, and whether its state moves with the VM (an mdev, through its VMM's
+    /// VFIO migration, under its vendor driver and version) or not (a passed-through
+    /// PCI function: release or unplug it first); and a hand-over already prepared.
+    /// `vfctl migrate check --vm NAME --to HOST` then asks the destination.
+    Plan {
+        #[arg(long)]
+        vm: String,
+    },
     /// Destination: reserve mdev UUID (created as --type if absent) and wait for one
     /// source. Changes the host: may create the mdev; its state is replaced by the
     /// source's. Prints the endpoint for `vfctl migrate send` on the source host and
@@ -503,6 +512,99 @@ fn check_vm(c: &Client, vm: &str, to: &str, mut r: Renderer) -> Res {
     ))
 }
 
+/// One device of a VM's leases in `vfctl migrate plan`.
+#[derive(serde::Serialize)]
+struct Mover {
+    lease: String,
+    device: String,
+    /// `mdev` or `pci`.
+    kind: &'static str,
+    /// The mdev type, or the PCI function's vendor:device.
+    id: String,
+    driver: String,
+    driver_version: String,
+    moves: bool,
+}
+
+/// A hand-over prepared for a lease (`vfctl migrate prepare-vm`), in `migrate plan`.
+#[derive(serde::Serialize)]
+struct Prepared {
+    lease: String,
+    from: String,
+    to: String,
+}
+
+/// `vfctl migrate plan --vm NAME`: what VM NAME's leases hold, and what of it moves.
+fn plan_vm(c: &Client, vm: &str, mut r: Renderer) -> Res {
+    let vm = crate::api::ids::VmName::new(vm)?;
+    let leases: Vec<_> = c.leases()?.into_iter().filter(|l| l.vm_name == vm.as_str()).collect();
+    if leases.is_empty() {
+        return Err(super::CliError::Daemon {
+            name: crate::api::ErrorName::NotFound,
+            message: format!("VM {vm}: no lease of it here; `vfctl leases` lists them"),
+        });
+    }
+    let mdevs = match c.vm_mdevs(vm.as_str()) {
+        Ok(m) => m,
+        Err(e) if e.name() == Some(&crate::api::ErrorName::NotFound) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mut movers = Vec::new();
+    let mut prepared = Vec::new();
+    for l in &leases {
+        for d in &l.devices {
+            let m = mdevs.iter().find(|m| m.1 == d.address);
+            movers.push(Mover {
+                lease: l.id.clone(),
+                device: d.address.clone(),
+                kind: if m.is_some() { "mdev" } else { "pci" },
+                id: m.map_or_else(|| d.id.clone(), |m| m.2.clone()),
+                driver: m.map(|m| m.3.clone()).unwrap_or_default(),
+                driver_version: m.map(|m| m.4.clone()).unwrap_or_default(),
+                moves: m.is_some(),
+            });
+        }
+        if let Some((from, to)) = c.prepared_handover(&l.id)? {
+            prepared.push(Prepared {
+                lease: l.id.clone(),
+                from,
+                to,
+            });
+        }
+    }
+    if r.format == Output::Json {
+        return r.json(&json!({ "vm": vm.as_str(), "devices": movers, "prepared": prepared }));
+    }
+    let stay = movers.iter().filter(|m| !m.moves).count();
+    r.line(&format!(
+        "VM {vm}: {} of {} devices move with it{}",
+        movers.len() - stay,
+        movers.len(),
+        if stay > 0 { "; it cannot live-migrate as it is" } else { "" }
+    ))?;
+    for m in &movers {
+        r.line(&match m.moves {
+            true => format!(
+                "  lease {}: mdev {} ({}, vendor driver {} {}): moves through its VMM's VFIO migration; the destination needs a {} under {} {}",
+                m.lease, m.device, m.id, m.driver, m.driver_version, m.id, m.driver, m.driver_version
+            ),
+            false => format!(
+                "  lease {}: {} ({}): does not move (a passed-through function carries no migration state); release it (`vfctl release {}`) or unplug it first",
+                m.lease, m.device, m.id, m.lease
+            ),
+        })?;
+    }
+    for p in &prepared {
+        r.line(&format!(
+            "  lease {}: hand-over prepared from {} to {} (`vfctl migrate commit|abort --lease {}`)",
+            p.lease, p.from, p.to, p.lease
+        ))?;
+    }
+    r.line(&format!(
+        "`vfctl migrate check --vm {vm} --to HOST` asks the destination for room and the vendor driver"
+    ))
+}
+
 /// The D-Bus address of a destination given as an address (it has `=`) or a host
 /// name, reached as `busctl --host` reaches one: ssh running systemd-stdio-bridge.
 /// A host that ssh would read as an option, or that needs escaping, is refused.
@@ -531,6 +633,7 @@ pub fn migrate(c: &Client, cmd: &MigrateCommand, mut r: Renderer) -> Res {
             to: Some(to),
             ..
         } => check_vm(c, vm, to, r),
+        MigrateCommand::Plan { vm } => plan_vm(c, vm, r),
         MigrateCommand::Check { uuid, .. } => {
             let i = c.migration_check(uuid.as_deref().unwrap_or_default())?;
             if r.format == Output::Json {
