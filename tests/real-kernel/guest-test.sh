@@ -193,6 +193,9 @@ vm_migration() {
     src=$(lease_mdev $lease)
     qmp_vm a $(migratable_mdev $src)
     for i in $(seq 1 120); do [ "$(scratch a)" = a5 ] && break; sleep 1; done
+    ./vfctl migrate plan --vm mig > /tmp/plan.out 2>&1 && grep -q "1 of 1 devices move with it" /tmp/plan.out \
+        && grep -q "mdev $src (mtty-2, vendor driver mtty 0.1): moves" /tmp/plan.out \
+        && pass "migrate plan: $(head -2 /tmp/plan.out | tr '\n' ' ')" || fail "migrate plan: $(cat /tmp/plan.out)"
     ./vfctl migrate check --vm mig --to unix:path=/tmp/bus/socket > /tmp/check.out 2>&1 \
         && pass "migrate check: the destination's daemon has room for VM mig's mdev, same driver version: $(cat /tmp/check.out)" \
         || fail "migrate check: $(cat /tmp/check.out)"

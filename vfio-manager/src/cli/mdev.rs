@@ -537,7 +537,11 @@ struct Prepared {
 /// `vfctl migrate plan --vm NAME`: what VM NAME's leases hold, and what of it moves.
 fn plan_vm(c: &Client, vm: &str, mut r: Renderer) -> Res {
     let vm = crate::api::ids::VmName::new(vm)?;
-    let leases: Vec<_> = c.leases()?.into_iter().filter(|l| l.vm_name == vm.as_str()).collect();
+    let leases: Vec<_> = c
+        .leases()?
+        .into_iter()
+        .filter(|l| l.vm_name == vm.as_str())
+        .collect();
     if leases.is_empty() {
         return Err(super::CliError::Daemon {
             name: crate::api::ErrorName::NotFound,
@@ -580,7 +584,11 @@ fn plan_vm(c: &Client, vm: &str, mut r: Renderer) -> Res {
         "VM {vm}: {} of {} devices move with it{}",
         movers.len() - stay,
         movers.len(),
-        if stay > 0 { "; it cannot live-migrate as it is" } else { "" }
+        if stay > 0 {
+            "; it cannot live-migrate as it is"
+        } else {
+            ""
+        }
     ))?;
     for m in &movers {
         r.line(&match m.moves {
