@@ -2,7 +2,10 @@
 //! whole migration path (save, stream format with checksums, mutual TLS over TCP,
 //! load) beside two floors measured in the same run: the same bytes over bare
 //! loopback TCP, and over loopback TLS with the same rustls configuration (what the
-//! encryption alone costs). Each with the cores it kept busy (this process's CPU
+//! encryption alone costs). The migration reports its progress as the daemon's
+//! does (`send_with_progress`: bytes so far, every 64 MiB, which the daemon turns
+//! into `MigrationProgress` and `vfctl migrate send` into its bar), so its cost is
+//! in the figure. Each with the cores it kept busy (this process's CPU
 //! time over the wall time: above 1, the two ends ran at once). Target: >= 0.8x of
 //! the TLS floor. `cargo bench -p mediated-dev --bench migration`
 
@@ -169,8 +172,17 @@ fn migration() -> Duration {
     let t = thread::scope(|s| {
         let r = s.spawn(|| net::receive(&dst, &h, &l, &TLS, &net::Limits::default()).unwrap());
         let start = Instant::now();
-        net::send(&src, &h, &addr.to_string(), &TLS).unwrap();
+        let mut reports = Vec::new();
+        net::send_with_progress(&src, &h, &addr.to_string(), &TLS, &mut |sent| {
+            reports.push((sent, start.elapsed()))
+        })
+        .unwrap();
         let t = start.elapsed();
+        assert_eq!(
+            reports.len() as u64,
+            SIZE as u64 / net::PROGRESS_EVERY,
+            "a report every 64 MiB: {reports:?}"
+        );
         r.join().unwrap();
         t
     });
