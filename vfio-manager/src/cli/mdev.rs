@@ -593,7 +593,7 @@ fn plan_vm(c: &Client, vm: &str, mut r: Renderer) -> Res {
     for m in &movers {
         r.line(&match m.moves {
             true => format!(
-                "  lease {}: mdev {} ({}, vendor driver {} {}): moves through its VMM's VFIO migration; the destination needs a {} under {} {}",
+                "  lease {}: mdev {} ({}, vendor driver {} {}): moves through its VMM's VFIO migration; the destination needs type {} under {} {}",
                 m.lease, m.device, m.id, m.driver, m.driver_version, m.id, m.driver, m.driver_version
             ),
             false => format!(
