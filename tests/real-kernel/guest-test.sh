@@ -183,9 +183,10 @@ pcie_errors() {
 # driver and version checked) before any state moves, QEMU migrates over QMP to a
 # second QEMU started with -incoming, the guest reads back what it wrote to the
 # device, and the lease moves to the destination under its id once the source
-# quit (`vfctl migrate commit`). Then the failure path: the destination is killed
-# midway, the source runs on, the destination goes (`vfctl migrate abort`) and the
-# lease is unchanged.
+# quit (`vfctl migrate commit`). The failure paths: a destination of another type
+# is refused first; a destination killed midway leaves the source running, goes
+# (`vfctl migrate abort`) and the lease is unchanged; the daemon SIGKILLed before
+# the commit finishes the hand-over at its start.
 vm_migration() {
     [ -c /dev/kvm ] || { fail "migration: no /dev/kvm in the emulated host"; return; }
     ./vfctl provision --vm mig --profile mtty-2 --request-id mig -o json > /tmp/mig.out 2>&1 || { fail "an mdev lease to migrate: $(cat /tmp/mig.out)"; return; }
@@ -199,6 +200,15 @@ vm_migration() {
     ./vfctl migrate check --vm mig --to unix:path=/tmp/bus/socket > /tmp/check.out 2>&1 \
         && pass "migrate check: the destination's daemon has room for VM mig's mdev, same driver version: $(cat /tmp/check.out)" \
         || fail "migrate check: $(cat /tmp/check.out)"
+    # A destination that cannot take the state (an mtty-1 for the mtty-2 source) is
+    # refused before any state moves; the source runs on, untouched.
+    unlike=6e000000-0000-4000-8000-0000000000d1
+    ./vfctl mdev create --parent mtty --type mtty-1 --uuid $unlike > /dev/null 2>&1
+    out=$(./vfctl migrate prepare-vm --lease $lease --uuid $unlike 2>&1)
+    [ $? = 3 ] && [ "$(lease_mdev $lease)" = $src ] && [ "$(scratch a)" = a5 ] \
+        && pass "prepare-vm refuses a destination of another type before any state moves, the source runs on: $out" \
+        || fail "prepare-vm with an mtty-1 destination: $out"
+    ./vfctl mdev remove $unlike > /dev/null 2>&1
     dst=$(./vfctl migrate prepare-vm --lease $lease 2>&1) && [ -e /sys/bus/mdev/devices/$dst ] \
         && pass "migrate prepare-vm: lease $lease's destination $dst made before any state moves" || { fail "prepare-vm: $dst"; return; }
     qmp_vm b $(migratable_mdev $dst) -incoming tcp:127.0.0.1:4444
@@ -230,7 +240,28 @@ vm_migration() {
         && [ "$(lease_mdev $lease)" = "$dst" ] && [ "$(scratch b)" = a5 ] \
         && pass "the destination killed midway: the source runs on with its state, abort removes the destination, the lease is unchanged" \
         || { fail "the failure path: $(grep -o '"status": "[a-z-]*"' /tmp/monb.log | tail -2 | tr '\n' ' '); $(cat /tmp/abort.out)"; ./vfctl leases; }
+    # The daemon SIGKILLed in a hand-over: the VM (b) migrates to a fourth QEMU, b
+    # quits, and the daemon dies before the commit. At its start it finishes the
+    # hand-over (only the destination is held open): one lease, on the destination.
+    fourth=$(./vfctl migrate prepare-vm --lease $lease 2>&1)
+    qmp_vm d $(migratable_mdev $fourth) -incoming tcp:127.0.0.1:4444
+    for i in $(seq 1 50); do grep -q return /tmp/mond.log && break; sleep 0.2; done
+    done0=$(grep -c '"status": "completed"' /tmp/monb.log)
+    qmp b '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444"}}'
+    for i in $(seq 1 120); do
+        qmp b '{"execute":"query-migrate"}'; sleep 1
+        [ "$(grep -c '"status": "completed"' /tmp/monb.log)" -gt "$done0" ] && break
+    done
     qmp b '{"execute":"quit"}'
+    for i in $(seq 1 50); do [ -n "$(pids_with "mdev/devices/$dst")" ] || break; sleep 0.2; done
+    kill -9 $daemon; wait $daemon 2>/dev/null
+    start_daemon || fail "the daemon restarted after SIGKILL"
+    for i in $(seq 1 20); do [ -n "$(scratch d)" ] && break; sleep 0.5; done
+    [ "$(lease_mdev $lease)" = "$fourth" ] && [ ! -e /sys/bus/mdev/devices/$dst ] \
+        && [ "$(./vfctl leases | grep -c ' for VM mig ')" = 1 ] && [ "$(scratch d)" = a5 ] \
+        && pass "the daemon SIGKILLed before the commit: at start it finished the hand-over, one lease holds $fourth, $dst is removed, the guest reads a5 there" \
+        || { fail "the hand-over after SIGKILL: the guest reads '$(scratch d)'"; ./vfctl leases; grep "recovery" /tmp/daemon.log; }
+    qmp d '{"execute":"quit"}'
     sleep 1
     expect "the migrated VM's lease is released" 0 ./vfctl release --request-id mig
 }
@@ -247,11 +278,14 @@ sed 's/^manage = \[/manage = ["0000:04:00.0", /' /tmp/config.toml > /tmp/daemon.
 printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n[daemon]\ndma_probe = true\ndegraded_correctable_per_hour = 5\n' >> /tmp/daemon.toml
 # Usage thresholds for a nested VM's ping on an emulated NIC, in seconds.
 printf '[usage]\nnet_full_bytes_per_s = 20000\nbusy_alert_percent = 50\nbusy_alert_for_s = 0\nidle_for_s = 3\n' >> /tmp/daemon.toml
-./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log > /tmp/daemon.log 2>&1 &
-daemon=$!
-up=0
-for i in $(seq 1 100); do ./vfctl leases > /dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
-[ $up = 1 ] && pass "daemon up on a real dbus-daemon" || { fail "daemon up on a real dbus-daemon"; cat /tmp/bus.log /tmp/daemon.log; }
+# start_daemon: vfio-managerd on that bus (its pid in $daemon), answering within 10 s.
+start_daemon() {
+    ./vfio-managerd --config /tmp/daemon.toml --state-dir /tmp/state --audit-log /tmp/state/audit.log >> /tmp/daemon.log 2>&1 &
+    daemon=$!
+    for i in $(seq 1 100); do ./vfctl leases > /dev/null 2>&1 && return 0; sleep 0.1; done
+    return 1
+}
+start_daemon && pass "daemon up on a real dbus-daemon" || { fail "daemon up on a real dbus-daemon"; cat /tmp/bus.log /tmp/daemon.log; }
 [ "$(cat /sys/bus/pci/devices/0000:02:00.0/sriov_numvfs)" = 2 ] && [ ! -e /sys/bus/pci/devices/0000:02:00.1/driver ] \
     && pass "daemon restored 2 NVMe VFs at start, autoprobe off" || { fail "boot restore"; cat /tmp/daemon.log; }
 ./vfctl provision --vm nested-1 --profile 8086:10c9 --count 2 --request-id r1 -o json > /tmp/lease.json 2>&1
