@@ -289,3 +289,87 @@ fn a_function_that_fails_the_dma_probe_is_held_back_and_not_handed_out() {
     assert!(why.contains("DMA-mapping probe"), "{why}");
     assert!(d.audit_text().contains("DMA-mapping probe"));
 }
+
+/// Correctable errors over `degraded_correctable_per_hour` make a leased VF degraded
+/// by themselves (the periodic probe): `LeaseDegraded` with the reason, its
+/// `Health` property changed, an audit line, and the time the state was entered.
+/// The VM keeps the device.
+#[test]
+fn correctable_errors_over_the_threshold_degrade_a_leased_device_and_say_so() {
+    let bus = Bus::open();
+    let cfg = "[daemon]\nprobe_interval_s = 1\ndegraded_correctable_per_hour = 5\n";
+    let d = Daemon::start(&bus, layouts::large(1, 2), cfg, &[]);
+    let c = bus.client();
+    let vf = "0000:10:00.1";
+    let a: PciAddress = vf.parse().unwrap();
+    fake::count_correctable(&d.root, &a, 2).unwrap();
+    let lease = c.provision(&req("r1", &[vf])).unwrap();
+    // A first probe samples the count the rate starts from.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(state_of(&bus, vf).0, "healthy");
+    let monitor = Monitor::start(&bus, "type='signal'");
+    fake::count_correctable(&d.root, &a, 8).unwrap();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut state = state_of(&bus, vf);
+    for _ in 0..50 {
+        if state.0 == "degraded" && d.audit_text().contains("healthy -> degraded") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        state = state_of(&bus, vf);
+    }
+    assert_eq!(state.0, "degraded", "{state:?}");
+    assert!(
+        state
+            .1
+            .contains("6 correctable PCIe errors in the last hour"),
+        "{state:?}"
+    );
+    let i = c
+        .health()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.name == vf)
+        .unwrap();
+    assert!(
+        i.since >= t0 - 1 && i.since <= t0 + 6,
+        "entered at {} (now {t0})",
+        i.since
+    );
+    let audit = d.audit_text();
+    let line = audit
+        .lines()
+        .find(|l| l.contains("healthy -> degraded"))
+        .expect(&audit);
+    assert!(
+        line.contains("\"op\":\"health\"") && line.contains(vf),
+        "{line}"
+    );
+    if let Some(m) = monitor {
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        let seen = m.stop(std::time::Duration::from_millis(300));
+        assert!(
+            seen.contains("LeaseDegraded") && seen.contains(&lease.id),
+            "LeaseDegraded: {seen}"
+        );
+        assert!(
+            seen.contains("device/0000_10_00_1") && seen.contains("\"Health\""),
+            "PropertiesChanged: {seen}"
+        );
+        assert_eq!(
+            seen.matches("member=LeaseDegraded").count(),
+            1,
+            "once per change: {seen}"
+        );
+    } else {
+        eprintln!("SKIPPED the signal check: dbus-monitor is not installed");
+    }
+    assert_eq!(
+        c.leases().unwrap()[0].devices[0].address,
+        vf,
+        "the VM keeps it"
+    );
+}

@@ -860,6 +860,17 @@ fn config_space(vendor: &str, device: &str, class: &str) -> Vec<u8> {
     c
 }
 
+/// Makes function `a` (with an AER capability) count `n` correctable errors since
+/// boot, as the kernel's `aer_dev_correctable` shows them: one line per error type,
+/// then the total.
+pub fn count_correctable(root: &Path, a: &PciAddress, n: u64) -> io::Result<()> {
+    let dir = root.join(DEVICES).join(a.to_string());
+    write_file(
+        &dir.join("aer_dev_correctable"),
+        &format!("RxErr {n}\nBadTLP 0\nBadDLLP 0\nRollover 0\nTimeout 0\nNonFatalErr 0\nCorrIntErr 0\nHeaderOF 0\nTOTAL_ERR_COR {n}\n"),
+    )
+}
+
 /// Makes function `a` stop answering, as a device that fell off the bus: its
 /// configuration space reads all ones and its reset fails (EIO).
 pub fn fail_device(root: &Path, a: &PciAddress) -> io::Result<()> {

@@ -248,6 +248,26 @@ pub async fn announce_failures(core: &Arc<Core>, conn: &Connection, emitter: &Si
     }
 }
 
+/// Health states that changed since the last look (`Health::transitions`): each
+/// device's `Health` property changed, and `LeaseDegraded` for a leased device that
+/// became degraded (it still works, and the VM keeps it). Failures are announced
+/// by `announce_failures`.
+pub async fn announce_health(core: &Arc<Core>, conn: &Connection, emitter: &SignalEmitter<'_>) {
+    let c = core.clone();
+    let Ok(changed) = blocking(move || c.health().transitions()).await else {
+        return;
+    };
+    for i in changed {
+        health_changed(conn, &i.name).await;
+        if i.state != "degraded" {
+            continue;
+        }
+        if let Some((lease, _)) = core.holder(&i.name) {
+            let _ = Manager::lease_degraded(emitter, &lease, &i.name, &i.reason).await;
+        }
+    }
+}
+
 async fn recovered(emitter: &SignalEmitter<'_>, s: &Swap) {
     let _ =
         Manager::lease_recovered(emitter, &s.lease, &s.failed, &s.replacement, &s.vm_side).await;

@@ -256,11 +256,14 @@ async fn follow_errors(core: &Arc<Core>, conn: &Connection, events: &[uevent::Ue
     .await;
     if let Ok(emitter) = zbus::object_server::SignalEmitter::new(conn, api::MANAGER_PATH) {
         dbus::announce_failures(core, conn, &emitter).await;
+        dbus::announce_health(core, conn, &emitter).await;
     }
 }
 
 /// Reads every managed function's configuration space every `probe_interval_s`;
-/// one that stopped answering is held back and announced.
+/// one that stopped answering is held back and announced, and so is every other
+/// change of health state (degraded by its rate of correctable errors, healthy
+/// again).
 async fn probe_periodically(core: Arc<Core>, conn: Connection) {
     let every = core.config().daemon.probe_interval_s;
     if every == 0 {
@@ -272,15 +275,15 @@ async fn probe_periodically(core: Arc<Core>, conn: Connection) {
         tick.tick().await;
         let c = core.clone();
         let failed = tokio::task::spawn_blocking(move || c.health().probe_all()).await;
+        let Ok(emitter) = zbus::object_server::SignalEmitter::new(&conn, api::MANAGER_PATH) else {
+            continue;
+        };
         if let Ok(Ok(n)) = failed {
             if n > 0 {
-                if let Ok(emitter) =
-                    zbus::object_server::SignalEmitter::new(&conn, api::MANAGER_PATH)
-                {
-                    dbus::announce_failures(&core, &conn, &emitter).await;
-                }
+                dbus::announce_failures(&core, &conn, &emitter).await;
             }
         }
+        dbus::announce_health(&core, &conn, &emitter).await;
     }
 }
 

@@ -18,8 +18,17 @@ const MAX_REASON: usize = 256;
 
 impl Health<'_> {
     /// Every managed function, then every held-back device the table lists that is
-    /// not one (an mdev).
+    /// not one (an mdev); each state since when it was entered.
     pub fn list(&self) -> Result<Vec<HealthInfo>, ApiError> {
+        let seen = self
+            .announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.list_dated(&seen)
+    }
+
+    fn list_undated(&self) -> Result<Vec<HealthInfo>, ApiError> {
         let held = self.store().quarantine_list().map_err(failed)?;
         let mut out = Vec::new();
         for d in self.devices()? {
@@ -46,6 +55,55 @@ impl Health<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// The devices whose state changed since the last call, as they are now: each
+    /// change audited (`health`, with the reason). A state without a time of its
+    /// own (degraded, healthy again, gone) is dated by the change.
+    pub fn transitions(&self) -> Result<Vec<HealthInfo>, ApiError> {
+        let now = crate::daemon::store::now();
+        let mut changed = Vec::new();
+        let mut seen = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        let list = self.list_dated(&seen)?;
+        for i in list.iter() {
+            let before = seen
+                .get(&i.name)
+                .map_or("healthy".into(), |(s, _)| s.clone());
+            if before == i.state {
+                continue;
+            }
+            // Held back before this start: announced and audited when it happened.
+            if !seen.contains_key(&i.name) && i.since > 0 {
+                seen.insert(i.name.clone(), (i.state.clone(), i.since));
+                continue;
+            }
+            let since = if i.since > 0 { i.since } else { now };
+            seen.insert(i.name.clone(), (i.state.clone(), since));
+            let what = match i.reason.as_str() {
+                "" => format!("{before} -> {}", i.state),
+                why => format!("{before} -> {}: {why}", i.state),
+            };
+            self.audit
+                .record(0, "health", "", "", std::slice::from_ref(&i.name), &what);
+            changed.push(HealthInfo { since, ..i.clone() });
+        }
+        seen.retain(|name, _| list.iter().any(|i| i.name == *name));
+        Ok(changed)
+    }
+
+    /// [`Health::list`], each state without a time of its own dated by its
+    /// announcement.
+    fn list_dated(
+        &self,
+        seen: &BTreeMap<String, (String, u64)>,
+    ) -> Result<Vec<HealthInfo>, ApiError> {
+        let mut list = self.list_undated()?;
+        for i in list.iter_mut().filter(|i| i.since == 0) {
+            if let Some((_, since)) = seen.get(&i.name).filter(|(s, _)| *s == i.state) {
+                i.since = *since;
+            }
+        }
+        Ok(list)
     }
 
     fn recovering(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {

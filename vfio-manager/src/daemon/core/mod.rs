@@ -129,6 +129,9 @@ pub struct Core {
     /// Each function's correctable error count as sampled in the last hour (time,
     /// count), oldest first: the rate the `degraded` threshold is about.
     aer_seen: Mutex<BTreeMap<String, std::collections::VecDeque<(u64, u64)>>>,
+    /// Each device's health state as last announced, and since when (`Health::
+    /// transitions`): a `degraded` by error rate has no record of its own.
+    announced: Mutex<BTreeMap<String, (String, u64)>>,
     /// Each lease's agent, by lease id (`usage`).
     agents: Mutex<BTreeMap<String, Agent>>,
     /// Each PF's predicted pressure (`placement`).
@@ -305,6 +308,7 @@ impl Core {
             unrestored: Mutex::new(Vec::new()),
             recovering: Mutex::new(BTreeMap::new()),
             aer_seen: Mutex::new(BTreeMap::new()),
+            announced: Mutex::new(BTreeMap::new()),
             agents: Mutex::new(BTreeMap::new()),
             pressure: Mutex::new(BTreeMap::new()),
             config,
