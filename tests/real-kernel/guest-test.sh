@@ -162,6 +162,11 @@ pcie_errors() {
     health_of $rng | grep -q " degraded .*6 correctable PCIe errors in the last hour" \
         && pass "a burst of 6 correctable errors (aer_inject) makes the virtio-rng degraded: $(health_of $rng | cut -c1-90)" \
         || { fail "correctable burst: $(health_of $rng)"; cat /tmp/inject.out; dmesg | grep -i 'aer' | tail -5; }
+    # The periodic probe (every 5 s here) announces the change: audited, signalled.
+    for i in $(seq 1 75); do grep -q "healthy -> degraded" /tmp/state/audit.log && break; sleep 0.2; done
+    grep "healthy -> degraded" /tmp/state/audit.log | grep -q "$rng" \
+        && pass "the daemon's probe announced the change: audit $(grep 'healthy -> degraded' /tmp/state/audit.log | grep -o '"result":"[^"]*"' | cut -c1-80)" \
+        || { fail "the degraded state announced"; grep health /tmp/state/audit.log; }
     echo "GUEST-INFO AER counts of $rng: $(./vfctl health | grep "^$rng" | awk '{print $3}') (correctable/non-fatal/fatal)"
     echo "GUEST-INFO an igb VF's AER capability: $(ls /sys/bus/pci/devices/0000:01:10.0/aer_dev_correctable 2>&1)"
     # Hot-removed from under its lease (QEMU device_del; pciehp takes 5 s to let go).
@@ -275,7 +280,7 @@ export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/tmp/bus/socket
 # through the emulated IOMMU, with vfio-ioctls and vm-memory).
 # The daemon also manages the virtio-rng (PCIe errors, hot removal).
 sed 's/^manage = \[/manage = ["0000:04:00.0", /' /tmp/config.toml > /tmp/daemon.toml
-printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n[daemon]\ndma_probe = true\ndegraded_correctable_per_hour = 5\n' >> /tmp/daemon.toml
+printf '[[pf]]\naddress = "0000:02:00.0"\nvfs = 2\n[daemon]\ndma_probe = true\ndegraded_correctable_per_hour = 5\nprobe_interval_s = 5\n' >> /tmp/daemon.toml
 # Usage thresholds for a nested VM's ping on an emulated NIC, in seconds.
 printf '[usage]\nnet_full_bytes_per_s = 20000\nbusy_alert_percent = 50\nbusy_alert_for_s = 0\nidle_for_s = 3\n' >> /tmp/daemon.toml
 # start_daemon: vfio-managerd on that bus (its pid in $daemon), answering within 10 s.
