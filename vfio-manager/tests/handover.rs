@@ -293,6 +293,23 @@ fn migrate_check_asks_the_destination_for_room_and_the_driver() {
     );
     assert_eq!(code, 2, "an unknown VM: {err}");
     assert!(err.contains("no lease of it holds an mdev"), "{err}");
+    // A destination nobody answers at: said so, exit 1.
+    let (code, _, err) = vfctl(
+        &bus,
+        &[
+            "migrate",
+            "check",
+            "--vm",
+            "vm-mig",
+            "--to",
+            "unix:path=/nonexistent/bus",
+        ],
+    );
+    assert_eq!(code, 1, "an unreachable destination: {err}");
+    assert!(
+        err.contains("not reachable") || err.contains("cannot reach"),
+        "{err}"
+    );
     assert_eq!(devices(&bus.client(), &lease.id).len(), 1);
     assert_eq!(
         c.leases().unwrap().len(),

@@ -415,3 +415,82 @@ fn sigkill_during_swaps_loses_and_doubles_nothing() {
     let settled = d.log_text().matches("the swap of").count();
     eprintln!("{cut} swaps cut off; {settled} settled at start-up (seed {seed})");
 }
+
+/// Two Moore Threads GPUs, each with its HDMI audio function in its IOMMU group
+/// (3b:00.0/.1 in group 20, 5e:00.0/.1 in group 21, on NUMA node 0).
+fn two_gpus_with_audio() -> vf_provisioner::fake::Layout {
+    let mut l = layouts::domestic_gpu();
+    let mut second: Vec<_> = l
+        .functions
+        .iter()
+        .filter(|f| f.address.to_string().starts_with("0000:3b:"))
+        .cloned()
+        .collect();
+    for f in &mut second {
+        let a = f.address.to_string().replace("0000:3b:", "0000:5e:");
+        f.address = a.parse().unwrap();
+        f.iommu_group = Some(21);
+    }
+    l.functions.extend(second);
+    l
+}
+
+/// A whole GPU leased with its HDMI audio function fails: the daemon swaps the
+/// whole IOMMU group for the other GPU and its audio function, in the running VM
+/// (both plugged, both old ones unplugged); the lease keeps its id, the failed GPU
+/// and its companion are held back; the release returns the new pair.
+#[test]
+fn a_failed_whole_gpu_is_swapped_with_its_audio_function_for_another_gpu() {
+    let bus = Bus::open();
+    let d = Daemon::start(&bus, two_gpus_with_audio(), REPLACE, &[]);
+    let (gpu, audio) = ("0000:3b:00.0", "0000:3b:00.1");
+    let (gpu2, audio2) = ("0000:5e:00.0", "0000:5e:00.1");
+    let (vm, before) = attached(&bus, &d, &["--device", gpu, "--device", audio]);
+    assert_eq!(names(&before), [gpu, audio]);
+    let monitor = Monitor::start(&bus, "member='LeaseRecovered'");
+    fake::fail_device(&d.root, &gpu.parse().unwrap()).unwrap();
+    wait_for(&d, "the swap", || {
+        lease(&bus, &before.id).is_some_and(|l| !names(&l).contains(&gpu.to_string()))
+    });
+    let after = lease(&bus, &before.id).unwrap();
+    assert_eq!(
+        names(&after),
+        [gpu2, audio2],
+        "the other GPU with its audio function"
+    );
+    for a in [gpu2, audio2] {
+        assert_eq!(driver(&d.root, a).as_deref(), Some("vfio-pci"), "{a}");
+    }
+    let devs = vm.devices.lock().unwrap().clone();
+    for a in [gpu2, audio2] {
+        assert!(devs.contains_key(&device_id(a)), "plugged {a}: {devs:?}");
+    }
+    for a in [gpu, audio] {
+        assert!(!devs.contains_key(&device_id(a)), "unplugged {a}: {devs:?}");
+    }
+    assert_eq!(health(&bus, gpu).0, "failed");
+    let (state, why) = health(&bus, audio);
+    assert_eq!(state, "quarantined", "held back with its group: {why}");
+    let swaps = bus.client().lease_swaps(&after.id).unwrap();
+    let pairs: Vec<(&str, &str)> = swaps.iter().map(|s| (s.0.as_str(), s.1.as_str())).collect();
+    assert_eq!(pairs, [(gpu, gpu2), (audio, audio2)]);
+    if let Some(m) = monitor {
+        let out = m.stop(Duration::from_millis(300));
+        assert!(
+            out.contains(gpu) && out.contains(gpu2),
+            "LeaseRecovered names the GPUs: {out}"
+        );
+    }
+    // No third GPU: a second failure finds no replacement and says why.
+    let e = bus.client().replace(gpu2, "test").unwrap_err();
+    assert_eq!(error_name(&e), "NoDevice", "{e}");
+    assert!(e.to_string().contains("whole device"), "{e}");
+    assert_eq!(
+        names(&lease(&bus, &after.id).unwrap()),
+        [gpu2, audio2],
+        "unchanged"
+    );
+    assert!(bus.client().release(&after.id).unwrap());
+    assert_eq!(driver(&d.root, gpu2).as_deref(), Some("mtgpu"));
+    assert_eq!(driver(&d.root, audio2).as_deref(), Some("snd_hda_intel"));
+}

@@ -144,9 +144,10 @@ impl Client {
                 Ok::<_, zbus::Error>((conn, proxy))
             })
             .map_err(|e| {
-                ClientError::Unreachable(format!(
-                    "cannot connect to the D-Bus system bus ({e}); {HOW_TO_START}"
-                ))
+                ClientError::Unreachable(match address {
+                    Some(a) => format!("cannot connect to the D-Bus bus at {a} ({e})"),
+                    None => format!("cannot connect to the D-Bus system bus ({e}); {HOW_TO_START}"),
+                })
             })?;
         Ok(Client { rt, conn, proxy })
     }

@@ -498,7 +498,11 @@ fn check_vm(c: &Client, vm: &str, to: &str, mut r: Renderer) -> Res {
             None => wants.push((key, 1)),
         }
     }
-    let dest = Client::connect_to(Some(&destination_address(to)?))?;
+    let dest = Client::connect_to(Some(&destination_address(to)?)).map_err(|e| {
+        super::CliError::Unreachable(format!(
+            "destination {to}: its daemon is not reachable: {e}; nothing was changed"
+        ))
+    })?;
     let mut answers = Vec::new();
     for ((type_id, driver, version), n) in &wants {
         answers.push(dest.check_incoming(type_id, driver, version, *n)?);

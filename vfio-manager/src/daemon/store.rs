@@ -516,28 +516,32 @@ impl Store {
         })
     }
 
-    /// Swaps device `failed` of lease `lease_id` for `replacement` (the lease keeps
-    /// its id), records the swap and the drivers now, and ends its intent, in one
-    /// transaction.
+    /// Swaps each device `failed` of lease `lease_id` for its `replacement` (the
+    /// lease keeps its id; a whole device swaps with its group), records each swap
+    /// (`why` of the replacement) and the drivers now, holds each swapped-out one
+    /// back, and ends the intent, in one transaction.
     pub fn commit_swap(
         &self,
         lease_id: &str,
-        failed: &str,
-        replacement: &Held,
-        reason: &str,
+        pairs: &[(String, Held)],
+        why: impl Fn(&Held) -> String,
         intent: i64,
         drivers: &[(String, String)],
     ) -> Result<()> {
-        let addr = replacement.name();
         self.write(|tx| {
-            swap_in(tx, lease_id, failed, replacement, reason)?;
-            tx.prepare_cached("UPDATE devices SET provisions = provisions + 1 WHERE address = ?1")?
-                .execute([&addr])?;
-            // Held back (a failed one already is, with its own reason).
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO quarantine (name, reason, since) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![failed, reason, now() as i64])?;
+            for (failed, replacement) in pairs {
+                let reason = why(replacement);
+                swap_in(tx, lease_id, failed, replacement, &reason)?;
+                tx.prepare_cached(
+                    "UPDATE devices SET provisions = provisions + 1 WHERE address = ?1",
+                )?
+                .execute([replacement.name()])?;
+                // Held back (a failed one already is, with its own reason).
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO quarantine (name, reason, since) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![failed, reason, now() as i64])?;
+            }
             end_intent(tx, intent)?;
             set_drivers(tx, drivers)
         })
