@@ -234,6 +234,9 @@ vm_migration() {
     third=$(./vfctl migrate prepare-vm --lease $lease 2>&1)
     qmp_vm c $(migratable_mdev $third) -incoming tcp:127.0.0.1:4444
     for i in $(seq 1 50); do grep -q return /tmp/monc.log && break; sleep 0.2; done
+    # At 1 MiB/s the guest's memory takes seconds to send: the kill lands midway
+    # (at full speed the migration can complete within the second).
+    qmp b '{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1048576}}'
     qmp b '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444"}}'
     sleep 1
     kill -9 $(pids_with "mdev/devices/$third") 2>/dev/null
@@ -248,6 +251,7 @@ vm_migration() {
     # The daemon SIGKILLed in a hand-over: the VM (b) migrates to a fourth QEMU, b
     # quits, and the daemon dies before the commit. At its start it finishes the
     # hand-over (only the destination is held open): one lease, on the destination.
+    qmp b '{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1073741824}}'
     fourth=$(./vfctl migrate prepare-vm --lease $lease 2>&1)
     qmp_vm d $(migratable_mdev $fourth) -incoming tcp:127.0.0.1:4444
     for i in $(seq 1 50); do grep -q return /tmp/mond.log && break; sleep 0.2; done

@@ -396,24 +396,38 @@ fn sigkill_during_swaps_loses_and_doubles_nothing() {
         }
         // Restarted if it was killed between calls.
         d.reap(Some(killer));
-        let c = bus.client();
-        let now = lease(&bus, &l.id).expect("the lease outlives the crash");
-        assert_eq!(now.devices.len(), 1, "round {round}: {now:?}");
-        let held = &now.devices[0].address;
-        assert_eq!(
-            driver(&d.root, held).as_deref(),
-            Some("vfio-pci"),
-            "round {round}"
-        );
-        let back = nothing_stray(&bus, &d.root, &format!("round {round} (seed {seed})"));
-        assert!(c.release(&now.id).unwrap());
-        // What a swap held back goes back to the pool for the next round.
-        for name in back {
-            let _ = c.free_orphan(&name).or_else(|_| c.clear(&name));
-        }
+        let ctx = format!("round {round} (seed {seed})");
+        let now = survived(&bus, &d, &l.id, &ctx);
+        assert_eq!(now.devices.len(), 1, "{ctx}: {now:?}");
+        end_round(&bus, &d, &now, &ctx);
     }
     let settled = d.log_text().matches("the swap of").count();
     eprintln!("{cut} swaps cut off; {settled} settled at start-up (seed {seed})");
+}
+
+/// After a round a crash may have cut off: the lease, which outlives it, with
+/// every device on vfio-pci.
+fn survived(bus: &Bus, d: &Daemon, id: &str, ctx: &str) -> Lease {
+    let now = lease(bus, id).expect("the lease outlives the crash");
+    for a in names(&now) {
+        assert_eq!(
+            driver(&d.root, &a).as_deref(),
+            Some("vfio-pci"),
+            "{ctx}: {a}"
+        );
+    }
+    now
+}
+
+/// Nothing stray, then lease `l` released and what the round's swap held back
+/// offered again for the next round.
+fn end_round(bus: &Bus, d: &Daemon, l: &Lease, ctx: &str) {
+    let back = nothing_stray(bus, &d.root, ctx);
+    let c = bus.client();
+    assert!(c.release(&l.id).unwrap());
+    for name in back {
+        let _ = c.free_orphan(&name).or_else(|_| c.clear(&name));
+    }
 }
 
 /// Two Moore Threads GPUs, each with its HDMI audio function in its IOMMU group
@@ -530,25 +544,14 @@ fn sigkill_during_whole_device_swaps_leaves_one_whole_group() {
             d.restart_after(Some(&killer));
         }
         d.reap(Some(killer));
-        let c = bus.client();
-        let now = lease(&bus, &l.id).expect("the lease outlives the crash");
+        let ctx = format!("round {round} (seed {seed})");
+        let now = survived(&bus, &d, &l.id, &ctx);
         let held = names(&now);
         assert!(
             pairs.iter().any(|p| held == p),
-            "round {round} (seed {seed}): one whole group, got {held:?}"
+            "{ctx}: one whole group, got {held:?}"
         );
-        for a in &held {
-            assert_eq!(
-                driver(&d.root, a).as_deref(),
-                Some("vfio-pci"),
-                "round {round}: {a}"
-            );
-        }
-        let back = nothing_stray(&bus, &d.root, &format!("round {round} (seed {seed})"));
-        assert!(c.release(&now.id).unwrap());
-        for name in back {
-            let _ = c.free_orphan(&name).or_else(|_| c.clear(&name));
-        }
+        end_round(&bus, &d, &now, &ctx);
     }
     let settled = d.log_text().matches("the swap of").count();
     eprintln!("{cut} whole-device swaps cut off; {settled} settled at start-up (seed {seed})");
