@@ -187,10 +187,7 @@ impl Session<'_> {
         ))
     }
 
-    /// Ends the domain's leases. A lease with a hand-over prepared is the VM's
-    /// migration on this host: the source's end moves it to the destination, the
-    /// destination's end (a failed migration) drops the destination. A mediated
-    /// lease that no longer holds the domain's mdevs went with the VM: kept.
+    /// Ends the domain's leases (a mediated one as `ends_mediated` says).
     fn release(&self) -> Result<(), HookError> {
         for l in self.leases()? {
             if self.d.mdevs.is_empty() || self.ends_mediated(&l)? {

@@ -174,7 +174,8 @@ impl Manager {
     }
 
     /// A change to device `name`'s health (quarantine, clear): check the caller,
-    /// run `op` with their uid off the bus thread, signal the new `Health`.
+    /// run `op` with their uid off the bus thread, announce the new `Health` (and
+    /// any other change since the last look: `announce_health`).
     async fn health_op(
         &self,
         hdr: &Header<'_>,
@@ -186,7 +187,10 @@ impl Manager {
         let uid = self.authorize(hdr, what).await?;
         let (core, n) = (self.core.clone(), name.clone());
         blocking(move || op(&core, &n, uid)).await?;
-        health_changed(conn, &name).await;
+        match SignalEmitter::new(conn, api::MANAGER_PATH) {
+            Ok(emitter) => announce_health(&self.core, conn, &emitter).await,
+            Err(_) => health_changed(conn, &name).await,
+        }
         Ok(())
     }
 

@@ -150,6 +150,7 @@ async fn run(opts: Options) -> Result<(), String> {
         log.extend(c.restore().finish().map_err(|e| e.to_string())?);
         // Named in RestoreStatus above; let go (and signalled) once serving.
         log.extend(c.restore().let_go_of_vanished());
+        c.health().prime();
         Ok::<_, String>(log)
     });
     for line in startup.await.map_err(|e| e.to_string())?? {

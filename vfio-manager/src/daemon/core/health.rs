@@ -72,11 +72,6 @@ impl Health<'_> {
             if before == i.state {
                 continue;
             }
-            // Held back before this start: announced and audited when it happened.
-            if !seen.contains_key(&i.name) && i.since > 0 {
-                seen.insert(i.name.clone(), (i.state.clone(), i.since));
-                continue;
-            }
             let since = if i.since > 0 { i.since } else { now };
             seen.insert(i.name.clone(), (i.state.clone(), since));
             let what = match i.reason.as_str() {
@@ -89,6 +84,17 @@ impl Health<'_> {
         }
         seen.retain(|name, _| list.iter().any(|i| i.name == *name));
         Ok(changed)
+    }
+
+    /// Takes the states at start-up as announced: those held back before were
+    /// announced and audited when it happened.
+    pub fn prime(&self) {
+        let now = crate::daemon::store::now();
+        let mut seen = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        for i in self.list_undated().unwrap_or_default() {
+            let since = if i.since > 0 { i.since } else { now };
+            seen.insert(i.name, (i.state, since));
+        }
     }
 
     /// [`Health::list`], each state without a time of its own dated by its
