@@ -163,9 +163,10 @@ pcie_errors() {
         && pass "a burst of 6 correctable errors (aer_inject) makes the virtio-rng degraded: $(health_of $rng | cut -c1-90)" \
         || { fail "correctable burst: $(health_of $rng)"; cat /tmp/inject.out; dmesg | grep -i 'aer' | tail -5; }
     # The periodic probe (every 5 s here) announces the change: audited, signalled.
-    for i in $(seq 1 75); do grep -q "healthy -> degraded" /tmp/state/audit.log && break; sleep 0.2; done
-    grep "healthy -> degraded" /tmp/state/audit.log | grep -q "$rng" \
-        && pass "the daemon's probe announced the change: audit $(grep 'healthy -> degraded' /tmp/state/audit.log | grep -o '"result":"[^"]*"' | cut -c1-80)" \
+    burst="healthy -> degraded: 6 correctable"
+    for i in $(seq 1 75); do grep -q "$burst" /tmp/state/audit.log && break; sleep 0.2; done
+    grep "$burst" /tmp/state/audit.log | grep -q "$rng" \
+        && pass "the daemon's probe announced the change: audit $(grep "$burst" /tmp/state/audit.log | grep -o '"result":"[^"]*"' | cut -c1-90)" \
         || { fail "the degraded state announced"; grep health /tmp/state/audit.log; }
     echo "GUEST-INFO AER counts of $rng: $(./vfctl health | grep "^$rng" | awk '{print $3}') (correctable/non-fatal/fatal)"
     echo "GUEST-INFO an igb VF's AER capability: $(ls /sys/bus/pci/devices/0000:01:10.0/aer_dev_correctable 2>&1)"

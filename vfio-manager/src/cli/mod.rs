@@ -270,8 +270,9 @@ enum Command {
     /// only; audited).
     Clear { device: String },
     /// Swap a leased VF for a healthy one of the same model (on its NUMA node first),
-    /// a VF with a vGPU type for another VF given that type, or a leased mdev for a
-    /// new one of the lease's profile, in the running VM,
+    /// a VF with a vGPU type for another VF given that type, a leased mdev for a
+    /// new one of the lease's profile, or a whole device (a GPU with its HDMI audio)
+    /// with its IOMMU group for another with the same functions, in the running VM,
     /// through the VMM its lease names (daemon only; audited). Changes the host and
     /// the VM: binds (or creates) the replacement, plugs it into the VM, unplugs
     /// DEVICE, and holds DEVICE back with REASON. The lease keeps its id.
