@@ -429,7 +429,7 @@ fn a_vm_migrating_between_two_libvirtds_here_keeps_its_lease_on_the_destination_
     assert!(!exists(&failed), "the failed destination's mdev is removed");
     assert_eq!(
         leases_of_vm1(&bus),
-        [lease.clone()],
+        std::slice::from_ref(&lease),
         "the lease is unchanged"
     );
 
@@ -441,7 +441,7 @@ fn a_vm_migrating_between_two_libvirtds_here_keeps_its_lease_on_the_destination_
     assert_eq!(r.code, 0, "{}", r.stderr);
     let now = leases_of_vm1(&bus);
     assert_eq!((now.len(), now[0].id.as_str()), (1, lease.id.as_str()));
-    assert_eq!(addrs(&now[0]), [to.clone()]);
+    assert_eq!(addrs(&now[0]), std::slice::from_ref(&to));
     assert!(
         !exists(u),
         "the source's mdev, made for the lease, is removed"
