@@ -110,9 +110,9 @@ openssl x509 -req -in "$pki/req.pem" -CA "$pki/cacert.pem" -CAkey "$pki/cakey.pe
 chmod +x "$SHARE/job.sh"
 
 log=$OUT/console-${MODE#--}.log
-# A healthy test run takes about two minutes, the libvirt run about one and a half;
-# the benchmark, a few.
-GUEST_TIMEOUT=${GUEST_TIMEOUT:-$(case "$MODE" in --bench | --scale) echo 600 ;; *) echo 400 ;; esac)}
+# A healthy test run takes about three minutes of guest time, the libvirt run about
+# four (two live migrations, one slowed to 1 MiB/s); the benchmark, a few.
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-$(case "$MODE" in --bench | --scale | --libvirt) echo 600 ;; *) echo 400 ;; esac)}
 # --scale: SCALE_PFS more igb PFs, each behind a root port of its own.
 SCALE=()
 if [ "$MODE" = --scale ]; then
