@@ -456,3 +456,43 @@ fn a_vm_migrating_between_two_libvirtds_here_keeps_its_lease_on_the_destination_
     assert!(leases_of_vm1(&bus).is_empty());
     assert!(!exists(&to));
 }
+
+/// Hostile or odd incoming XML for a domain whose lease is here: two mdevs (one
+/// leased, one not), or a leased mdev's UUID spelled with a control character.
+/// Each refused with why; no hand-over is prepared and nothing is made.
+#[test]
+fn an_incoming_domain_that_names_more_than_its_mdev_is_refused_and_changes_nothing() {
+    let bus = Bus::open();
+    let _d = Daemon::start(&bus, layouts::emulated(), "", &[]);
+    let u = "0f2c1d1e-aaaa-4bbb-8ccc-00000000000d";
+    let mdev = |u: &str| {
+        format!("<hostdev mode='subsystem' type='mdev' model='vfio-pci' managed='no'><source><address uuid='{u}'/></source></hostdev>")
+    };
+    let xml = domain("mtty-2", 1, &[]).replace(
+        "<devices></devices>",
+        &format!("<devices>{}</devices>", mdev(u)),
+    );
+    assert_eq!(hook(&bus.address, "prepare", "begin", &xml).code, 0);
+    let lease = leases_of_vm1(&bus).remove(0);
+    let count = || bus.client().mdevs().unwrap().len();
+    let before = count();
+    let two = xml.replace(
+        "</devices>",
+        &format!("{}</devices>", mdev("0f2c1d1e-aaaa-4bbb-8ccc-00000000000e")),
+    );
+    let r = hook(&bus.address, "migrate", "begin", &two);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("vm1") && r.stderr.contains("with 2 mdevs"),
+        "{}",
+        r.stderr
+    );
+    // A control character is not XML: refused before the daemon is asked.
+    let odd = xml.replace(u, &format!("{u}\u{7}"));
+    let r = hook(&bus.address, "migrate", "begin", &odd);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stderr.contains("does not parse"), "{}", r.stderr);
+    assert_eq!(bus.client().prepared_handover(&lease.id).unwrap(), None);
+    assert_eq!(count(), before, "nothing made");
+    assert_eq!(leases_of_vm1(&bus), [lease]);
+}

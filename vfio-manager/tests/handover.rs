@@ -161,7 +161,18 @@ fn a_destination_that_cannot_take_the_state_is_refused_first() {
     ] {
         let e = c.prepare_handover(lease_id, "").unwrap_err();
         assert_eq!(error_name(&e), want, "{lease_id}: {e}");
+        // The hook's read of a hand-over refuses the same, and short.
+        let e = c.prepared_handover(lease_id).unwrap_err();
+        assert_eq!(error_name(&e), want, "PreparedHandover {lease_id:.20}: {e}");
+        assert!(e.to_string().len() < 1000, "bounded: {e:.200}");
     }
+    let e = c.prepared_handover("0123\n456789abcdef").unwrap_err();
+    assert_eq!(error_name(&e), "BadInput", "a control character: {e}");
+    assert_eq!(
+        c.prepared_handover(&lease.id).unwrap(),
+        None,
+        "none prepared"
+    );
     let e = c.prepare_handover(&lease.id, "not-a-uuid\n").unwrap_err();
     assert_eq!(error_name(&e), "BadInput", "{e}");
     let mdevs: Vec<String> = c.mdevs().unwrap().into_iter().map(|m| m.uuid).collect();
