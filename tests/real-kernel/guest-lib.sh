@@ -69,6 +69,21 @@ inject() {
     cat /mnt/host/out/injected-$n 2>/dev/null || echo "no answer from the host's monitor"
 }
 
+# aer_report N DEV UNCOR COR: N errors reported for DEV through the kernel's own
+# injector (aer_inject: its AER handler reads them from DEV's AER capability as
+# from hardware). UNCOR and COR are the status words as 4 hex bytes, least
+# significant first (00400000 is 0x4000, Completion Timeout, non-fatal; 01000000
+# is 1, Receiver Error, correctable). The 32-byte record: bus, device, function,
+# a pad byte, the uncorrectable status, the correctable status, four header-log
+# words, the domain.
+aer_report() {
+    o() { printf "\\$(printf %03o "0x$1")"; }
+    le() { for b in $(echo $1 | sed 's/../& /g'); do o $b; done; }
+    { o $(echo $2 | cut -c6-7); o $(echo $2 | cut -c9-10); o $(echo $2 | cut -c12); o 00
+      le $3; le $4; head -c 20 /dev/zero; } > /tmp/einj
+    for i in $(seq 1 $1); do dd if=/tmp/einj of=/dev/aer_inject bs=32 count=1 2>&1 | grep -v records; done
+}
+
 # start_bus NAME: a dbus-daemon (the host's, with its own libraries: the guest has
 # no libc) with a system-bus configuration listening on /tmp/NAME/socket.
 start_bus() {

@@ -8,6 +8,8 @@
 # domain naming the same VF meanwhile is refused with the hook's message. A third
 # runs vm-agent over vsock: its usage rises with its traffic, and once idle its VF
 # is unplugged from the running domain and returns to the pool (on_idle='unplug').
+# Last, a fourth domain's VF fails by an injected PCIe error: the daemon swaps in a
+# VF of a second igb PF, and the domain, which QEMU stopped, boots again with it.
 . /mnt/host/guest-lib.sh
 R=/rootfs
 [ -x $R/usr/sbin/libvirtd ] || { fail "no root filesystem with libvirt on /rootfs"; echo GUEST-DONE; exit; }
@@ -17,6 +19,9 @@ mount -t tmpfs tmpfs $R/tmp
 up() { echo "up $(cut -d' ' -f1 /proc/uptime)s"; }
 in_root() { chroot $R /usr/bin/env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 VFCTL="in_root vfctl"
+health_of() { in_root vfctl health | grep "^$1 " | head -1; }
+# xml_addr ADDR: how libvirt's XML names PCI address ADDR.
+xml_addr() { echo "bus='0x$(echo $1 | cut -c6-7)' slot='0x$(echo $1 | cut -c9-10)' function='0x${1##*.}'"; }
 
 # The project, installed as `make install` would.
 cp /mnt/host/bin/vfio-managerd /mnt/host/bin/vfctl /mnt/host/bin/vfio-manager-hook $R/usr/local/bin/
@@ -29,6 +34,9 @@ ln -sf /usr/local/bin/vfio-manager-hook $R/etc/libvirt/hooks/qemu.d/vfio-manager
 echo 'namespaces = []' >> $R/etc/libvirt/qemu.conf
 in_root chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
 printf 'manage = ["8086:10c9"]\n[[pf]]\naddress = "0000:01:00.0"\nvfs = 2\n' > $R/etc/vfio-manager/config.toml
+# The second igb PF (run.sh), behind a root port of its own.
+pf2=$(for d in /sys/bus/pci/devices/*; do [ "$(cat $d/vendor):$(cat $d/device)" = 0x8086:0x10c9 ] && echo ${d##*/}; done | grep -v 0000:01:00.0 | head -1)
+printf '[[pf]]\naddress = "%s"\nvfs = 2\n' "$pf2" >> $R/etc/vfio-manager/config.toml
 # Usage thresholds for a nested guest's ping on an emulated NIC, in seconds.
 printf '[usage]\nnet_full_bytes_per_s = 20000\nbusy_alert_percent = 50\nbusy_alert_for_s = 0\nidle_for_s = 3\n' >> $R/etc/vfio-manager/config.toml
 cp /mnt/host/vmlinuz /mnt/host/nested-initramfs.cpio.gz /mnt/host/nested-agent.cpio.gz $R/var/lib/libvirt/images/
@@ -113,7 +121,7 @@ swap_in_running_domain() {
         && pass "the nested guest binds igbvf to the replacement, and its first VF ($first) is gone ($(awk -v t=$t0 '{printf "%.1f s", $1 - t}' /proc/uptime) after the swap)" \
         || { fail "the nested guest after the swap"; cat $R/tmp/nested.console; }
     in_root virsh dumpxml --inactive nested > /tmp/inactive.xml
-    grep -q "slot='0x10' function='0x${vf2##*.}'" /tmp/inactive.xml && ! grep -q "slot='0x10' function='0x${vf##*.}'" /tmp/inactive.xml \
+    grep -q "$(xml_addr $vf2)" /tmp/inactive.xml && ! grep -q "$(xml_addr $vf)" /tmp/inactive.xml \
         && pass "the domain's persistent configuration names the replacement, not $vf" || { fail "persistent XML"; cat /tmp/inactive.xml; }
     in_root vfctl health | grep "$vf" | grep -q quarantined \
         && pass "the swapped-out VF is held back: $(in_root vfctl health | grep "$vf" | head -1)" || { fail "held back"; in_root vfctl health; }
@@ -257,7 +265,7 @@ agent_in_domain() {
         || { fail "the domain's usage"; grep "usage:" /tmp/daemon.log; grep NESTED-AGENT $R/tmp/agentvm.console; }
     in_root virsh dumpxml agentvm > /tmp/agentvm.live.xml
     ! in_root vfctl leases | grep -A2 "lease $lease" | grep -q "$vf" \
-        && ! grep -q "slot='0x10' function='0x${vf##*.}'" /tmp/agentvm.live.xml \
+        && ! grep -q "$(xml_addr $vf)" /tmp/agentvm.live.xml \
         && [ "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver 2>/dev/null)")" != vfio-pci ] \
         && in_root vfctl swaps $lease | grep -q "idle" \
         && pass "idle with on_idle=unplug: the agent let go, libvirt unplugged $vf from the running domain, and it is back in the pool" \
@@ -271,6 +279,56 @@ agent_in_domain() {
     grep "NESTED-AGENT\|NESTED-DONE" $R/tmp/agentvm.console | sed 's/^/GUEST-INFO agentvm: /' | head -6
 }
 agent_in_domain
+
+# A running domain's VF failed by a PCIe error (a non-fatal Completion Timeout,
+# reported through aer_inject), with on_failure='replace'. The kernel's recovery
+# asks every function below the first PF's root port; the spare VF there has no
+# driver, so it fails (docs/kernel.md, rule 12). vfio-pci signals the error to QEMU,
+# which stops the guest. The daemon follows the kernel, swaps in a VF of the second
+# PF through libvirt, and resets and resumes the domain: its guest boots again with
+# the replacement.
+fault_in_running_domain() {
+    domain faultvm 6e000000-0000-4000-8000-000000000005 > $R/tmp/faultvm.xml
+    in_root virsh define /tmp/faultvm.xml > /dev/null && in_root virsh start faultvm > /tmp/start4.out 2>&1 \
+        || { fail "virsh start faultvm"; cat /tmp/start4.out; return; }
+    lease=$(in_root vfctl leases | grep "for VM faultvm" | awk '{print $2}')
+    for i in $(seq 1 240); do grep -q NESTED-READY $R/tmp/faultvm.console && break; sleep 1; done
+    first=$(grep -o 'NESTED-READY igbvf on [0-9a-f:.]*' $R/tmp/faultvm.console | cut -d' ' -f4)
+    [ -n "$first" ] && in_root vfctl leases | grep -A3 "lease $lease" | grep -q "$vf" \
+        || { fail "faultvm's guest with $vf"; cat $R/tmp/faultvm.console; return; }
+    n0=$(dmesg | grep -c 'device recovery')
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    aer_report 1 $vf 00400000 00000000
+    for i in $(seq 1 100); do [ "$(dmesg | grep -c 'device recovery')" -gt "$n0" ] && break; sleep 0.2; done
+    kernel=$(dmesg | grep -E "can't recover|device recovery" | tail -2 | sed 's/^\[[^]]*\] //' | tr '\n' ';')
+    for i in $(seq 1 240); do grep -c NESTED-READY $R/tmp/faultvm.console | grep -qv '^1$' && break; sleep 0.5; done
+    took=$(awk -v t=$t0 '{printf "%.1f s", $1 - t}' /proc/uptime)
+    now=$(in_root vfctl leases | grep -A3 "lease $lease" | grep -o "0000:[0-9a-f:.]*" | head -1)
+    echo "$kernel" | grep -q "device recovery failed" && health_of $vf | grep -q " failed " \
+        && [ "${now%:*}" = "${pf2%:*}" ] && [ "$(basename "$(readlink /sys/bus/pci/devices/$now/driver)")" = vfio-pci ] \
+        && pass "a PCIe error in faultvm's VF $vf: the kernel says \"$kernel\", $vf is failed, and lease $lease holds $now of the second PF on vfio-pci" \
+        || { fail "the failed VF's swap (kernel: $kernel; lease holds '$now')"; in_root vfctl health; grep -iE 'recover|replace' /tmp/daemon.log | tail; }
+    in_root virsh dumpxml faultvm > /tmp/faultvm.live.xml
+    grep -q "Unrecoverable error detected" $R/var/log/libvirt/qemu/faultvm.log && in_root virsh domstate faultvm | grep -q running \
+        && grep -q "$(xml_addr $now)" /tmp/faultvm.live.xml && ! grep -q "$(xml_addr $vf)" /tmp/faultvm.live.xml \
+        && grep "op\":\"replace" $R/var/log/vfio-manager/audit.log | grep -q "reset and resumed the domain" \
+        && pass "QEMU stopped the guest on the error; the daemon plugged $now, unplugged $vf, and reset and resumed the domain" \
+        || { fail "faultvm after the swap: $(in_root virsh domstate --reason faultvm)"; grep replace $R/var/log/vfio-manager/audit.log; cat /tmp/faultvm.live.xml; }
+    last=$(grep -o 'NESTED-READY igbvf on [0-9a-f:.]*' $R/tmp/faultvm.console | tail -1 | cut -d' ' -f4)
+    [ -n "$last" ] && [ "$last" != "$first" ] \
+        && [ "$(awk '/NESTED-READY/ {n++} n == 1 && /NESTED-PCI .* 8086:10ca/' $R/tmp/faultvm.console | wc -l)" = 1 ] \
+        && pass "the nested guest boots again and binds igbvf to the replacement ($last; it had $first), $took after the error" \
+        || { fail "faultvm's guest after the swap"; cat $R/tmp/faultvm.console; }
+    in_root vfctl leases > /tmp/leases.out
+    ! grep -q "$vf" /tmp/leases.out && in_root vfctl swaps $lease | grep -q "$vf" \
+        && pass "the failed VF is held back: $(health_of $vf | tr -s ' ' | cut -c1-110)" \
+        || { fail "the failed VF after the swap"; in_root vfctl swaps $lease; cat /tmp/leases.out; }
+    in_root virsh destroy faultvm > /dev/null 2>&1
+    for i in $(seq 1 50); do in_root vfctl leases | grep -q "for VM faultvm" || break; sleep 0.2; done
+    ! in_root vfctl leases | grep -q "for VM faultvm" && [ "$(basename "$(readlink /sys/bus/pci/devices/$now/driver 2>/dev/null)")" != vfio-pci ] \
+        && pass "faultvm destroyed: its lease ends and $now leaves vfio-pci" || { fail "release of faultvm"; in_root vfctl leases; }
+}
+fault_in_running_domain
 
 grep -q 'provision' $R/var/log/vfio-manager/audit.log 2>/dev/null && echo "GUEST-INFO audit: $(grep -c . $R/var/log/vfio-manager/audit.log) lines"
 dmesg | grep -E 'BUG|Oops|WARNING' | sed 's/^/GUEST-KERNEL-LOG /'

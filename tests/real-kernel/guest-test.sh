@@ -134,16 +134,6 @@ follows() {
         && pass "$5: the kernel says \"$2\", the daemon saw \"$seen\" and says $3" \
         || { fail "$5: the kernel says \"$2\", the daemon saw \"$seen\": $(health_of $1)"; cat /tmp/inject.out; dmesg | grep -iE 'aer|recover' | tail -8; }
 }
-# correctable N DEV: N correctable errors (Receiver Error) reported for DEV through
-# the kernel's own injector (aer_inject: its AER handler reads them from DEV as from
-# hardware). Its record: bus, device, function, a pad byte, the uncorrectable
-# status, the correctable status (1), four header-log words and the domain.
-correctable() {
-    o() { printf "\\$(printf %03o "$1")"; }
-    { o 0x$(echo $2 | cut -c6-7); o 0x$(echo $2 | cut -c9-10); o $(echo $2 | cut -c12)
-      printf '\000\000\000\000\000\001\000\000\000'; head -c 20 /dev/zero; } > /tmp/einj
-    for i in $(seq 1 $1); do dd if=/tmp/einj of=/dev/aer_inject bs=32 count=1 2>&1 | grep -v records; done
-}
 pcie_errors() {
     rng=0000:04:00.0
     [ -e /sys/bus/pci/devices/$rng/aer_dev_nonfatal ] || { fail "AER: $rng has no AER counters"; return; }
@@ -158,7 +148,7 @@ pcie_errors() {
     follows $rng "$kernel" healthy successful "a non-fatal error injected into the virtio-rng on vfio-pci"
     # A burst of correctable errors (the daemon has looked at the counts before it).
     ./vfctl health > /dev/null
-    correctable 6 $rng > /tmp/inject.out
+    aer_report 6 $rng 00000000 01000000 > /tmp/inject.out
     health_of $rng | grep -q " degraded .*6 correctable PCIe errors in the last hour" \
         && pass "a burst of 6 correctable errors (aer_inject) makes the virtio-rng degraded: $(health_of $rng | cut -c1-90)" \
         || { fail "correctable burst: $(health_of $rng)"; cat /tmp/inject.out; dmesg | grep -i 'aer' | tail -5; }

@@ -28,6 +28,11 @@ pub trait Hotplug: Send + Sync {
     fn plug(&self, dev: &LeasedDevice) -> Result<(), String>;
     /// Removes `dev` from the running VM (the guest is asked to let go).
     fn unplug(&self, dev: &LeasedDevice) -> Result<(), String>;
+    /// After a swap: runs the VM again if its VMM stopped it on the swapped-out
+    /// device's error. `Some(what was done)`, or `None` when it was not stopped.
+    fn restart_if_stopped(&self) -> Result<Option<String>, String> {
+        Ok(None)
+    }
 }
 
 /// How to reach the VM of a lease, if its `vmm` says.
@@ -78,6 +83,27 @@ impl Hotplug for Libvirt {
 
     fn unplug(&self, dev: &LeasedDevice) -> Result<(), String> {
         self.device("detach-device", dev)
+    }
+
+    /// QEMU stops a guest when vfio-pci reports an error on one of its devices, and
+    /// will not continue it without a reset ("Resetting the Virtual Machine is
+    /// required"); libvirt shows such a domain `paused (unknown)`, a stop it did not
+    /// ask for (a user's suspend shows `user`, a migration `migration`, a disk's error
+    /// `I/O error`). With the failed device swapped out the domain is reset, so that
+    /// its guest boots again with the replacement, and resumed. The unplug of the
+    /// failed device, which a stopped guest cannot answer, completes at the reset
+    /// (docs/libvirt.md, "A device that fails in a running domain").
+    fn restart_if_stopped(&self) -> Result<Option<String>, String> {
+        let state = self.virsh(&["domstate", &self.domain_arg(), "--reason"])?;
+        if state.trim() != "paused (unknown)" {
+            return Ok(None);
+        }
+        self.virsh(&["reset", &self.domain_arg()])?;
+        self.virsh(&["resume", &self.domain_arg()])?;
+        Ok(Some(
+            "libvirt reset and resumed the domain, which QEMU had stopped on the device's error"
+                .into(),
+        ))
     }
 }
 
@@ -151,6 +177,62 @@ impl Libvirt {
                 "{what}: {}",
                 text(child.stderr.as_mut().map(|p| p as &mut dyn Read))
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// virsh's command line for one domain state: answers `domstate` with `state`
+    /// and logs each call's verb and domain. libvirtd itself runs in
+    /// libvirt-hooks/tests/libvirt.rs and in the libvirt boot (run.sh --libvirt),
+    /// where QEMU really stops a domain on a VF's error.
+    fn libvirt_in(dir: &Path, state: &str) -> Libvirt {
+        let virsh = dir.join("virsh");
+        let script = format!(
+            "#!/bin/sh\necho \"$3 $4\" >> {}/calls\n[ \"$3\" = domstate ] && echo '{state}'\nexit 0\n",
+            dir.display()
+        );
+        std::fs::write(&virsh, script).unwrap();
+        std::fs::set_permissions(&virsh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Libvirt {
+            virsh,
+            uri: "qemu:///system".into(),
+            domain: "-vm".into(),
+        }
+    }
+
+    fn calls(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("calls")).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_domain_that_qemu_stopped_is_reset_then_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = libvirt_in(dir.path(), "paused (unknown)").restart_if_stopped();
+        assert!(done.unwrap().unwrap().contains("reset and resumed"));
+        assert_eq!(
+            calls(dir.path()),
+            "domstate --domain=-vm\nreset --domain=-vm\nresume --domain=-vm\n"
+        );
+    }
+
+    #[test]
+    fn a_running_domain_or_one_paused_on_purpose_is_left_as_it_is() {
+        for state in [
+            "running (booted)",
+            "paused (user)",
+            "paused (migration)",
+            "paused (I/O error)",
+            "shut off (destroyed)",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let done = libvirt_in(dir.path(), state).restart_if_stopped();
+            assert_eq!(done, Ok(None), "{state}");
+            assert_eq!(calls(dir.path()), "domstate --domain=-vm\n", "{state}");
         }
     }
 }

@@ -393,9 +393,11 @@ impl Recovery<'_> {
         })
     }
 
-    /// Plugs the replacements into the VM, then unplugs the devices swapped out. A
-    /// failed plug undoes the swap (the VM keeps what it had); a failed unplug does
-    /// not (the VM has both; the swapped-out one stays held back).
+    /// Plugs the replacements into the VM, then unplugs the devices swapped out, then
+    /// runs the VM again if its VMM stopped it on the failed device's error. A failed
+    /// plug undoes the swap (the VM keeps what it had); a failed unplug or restart
+    /// does not (the VM has both, or stays stopped; the swapped-out one stays held
+    /// back).
     fn plug_swap(&self, h: &dyn Hotplug, pairs: &[Pair<'_>]) -> Result<String, ApiError> {
         let list = |f: fn(&Pair<'_>) -> String| pairs.iter().map(f).collect::<Vec<_>>().join(" + ");
         let (by, gone, came) = (h.name(), list(|p| p.0.name()), list(|p| p.1.name()));
@@ -417,12 +419,17 @@ impl Recovery<'_> {
                 Some(format!("{}: {e}", old.name()))
             })
             .collect();
-        Ok(match stuck.is_empty() {
+        let swapped = match stuck.is_empty() {
             true => format!("{by} plugged {came} and unplugged {gone}"),
             false => format!(
                 "{by} plugged {came} but could not unplug {}; it stays held back",
                 stuck.join("; ")
             ),
+        };
+        Ok(match h.restart_if_stopped() {
+            Ok(None) => swapped,
+            Ok(Some(done)) => format!("{swapped}; {done}"),
+            Err(e) => format!("{swapped}; the VM, stopped by its VMM, could not be run again: {e}"),
         })
     }
 
