@@ -372,4 +372,28 @@ fn correctable_errors_over_the_threshold_degrade_a_leased_device_and_say_so() {
         vf,
         "the VM keeps it"
     );
+    // A restart keeps the burst and the state it caused: still degraded, since
+    // the same time, and not announced again.
+    d.restart();
+    let (state, reason) = state_of(&bus, vf);
+    assert_eq!(state, "degraded", "after a restart: {reason}");
+    let after = c
+        .health()
+        .unwrap()
+        .into_iter()
+        .find(|x| x.name == vf)
+        .unwrap();
+    assert_eq!(
+        after.since, i.since,
+        "entered when it was, not at the restart"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        d.audit_text().matches("healthy -> degraded").count(),
+        1,
+        "announced once, not again at the restart"
+    );
+    // The counters start again from zero (a host reboot): so does the rate.
+    fake::count_correctable(&d.root, &a, 0).unwrap();
+    assert_eq!(state_of(&bus, vf).0, "healthy");
 }

@@ -16,7 +16,7 @@
 //! synced, and its sync covers the intent written before it.
 //! A device is never in two leases: `lease_devices.address` is the primary key.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -69,6 +69,15 @@ CREATE TABLE IF NOT EXISTS usage (
     busy_avg REAL NOT NULL, busy_max REAL NOT NULL, samples INTEGER NOT NULL,
     PRIMARY KEY (device, span, at)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS usage_by_age ON usage(span, at);
+-- Each device's health state as last announced (signalled, audited), and since
+-- when: a restart announces only what changed while the daemon was down.
+CREATE TABLE IF NOT EXISTS health_seen (
+    name TEXT PRIMARY KEY, state TEXT NOT NULL, since INTEGER NOT NULL) WITHOUT ROWID;
+-- Each device's count of correctable PCIe errors where it changed, for the hourly
+-- rate (`degraded_correctable_per_hour`): a restart keeps the last hour's burst.
+CREATE TABLE IF NOT EXISTS aer_samples (
+    name TEXT NOT NULL, at INTEGER NOT NULL, correctable INTEGER NOT NULL,
+    PRIMARY KEY (name, at, correctable)) WITHOUT ROWID;
 -- Plain rowids: an intent's id only has to exceed the open ones' (recovery order);
 -- AUTOINCREMENT's sequence table would cost a page write per intent.
 CREATE TABLE IF NOT EXISTS intents (
@@ -898,6 +907,69 @@ impl Store {
             .prepare_cached("SELECT reason FROM quarantine WHERE name = ?1")
             .and_then(|mut st| st.query_row([name], |r| r.get(0)).optional())
             .map_err(self.err())
+    }
+
+    /// Each device's health state as last announced, and since when.
+    pub fn health_seen(&self) -> Result<BTreeMap<String, (String, u64)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached("SELECT name, state, since FROM health_seen")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get(0)?, (r.get(1)?, r.get::<_, i64>(2)? as u64)))
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+
+    /// Replaces the announced states with `seen`.
+    pub fn set_health_seen(&self, seen: &BTreeMap<String, (String, u64)>) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM health_seen", [])?;
+            let mut st = tx.prepare_cached(
+                "INSERT INTO health_seen (name, state, since) VALUES (?1, ?2, ?3)",
+            )?;
+            for (name, (state, since)) in seen {
+                st.execute(params![name, state, *since as i64])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every device's samples of its correctable-error count, oldest first.
+    pub fn aer_samples(&self) -> Result<Vec<(String, u64, u64)>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT name, at, correctable FROM aer_samples ORDER BY name, at, correctable",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+
+    /// Replaces `name`'s samples with `samples`.
+    pub fn set_aer_samples(&self, name: &str, samples: &[(u64, u64)]) -> Result<()> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM aer_samples WHERE name = ?1")?
+                .execute([name])?;
+            let mut st = tx.prepare_cached(
+                "INSERT INTO aer_samples (name, at, correctable) VALUES (?1, ?2, ?3)",
+            )?;
+            for (at, count) in samples {
+                st.execute(params![name, *at as i64, *count as i64])?;
+            }
+            Ok(())
+        })
     }
 
     /// Every quarantined device: (name, reason, since).

@@ -82,18 +82,32 @@ impl Health<'_> {
                 .record(0, "health", "", "", std::slice::from_ref(&i.name), &what);
             changed.push(HealthInfo { since, ..i.clone() });
         }
+        let before = seen.len();
         seen.retain(|name, _| list.iter().any(|i| i.name == *name));
+        if !changed.is_empty() || seen.len() != before {
+            self.store().set_health_seen(&seen).map_err(failed)?;
+        }
         Ok(changed)
     }
 
-    /// Takes the states at start-up as announced: those held back before were
-    /// announced and audited when it happened.
+    /// At start-up: the states announced before the restart, and the last hour's
+    /// error counts, as the table kept them; a device the table has no announced
+    /// state for takes its state now as announced (one held back was announced
+    /// when it happened).
     pub fn prime(&self) {
         let now = crate::daemon::store::now();
+        let store = self.store();
+        let mut counts = self.aer_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, at, count) in store.aer_samples().unwrap_or_default() {
+            counts.entry(name).or_default().push_back((at, count));
+        }
+        drop(counts);
+        let kept = store.health_seen().unwrap_or_default();
         let mut seen = self.announced.lock().unwrap_or_else(|e| e.into_inner());
         for i in self.list_undated().unwrap_or_default() {
             let since = if i.since > 0 { i.since } else { now };
-            seen.insert(i.name, (i.state, since));
+            let before = kept.get(&i.name).cloned();
+            seen.insert(i.name, before.unwrap_or((i.state, since)));
         }
     }
 
@@ -196,15 +210,38 @@ impl Health<'_> {
     /// had in the last hour (since the daemon first looked, if that is later).
     fn per_hour(&self, name: &str, count: u64) -> u64 {
         const HOUR: u64 = 3600;
+        // Samples kept within an hour; more are thinned out after the oldest.
+        const MOST: usize = 720;
         let now = crate::daemon::store::now();
         let mut seen = self.aer_seen.lock().unwrap_or_else(|e| e.into_inner());
         let samples = seen.entry(name.to_string()).or_default();
-        // One sample per 10 s at most, however often `Health` is called.
-        if samples.back().is_none_or(|(t, _)| now >= t + 10) {
+        // A count below the last one: the counters started again (a host reboot).
+        if samples.back().is_some_and(|(_, c)| count < *c) {
+            samples.clear();
+        }
+        let last = samples.back().map(|(_, c)| *c);
+        // A sample per 10 s at most, however often `Health` is called, and one at
+        // each change of the count, which is kept across a restart.
+        if last.is_none_or(|c| c != count) || samples.back().is_some_and(|(t, _)| now >= t + 10) {
             samples.push_back((now, count));
         }
         while samples.len() > 1 && samples[1].0 + HOUR <= now {
             samples.pop_front();
+        }
+        if samples.len() > MOST {
+            samples.remove(1);
+        }
+        if last.is_some_and(|c| c != count) {
+            // Only where the count changed: the rate is the same from those alone.
+            let changes: Vec<(u64, u64)> = samples
+                .iter()
+                .enumerate()
+                .filter(|(i, (_, c))| *i == 0 || samples[i - 1].1 != *c)
+                .map(|(_, s)| *s)
+                .collect();
+            if let Err(e) = self.store().set_aer_samples(name, &changes) {
+                eprintln!("vfio-manager: {name}: cannot keep its error counts: {e}");
+            }
         }
         count.saturating_sub(samples[0].1)
     }
